@@ -1,0 +1,10 @@
+"""lmefast: fast, accurate linear mixed-effects models.
+
+statsmodels' API (``MixedLM``, ``mixedlm``) with lme4's numbers.
+"""
+from lmefast.model import MixedLM, mixedlm
+from lmefast.results import MixedLMResults
+from lmefast.spec import SpecificationError
+
+__all__ = ["MixedLM", "MixedLMResults", "SpecificationError", "mixedlm"]
+__version__ = "0.1.0"

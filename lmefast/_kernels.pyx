@@ -1,0 +1,661 @@
+# cython: language_level=3
+"""Per-group kernels of the profiled objective for one grouping factor (DESIGN.md §2).
+
+Storage: one flat array S holding, per group, the record [A_i | B_i | c_i] (row-major
+q_i × q_i, q_i × p, q_i) at offset s_off[i]; A_i = Z_i'Z_i, B_i = Z_i'X_i, c_i = Z_i'y_i.
+One record per group keeps a group's data in one place for the scattered row pass and
+streams through memory in the group loops.
+Λ_i = blockdiag(T, diag(θ_vc[comp[j]]) for the coordinates j ≥ k of group i), T k × k lower.
+
+Three layers: `noexcept nogil` routines for one group, loops over groups that release the
+GIL once, and Python-visible functions that allocate the work arrays first.
+"""
+import numpy as np
+
+from libc.math cimport log, sqrt
+from libc.stdlib cimport free, malloc
+
+from lmefast._bfgs cimport bfgs_bounded
+from lmefast._lapack cimport chol_lower_rowmajor
+
+ctypedef long long i64
+
+cdef enum:
+    SMALL_Q = 8
+
+cdef double LOG_2PI = 1.8378770664093453
+
+
+cdef struct Work:
+    double* AL    # q × q   A Λ
+    double* L     # q × q   Cholesky factor of Λ'AΛ + I (lower)
+    double* R     # q × p   Rzx = L⁻¹ Λ'B, later H = L⁻ᵀ Rzx
+    double* r     # q       rzy = L⁻¹ Λ'c
+    double* u     # q       spherical conditional mode
+    double* s     # q       Z'V⁻¹(y - Xβ)
+    double* Minv  # q × q
+    double* E     # q × p
+    double* tmp   # q × q
+
+
+cdef int work_alloc(Work* w, int qmax, int p) noexcept nogil:
+    w.AL = w.L = w.Minv = w.R = w.E = w.r = w.u = w.s = w.tmp = NULL
+    cdef size_t qq = <size_t>qmax * qmax, qp = <size_t>qmax * (p if p > 0 else 1)
+    w.AL = <double*>malloc(qq * sizeof(double))
+    w.L = <double*>malloc(qq * sizeof(double))
+    w.Minv = <double*>malloc(qq * sizeof(double))
+    w.R = <double*>malloc(qp * sizeof(double))
+    w.E = <double*>malloc(qp * sizeof(double))
+    w.tmp = <double*>malloc(qq * sizeof(double))
+    w.r = <double*>malloc(qmax * sizeof(double) + 8)
+    w.u = <double*>malloc(qmax * sizeof(double) + 8)
+    w.s = <double*>malloc(qmax * sizeof(double) + 8)
+    if (w.AL == NULL or w.L == NULL or w.Minv == NULL or w.R == NULL or w.E == NULL
+            or w.r == NULL or w.u == NULL or w.s == NULL or w.tmp == NULL):
+        return -1
+    return 0
+
+
+cdef void work_free(Work* w) noexcept nogil:
+    free(w.AL)
+    free(w.L)
+    free(w.Minv)
+    free(w.R)
+    free(w.E)
+    free(w.r)
+    free(w.u)
+    free(w.s)
+    free(w.tmp)
+
+
+cdef inline int factor_group(
+    int q, int k, int p,
+    const double* A, const double* B, const double* c,
+    const double* T, const double* tvc, const i64* comp,
+    Work* w,
+) noexcept nogil:
+    """AL = AΛ; L L' = Λ'AΛ + I; R = L⁻¹Λ'B; r = L⁻¹Λ'c.  Returns 0 or a LAPACK code."""
+    cdef int i, j, a, l
+    cdef double acc, d
+    cdef double* AL = w.AL
+    cdef double* L = w.L
+    cdef double* R = w.R
+    cdef double* r = w.r
+    # AL = A Λ
+    for i in range(q):
+        for j in range(k):
+            acc = 0.0
+            for a in range(j, k):
+                acc = acc + A[i * q + a] * T[a * k + j]
+            AL[i * q + j] = acc
+        for j in range(k, q):
+            AL[i * q + j] = A[i * q + j] * tvc[comp[j]]
+    # M = Λ' AL + I (lower triangle), Λ'B and Λ'c
+    for i in range(k):
+        for j in range(i + 1):
+            acc = 0.0
+            for a in range(i, k):
+                acc = acc + T[a * k + i] * AL[a * q + j]
+            L[i * q + j] = acc
+        for l in range(p):
+            acc = 0.0
+            for a in range(i, k):
+                acc = acc + T[a * k + i] * B[a * p + l]
+            R[i * p + l] = acc
+        acc = 0.0
+        for a in range(i, k):
+            acc = acc + T[a * k + i] * c[a]
+        r[i] = acc
+    for i in range(k, q):
+        d = tvc[comp[i]]
+        for j in range(i + 1):
+            L[i * q + j] = d * AL[i * q + j]
+        for l in range(p):
+            R[i * p + l] = d * B[i * p + l]
+        r[i] = d * c[i]
+    for i in range(q):
+        L[i * q + i] += 1.0
+        for j in range(i + 1, q):
+            L[i * q + j] = 0.0
+    # Cholesky
+    if q > SMALL_Q:
+        i = chol_lower_rowmajor(L, q)
+        if i != 0:
+            return i
+        for i in range(q):
+            for j in range(i + 1, q):
+                L[i * q + j] = 0.0
+    else:
+        for j in range(q):
+            acc = L[j * q + j]
+            for a in range(j):
+                acc = acc - L[j * q + a] * L[j * q + a]
+            if not acc > 0.0:
+                return j + 1
+            acc = sqrt(acc)
+            L[j * q + j] = acc
+            for i in range(j + 1, q):
+                d = L[i * q + j]
+                for a in range(j):
+                    d = d - L[i * q + a] * L[j * q + a]
+                L[i * q + j] = d / acc
+    # forward solves L R = Λ'B, L r = Λ'c
+    for i in range(q):
+        d = 1.0 / L[i * q + i]
+        for a in range(i):
+            acc = L[i * q + a]
+            if acc != 0.0:
+                for l in range(p):
+                    R[i * p + l] -= acc * R[a * p + l]
+                r[i] -= acc * r[a]
+        for l in range(p):
+            R[i * p + l] *= d
+        r[i] *= d
+    return 0
+
+
+cdef inline void back_solve(int q, int p, const double* L, double* X) noexcept nogil:
+    """X ← L⁻ᵀ X for X of shape q × p (row-major)."""
+    cdef int i, a, l
+    cdef double d, acc
+    for i in range(q - 1, -1, -1):
+        d = 1.0 / L[i * q + i]
+        for l in range(p):
+            X[i * p + l] *= d
+        for a in range(i):
+            acc = L[i * q + a]
+            if acc != 0.0:
+                for l in range(p):
+                    X[a * p + l] -= acc * X[i * p + l]
+
+
+cdef inline void minv_from_chol(int q, const double* L, double* Minv, double* tmp) noexcept nogil:
+    """Minv = (L L')⁻¹ using tmp (q × q) as L⁻¹."""
+    cdef int i, j, a
+    cdef double acc
+    for j in range(q):
+        for i in range(q):
+            tmp[i * q + j] = 0.0
+        tmp[j * q + j] = 1.0 / L[j * q + j]
+        for i in range(j + 1, q):
+            acc = 0.0
+            for a in range(j, i):
+                acc = acc + L[i * q + a] * tmp[a * q + j]
+            tmp[i * q + j] = -acc / L[i * q + i]
+    for i in range(q):
+        for j in range(i + 1):
+            acc = 0.0
+            for a in range(i, q):
+                acc = acc + tmp[a * q + i] * tmp[a * q + j]
+            Minv[i * q + j] = acc
+            Minv[j * q + i] = acc
+
+
+cdef struct Blocks:
+    const double* S
+    const i64* s_off
+    const i64* q_off
+    const i64* comp
+    i64 m
+    int k
+    int p
+    int qmax
+    const double* T
+    const double* tvc
+
+
+cdef inline int obj_group(int q, int k, int p, const double* Ag, const double* T,
+                          const double* tvc, const i64* cm, Work* w, double* logdet,
+                          double* rr, double* RzxRzx, double* Rzxrzy) noexcept nogil:
+    """One group's share of the objective: log|L_i|², rzy_i'rzy_i, Rzx_i'Rzx_i, Rzx_i'rzy_i."""
+    cdef int i, l, l2
+    cdef double acc
+    if factor_group(q, k, p, Ag, Ag + q * q, Ag + q * q + q * p, T, tvc, cm, w) != 0:
+        return 1
+    for i in range(q):
+        logdet[0] += 2.0 * log(w.L[i * q + i])
+        rr[0] += w.r[i] * w.r[i]
+        for l in range(p):
+            acc = w.R[i * p + l]
+            Rzxrzy[l] += acc * w.r[i]
+            for l2 in range(l + 1):
+                RzxRzx[l * p + l2] += acc * w.R[i * p + l2]
+    return 0
+
+
+cdef i64 objective_loop(Blocks* bl, Work* w, double* logdet, double* rr,
+                        double* RzxRzx, double* Rzxrzy) noexcept nogil:
+    """Σ log|L_i|², Σ rzy_i'rzy_i, Σ Rzx_i'Rzx_i (lower), Σ Rzx_i'rzy_i.  Returns 0 or 1 + group.
+
+    Blocks of one, two or three random coefficients go through copies of the group routine
+    with q and k fixed at compile time, so the compiler unrolls their loops."""
+    cdef i64 g
+    cdef int q, k = bl.k, p = bl.p, st
+    cdef const double* Ag
+    cdef const i64* cm
+    for g in range(bl.m):
+        q = <int>(bl.q_off[g + 1] - bl.q_off[g])
+        if q == 0:
+            continue
+        Ag = &bl.S[bl.s_off[g]]
+        cm = &bl.comp[bl.q_off[g]] if bl.comp != NULL else NULL
+        if q == k and k == 1:
+            st = obj_group(1, 1, p, Ag, bl.T, bl.tvc, cm, w, logdet, rr, RzxRzx, Rzxrzy)
+        elif q == k and k == 2:
+            st = obj_group(2, 2, p, Ag, bl.T, bl.tvc, cm, w, logdet, rr, RzxRzx, Rzxrzy)
+        elif q == k and k == 3:
+            st = obj_group(3, 3, p, Ag, bl.T, bl.tvc, cm, w, logdet, rr, RzxRzx, Rzxrzy)
+        else:
+            st = obj_group(q, k, p, Ag, bl.T, bl.tvc, cm, w, logdet, rr, RzxRzx, Rzxrzy)
+        if st != 0:
+            return g + 1
+    return 0
+
+
+cdef inline int grad_group(int q, int k, int p, const double* Ag, const double* T,
+                           const double* tvc, const i64* cm, Work* w, double* F,
+                           const double* beta, const double* Cinv, double kappa, bint reml,
+                           double* gT, double* gvc) noexcept nogil:
+    """One group's share of ∂(objective)/∂Λ (see gradient_loop)."""
+    cdef int i, j, a, l, l2
+    cdef double acc
+    cdef const double* Bg = Ag + q * q
+    cdef const double* cg = Bg + q * p
+    if factor_group(q, k, p, Ag, Bg, cg, T, tvc, cm, w) != 0:
+        return 1
+    # u = L⁻ᵀ (r − R β);  H = L⁻ᵀ R (in place in w.R)
+    for i in range(q):
+        acc = w.r[i]
+        for l in range(p):
+            acc = acc - w.R[i * p + l] * beta[l]
+        w.u[i] = acc
+    back_solve(q, 1, w.L, w.u)
+    back_solve(q, p, w.L, w.R)
+    # s = c − Bβ − AΛu
+    for i in range(q):
+        acc = cg[i]
+        for l in range(p):
+            acc = acc - Bg[i * p + l] * beta[l]
+        for a in range(q):
+            acc = acc - w.AL[i * q + a] * w.u[a]
+        w.s[i] = acc
+    minv_from_chol(q, w.L, w.Minv, w.tmp)
+    if reml:
+        # E = B − AΛH ; F = E C⁻¹
+        for i in range(q):
+            for l in range(p):
+                acc = Bg[i * p + l]
+                for a in range(q):
+                    acc = acc - w.AL[i * q + a] * w.R[a * p + l]
+                w.E[i * p + l] = acc
+        for i in range(q):
+            for l in range(p):
+                acc = 0.0
+                for l2 in range(p):
+                    acc = acc + w.E[i * p + l2] * Cinv[l2 * p + l]
+                F[i * p + l] = acc
+    for i in range(k):
+        for j in range(i + 1):
+            acc = 0.0
+            for a in range(q):
+                acc = acc + w.AL[i * q + a] * w.Minv[a * q + j]
+            acc = 2.0 * acc - 2.0 * kappa * w.s[i] * w.u[j]
+            if reml:
+                for l in range(p):
+                    acc = acc - 2.0 * F[i * p + l] * w.R[j * p + l]
+            gT[i * k + j] += acc
+    for i in range(k, q):
+        acc = 0.0
+        for a in range(q):
+            acc = acc + w.AL[i * q + a] * w.Minv[a * q + i]
+        acc = 2.0 * acc - 2.0 * kappa * w.s[i] * w.u[i]
+        if reml:
+            for l in range(p):
+                acc = acc - 2.0 * F[i * p + l] * w.R[i * p + l]
+        gvc[cm[i]] += acc
+    return 0
+
+
+cdef i64 gradient_loop(Blocks* bl, Work* w, double* F, const double* beta, const double* Cinv,
+                       double kappa, bint reml, double* gT, double* gvc) noexcept nogil:
+    """Accumulates ∂(objective)/∂Λ (DESIGN.md §2, gradient) over groups.
+
+    With M_i = L_iL_i', u_i = L_i⁻ᵀ(rzy_i − Rzx_i β), s_i = c_i − B_iβ − A_iΛ_iu_i,
+    H_i = L_i⁻ᵀRzx_i and E_i = B_i − A_iΛ_iH_i:
+        ∂/∂Λ_i = 2 A_iΛ_iM_i⁻¹ − 2κ s_iu_i' − [REML] 2 E_i C⁻¹ H_i'
+    gT (k × k, lower used) receives the T block summed over groups; gvc the diagonal
+    entries of the variance-component coordinates summed per component.
+    """
+    cdef i64 g
+    cdef int q, k = bl.k, p = bl.p, st
+    cdef const double* Ag
+    cdef const i64* cm
+    for g in range(bl.m):
+        q = <int>(bl.q_off[g + 1] - bl.q_off[g])
+        if q == 0:
+            continue
+        Ag = &bl.S[bl.s_off[g]]
+        cm = &bl.comp[bl.q_off[g]] if bl.comp != NULL else NULL
+        if q == k and k == 1:
+            st = grad_group(1, 1, p, Ag, bl.T, bl.tvc, cm, w, F, beta, Cinv, kappa, reml, gT, gvc)
+        elif q == k and k == 2:
+            st = grad_group(2, 2, p, Ag, bl.T, bl.tvc, cm, w, F, beta, Cinv, kappa, reml, gT, gvc)
+        elif q == k and k == 3:
+            st = grad_group(3, 3, p, Ag, bl.T, bl.tvc, cm, w, F, beta, Cinv, kappa, reml, gT, gvc)
+        else:
+            st = grad_group(q, k, p, Ag, bl.T, bl.tvc, cm, w, F, beta, Cinv, kappa, reml, gT, gvc)
+        if st != 0:
+            return g + 1
+    return 0
+
+
+cdef int chol_small(int p, double* C) noexcept nogil:
+    """In-place lower Cholesky of a row-major p × p matrix (upper part zeroed); 0 or j+1."""
+    cdef int i, j, a
+    cdef double acc, d
+    if p > SMALL_Q:
+        i = chol_lower_rowmajor(C, p)
+        for a in range(p):
+            for j in range(a + 1, p):
+                C[a * p + j] = 0.0
+        return i
+    for j in range(p):
+        acc = C[j * p + j]
+        for a in range(j):
+            acc = acc - C[j * p + a] * C[j * p + a]
+        if not acc > 0.0:
+            return j + 1
+        acc = sqrt(acc)
+        C[j * p + j] = acc
+        for i in range(j + 1, p):
+            d = C[i * p + j]
+            for a in range(j):
+                d = d - C[i * p + a] * C[j * p + a]
+            C[i * p + j] = d / acc
+        for i in range(j + 1, p):
+            C[j * p + i] = 0.0
+    return 0
+
+
+cdef struct EvalCtx:
+    Blocks bl
+    Work w
+    const double* XtX
+    const double* Xty
+    double yty
+    double n
+    bint reml
+    int p
+    int k
+    int nvc
+    int nt
+    const i64* tril_r
+    const i64* tril_c
+    double* T
+    double* tvc
+    double* gT
+    double* gvc
+    double* beta
+    double* Lx
+    double* Rzxrzy
+    double* rhs
+    double* Cinv
+    double* F
+    double r2
+    double logdet
+    i64 status
+    long n_evals
+
+
+cdef int eval_theta(void* vctx, const double* theta, double* f, double* grad) noexcept nogil:
+    """θ → objective (and ∂/∂θ when grad is not NULL). Returns 0, or 1 with ctx.status set:
+    1 + group index when a group block fails; −j when the fixed-effects factor fails at
+    column j; −(p+1) when r² ≤ 0."""
+    cdef EvalCtx* c = <EvalCtx*>vctx
+    cdef Blocks* bl = &c.bl
+    cdef int i, j, a, l, p = c.p, k = c.k
+    cdef double acc, dof, obj, rr = 0.0, logdet = 0.0, r2
+    cdef i64 status
+    c.n_evals += 1
+    for l in range(k * k):
+        c.T[l] = 0.0
+    for l in range(c.nt - c.nvc):
+        c.T[c.tril_r[l] * k + c.tril_c[l]] = theta[l]
+    for l in range(c.nvc):
+        c.tvc[l] = theta[c.nt - c.nvc + l]
+    for l in range(p * p):
+        c.Lx[l] = 0.0
+    for l in range(p):
+        c.Rzxrzy[l] = 0.0
+    status = objective_loop(bl, &c.w, &logdet, &rr, c.Lx, c.Rzxrzy)
+    c.logdet = logdet
+    if status == 0:
+        # Lx ← chol(X'X − Σ Rzx'Rzx), lower triangle
+        for i in range(p):
+            for j in range(i + 1):
+                c.Lx[i * p + j] = c.XtX[i * p + j] - c.Lx[i * p + j]
+        i = chol_small(p, c.Lx) if p > 0 else 0
+        if i != 0:
+            status = -i
+    if status == 0:
+        # β̂ from Lx Lx' β = X'y − Rzx'rzy
+        for i in range(p):
+            c.rhs[i] = c.Xty[i] - c.Rzxrzy[i]
+            c.beta[i] = c.rhs[i]
+        for i in range(p):
+            acc = c.beta[i]
+            for a in range(i):
+                acc = acc - c.Lx[i * p + a] * c.beta[a]
+            c.beta[i] = acc / c.Lx[i * p + i]
+        for i in range(p - 1, -1, -1):
+            acc = c.beta[i]
+            for a in range(i + 1, p):
+                acc = acc - c.Lx[a * p + i] * c.beta[a]
+            c.beta[i] = acc / c.Lx[i * p + i]
+        r2 = c.yty - rr
+        for i in range(p):
+            r2 = r2 - c.beta[i] * c.rhs[i]
+        c.r2 = r2
+        if not r2 > 0.0:
+            status = -(p + 1)
+    c.status = status
+    if status != 0:
+        return 1
+    dof = c.n - p if c.reml else c.n
+    obj = logdet + dof * (1.0 + LOG_2PI + log(r2 / dof))
+    if c.reml:
+        for i in range(p):
+            obj = obj + 2.0 * log(c.Lx[i * p + i])
+    f[0] = obj
+    if grad == NULL:
+        return 0
+    if p > 0:
+        minv_from_chol(p, c.Lx, c.Cinv, c.F)
+    for l in range(k * k):
+        c.gT[l] = 0.0
+    for l in range(c.nvc):
+        c.gvc[l] = 0.0
+    status = gradient_loop(bl, &c.w, c.F, c.beta, c.Cinv, dof / r2, c.reml, c.gT, c.gvc)
+    c.status = status
+    if status != 0:
+        return 1
+    for l in range(c.nt - c.nvc):
+        grad[l] = c.gT[c.tril_r[l] * k + c.tril_c[l]]
+    for l in range(c.nvc):
+        grad[c.nt - c.nvc + l] = c.gvc[l]
+    return 0
+
+
+cdef class OneFactorKernel:
+    """The profiled objective of one grouping factor, held in C: θ in, objective out.
+
+    Owns the work buffers; `evaluate` for one θ, `minimize` runs the projected BFGS of
+    lmefast._bfgs entirely in C."""
+
+    cdef EvalCtx ctx
+    cdef object keep
+    cdef double* buf
+
+    def __cinit__(self, const double[::1] S, const i64[::1] s_off, const i64[::1] q_off,
+                  const i64[::1] comp, int k, int p, int qmax, const double[::1] XtX,
+                  const double[::1] Xty, double yty, double n, bint reml,
+                  const i64[::1] tril_r, const i64[::1] tril_c, int nvc):
+        cdef int pp = p if p > 0 else 1, kk = k if k > 0 else 1
+        cdef int qq = qmax if qmax > pp else pp
+        cdef size_t total
+        self.keep = (S, s_off, q_off, comp, XtX, Xty, tril_r, tril_c)
+        self.buf = NULL
+        self.ctx.w.AL = NULL
+        fill_blocks(&self.ctx.bl, S, s_off, q_off, comp, k, p, qmax)
+        if work_alloc(&self.ctx.w, qmax, p) != 0:
+            raise MemoryError()
+        total = 3 * kk * kk + (nvc + 1) * 2 + 3 * pp + 2 * pp * pp + qq * pp
+        self.buf = <double*>malloc(total * sizeof(double))
+        if self.buf == NULL:
+            raise MemoryError()
+        self.ctx.T = self.buf
+        self.ctx.gT = self.ctx.T + kk * kk
+        self.ctx.tvc = self.ctx.gT + kk * kk
+        self.ctx.gvc = self.ctx.tvc + nvc + 1
+        self.ctx.beta = self.ctx.gvc + nvc + 1
+        self.ctx.Rzxrzy = self.ctx.beta + pp
+        self.ctx.rhs = self.ctx.Rzxrzy + pp
+        self.ctx.Lx = self.ctx.rhs + pp
+        self.ctx.Cinv = self.ctx.Lx + pp * pp
+        self.ctx.F = self.ctx.Cinv + pp * pp
+        self.ctx.bl.T = self.ctx.T
+        self.ctx.bl.tvc = self.ctx.tvc
+        self.ctx.XtX = &XtX[0] if XtX.shape[0] > 0 else NULL
+        self.ctx.Xty = &Xty[0] if Xty.shape[0] > 0 else NULL
+        self.ctx.yty = yty
+        self.ctx.n = n
+        self.ctx.reml = reml
+        self.ctx.p = p
+        self.ctx.k = k
+        self.ctx.nvc = nvc
+        self.ctx.nt = tril_r.shape[0] + nvc
+        self.ctx.tril_r = &tril_r[0] if tril_r.shape[0] > 0 else NULL
+        self.ctx.tril_c = &tril_c[0] if tril_c.shape[0] > 0 else NULL
+        self.ctx.n_evals = 0
+
+    def __dealloc__(self):
+        if self.ctx.w.AL != NULL:
+            work_free(&self.ctx.w)
+        free(self.buf)
+
+    @property
+    def n_evals(self):
+        return self.ctx.n_evals
+
+    def evaluate(self, theta, bint want_grad=False):
+        """θ → (objective, r², log|L|², status, β̂, Lx, gradient or None)."""
+        cdef double[::1] th = np.ascontiguousarray(theta, dtype=np.float64)
+        cdef int nt = self.ctx.nt, p = self.ctx.p
+        if th.shape[0] != nt:
+            raise ValueError(f"θ must have {nt} entries, got {th.shape[0]}")
+        cdef double[::1] g = np.zeros(nt if nt > 0 else 1)
+        cdef double f = np.nan
+        cdef int rc
+        with nogil:
+            rc = eval_theta(&self.ctx, &th[0] if nt > 0 else NULL, &f,
+                            &g[0] if want_grad else NULL)
+        beta = np.array(<double[:p]>self.ctx.beta) if p > 0 else np.zeros(0)
+        Lx = np.array(<double[:p * p]>self.ctx.Lx).reshape(p, p) if p > 0 else np.zeros((0, 0))
+        return (f, self.ctx.r2, self.ctx.logdet, self.ctx.status, beta, Lx,
+                np.asarray(g[:nt]).copy() if want_grad else None)
+
+    def minimize(self, theta0, lower, double gtol=1e-9, int maxiter=500, on_iter=None):
+        """Projected BFGS from θ0: returns (θ, f, gradient, iterations, return code)."""
+        cdef double[::1] x = np.array(theta0, dtype=np.float64)
+        cdef double[::1] lo = np.ascontiguousarray(lower, dtype=np.float64)
+        cdef int d = x.shape[0]
+        cdef double[::1] g = np.zeros(d)
+        cdef double f = 0.0
+        cdef int n_iter = 0, code
+        code = bfgs_bounded(eval_theta, &self.ctx, d, &x[0], &lo[0], gtol, maxiter, &f, &g[0],
+                            &n_iter, on_iter)
+        return np.asarray(x), f, np.asarray(g), n_iter, code
+
+
+cdef void fill_blocks(Blocks* bl, const double[::1] S, const i64[::1] s_off,
+                      const i64[::1] q_off, const i64[::1] comp, int k, int p, int qmax):
+    bl.S = &S[0] if S.shape[0] > 0 else NULL
+    bl.s_off = &s_off[0]
+    bl.q_off = &q_off[0]
+    bl.comp = &comp[0] if comp.shape[0] > 0 else NULL
+    bl.m = q_off.shape[0] - 1
+    bl.k = k
+    bl.p = p
+    bl.qmax = qmax
+    bl.T = NULL
+    bl.tvc = NULL
+
+
+cdef inline void lam_left(int q, int k, int ncol, const double* T, const double* tvc,
+                          const i64* comp, const double* X, double* out) noexcept nogil:
+    """out = Λ_i X for X of shape q × ncol (row-major)."""
+    cdef int i, a, l
+    cdef double acc, d
+    for i in range(k):
+        for l in range(ncol):
+            acc = 0.0
+            for a in range(i + 1):
+                acc = acc + T[i * k + a] * X[a * ncol + l]
+            out[i * ncol + l] = acc
+    for i in range(k, q):
+        d = tvc[comp[i]]
+        for l in range(ncol):
+            out[i * ncol + l] = d * X[i * ncol + l]
+
+
+def modes_pass(
+    const double[::1] S, const i64[::1] s_off, const i64[::1] q_off, const i64[::1] a_off,
+    const i64[::1] comp,
+    int k, int p, int qmax,
+    const double[::1] T, const double[::1] tvc, const double[::1] beta,
+    double[::1] b, double[::1] condvar,
+):
+    """Conditional modes b_i = Λ_i L_i⁻ᵀ(rzy_i − Rzx_iβ) and Λ_iM_i⁻¹Λ_i' (times σ² by the caller).
+
+    b has one entry per coordinate (offsets q_off), condvar one q_i × q_i block per group
+    (offsets a_off).
+    """
+    cdef i64 m = q_off.shape[0] - 1
+    cdef i64 g
+    cdef int q, i, j, l, status = 0
+    cdef double acc
+    cdef Work w
+    cdef const double* Tp = &T[0] if T.shape[0] > 0 else NULL
+    cdef const double* tv = &tvc[0] if tvc.shape[0] > 0 else NULL
+    cdef const i64* cm
+    cdef const double* Ag
+    cdef double* cv
+    if work_alloc(&w, qmax, p) != 0:
+        work_free(&w)
+        raise MemoryError()
+    with nogil:
+        for g in range(m):
+            q = <int>(q_off[g + 1] - q_off[g])
+            if q == 0:
+                continue
+            cm = &comp[q_off[g]]
+            Ag = &S[s_off[g]]
+            if factor_group(q, k, p, Ag, Ag + q * q, Ag + q * q + q * p, Tp, tv, cm, &w) != 0:
+                status = <int>(g + 1)
+                break
+            for i in range(q):
+                acc = w.r[i]
+                for l in range(p):
+                    acc = acc - w.R[i * p + l] * beta[l]
+                w.u[i] = acc
+            back_solve(q, 1, w.L, w.u)
+            lam_left(q, k, 1, Tp, tv, cm, w.u, &b[q_off[g]])
+            minv_from_chol(q, w.L, w.Minv, w.tmp)
+            lam_left(q, k, q, Tp, tv, cm, w.Minv, w.tmp)       # tmp = Λ M⁻¹
+            for i in range(q):                                   # AL = (Λ M⁻¹)'
+                for j in range(q):
+                    w.AL[i * q + j] = w.tmp[j * q + i]
+            cv = &condvar[a_off[g]]
+            lam_left(q, k, q, Tp, tv, cm, w.AL, cv)             # Λ (Λ M⁻¹)'
+    work_free(&w)
+    return status

@@ -1,0 +1,328 @@
+"""Results of a fit: statsmodels' names and meanings, lme4's numbers.
+
+Immutable: everything is derived from (model, θ̂, the solution at θ̂) when first asked for.
+Variances: cov_re = σ̂² T T', vcomp = σ̂² θ_vc². Fixed-effect standard errors are lme4's,
+vcov(β̂) = σ̂² (Rx'Rx)⁻¹, conditional on θ̂. Variance parameters' standard errors come from
+the observed information of the profiled objective in statsmodels' parametrisation
+(cov_re/scale, vcomp/scale), by central differences; NaN at a boundary.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from lmefast.objective import ProfiledObjective, Solution
+from lmefast.optimize import OptSummary
+
+if TYPE_CHECKING:
+    from lmefast.model import MixedLM
+
+
+class MixedLMResults:
+    """A fitted linear mixed model (``MixedLM.fit()``)."""
+
+    def __init__(self, model: MixedLM, objective: ProfiledObjective, solution: Solution,
+                 optsummary: OptSummary) -> None:
+        self.model = model
+        self._objective = objective
+        self._sol = solution
+        self.optsummary = optsummary
+
+    # -- the fit ---------------------------------------------------------------------------
+    @property
+    def reml(self) -> bool:
+        return self._objective.reml
+
+    @property
+    def method(self) -> str:
+        return "REML" if self.reml else "ML"
+
+    @property
+    def theta(self) -> np.ndarray:
+        """θ̂: lower triangle of T by columns, then the variance components' θ (lme4's order)."""
+        return self._sol.theta.copy()
+
+    @property
+    def converged(self) -> bool:
+        return self.optsummary.converged
+
+    @property
+    def singular(self) -> bool:
+        """lme4's isSingular: a diagonal θ at (or within 1e-4 of) zero."""
+        return self.optsummary.singular
+
+    @property
+    def nobs(self) -> int:
+        return self.model.nobs
+
+    @property
+    def k_fe(self) -> int:
+        return self.model.k_fe
+
+    @property
+    def k_re(self) -> int:
+        return self.model.k_re
+
+    @property
+    def k_re2(self) -> int:
+        return self.model.k_re * (self.model.k_re + 1) // 2
+
+    @property
+    def k_vc(self) -> int:
+        return self.model.k_vc
+
+    @property
+    def n_groups(self) -> int:
+        return self.model.n_groups
+
+    @property
+    def df_modelwc(self) -> int:
+        """Number of estimated parameters: β, θ and σ."""
+        return self.k_fe + self.model.spec.theta_map.n_theta + 1
+
+    @property
+    def df_resid(self) -> int:
+        return self.nobs - self.k_fe
+
+    @property
+    def scale(self) -> float:
+        """Residual variance σ̂²."""
+        return self._sol.sigma2
+
+    @property
+    def sigma(self) -> float:
+        return float(np.sqrt(self._sol.sigma2))
+
+    @property
+    def llf(self) -> float:
+        """Log-likelihood (REML log-likelihood for REML fits, as lme4's and statsmodels')."""
+        return -0.5 * self._sol.objective
+
+    @property
+    def objective(self) -> float:
+        """lme4's objective: REML criterion or deviance (−2 llf)."""
+        return self._sol.objective
+
+    @property
+    def aic(self) -> float:
+        """−2 llf + 2 (parameters). For REML fits this is lme4's REML-based AIC
+        (statsmodels returns NaN there); compare AICs only between ML fits."""
+        return -2.0 * self.llf + 2.0 * self.df_modelwc
+
+    @property
+    def bic(self) -> float:
+        """−2 llf + log(n) (parameters), lme4's convention (also for REML fits)."""
+        return -2.0 * self.llf + np.log(self.nobs) * self.df_modelwc
+
+    # -- fixed effects ---------------------------------------------------------------------
+    @cached_property
+    def fe_params(self) -> pd.Series:
+        return pd.Series(self._sol.beta.copy(), index=self.model.exog_names)
+
+    @cached_property
+    def _cov_fe(self) -> np.ndarray:
+        p = self.k_fe
+        if p == 0:
+            return np.zeros((0, 0))
+        Linv = np.linalg.inv(self._sol.Lx)
+        return self.scale * (Linv.T @ Linv)
+
+    @cached_property
+    def bse_fe(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.diag(self._cov_fe)), index=self.model.exog_names)
+
+    # -- variance parameters ----------------------------------------------------------------
+    @cached_property
+    def _T_tvc(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.model.spec.theta_map.split(self._sol.theta)
+
+    @cached_property
+    def cov_re(self) -> pd.DataFrame:
+        """Covariance of the random coefficients, σ̂² T T'."""
+        T, _ = self._T_tvc
+        names = self.model.exog_re_names
+        return pd.DataFrame(self.scale * (T @ T.T), index=names, columns=names)
+
+    @cached_property
+    def vcomp(self) -> np.ndarray:
+        """Variances of the variance components, σ̂² θ_vc²."""
+        _, tvc = self._T_tvc
+        return self.scale * tvc**2
+
+    @cached_property
+    def _re_param_names(self) -> list[str]:
+        names = self.model.exog_re_names
+        out = []
+        for i in range(len(names)):
+            for j in range(i + 1):
+                out.append(f"{names[i]} Var" if i == j else f"{names[j]} x {names[i]} Cov")
+        return out + [f"{v} Var" for v in self.model.spec.theta_map.vc_names]
+
+    @cached_property
+    def _psi(self) -> np.ndarray:
+        """statsmodels' variance parameters: cov_re/scale (lower triangle by rows), vcomp/scale."""
+        T, tvc = self._T_tvc
+        k = T.shape[0]
+        return np.concatenate([(T @ T.T)[np.tril_indices(k)], tvc**2])
+
+    def _theta_from_psi(self, psi: np.ndarray) -> np.ndarray | None:
+        tm = self.model.spec.theta_map
+        k = tm.k
+        nk = k * (k + 1) // 2
+        S = np.zeros((k, k))
+        S[np.tril_indices(k)] = psi[:nk]
+        S = S + np.tril(S, -1).T
+        try:
+            T = np.linalg.cholesky(S) if k else np.zeros((0, 0))
+        except np.linalg.LinAlgError:
+            return None
+        if np.any(psi[nk:] < 0):
+            return None
+        return np.concatenate([T[tm.tril], np.sqrt(psi[nk:])])
+
+    @cached_property
+    def _cov_psi(self) -> np.ndarray:
+        """Inverse observed information of ψ (statsmodels' scaled variance parameters)."""
+        psi = self._psi
+        d = psi.shape[0]
+        if d == 0:
+            return np.zeros((0, 0))
+        if self.singular:
+            return np.full((d, d), np.nan)
+        obj = self._objective
+
+        def f(x: np.ndarray) -> float:
+            th = self._theta_from_psi(x)
+            return np.nan if th is None else obj(th)
+
+        h = 1e-4 * np.maximum(np.abs(psi), 1e-2)
+        H = np.empty((d, d))
+        f0 = f(psi)
+        for i in range(d):
+            ei = np.zeros(d)
+            ei[i] = h[i]
+            H[i, i] = (f(psi + ei) - 2 * f0 + f(psi - ei)) / h[i] ** 2
+            for j in range(i):
+                ej = np.zeros(d)
+                ej[j] = h[j]
+                H[i, j] = H[j, i] = (f(psi + ei + ej) - f(psi + ei - ej) - f(psi - ei + ej)
+                                     + f(psi - ei - ej)) / (4 * h[i] * h[j])
+        try:
+            return np.linalg.inv(0.5 * H)
+        except np.linalg.LinAlgError:
+            return np.full((d, d), np.nan)
+
+    @cached_property
+    def params(self) -> pd.Series:
+        """statsmodels' params: fixed effects, then cov_re/scale (lower triangle), vcomp/scale."""
+        return pd.Series(np.concatenate([self._sol.beta, self._psi]),
+                         index=self.model.exog_names + self._re_param_names)
+
+    def cov_params(self) -> pd.DataFrame:
+        """Covariance of params: lme4's σ̂²(Rx'Rx)⁻¹ for β; inverse observed information of
+        the variance parameters (independent of β̂ by the block structure of the information)."""
+        p = self.k_fe
+        d = self._psi.shape[0]
+        C = np.zeros((p + d, p + d))
+        C[:p, :p] = self._cov_fe
+        C[p:, p:] = self._cov_psi
+        names = list(self.params.index)
+        return pd.DataFrame(C, index=names, columns=names)
+
+    @cached_property
+    def bse(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.diag(self.cov_params().to_numpy())), index=self.params.index)
+
+    @cached_property
+    def bse_re(self) -> pd.Series:
+        return self.bse.iloc[self.k_fe:]
+
+    @cached_property
+    def tvalues(self) -> pd.Series:
+        return self.params / self.bse
+
+    @cached_property
+    def pvalues(self) -> pd.Series:
+        """Two-sided p-values from the normal distribution (statsmodels' z-tests)."""
+        return pd.Series(2.0 * stats.norm.sf(np.abs(self.tvalues.to_numpy())),
+                         index=self.params.index)
+
+    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
+        """Wald intervals for params (normal quantiles), statsmodels' layout."""
+        q = stats.norm.ppf(1 - alpha / 2)
+        lo = self.params - q * self.bse
+        hi = self.params + q * self.bse
+        return pd.DataFrame({0: lo, 1: hi})
+
+    # -- random effects and fitted values ---------------------------------------------------
+    @cached_property
+    def _modes(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._objective.modes(self._sol)
+
+    @cached_property
+    def random_effects_frame(self) -> pd.DataFrame:
+        """Conditional modes of the random coefficients, one row per group (k columns).
+
+        Variance-component effects (ragged across groups) are in ``random_effects``."""
+        lay = self.model.layout
+        k = self.k_re
+        b, _ = self._modes
+        idx = lay.q_off[:-1, None] + np.arange(k)
+        return pd.DataFrame(b[idx], index=pd.Index(self.model.spec.group_labels,
+                                                   name=self.model.spec.group_name),
+                            columns=self.model.exog_re_names)
+
+    @cached_property
+    def random_effects(self) -> dict:
+        """statsmodels' random_effects: group label → Series of its conditional modes."""
+        b, _ = self._modes
+        lay, spec = self.model.layout, self.model.spec
+        return {lab: pd.Series(b[lay.q_off[g]:lay.q_off[g + 1]], index=spec.coord_names(g))
+                for g, lab in enumerate(spec.group_labels.tolist())}
+
+    @cached_property
+    def random_effects_cov(self) -> dict:
+        """group label → conditional covariance σ̂²Λ_iM_i⁻¹Λ_i' of its random effects (lme4's
+        condVar, conditional on β̂)."""
+        _, cv = self._modes
+        lay, spec = self.model.layout, self.model.spec
+        out = {}
+        for g, lab in enumerate(spec.group_labels.tolist()):
+            q = int(lay.q_off[g + 1] - lay.q_off[g])
+            names = spec.coord_names(g)
+            out[lab] = pd.DataFrame(cv[lay.a_off[g]:lay.a_off[g + 1]].reshape(q, q),
+                                    index=names, columns=names)
+        return out
+
+    @cached_property
+    def fittedvalues(self) -> np.ndarray:
+        """Conditional fitted values Xβ̂ + Zb̂."""
+        spec, lay = self.model.spec, self.model.layout
+        b, _ = self._modes
+        codes = spec.group_codes
+        fit = spec.X @ self._sol.beta
+        k = self.k_re
+        if k:
+            fit += np.einsum("ij,ij->i", spec.Zre, b[lay.q_off[codes][:, None] + np.arange(k)])
+        if lay.vc_val.shape[0]:
+            base = lay.q_off[codes]
+            fit += np.sum(lay.vc_val * b[base[None, :] + lay.vc_coord], axis=0)
+        return fit
+
+    @cached_property
+    def resid(self) -> np.ndarray:
+        return self.model.spec.y - self.fittedvalues
+
+    def summary(self, alpha: float = 0.05):
+        """statsmodels' summary table."""
+        from lmefast.summary import Summary
+
+        return Summary(self, alpha)
+
+    def __repr__(self) -> str:
+        return (f"<MixedLMResults {self.method}: llf={self.llf:.4f}, "
+                f"converged={self.converged}, singular={self.singular}>")

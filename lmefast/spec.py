@@ -1,0 +1,204 @@
+"""ModelSpec: the arrays and structure every front end compiles to (DESIGN.md §3).
+
+One grouping factor: y (n), X (n × p), a group code per row, the random-coefficient design
+Zre (n × k) and variance components, each a design within groups whose non-zero columns in a
+group become that group's coordinates. The θ map: the k × k lower-triangular T (column-major
+lower triangle, as lme4 orders θ), then one θ per variance component.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+
+class SpecificationError(ValueError):
+    """Bad input to a model: the message names the column, term or group at fault."""
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where each group's coordinates live in the flat per-group arrays.
+
+    q_off (m+1): coordinate offsets (group i owns coordinates q_off[i]:q_off[i+1]);
+    a_off (m+1): offsets of the q_i × q_i blocks in a flat array;
+    comp: per coordinate, the variance component it belongs to (0 for the k
+    random-coefficient coordinates, which do not use it); col: per coordinate, its column
+    in the random-coefficient design or in its component's design.
+    vc_coord, vc_val (ne × n): each row's variance-component entries (coordinate within the
+    group's block, value; value 0 where a row has fewer entries).
+    """
+
+    q_off: np.ndarray
+    a_off: np.ndarray
+    comp: np.ndarray
+    col: np.ndarray
+    vc_coord: np.ndarray
+    vc_val: np.ndarray
+
+    @property
+    def qmax(self) -> int:
+        return int(np.diff(self.q_off).max(initial=0))
+
+
+@dataclass(frozen=True)
+class ThetaMap:
+    """θ = [lower triangle of T by columns] + [one θ per variance component]."""
+
+    k: int
+    n_vc: int
+    re_names: tuple[str, ...]
+    vc_names: tuple[str, ...]
+    tril: tuple[np.ndarray, np.ndarray] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        cols, rows = np.triu_indices(self.k)  # column-major lower triangle: (row ≥ col)
+        object.__setattr__(self, "tril", (rows, cols))
+
+    @property
+    def n_theta(self) -> int:
+        return self.k * (self.k + 1) // 2 + self.n_vc
+
+    def lower_bounds(self) -> np.ndarray:
+        rows, cols = self.tril
+        lb = np.where(rows == cols, 0.0, -np.inf)
+        return np.concatenate([lb, np.zeros(self.n_vc)])
+
+    def start(self) -> np.ndarray:
+        rows, cols = self.tril
+        return np.concatenate([(rows == cols).astype(float), np.ones(self.n_vc)])
+
+    def split(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """θ → (T as k × k row-major lower triangular, θ of the variance components)."""
+        T = np.zeros((self.k, self.k))
+        nt = self.n_theta - self.n_vc
+        T[self.tril] = theta[:nt]
+        return T, np.ascontiguousarray(theta[nt:], dtype=float)
+
+    def gather_grad(self, gT: np.ndarray, gvc: np.ndarray) -> np.ndarray:
+        """∂/∂T (lower triangle) and ∂/∂θ_vc → ∂/∂θ in θ's order."""
+        return np.concatenate([gT[self.tril], gvc])
+
+    def diagonal_mask(self) -> np.ndarray:
+        rows, cols = self.tril
+        return np.concatenate([rows == cols, np.ones(self.n_vc, dtype=bool)])
+
+    def names(self) -> list[str]:
+        rows, cols = self.tril
+        out = []
+        for r, c in zip(rows, cols, strict=True):
+            if r == c:
+                out.append(f"{self.re_names[r]}")
+            else:
+                out.append(f"{self.re_names[r]}.{self.re_names[c]}")
+        return out + list(self.vc_names)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A one-grouping-factor model, validated and ready for the pass over the rows."""
+
+    y: np.ndarray
+    X: np.ndarray
+    group_codes: np.ndarray
+    group_labels: np.ndarray
+    Zre: np.ndarray
+    layout: BlockLayout
+    theta_map: ThetaMap
+    endog_name: str
+    exog_names: tuple[str, ...]
+    group_name: str
+    vc_col_names: tuple[tuple[str, ...], ...]
+    dropped_exog: tuple[str, ...] = ()
+
+    @property
+    def nobs(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.group_labels.shape[0])
+
+    @property
+    def k_fe(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def k_re(self) -> int:
+        return self.theta_map.k
+
+    def coord_names(self, g: int) -> list[str]:
+        """Names of group g's random-effect coordinates (statsmodels' random_effects index)."""
+        lo, hi = self.layout.q_off[g], self.layout.q_off[g + 1]
+        k = self.theta_map.k
+        names = list(self.theta_map.re_names)
+        for j in range(lo + k, hi):
+            comp = int(self.layout.comp[j])
+            names.append(f"{self.theta_map.vc_names[comp]}[{self.vc_col_names[comp][self.layout.col[j]]}]")
+        return names
+
+
+def build_layout(codes: np.ndarray, m: int, k: int, vc_designs: list) -> BlockLayout:
+    """Per-group coordinates from the non-zero columns of each variance component in each group.
+
+    vc_designs: one n × K_j matrix (dense or scipy.sparse) per component. Group i's block is
+    [k random coefficients][component 0's non-zero columns in i][component 1's]... Fully
+    vectorised: one sort of the non-zero entries per component, no loop over groups.
+    """
+    n = codes.shape[0]
+    counts = []
+    entries = []  # per component: (rows, coordinate within group, value) before offsets
+    for V in vc_designs:
+        coo = sp.coo_matrix(V)
+        keep = coo.data != 0
+        rows, cols, vals = coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64), coo.data[keep]
+        K = max(int(V.shape[1]), 1)
+        keys = codes[rows] * K + cols
+        uniq, inv = np.unique(keys, return_inverse=True)
+        ug = uniq // K
+        cnt = np.bincount(ug, minlength=m).astype(np.int64)
+        first = np.concatenate([[0], np.cumsum(cnt)[:-1]])
+        rank = np.arange(uniq.shape[0]) - first[ug]
+        counts.append(cnt)
+        entries.append((rows, rank[inv], vals.astype(float), ug, rank, uniq % K))
+    q = np.full(m, k, dtype=np.int64)
+    bases = []
+    for cnt in counts:
+        bases.append(q.copy())
+        q += cnt
+    q_off = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(q, out=q_off[1:])
+    a_off = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(q * q, out=a_off[1:])
+    total = int(q_off[-1])
+    comp = np.zeros(total, dtype=np.int64)
+    col = np.zeros(total, dtype=np.int64)
+    if k:
+        pos = (q_off[:-1, None] + np.arange(k)).ravel()
+        col[pos] = np.tile(np.arange(k), m)
+    slots = []
+    for j, (rows, local, vals, ug, rank, ucol) in enumerate(entries):
+        pos = q_off[ug] + bases[j][ug] + rank
+        comp[pos] = j
+        col[pos] = ucol
+        # slot of each entry within its row (rows arrive sorted from the COO of a CSR)
+        order = np.argsort(rows, kind="stable")
+        rows_s = rows[order]
+        per_row = np.bincount(rows_s, minlength=n)
+        start = np.concatenate([[0], np.cumsum(per_row)[:-1]])
+        slot = np.empty_like(rows)
+        slot[order] = np.arange(rows_s.shape[0]) - start[rows_s]
+        ne = int(per_row.max(initial=0))
+        coord = np.zeros((ne, n), dtype=np.int64)
+        value = np.zeros((ne, n))
+        coord[slot, rows] = bases[j][codes[rows]] + local
+        value[slot, rows] = vals
+        slots.append((coord, value))
+    if slots:
+        vc_coord = np.ascontiguousarray(np.concatenate([s[0] for s in slots]))
+        vc_val = np.ascontiguousarray(np.concatenate([s[1] for s in slots]))
+    else:
+        vc_coord = np.zeros((0, n), dtype=np.int64)
+        vc_val = np.zeros((0, n))
+    return BlockLayout(q_off, a_off, comp, col, vc_coord, vc_val)
