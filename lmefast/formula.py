@@ -1,25 +1,35 @@
 """Formula front end (statsmodels' spelling): formula, groups, re_formula, vc_formula → arrays.
 
-Formulas are evaluated by formulaic. Used columns are checked first, so that a missing column,
-a NaN or a non-numeric response is reported by name.
+Used columns are checked first, so that a missing column, a NaN or a non-numeric response is
+reported by name. Formulas are parsed once (cached); terms that are plain numeric columns are
+copied directly, anything else (categoricals, transforms, interactions) is evaluated by
+formulaic.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from formulaic import Formula, model_matrix
+from formulaic.parser.types.factor import Factor
 
 from lmefast.spec import SpecificationError
 
 
-def _variables(formula: str) -> set[str]:
+@lru_cache(maxsize=512)
+def _parse(formula: str) -> Formula:
+    """Parsed formula, cached: parsing costs more than evaluating a small model."""
     try:
-        return {str(v) for v in Formula(formula).required_variables}
+        return Formula(formula)
     except Exception as exc:  # formulaic raises several types for malformed formulas
         raise SpecificationError(f"cannot parse formula {formula!r}: {exc}") from None
+
+
+def _variables(formula: str) -> set[str]:
+    return {str(v) for v in _parse(formula).required_variables}
 
 
 def _rhs(formula: str) -> str:
@@ -27,12 +37,45 @@ def _rhs(formula: str) -> str:
     return f if f.startswith("~") else "~" + f
 
 
-def _matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False):
+def _plain_columns(formula: Formula, df: pd.DataFrame) -> list[str | None] | None:
+    """Column names (None for the intercept) when every term is the intercept or a numeric
+    column taken as is; None otherwise."""
+    out: list[str | None] = []
+    for term in formula:
+        if len(term.factors) != 1:
+            return None
+        factor = term.factors[0]
+        if factor.eval_method == Factor.EvalMethod.LITERAL and factor.expr == "1":
+            out.append(None)
+        elif (factor.eval_method == Factor.EvalMethod.LOOKUP and factor.expr in df.columns
+              and pd.api.types.is_numeric_dtype(df[factor.expr])
+              and not pd.api.types.is_bool_dtype(df[factor.expr])):
+            out.append(factor.expr)
+        else:
+            return None
+    return out
+
+
+def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False) -> tuple[Any, list[str]]:
+    """Evaluate a one-sided formula: (n × p matrix, column names); scipy CSR when sparse."""
+    parsed = _parse(_rhs(formula))
+    plain = None if sparse else _plain_columns(parsed, data)
+    if plain is not None:
+        X = np.empty((len(data), len(plain)))
+        for j, col in enumerate(plain):
+            X[:, j] = 1.0 if col is None else data[col].to_numpy(dtype=float)
+        return X, ["Intercept" if c is None else c for c in plain]
     try:
-        return model_matrix(_rhs(formula), data, na_action="ignore",
-                            output="sparse" if sparse else "pandas")
+        mm = model_matrix(parsed, data, na_action="ignore", output="sparse" if sparse else "pandas")
     except Exception as exc:
         raise SpecificationError(f"cannot evaluate formula {formula!r}: {exc}") from None
+    names = [str(c) for c in mm.model_spec.column_names]
+    if sparse:
+        return getattr(mm, "__wrapped__", mm).tocsr(), names
+    X = np.empty(mm.shape)
+    for j, col in enumerate(mm.columns):
+        X[:, j] = mm[col].to_numpy(dtype=float)
+    return X, names
 
 
 def as_dataframe(data: Any) -> pd.DataFrame:
@@ -54,7 +97,7 @@ def formula_arrays(
 ) -> dict[str, Any]:
     """Evaluate statsmodels-style formulas into the keyword arguments of ``MixedLM``."""
     df = as_dataframe(data)
-    if "~" not in formula:
+    if not isinstance(formula, str) or "~" not in formula:
         raise SpecificationError(f"formula {formula!r} has no '~'")
     lhs, rhs = formula.split("~", 1)
     yname = lhs.strip()
@@ -71,7 +114,7 @@ def formula_arrays(
     elif groups is None:
         raise SpecificationError("groups is required: a column name or one label per row")
     else:
-        gname = getattr(groups, "name", None) or "Group"
+        gname = str(getattr(groups, "name", None) or "Group")
     missing_cols = sorted(c for c in used if c not in df.columns)
     if missing_cols:
         raise SpecificationError(f"column(s) {missing_cols} not found in data "
@@ -80,50 +123,38 @@ def formula_arrays(
         raise SpecificationError(f"response {yname!r} must be a column of data")
     if not pd.api.types.is_numeric_dtype(df[yname]) or pd.api.types.is_bool_dtype(df[yname]):
         raise SpecificationError(f"response '{yname}' is not numeric (dtype {df[yname].dtype})")
-    cols = sorted(used)
-    sub = df[cols]
-    g = df[groups] if isinstance(groups, str) else pd.Series(np.asarray(groups), index=df.index)
+    g = df[groups] if isinstance(groups, str) else pd.Series(np.asarray(groups))
     if len(g) != len(df):
         raise SpecificationError(f"groups has {len(g)} labels; data has {len(df)} rows")
-    na = sub.isna()
-    g_na = g.isna().to_numpy()
-    if na.to_numpy().any() or g_na.any():
-        if missing == "drop":
-            keep = ~(na.to_numpy().any(axis=1) | g_na)
-            df = df.loc[keep]
-            g = g.loc[keep]
-            if len(df) == 0:
-                raise SpecificationError("no complete rows remain after dropping missing values")
-        else:
-            bad = [c for c in cols if na[c].any()] + ([gname] if g_na.any() else [])
-            counts = {c: int(na[c].sum()) if c in na else int(g_na.sum()) for c in bad}
+    g = g.reset_index(drop=True)
+    na = {c: df[c].isna().to_numpy() for c in sorted(used)}
+    na[gname] = g.isna().to_numpy()
+    bad = {c: int(v.sum()) for c, v in na.items() if v.any()}
+    if bad:
+        if missing != "drop":
             raise SpecificationError(
-                f"missing values in column(s) {counts} (count per column); "
+                f"missing values in column(s) {bad} (count per column); "
                 "pass missing='drop' to drop incomplete rows")
+        keep = ~np.logical_or.reduce([na[c] for c in bad])
+        df = df.loc[keep]
+        g = g.loc[keep].reset_index(drop=True)
     if len(df) == 0:
-        raise SpecificationError("the data are empty: no rows to fit")
-    mm = _matrix(rhs, df)
-    y = df[yname].to_numpy(dtype=float)
-    X = np.ascontiguousarray(mm.to_numpy(dtype=float))
-    xnames = [str(c) for c in mm.columns]
-    if re_formula is None:
-        re_formula = "1"
+        raise SpecificationError("the data are empty: no rows to fit"
+                                 + (" after dropping missing values" if bad else ""))
+    X, xnames = design_matrix(rhs, df)
+    Zre, re_names = design_matrix("1" if re_formula is None else re_formula, df)
     kwargs: dict[str, Any] = {
-        "endog": y, "exog": X, "groups": g.to_numpy(), "missing": "raise",
-        "endog_name": yname, "exog_names": xnames, "group_name": gname,
+        "endog": df[yname].to_numpy(dtype=float), "exog": X, "groups": g, "missing": "raise",
+        "endog_name": yname, "exog_names": xnames, "group_name": gname, "exog_re": Zre,
+        "exog_re_names": [gname if c == "Intercept" else c for c in re_names],
     }
-    re_mm = _matrix(re_formula, df)
-    re_names = [gname if c == "Intercept" else str(c) for c in re_mm.columns]
-    kwargs["exog_re"] = np.ascontiguousarray(re_mm.to_numpy(dtype=float)) if re_names \
-        else np.zeros((len(df), 0))
-    kwargs["exog_re_names"] = re_names
     if vc_formula:
         designs, names, colnames = [], [], []
         for name, vf in vc_formula.items():
-            mm_vc = _matrix(vf, df, sparse=True)
-            designs.append(getattr(mm_vc, "__wrapped__", mm_vc).tocsr())
+            V, vnames = design_matrix(vf, df, sparse=True)
+            designs.append(V)
             names.append(str(name))
-            colnames.append(tuple(_vc_column_label(str(c)) for c in mm_vc.model_spec.column_names))
+            colnames.append(tuple(_vc_column_label(c) for c in vnames))
         kwargs["vc_designs"] = designs
         kwargs["vc_names"] = names
         kwargs["vc_col_names"] = colnames

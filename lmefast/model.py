@@ -66,7 +66,8 @@ def _full_rank_columns(X: np.ndarray) -> np.ndarray:
     p = X.shape[1]
     if p == 0:
         return np.arange(0)
-    scale = np.sqrt(np.sum(X * X, axis=0))
+    XtX = X.T @ X
+    scale = np.sqrt(np.diag(XtX))
     if np.any(scale == 0):
         nz = np.nonzero(scale)[0]
         keep = _full_rank_columns(X[:, nz]) if nz.size else np.arange(0)
@@ -76,7 +77,7 @@ def _full_rank_columns(X: np.ndarray) -> np.ndarray:
         d = np.abs(np.diag(R))
         rank = int(np.sum(d > RANK_TOL * d[0])) if d.size else 0
     else:
-        XtX = (X.T @ X) / np.outer(scale, scale)
+        XtX = XtX / np.outer(scale, scale)
         R, piv = sla.qr(XtX, mode="r", pivoting=True)
         d = np.abs(np.diag(R))
         rank = int(np.sum(d > RANK_TOL**2 * d[0]))
@@ -164,15 +165,16 @@ class MixedLM:
         else:
             Zre = _as_matrix(exog_re, "exog_re", n)
             znames = exog_re_names or _names(exog_re, [f"Z{j + 1}" for j in range(Zre.shape[1])])
-        g_arr = groups.to_numpy() if isinstance(groups, pd.Series) else np.asarray(groups)
+        g_arr = groups if isinstance(groups, pd.Series) else pd.Series(np.asarray(groups))
         if g_arr.ndim != 1 or g_arr.shape[0] != n:
             raise SpecificationError(f"groups must have one label per row ({n}), got shape {g_arr.shape}")
+        g_arr = g_arr.reset_index(drop=True)
         gname = group_name or (str(groups.name) if isinstance(groups, pd.Series)
                                and groups.name is not None else "Group")
         yname = endog_name or (str(endog.name) if isinstance(endog, pd.Series)
                                and endog.name is not None else "y")
 
-        g_missing = pd.isna(g_arr)
+        g_missing = g_arr.isna().to_numpy()
         if missing == "drop":
             keep = np.isfinite(y) & np.isfinite(X).all(axis=1) & np.isfinite(Zre).all(axis=1)
             keep &= ~g_missing
@@ -182,7 +184,8 @@ class MixedLM:
                 if exog_vc is not None:
                     raise SpecificationError("missing='drop' is not supported with exog_vc; "
                                              "drop incomplete rows before building exog_vc")
-                y, X, Zre, g_arr = y[keep], X[keep], Zre[keep], g_arr[keep]
+                y, X, Zre = y[keep], X[keep], Zre[keep]
+                g_arr = g_arr[keep].reset_index(drop=True)
                 vc_designs = [V[keep] for V in vc_designs] if vc_designs else vc_designs
                 n = y.shape[0]
                 if n == 0:

@@ -11,6 +11,7 @@ from lmefast._bfgs import RETURN_MESSAGES
 from lmefast.objective import ProfiledObjective, Solution
 
 GRAD_TOL = 2e-3          # convergence check on max |projected gradient| (lme4 uses 2e-3, scaled)
+DECREMENT_TOL = 1e-6     # or: the Newton decrement g'H⁻¹g (objective units) below this
 SINGULAR_TOL = 1e-4      # lme4's isSingular tolerance on diagonal θ
 
 
@@ -29,6 +30,7 @@ class OptSummary:
     return_code: str
     converged: bool
     projected_gradient: np.ndarray
+    newton_decrement: float
     singular: bool
     log: list[tuple[int, float]] = field(default_factory=list)
 
@@ -45,6 +47,7 @@ class OptSummary:
             "return_code": self.return_code,
             "converged": self.converged,
             "projected_gradient": self.projected_gradient.tolist(),
+            "newton_decrement": self.newton_decrement,
             "singular": self.singular,
         }
 
@@ -53,6 +56,49 @@ def projected_gradient(theta: np.ndarray, grad: np.ndarray, lower: np.ndarray) -
     """The gradient with components that push into an active lower bound set to zero."""
     at_bound = (theta <= lower) & (grad > 0)
     return np.where(at_bound, 0.0, grad)
+
+
+def hessian_fd(obj: ProfiledObjective, theta: np.ndarray, grad: np.ndarray,
+               free: np.ndarray) -> np.ndarray:
+    """Hessian of the objective on the free coordinates by forward differences of the
+    analytic gradient (one gradient per free coordinate), symmetrised."""
+    idx = np.nonzero(free)[0]
+    H = np.empty((idx.size, idx.size))
+    for col, j in enumerate(idx):
+        h = 1e-6 * max(abs(theta[j]), 1e-2)
+        th = theta.copy()
+        th[j] += h
+        _, g = obj.value_and_grad(th)
+        H[:, col] = (g[idx] - grad[idx]) / h
+    return 0.5 * (H + H.T)
+
+
+def newton_check(obj: ProfiledObjective, sol: Solution, lower: np.ndarray
+                 ) -> tuple[Solution, float]:
+    """The convergence test and a last Newton step on the free θ.
+
+    Returns the better of the solution and the Newton-polished one, and the Newton decrement
+    g'H⁻¹g of the solution (twice the objective decrease a Newton step predicts; inf when
+    H is not positive definite)."""
+    theta, grad = sol.theta, sol.grad
+    free = ~((theta <= lower) & (grad > 0))
+    if not free.any():
+        return sol, 0.0
+    H = hessian_fd(obj, theta, grad, free)
+    try:
+        c = np.linalg.cholesky(H)
+    except np.linalg.LinAlgError:
+        return sol, np.inf
+    step = np.linalg.solve(c.T, np.linalg.solve(c, grad[free]))
+    decrement = float(grad[free] @ step)
+    th = theta.copy()
+    th[free] -= step
+    th = np.maximum(th, lower)
+    try:
+        polished = obj.solve(th, want_grad=True)
+    except FloatingPointError:
+        return sol, decrement
+    return (polished if polished.objective < sol.objective else sol), decrement
 
 
 def fit_theta(
@@ -88,9 +134,11 @@ def fit_theta(
         sol_s = obj.solve(snapped, want_grad=True)
         if sol_s.objective <= sol.objective + 1e-10:
             theta, sol = snapped, sol_s
-    grad = sol.grad
-    pg = projected_gradient(theta, grad, lower)
-    converged = bool(np.all(np.isfinite(pg)) and np.max(np.abs(pg), initial=0.0) < GRAD_TOL)
+    sol, decrement = newton_check(obj, sol, lower)
+    theta = sol.theta
+    pg = projected_gradient(theta, sol.grad, lower)
+    converged = bool(np.all(np.isfinite(pg)) and (np.max(np.abs(pg), initial=0.0) < GRAD_TOL
+                                                  or decrement < DECREMENT_TOL))
     singular = bool(np.any(theta[diag] < SINGULAR_TOL))
     summary = OptSummary(
         theta_initial=theta0,
@@ -100,10 +148,11 @@ def fit_theta(
         n_evals=obj.n_evals - evals0,
         n_iter=n_iter,
         optimizer="projected BFGS with analytic gradient",
-        tolerances={"gtol": 1e-9, "grad_check": GRAD_TOL},
+        tolerances={"gtol": 1e-9, "grad_check": GRAD_TOL, "newton_decrement": DECREMENT_TOL},
         return_code=message,
         converged=converged,
         projected_gradient=pg,
+        newton_decrement=decrement,
         singular=singular,
         log=log,
     )

@@ -1,0 +1,311 @@
+"""Shared fixtures: the data sets and lme4 reference fits in tests/data, fitted models (cached
+per session), and a record of how far lme4's reported optimum is from the polished one.
+
+No R, no network: everything is read from tests/data (lme4 1.1-31 reference results).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lmefast
+
+DATA_DIR = Path(__file__).parent / "data"
+REF_DIR = DATA_DIR / "reference"
+
+
+# -- data -------------------------------------------------------------------------------------
+@cache
+def _read_csv(name: str) -> pd.DataFrame:
+    return pd.read_csv(DATA_DIR / f"{name}.csv")
+
+
+def read_data(name: str) -> pd.DataFrame:
+    """A fresh copy of tests/data/<name>.csv (tests may modify it)."""
+    return _read_csv(name).copy()
+
+
+@cache
+def _cases() -> tuple[dict[str, Any], ...]:
+    with open(DATA_DIR / "cases.json") as fh:
+        return tuple(json.load(fh))
+
+
+def all_cases() -> list[dict[str, Any]]:
+    return [dict(c) for c in _cases()]
+
+
+def one_factor_cases() -> list[dict[str, Any]]:
+    """The cases statsmodels' API can express: one grouping factor ("sm"."groups" not null)."""
+    return [c for c in all_cases() if c["sm"].get("groups") is not None]
+
+
+def case_by_id(case_id: str) -> dict[str, Any]:
+    for c in all_cases():
+        if c["id"] == case_id:
+            return c
+    raise KeyError(case_id)
+
+
+# -- reference fits ----------------------------------------------------------------------------
+def _as_list(x: Any) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, list | tuple) else [x]
+
+
+@dataclass
+class RanefTerm:
+    """lme4's ranef() and condVar for one grouping factor, normalised."""
+
+    levels: list[str]
+    terms: list[str]
+    values: np.ndarray                  # levels × terms
+    condvar: np.ndarray | None          # levels × terms × terms (None if lme4 gave none)
+
+
+@dataclass
+class Reference:
+    """One lme4 fit (tests/data/reference/<id>__reml.json or __ml.json), normalised: single-element
+    fields that R wrote as scalars or 1-element lists become dicts / arrays."""
+
+    raw: dict[str, Any]
+    fixef: dict[str, float]
+    se_fixef: dict[str, float]
+    theta: np.ndarray
+    sigma: float
+    loglik: float
+    objective: float
+    singular: bool
+    varcorr: list[dict[str, Any]]
+    ranef: dict[str, RanefTerm] = field(default_factory=dict)
+
+
+def _named(values: Any, names: list[str]) -> dict[str, float]:
+    if isinstance(values, dict):
+        return {str(k): float(v) for k, v in values.items()}
+    vals = _as_list(values)
+    assert len(vals) == len(names), (values, names)
+    return {n: float(v) for n, v in zip(names, vals, strict=True)}
+
+
+@cache
+def _load_reference(case_id: str, reml: bool) -> Reference:
+    path = REF_DIR / f"{case_id}__{'reml' if reml else 'ml'}.json"
+    with open(path) as fh:
+        raw = json.load(fh)
+    assert bool(raw["reml"]) == reml
+    fe_names = list(raw["fixef"].keys()) if isinstance(raw["fixef"], dict) else ["(Intercept)"]
+    fixef = _named(raw["fixef"], fe_names)
+    se = _named(raw["se_fixef"], fe_names)
+    ranef: dict[str, RanefTerm] = {}
+    for grp, rr in raw["ranef"].items():
+        levels = [str(v) for v in _as_list(rr["levels"])]
+        terms = [str(t) for t in _as_list(rr["terms"])]
+        values = np.array(rr["values"], dtype=float).reshape(len(levels), len(terms))
+        cv = rr.get("condvar")
+        condvar = None
+        if cv is not None:
+            condvar = np.array(cv, dtype=float).reshape(len(levels), len(terms), len(terms))
+        ranef[grp] = RanefTerm(levels, terms, values, condvar)
+    return Reference(
+        raw=raw, fixef=fixef, se_fixef=se,
+        theta=np.array(_as_list(raw["theta"]), dtype=float),
+        sigma=float(raw["sigma"]), loglik=float(raw["loglik"]), objective=float(raw["objective"]),
+        singular=bool(raw["singular"]), varcorr=list(raw["varcorr"]), ranef=ranef)
+
+
+def load_reference(case_id: str, reml: bool) -> Reference:
+    return _load_reference(case_id, reml)
+
+
+# -- names: lme4 → statsmodels/lmefast -----------------------------------------------------------
+_LEVEL = re.compile(r"^(?P<var>.+?)\[T\.(?P<level>.+)\]$")
+
+
+def fe_name(lme4_name: str, ours: list[str]) -> str:
+    """lme4's fixed-effect name → ours: '(Intercept)' → 'Intercept', 'CuCu035' → 'Cu[T.Cu035]'."""
+    if lme4_name == "(Intercept)":
+        return "Intercept"
+    if lme4_name in ours:
+        return lme4_name
+    for name in ours:
+        m = _LEVEL.match(name)
+        if m and m["var"] + m["level"] == lme4_name:
+            return name
+    raise KeyError(f"no fixed effect of ours matches lme4's {lme4_name!r} (ours: {ours})")
+
+
+def re_name(lme4_term: str, group_name: str) -> str:
+    """lme4's random-term name → ours: '(Intercept)' → the group name (statsmodels' spelling)."""
+    return group_name if lme4_term == "(Intercept)" else lme4_term
+
+
+# -- fitting -----------------------------------------------------------------------------------
+def build_model(case: dict[str, Any], **overrides: Any) -> lmefast.MixedLM:
+    sm = case["sm"]
+    kwargs: dict[str, Any] = {"groups": sm["groups"], "re_formula": sm.get("re_formula"),
+                              "vc_formula": sm.get("vc_formula")}
+    kwargs.update(overrides)
+    return lmefast.mixedlm(sm["formula"], read_data(case["data"]), **kwargs)
+
+
+@cache
+def _fit(case_id: str, reml: bool) -> tuple[lmefast.MixedLM, lmefast.MixedLMResults]:
+    model = build_model(case_by_id(case_id))
+    return model, model.fit(reml=reml)
+
+
+def fit_case(case_id: str, reml: bool) -> tuple[lmefast.MixedLM, lmefast.MixedLMResults]:
+    """(model, results) for a case, cached for the session: do not mutate them."""
+    return _fit(case_id, reml)
+
+
+def polish_theta(model: lmefast.MixedLM, reml: bool, theta: np.ndarray, max_steps: int = 10) -> np.ndarray:
+    """The exact optimum near θ: Newton steps on the free coordinates (those not held at their lower
+    bound by a gradient pushing outwards), with the Hessian from central differences of the analytic
+    gradient. A step is kept while it reduces the (projected) gradient."""
+    obj = model.objective(reml)
+    lower = model.spec.theta_map.lower_bounds()
+    th = np.array(theta, dtype=float)
+    d = th.size
+
+    def grad(x: np.ndarray) -> np.ndarray:
+        g = obj.solve(x, want_grad=True).grad
+        assert g is not None
+        return np.asarray(g, dtype=float)
+
+    def proj(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return np.where((x <= lower) & (g >= 0), 0.0, g)
+
+    g = grad(th)
+    for _ in range(max_steps):
+        free = np.nonzero(~((th <= lower) & (g >= 0)))[0]
+        if free.size == 0:
+            break
+        H = np.zeros((d, d))
+        for i in free:
+            h = 1e-5 * max(abs(th[i]), 1e-2)
+            e = np.zeros(d)
+            e[i] = h
+            lo = th - e
+            if lo[i] < lower[i]:  # one-sided at a bound
+                H[:, i] = (grad(th + e) - g) / h
+            else:
+                H[:, i] = (grad(th + e) - grad(lo)) / (2 * h)
+        Hf = H[np.ix_(free, free)]
+        Hf = 0.5 * (Hf + Hf.T)
+        step = np.linalg.solve(Hf, g[free])
+        new = th.copy()
+        new[free] -= step
+        new = np.maximum(new, lower)
+        g_new = grad(new)
+        if np.max(np.abs(proj(new, g_new))) >= np.max(np.abs(proj(th, g))):
+            break
+        th, g = new, g_new
+        if np.max(np.abs(step)) < 1e-14:
+            break
+    return th
+
+
+@cache
+def _polished(case_id: str, reml: bool) -> lmefast.MixedLMResults:
+    from lmefast.results import MixedLMResults
+
+    model, res = fit_case(case_id, reml)
+    th = polish_theta(model, reml, res.theta)
+    obj = model.objective(reml)
+    return MixedLMResults(model, obj, obj.solve(th, want_grad=True), res.optsummary)
+
+
+def polished_fit(case_id: str, reml: bool) -> lmefast.MixedLMResults:
+    """Results object at the polished optimum (same model and optimiser record as fit_case)."""
+    return _polished(case_id, reml)
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def data() -> Callable[[str], pd.DataFrame]:
+    """data('dietox') → a fresh DataFrame of tests/data/dietox.csv."""
+    return read_data
+
+
+@pytest.fixture
+def dietox() -> pd.DataFrame:
+    return read_data("dietox")
+
+
+@pytest.fixture
+def sleepstudy() -> pd.DataFrame:
+    return read_data("sleepstudy")
+
+
+@pytest.fixture
+def pastes() -> pd.DataFrame:
+    return read_data("Pastes")
+
+
+@pytest.fixture
+def dyestuff() -> pd.DataFrame:
+    return read_data("Dyestuff")
+
+
+@pytest.fixture(scope="session")
+def reference() -> Callable[[str, bool], Reference]:
+    """reference(case_id, reml) → the normalised lme4 fit."""
+    return load_reference
+
+
+@pytest.fixture(scope="session")
+def fitted() -> Callable[[str, bool], tuple[lmefast.MixedLM, lmefast.MixedLMResults]]:
+    """fitted(case_id, reml) → (model, results), cached for the session (do not mutate)."""
+    return fit_case
+
+
+@pytest.fixture(scope="session")
+def polished() -> Callable[[str, bool], lmefast.MixedLMResults]:
+    """polished(case_id, reml) → results at the Newton-polished optimum near our fit."""
+    return polished_fit
+
+
+@pytest.fixture(params=[True, False], ids=["REML", "ML"])
+def reml(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+ONE_FACTOR_IDS = [c["id"] for c in one_factor_cases()]
+
+
+@pytest.fixture(params=ONE_FACTOR_IDS)
+def case(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Each cases.json entry with one grouping factor."""
+    return case_by_id(request.param)
+
+
+# -- lme4 vs the polished optimum: a record printed at the end of the run ----------------------
+_DISTANCES = pytest.StashKey[dict[str, dict[str, float]]]()
+
+
+@pytest.fixture(scope="session")
+def lme4_distance_log(pytestconfig: pytest.Config) -> dict[str, dict[str, float]]:
+    """case/method → {quantity: relative distance of lme4's value from the polished optimum}."""
+    return pytestconfig.stash.setdefault(_DISTANCES, {})
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    log = config.stash.get(_DISTANCES, {})
+    if not log:
+        return
+    terminalreporter.section("lme4 vs polished optimum (max relative distance per quantity)")
+    for key in sorted(log):
+        parts = ", ".join(f"{q}={v:.2e}" for q, v in sorted(log[key].items()))
+        terminalreporter.write_line(f"{key}: {parts}")
