@@ -37,9 +37,11 @@ cdef inline double dmin(double a, double b) noexcept nogil:
 
 
 cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lower,
-                      double gtol, int maxiter, double* f_out, double* g_out,
-                      int* n_iter, object on_iter) noexcept:
-    """Minimise; x holds the start and receives the result. Returns a RETURN_MESSAGES code."""
+                      double gtol, int maxiter, double* f_out, double* g_out, double* f0_out,
+                      double* H_out, int* n_iter, object on_iter) noexcept:
+    """Minimise; x holds the start and receives the result, f0_out the objective at the
+    start, H_out (d × d) the final inverse-Hessian approximation. Returns a RETURN_MESSAGES
+    code."""
     cdef double* H = <double*>malloc((d * d + 6 * d + 1) * sizeof(double))
     cdef double* g
     cdef double* step
@@ -63,6 +65,7 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
         for i in range(d):
             x[i] = dmax(x[i], lower[i])
         ok = fg(ctx, x, &f, g)
+    f0_out[0] = f
     if ok != 0 or not isfinite(f):
         f_out[0] = f
         memcpy(g_out, g, d * sizeof(double))
@@ -181,6 +184,7 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
             break
     f_out[0] = f
     memcpy(g_out, g, d * sizeof(double))
+    memcpy(H_out, H, d * d * sizeof(double))
     free(H)
     return code
 
@@ -209,12 +213,14 @@ cdef int py_trampoline(void* ctx, const double* x, double* f, double* g) noexcep
 def minimize_bounded(fg, x0, lower, double gtol=1e-9, int maxiter=500, on_iter=None):
     """Projected BFGS on a Python objective fg(x) → (f, gradient).
 
-    Returns (x, f, g, iterations, return code); see RETURN_MESSAGES."""
+    Returns (x, f, g, f at x0, inverse-Hessian approximation, iterations, return code); see
+    RETURN_MESSAGES."""
     cdef double[::1] x = np.array(x0, dtype=np.float64)
     cdef double[::1] lo = np.ascontiguousarray(lower, dtype=np.float64)
     cdef int d = x.shape[0]
     cdef double[::1] g = np.zeros(max(d, 1))
-    cdef double f = 0.0
+    cdef double f = 0.0, f0 = 0.0
+    cdef double[:, ::1] H = np.zeros((max(d, 1), max(d, 1)))
     cdef int n_iter = 0, code
     cdef PyCtx ctx
     ctx.func = <void*>fg
@@ -222,7 +228,7 @@ def minimize_bounded(fg, x0, lower, double gtol=1e-9, int maxiter=500, on_iter=N
     ctx.failed = 0
     if d == 0:
         val, _ = fg(np.zeros(0))
-        return np.zeros(0), float(val), np.zeros(0), 0, 0
-    code = bfgs_bounded(py_trampoline, &ctx, d, &x[0], &lo[0], gtol, maxiter, &f, &g[0],
-                        &n_iter, on_iter)
-    return np.asarray(x), f, np.asarray(g[:d]), n_iter, code
+        return np.zeros(0), float(val), np.zeros(0), float(val), np.zeros((0, 0)), 0, 0
+    code = bfgs_bounded(py_trampoline, &ctx, d, &x[0], &lo[0], gtol, maxiter, &f, &g[0], &f0,
+                        &H[0, 0], &n_iter, on_iter)
+    return np.asarray(x), f, np.asarray(g[:d]), f0, np.asarray(H), n_iter, code

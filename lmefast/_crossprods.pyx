@@ -7,20 +7,36 @@ design is dense in the k random-coefficient columns and sparse in the variance-c
 columns: entry e of row r sits at coordinate vc_coord[e, r] of its group's block with value
 vc_val[e, r] (value 0 means the row has no entry there).
 """
+import numpy as np
+
+from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
 ctypedef long long i64
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__)
+    #define LMEFAST_PREFETCH(p) __builtin_prefetch((p), 1, 1)
+    #else
+    #define LMEFAST_PREFETCH(p) ((void)0)
+    #endif
+    """
+    void LMEFAST_PREFETCH(const void* p) noexcept nogil
 
-def accumulate(
-    const double[::1] y, const double[:, ::1] X, const double[:, ::1] Zre,
-    const i64[::1] gcode, const i64[::1] q_off, const i64[::1] s_off,
-    const i64[:, ::1] vc_coord, const double[:, ::1] vc_val,
-    double[::1] S,
-):
-    """Adds every row's z z', z x', z y into its group's record (S zeroed by the caller)."""
-    cdef i64 n = y.shape[0], r, g
-    cdef int p = X.shape[1], k = Zre.shape[1], ne = vc_coord.shape[0]
+# rows ahead whose group record is prefetched: the records are scattered over a large array,
+# so without it each row waits for a cache miss
+cdef enum:
+    PREFETCH_AHEAD = 16
+
+
+cdef void accumulate_range(
+    const double* y, const double* X, const double* Zre, const i64* gcode, i64 n, int p, int k,
+    const i64* q_off, const i64* s_off, const i64* vc_coord, const double* vc_val, int ne,
+    double* S, i64 g_lo, i64 g_hi, int* coord, double* val,
+) noexcept nogil:
+    """Rows whose group code is in [g_lo, g_hi) add z z', z x', z y into their group's record."""
+    cdef i64 r, g
     cdef int e, e2, nz, q, l, ci
     cdef double v, yr
     cdef double* A_g
@@ -28,58 +44,105 @@ def accumulate(
     cdef double* c_g
     cdef const double* x
     cdef const double* z
-    cdef int* coord = <int*>malloc((k + ne + 1) * sizeof(int))
-    cdef double* val = <double*>malloc((k + ne + 1) * sizeof(double))
+    cdef i64 g2
+    if ne == 0:
+        # random coefficients only: every group's block is k × k
+        for r in range(n):
+            if r + PREFETCH_AHEAD < n:
+                g2 = gcode[r + PREFETCH_AHEAD]
+                if g_lo <= g2 < g_hi:
+                    LMEFAST_PREFETCH(&S[s_off[g2]])
+                    LMEFAST_PREFETCH(&S[s_off[g2]] + 8)
+            g = gcode[r]
+            if g < g_lo or g >= g_hi:
+                continue
+            A_g = &S[s_off[g]]
+            B_g = A_g + k * k
+            c_g = B_g + k * p
+            x = &X[r * p]
+            z = &Zre[r * k]
+            yr = y[r]
+            for e in range(k):
+                v = z[e]
+                c_g[e] += v * yr
+                for l in range(p):
+                    B_g[e * p + l] += v * x[l]
+                for e2 in range(k):
+                    A_g[e * k + e2] += v * z[e2]
+        return
+    for r in range(n):
+        g = gcode[r]
+        if g < g_lo or g >= g_hi:
+            continue
+        q = <int>(q_off[g + 1] - q_off[g])
+        nz = 0
+        for e in range(k):
+            v = Zre[r * k + e]
+            if v != 0.0:
+                coord[nz] = e
+                val[nz] = v
+                nz = nz + 1
+        for e in range(ne):
+            v = vc_val[e * n + r]
+            if v != 0.0:
+                coord[nz] = <int>vc_coord[e * n + r]
+                val[nz] = v
+                nz = nz + 1
+        A_g = &S[s_off[g]]
+        B_g = A_g + q * q
+        c_g = B_g + q * p
+        x = &X[r * p]
+        yr = y[r]
+        for e in range(nz):
+            ci = coord[e]
+            v = val[e]
+            c_g[ci] += v * yr
+            for l in range(p):
+                B_g[ci * p + l] += v * x[l]
+            for e2 in range(nz):
+                A_g[ci * q + coord[e2]] += v * val[e2]
+
+
+def accumulate(
+    const double[::1] y, const double[:, ::1] X, const double[:, ::1] Zre,
+    const i64[::1] gcode, const i64[::1] q_off, const i64[::1] s_off,
+    const i64[:, ::1] vc_coord, const double[:, ::1] vc_val,
+    double[::1] S, int n_threads=1,
+):
+    """Adds every row's z z', z x', z y into its group's record (S zeroed by the caller).
+
+    With n_threads > 1 each thread owns a contiguous range of groups (no two threads write
+    the same record) and scans all rows, keeping those of its groups."""
+    cdef i64 n = y.shape[0], m = q_off.shape[0] - 1
+    cdef int p = X.shape[1], k = Zre.shape[1], ne = vc_coord.shape[0], t
+    cdef int nth = n_threads if 1 < n_threads <= m else 1
+    cdef int width = k + ne + 1
+    cdef int* coord = <int*>malloc(nth * width * sizeof(int))
+    cdef double* val = <double*>malloc(nth * width * sizeof(double))
+    cdef i64[::1] bounds = np.searchsorted(
+        np.asarray(s_off), np.asarray(s_off)[-1] * np.arange(nth + 1) / nth).astype(np.int64)
+    cdef const double* Xp = &X[0, 0] if X.shape[0] > 0 and p > 0 else NULL
+    cdef const double* Zp = &Zre[0, 0] if Zre.shape[0] > 0 and k > 0 else NULL
+    cdef const i64* vcp = &vc_coord[0, 0] if ne > 0 and n > 0 else NULL
+    cdef const double* vvp = &vc_val[0, 0] if ne > 0 and n > 0 else NULL
+    if n == 0 or m == 0:
+        free(coord)
+        free(val)
+        return
+    bounds[0] = 0
+    bounds[nth] = m
     if coord == NULL or val == NULL:
         free(coord)
         free(val)
         raise MemoryError()
-    with nogil:
-        if ne == 0:
-            # random coefficients only: every group's block is k × k
-            for r in range(n):
-                A_g = &S[s_off[gcode[r]]]
-                B_g = A_g + k * k
-                c_g = B_g + k * p
-                x = &X[r, 0]
-                z = &Zre[r, 0]
-                yr = y[r]
-                for e in range(k):
-                    v = z[e]
-                    c_g[e] += v * yr
-                    for l in range(p):
-                        B_g[e * p + l] += v * x[l]
-                    for e2 in range(k):
-                        A_g[e * k + e2] += v * z[e2]
-        else:
-            for r in range(n):
-                g = gcode[r]
-                q = <int>(q_off[g + 1] - q_off[g])
-                nz = 0
-                for e in range(k):
-                    v = Zre[r, e]
-                    if v != 0.0:
-                        coord[nz] = e
-                        val[nz] = v
-                        nz = nz + 1
-                for e in range(ne):
-                    v = vc_val[e, r]
-                    if v != 0.0:
-                        coord[nz] = <int>vc_coord[e, r]
-                        val[nz] = v
-                        nz = nz + 1
-                A_g = &S[s_off[g]]
-                B_g = A_g + q * q
-                c_g = B_g + q * p
-                x = &X[r, 0]
-                yr = y[r]
-                for e in range(nz):
-                    ci = coord[e]
-                    v = val[e]
-                    c_g[ci] += v * yr
-                    for l in range(p):
-                        B_g[ci * p + l] += v * x[l]
-                    for e2 in range(nz):
-                        A_g[ci * q + coord[e2]] += v * val[e2]
+    if nth == 1:
+        with nogil:
+            accumulate_range(&y[0], Xp, Zp, &gcode[0], n, p, k, &q_off[0], &s_off[0], vcp, vvp,
+                             ne, &S[0], 0, m, coord, val)
+    else:
+        for t in prange(nth, nogil=True, schedule="static", num_threads=nth):
+            accumulate_range(&y[0], Xp, Zp, &gcode[0], n, p, k, &q_off[0], &s_off[0], vcp, vvp,
+                             ne, &S[0], bounds[t], bounds[t + 1], coord + t * width,
+                             val + t * width)
     free(coord)
     free(val)

@@ -13,6 +13,7 @@ GIL once, and Python-visible functions that allocate the work arrays first.
 import numpy as np
 
 from libc.math cimport log, sqrt
+from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
 from lmefast._bfgs cimport bfgs_bounded
@@ -27,6 +28,7 @@ cdef double LOG_2PI = 1.8378770664093453
 
 
 cdef struct Work:
+    double* block # the one allocation holding all of the below (cache-line padded)
     double* AL    # q × q   A Λ
     double* L     # q × q   Cholesky factor of Λ'AΛ + I (lower)
     double* R     # q × p   Rzx = L⁻¹ Λ'B, later H = L⁻ᵀ Rzx
@@ -38,34 +40,36 @@ cdef struct Work:
     double* tmp   # q × q
 
 
+cdef inline size_t lines(size_t n) noexcept nogil:
+    """n doubles rounded up to whole 64-byte cache lines."""
+    return (n + 7) // 8 * 8
+
+
 cdef int work_alloc(Work* w, int qmax, int p) noexcept nogil:
-    w.AL = w.L = w.Minv = w.R = w.E = w.r = w.u = w.s = w.tmp = NULL
-    cdef size_t qq = <size_t>qmax * qmax, qp = <size_t>qmax * (p if p > 0 else 1)
-    w.AL = <double*>malloc(qq * sizeof(double))
-    w.L = <double*>malloc(qq * sizeof(double))
-    w.Minv = <double*>malloc(qq * sizeof(double))
-    w.R = <double*>malloc(qp * sizeof(double))
-    w.E = <double*>malloc(qp * sizeof(double))
-    w.tmp = <double*>malloc(qq * sizeof(double))
-    w.r = <double*>malloc(qmax * sizeof(double) + 8)
-    w.u = <double*>malloc(qmax * sizeof(double) + 8)
-    w.s = <double*>malloc(qmax * sizeof(double) + 8)
-    if (w.AL == NULL or w.L == NULL or w.Minv == NULL or w.R == NULL or w.E == NULL
-            or w.r == NULL or w.u == NULL or w.s == NULL or w.tmp == NULL):
+    """One block per Work, padded by a cache line on both sides and between arrays, so that
+    threads writing their own Work never share a cache line."""
+    cdef size_t qq = lines(<size_t>qmax * qmax), qp = lines(<size_t>qmax * (p if p > 0 else 1))
+    cdef size_t q1 = lines(<size_t>qmax + 1)
+    cdef double* base = <double*>malloc((4 * qq + 2 * qp + 3 * q1 + 24) * sizeof(double))
+    w.block = base
+    if base == NULL:
         return -1
+    base = <double*>((<size_t>base + 64 + 63) // 64 * 64)
+    w.AL = base
+    w.L = w.AL + qq
+    w.Minv = w.L + qq
+    w.tmp = w.Minv + qq
+    w.R = w.tmp + qq
+    w.E = w.R + qp
+    w.r = w.E + qp
+    w.u = w.r + q1
+    w.s = w.u + q1
     return 0
 
 
 cdef void work_free(Work* w) noexcept nogil:
-    free(w.AL)
-    free(w.L)
-    free(w.Minv)
-    free(w.R)
-    free(w.E)
-    free(w.r)
-    free(w.u)
-    free(w.s)
-    free(w.tmp)
+    free(w.block)
+    w.block = NULL
 
 
 cdef inline int factor_group(
@@ -223,7 +227,7 @@ cdef inline int obj_group(int q, int k, int p, const double* Ag, const double* T
     return 0
 
 
-cdef i64 objective_loop(Blocks* bl, Work* w, double* logdet, double* rr,
+cdef i64 objective_loop(Blocks* bl, Work* w, i64 g0, i64 g1, double* logdet, double* rr,
                         double* RzxRzx, double* Rzxrzy) noexcept nogil:
     """Σ log|L_i|², Σ rzy_i'rzy_i, Σ Rzx_i'Rzx_i (lower), Σ Rzx_i'rzy_i.  Returns 0 or 1 + group.
 
@@ -233,7 +237,7 @@ cdef i64 objective_loop(Blocks* bl, Work* w, double* logdet, double* rr,
     cdef int q, k = bl.k, p = bl.p, st
     cdef const double* Ag
     cdef const i64* cm
-    for g in range(bl.m):
+    for g in range(g0, g1):
         q = <int>(bl.q_off[g + 1] - bl.q_off[g])
         if q == 0:
             continue
@@ -316,8 +320,9 @@ cdef inline int grad_group(int q, int k, int p, const double* Ag, const double* 
     return 0
 
 
-cdef i64 gradient_loop(Blocks* bl, Work* w, double* F, const double* beta, const double* Cinv,
-                       double kappa, bint reml, double* gT, double* gvc) noexcept nogil:
+cdef i64 gradient_loop(Blocks* bl, Work* w, i64 g0, i64 g1, double* F, const double* beta,
+                       const double* Cinv, double kappa, bint reml, double* gT,
+                       double* gvc) noexcept nogil:
     """Accumulates ∂(objective)/∂Λ (DESIGN.md §2, gradient) over groups.
 
     With M_i = L_iL_i', u_i = L_i⁻ᵀ(rzy_i − Rzx_i β), s_i = c_i − B_iβ − A_iΛ_iu_i,
@@ -330,7 +335,7 @@ cdef i64 gradient_loop(Blocks* bl, Work* w, double* F, const double* beta, const
     cdef int q, k = bl.k, p = bl.p, st
     cdef const double* Ag
     cdef const i64* cm
-    for g in range(bl.m):
+    for g in range(g0, g1):
         q = <int>(bl.q_off[g + 1] - bl.q_off[g])
         if q == 0:
             continue
@@ -379,7 +384,6 @@ cdef int chol_small(int p, double* C) noexcept nogil:
 
 cdef struct EvalCtx:
     Blocks bl
-    Work w
     const double* XtX
     const double* Xty
     double yty
@@ -400,21 +404,59 @@ cdef struct EvalCtx:
     double* Rzxrzy
     double* rhs
     double* Cinv
-    double* F
     double r2
     double logdet
     i64 status
     long n_evals
+    # threads: group ranges [bounds[t], bounds[t+1]), one Work, F buffer and accumulator
+    # record [logdet, rr, RzxRzx (p×p), Rzxrzy (p), gT (k×k), gvc] per thread
+    int nthreads
+    i64* bounds
+    Work* ws
+    double* Fs
+    int f_stride
+    double* accs
+    int acc_stride
+    i64* stats
+    double kappa
+
+
+cdef void obj_chunk(EvalCtx* c, int t) noexcept nogil:
+    cdef double* a = c.accs + t * c.acc_stride
+    cdef int l, p = c.p
+    for l in range(2 + p * p + p):
+        a[l] = 0.0
+    c.stats[t] = objective_loop(&c.bl, &c.ws[t], c.bounds[t], c.bounds[t + 1], a, a + 1,
+                                a + 2, a + 2 + p * p)
+
+
+cdef void grad_chunk(EvalCtx* c, int t) noexcept nogil:
+    cdef int p = c.p, k = c.k, l
+    cdef double* a = c.accs + t * c.acc_stride + 2 + p * p + p
+    for l in range(k * k + c.nvc):
+        a[l] = 0.0
+    c.stats[t] = gradient_loop(&c.bl, &c.ws[t], c.bounds[t], c.bounds[t + 1],
+                               c.Fs + t * c.f_stride, c.beta, c.Cinv, c.kappa, c.reml,
+                               a, a + k * k)
+
+
+cdef i64 first_failure(EvalCtx* c) noexcept nogil:
+    cdef int t
+    for t in range(c.nthreads):
+        if c.stats[t] != 0:
+            return c.stats[t]
+    return 0
 
 
 cdef int eval_theta(void* vctx, const double* theta, double* f, double* grad) noexcept nogil:
     """θ → objective (and ∂/∂θ when grad is not NULL). Returns 0, or 1 with ctx.status set:
     1 + group index when a group block fails; −j when the fixed-effects factor fails at
-    column j; −(p+1) when r² ≤ 0."""
+    column j; −(p+1) when r² ≤ 0. The group loops run on c.nthreads threads, each over
+    its own range of groups with its own work arrays; partial sums are added after."""
     cdef EvalCtx* c = <EvalCtx*>vctx
-    cdef Blocks* bl = &c.bl
-    cdef int i, j, a, l, p = c.p, k = c.k
+    cdef int i, j, a, l, t, p = c.p, k = c.k, nth = c.nthreads
     cdef double acc, dof, obj, rr = 0.0, logdet = 0.0, r2
+    cdef double* part
     cdef i64 status
     c.n_evals += 1
     for l in range(k * k):
@@ -423,11 +465,24 @@ cdef int eval_theta(void* vctx, const double* theta, double* f, double* grad) no
         c.T[c.tril_r[l] * k + c.tril_c[l]] = theta[l]
     for l in range(c.nvc):
         c.tvc[l] = theta[c.nt - c.nvc + l]
+    if nth > 1:
+        for t in prange(nth, schedule="static", num_threads=nth):
+            obj_chunk(c, t)
+    else:
+        obj_chunk(c, 0)
+    status = first_failure(c)
     for l in range(p * p):
         c.Lx[l] = 0.0
     for l in range(p):
         c.Rzxrzy[l] = 0.0
-    status = objective_loop(bl, &c.w, &logdet, &rr, c.Lx, c.Rzxrzy)
+    for t in range(nth):
+        part = c.accs + t * c.acc_stride
+        logdet += part[0]
+        rr += part[1]
+        for l in range(p * p):
+            c.Lx[l] += part[2 + l]
+        for l in range(p):
+            c.Rzxrzy[l] += part[2 + p * p + l]
     c.logdet = logdet
     if status == 0:
         # Lx ← chol(X'X − Σ Rzx'Rzx), lower triangle
@@ -470,15 +525,26 @@ cdef int eval_theta(void* vctx, const double* theta, double* f, double* grad) no
     if grad == NULL:
         return 0
     if p > 0:
-        minv_from_chol(p, c.Lx, c.Cinv, c.F)
+        minv_from_chol(p, c.Lx, c.Cinv, c.Fs)
+    c.kappa = dof / r2
+    if nth > 1:
+        for t in prange(nth, schedule="static", num_threads=nth):
+            grad_chunk(c, t)
+    else:
+        grad_chunk(c, 0)
+    c.status = first_failure(c)
+    if c.status != 0:
+        return 1
     for l in range(k * k):
         c.gT[l] = 0.0
     for l in range(c.nvc):
         c.gvc[l] = 0.0
-    status = gradient_loop(bl, &c.w, c.F, c.beta, c.Cinv, dof / r2, c.reml, c.gT, c.gvc)
-    c.status = status
-    if status != 0:
-        return 1
+    for t in range(nth):
+        part = c.accs + t * c.acc_stride + 2 + p * p + p
+        for l in range(k * k):
+            c.gT[l] += part[l]
+        for l in range(c.nvc):
+            c.gvc[l] += part[k * k + l]
     for l in range(c.nt - c.nvc):
         grad[l] = c.gT[c.tril_r[l] * k + c.tril_c[l]]
     for l in range(c.nvc):
@@ -490,26 +556,55 @@ cdef class OneFactorKernel:
     """The profiled objective of one grouping factor, held in C: θ in, objective out.
 
     Owns the work buffers; `evaluate` for one θ, `minimize` runs the projected BFGS of
-    lmefast._bfgs entirely in C."""
+    lmefast._bfgs entirely in C. With n_threads > 1 the groups are split into that many
+    contiguous ranges of about equal work (OpenMP)."""
 
     cdef EvalCtx ctx
     cdef object keep
     cdef double* buf
+    cdef int n_work
 
     def __cinit__(self, const double[::1] S, const i64[::1] s_off, const i64[::1] q_off,
                   const i64[::1] comp, int k, int p, int qmax, const double[::1] XtX,
                   const double[::1] Xty, double yty, double n, bint reml,
-                  const i64[::1] tril_r, const i64[::1] tril_c, int nvc):
+                  const i64[::1] tril_r, const i64[::1] tril_c, int nvc, int n_threads=1):
         cdef int pp = p if p > 0 else 1, kk = k if k > 0 else 1
         cdef int qq = qmax if qmax > pp else pp
+        cdef int t, nth
+        cdef i64 m = q_off.shape[0] - 1
         cdef size_t total
         self.keep = (S, s_off, q_off, comp, XtX, Xty, tril_r, tril_c)
         self.buf = NULL
-        self.ctx.w.AL = NULL
+        self.n_work = 0
+        self.ctx.ws = NULL
+        self.ctx.bounds = NULL
+        self.ctx.stats = NULL
+        nth = n_threads if n_threads > 1 else 1
+        if nth > m:
+            nth = <int>(m if m > 0 else 1)
+        self.ctx.nthreads = nth
         fill_blocks(&self.ctx.bl, S, s_off, q_off, comp, k, p, qmax)
-        if work_alloc(&self.ctx.w, qmax, p) != 0:
+        self.ctx.ws = <Work*>malloc(nth * sizeof(Work))
+        self.ctx.bounds = <i64*>malloc((nth + 1) * sizeof(i64))
+        self.ctx.stats = <i64*>malloc(nth * sizeof(i64))
+        if self.ctx.ws == NULL or self.ctx.bounds == NULL or self.ctx.stats == NULL:
             raise MemoryError()
-        total = 3 * kk * kk + (nvc + 1) * 2 + 3 * pp + 2 * pp * pp + qq * pp
+        for t in range(nth):
+            self.ctx.ws[t].block = NULL
+        for t in range(nth):
+            self.n_work += 1
+            if work_alloc(&self.ctx.ws[t], qmax, p) != 0:
+                raise MemoryError()
+        # split the groups where the record offsets (≈ work) cross t/nth of the total
+        split = np.searchsorted(np.asarray(s_off), np.asarray(s_off)[-1] * np.arange(nth + 1) / nth)
+        split[0] = 0
+        split[nth] = m
+        for t in range(nth + 1):
+            self.ctx.bounds[t] = split[t]
+        self.ctx.f_stride = <int>lines(qq * pp)
+        self.ctx.acc_stride = ((2 + pp * pp + pp + kk * kk + nvc + 1) // 8 + 1) * 8
+        total = (3 * kk * kk + (nvc + 1) * 2 + 3 * pp + 2 * pp * pp
+                 + nth * (self.ctx.f_stride + self.ctx.acc_stride) + 8)
         self.buf = <double*>malloc(total * sizeof(double))
         if self.buf == NULL:
             raise MemoryError()
@@ -522,7 +617,9 @@ cdef class OneFactorKernel:
         self.ctx.rhs = self.ctx.Rzxrzy + pp
         self.ctx.Lx = self.ctx.rhs + pp
         self.ctx.Cinv = self.ctx.Lx + pp * pp
-        self.ctx.F = self.ctx.Cinv + pp * pp
+        self.ctx.Fs = self.ctx.Cinv + pp * pp
+        # per-thread accumulators start on a cache line and take whole lines
+        self.ctx.accs = <double*>((<size_t>(self.ctx.Fs + nth * self.ctx.f_stride) + 63) // 64 * 64)
         self.ctx.bl.T = self.ctx.T
         self.ctx.bl.tvc = self.ctx.tvc
         self.ctx.XtX = &XtX[0] if XtX.shape[0] > 0 else NULL
@@ -539,9 +636,18 @@ cdef class OneFactorKernel:
         self.ctx.n_evals = 0
 
     def __dealloc__(self):
-        if self.ctx.w.AL != NULL:
-            work_free(&self.ctx.w)
+        cdef int t
+        if self.ctx.ws != NULL:
+            for t in range(self.n_work):
+                work_free(&self.ctx.ws[t])
+        free(self.ctx.ws)
+        free(self.ctx.bounds)
+        free(self.ctx.stats)
         free(self.buf)
+
+    @property
+    def n_threads(self):
+        return self.ctx.nthreads
 
     @property
     def n_evals(self):
@@ -565,16 +671,18 @@ cdef class OneFactorKernel:
                 np.asarray(g[:nt]).copy() if want_grad else None)
 
     def minimize(self, theta0, lower, double gtol=1e-9, int maxiter=500, on_iter=None):
-        """Projected BFGS from θ0: returns (θ, f, gradient, iterations, return code)."""
+        """Projected BFGS from θ0: returns (θ, f, gradient, f at θ0, inverse-Hessian
+        approximation, iterations, return code)."""
         cdef double[::1] x = np.array(theta0, dtype=np.float64)
         cdef double[::1] lo = np.ascontiguousarray(lower, dtype=np.float64)
         cdef int d = x.shape[0]
         cdef double[::1] g = np.zeros(d)
-        cdef double f = 0.0
+        cdef double f = 0.0, f0 = 0.0
+        cdef double[:, ::1] H = np.zeros((d, d))
         cdef int n_iter = 0, code
         code = bfgs_bounded(eval_theta, &self.ctx, d, &x[0], &lo[0], gtol, maxiter, &f, &g[0],
-                            &n_iter, on_iter)
-        return np.asarray(x), f, np.asarray(g), n_iter, code
+                            &f0, &H[0, 0], &n_iter, on_iter)
+        return np.asarray(x), f, np.asarray(g), f0, np.asarray(H), n_iter, code
 
 
 cdef void fill_blocks(Blocks* bl, const double[::1] S, const i64[::1] s_off,

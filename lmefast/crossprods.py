@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmefast._crossprods import accumulate
+from lmefast.parallel import default_threads
 from lmefast.spec import BlockLayout, ModelSpec
 
 
@@ -28,13 +29,14 @@ class CrossProducts:
         return int(self.XtX.shape[0])
 
 
-def compute_crossprods(spec: ModelSpec) -> CrossProducts:
+def compute_crossprods(spec: ModelSpec, n_threads: int | None = None) -> CrossProducts:
     """One pass over the rows for the per-group blocks; X'X, X'y, y'y by BLAS."""
     lay = spec.layout
     s_off = record_offsets(lay, spec.k_fe)
     S = np.zeros(int(s_off[-1]))
     accumulate(spec.y, spec.X, spec.Zre, spec.group_codes, lay.q_off, s_off,
-               lay.vc_coord, lay.vc_val, S)
+               lay.vc_coord, lay.vc_val, S,
+               default_threads(spec.n_groups) if n_threads is None else n_threads)
     X, y = spec.X, spec.y
     return CrossProducts(S=S, s_off=s_off, XtX=X.T @ X, Xty=X.T @ y, yty=float(y @ y),
                          n=spec.nobs, layout=lay)

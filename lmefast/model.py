@@ -84,6 +84,20 @@ def _full_rank_columns(X: np.ndarray) -> np.ndarray:
     return np.sort(piv[:rank])
 
 
+def factorize_groups(groups: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Group codes 0..m−1 (int64) in sorted label order, and the labels.
+
+    Non-negative integer keys not much larger than the number of rows are coded by counting
+    (O(n), no sort); anything else by pandas' hash factorisation."""
+    values = groups.to_numpy() if groups.dtype.kind in "iu" else None
+    if values is not None and values.size and values.min() >= 0 and values.max() < 4 * values.size + 1024:
+        present = np.bincount(values) > 0
+        code_of = np.cumsum(present, dtype=np.int64) - 1
+        return code_of[values], np.nonzero(present)[0].astype(values.dtype)
+    codes, labels = pd.factorize(groups, sort=True)
+    return codes.astype(np.int64), np.asarray(labels)
+
+
 def _vc_matrices(exog_vc: Mapping, codes: np.ndarray, labels: np.ndarray,
                  n: int) -> tuple[list[str], list[np.ndarray], list[tuple[str, ...]]]:
     """statsmodels' exog_vc[name][group] (n_g × K matrices, rows in data order) → n × K."""
@@ -196,9 +210,7 @@ class MixedLM:
             _check_finite(Zre, "exog_re", znames)
             if g_missing.any():
                 raise SpecificationError(f"groups has {int(g_missing.sum())} missing labels")
-        codes, labels = pd.factorize(g_arr, sort=True)
-        codes = codes.astype(np.int64)
-        labels = np.asarray(labels)
+        codes, labels = factorize_groups(g_arr)
         m = labels.shape[0]
 
         if vc_designs is not None:
@@ -302,9 +314,9 @@ class MixedLM:
     def endog_names(self) -> str:
         return self.spec.endog_name
 
-    def objective(self, reml: bool = True) -> ProfiledObjective:
+    def objective(self, reml: bool = True, n_threads: int | None = None) -> ProfiledObjective:
         """The profiled objective θ → −2 log-likelihood (ML) or REML criterion."""
-        return ProfiledObjective(self.crossprods, self.spec.theta_map, reml)
+        return ProfiledObjective(self.crossprods, self.spec.theta_map, reml, n_threads)
 
     def loglike(self, theta: np.ndarray, reml: bool = True) -> float:
         """Profiled log-likelihood at θ (β̂ and σ̂² at their optimum for this θ)."""
@@ -317,16 +329,20 @@ class MixedLM:
         maxiter: int = 500,
         verbose: bool = False,
         callback: Callable[[int, np.ndarray, float], None] | None = None,
+        n_threads: int | None = None,
         **kwargs: Any,
     ):
         """Fit by REML (default) or ML. ``start_params`` is a starting θ.
 
-        Extra statsmodels keywords (``method``, ``full_output``, ``niter_sa``...) are
-        accepted and ignored: the optimiser is always the bounded quasi-Newton on θ.
+        ``verbose`` prints the objective per iteration; ``callback(iteration, θ, objective)``
+        receives it (raise StopIteration to stop). ``n_threads``: threads for the group loops
+        (default: all cores when there are many groups). Extra statsmodels keywords
+        (``method``, ``full_output``, ``niter_sa``...) are accepted and ignored: the
+        optimiser is always the bounded quasi-Newton on θ.
         """
         from lmefast.results import MixedLMResults
 
-        obj = self.objective(reml)
+        obj = self.objective(reml, n_threads)
         theta0 = self.spec.theta_map.start() if start_params is None else np.asarray(start_params, dtype=float)
         if theta0.shape != (self.spec.theta_map.n_theta,):
             raise SpecificationError(

@@ -17,6 +17,7 @@ import numpy as np
 
 from lmefast._kernels import OneFactorKernel, modes_pass
 from lmefast.crossprods import CrossProducts
+from lmefast.parallel import default_threads
 from lmefast.spec import ThetaMap
 
 
@@ -41,7 +42,8 @@ class ObjectiveError(FloatingPointError):
 class ProfiledObjective:
     """θ in, objective (and gradient) out, from the cross-products only (a C kernel)."""
 
-    def __init__(self, cp: CrossProducts, theta_map: ThetaMap, reml: bool) -> None:
+    def __init__(self, cp: CrossProducts, theta_map: ThetaMap, reml: bool,
+                 n_threads: int | None = None) -> None:
         self.cp = cp
         self.theta_map = theta_map
         self.reml = reml
@@ -51,7 +53,12 @@ class ProfiledObjective:
         self.kernel = OneFactorKernel(
             cp.S, cp.s_off, lay.q_off, lay.comp, theta_map.k, cp.p, lay.qmax,
             np.ascontiguousarray(cp.XtX).ravel(), np.ascontiguousarray(cp.Xty), cp.yty,
-            float(cp.n), reml, rows.astype(np.int64), cols.astype(np.int64), theta_map.n_vc)
+            float(cp.n), reml, rows.astype(np.int64), cols.astype(np.int64), theta_map.n_vc,
+            default_threads(lay.q_off.shape[0] - 1) if n_threads is None else n_threads)
+
+    @property
+    def n_threads(self) -> int:
+        return int(self.kernel.n_threads)
 
     @property
     def n_evals(self) -> int:
@@ -91,8 +98,10 @@ class ProfiledObjective:
             return np.inf, np.zeros(self.theta_map.n_theta)
 
     def minimize(self, theta0: np.ndarray, lower: np.ndarray, *, gtol: float, maxiter: int,
-                 on_iter: Callable | None) -> tuple[np.ndarray, float, np.ndarray, int, int]:
-        """Projected BFGS (lmefast._bfgs) with the objective in C: (θ, f, g, iterations, code)."""
+                 on_iter: Callable | None
+                 ) -> tuple[np.ndarray, float, np.ndarray, float, np.ndarray, int, int]:
+        """Projected BFGS (lmefast._bfgs) with the objective in C: (θ, f, g, f at θ0,
+        inverse-Hessian approximation, iterations, return code)."""
         return self.kernel.minimize(theta0, lower, gtol, maxiter, on_iter)
 
     def modes(self, sol: Solution) -> tuple[np.ndarray, np.ndarray]:

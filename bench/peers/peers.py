@@ -518,7 +518,7 @@ def _fmt(res: PeerResult | None) -> str:
 
 
 def main(argv: list[str]) -> int:
-    data_dir = Path(os.environ.get("LMEFAST_REF_DATA", "/work/shared/reference/data"))
+    data_dir = Path(os.environ.get("LMEFAST_REF_DATA", HERE.parent.parent / "tests" / "data"))
     print("peers available:", available_peers())
     cases: list[tuple[str, pd.DataFrame, str, str, str | None, str]] = []
     if (data_dir / "sleepstudy.csv").exists():

@@ -1,0 +1,253 @@
+"""The C kernels (cross-products, profiled objective, gradient, conditional modes) against a dense NumPy
+implementation written here from first principles, on random small data sets (hypothesis).
+
+Model: y = Xβ + Zb + ε, b ~ N(0, σ²ΛΛ'), ε ~ N(0, σ²I), Λ_i = blockdiag(T, diag(θ_vc)) per group, so
+V = σ²V₀ with V₀ = I + ZΛΛ'Z'. Profiled over β and σ²:
+    β̂ = (X'V₀⁻¹X)⁻¹X'V₀⁻¹y,  r = y − Xβ̂,  σ̂² = r'V₀⁻¹r / d  (d = n for ML, n − p for REML)
+    ML:   −2ℓ = n log(2πσ̂²) + log|V₀| + n
+    REML: −2ℓ_R = d log(2πσ̂²) + log|V₀| + log|X'V₀⁻¹X| + d.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import lmefast
+from lmefast._crossprods import accumulate
+
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+LOG_2PI = np.log(2 * np.pi)
+
+
+@dataclass
+class Case:
+    df: pd.DataFrame
+    k: int
+    p: int
+    vc: bool
+    theta: np.ndarray  # lower triangle of T by columns, then θ_vc (if vc)
+
+    def model(self) -> lmefast.MixedLM:
+        xs = [f"x{j}" for j in range(1, self.p)]
+        zs = [f"z{j}" for j in range(1, self.k)]
+        formula = "y ~ " + (" + ".join(xs) if xs else "1")
+        re_formula = "~" + " + ".join(zs) if zs else "1"
+        vc_formula = {"f": "0 + C(lev)"} if self.vc else None
+        return lmefast.mixedlm(formula, self.df, groups="g", re_formula=re_formula, vc_formula=vc_formula)
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> Case:
+    m = draw(st.integers(2, 6), label="m")
+    sizes = draw(st.lists(st.integers(1, 8), min_size=m, max_size=m), label="sizes")
+    k = draw(st.integers(1, 3), label="k")
+    p = draw(st.integers(1, 3), label="p")
+    vc = draw(st.booleans(), label="vc")
+    n_levels = draw(st.integers(1, 3), label="levels") if vc else 0
+    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    labels = rng.permutation(np.repeat([f"G{c:02d}" for c in rng.permutation(m)], sizes))  # rows interleaved
+    df = pd.DataFrame({"g": labels})
+    for j in range(1, p):
+        df[f"x{j}"] = rng.normal(size=n)
+    for j in range(1, k):
+        df[f"z{j}"] = rng.normal(size=n) + 0.5
+    if vc:
+        df["lev"] = rng.integers(0, n_levels, size=n)
+    group_effect = {g: rng.normal(scale=2.0) for g in np.unique(labels)}
+    df["y"] = rng.normal(size=n) + df["g"].map(group_effect).to_numpy() + 3.0
+    n_re = k * m + (int(df.groupby("g")["lev"].nunique().sum()) if vc else 0)
+    assume(n > n_re + p)
+    nt = k * (k + 1) // 2
+    diag = np.array([r == c for c in range(k) for r in range(c, k)])
+    t_diag = draw(st.lists(st.floats(0.05, 2.0), min_size=nt, max_size=nt), label="theta_diag")
+    t_off = draw(st.lists(st.floats(-1.0, 1.0), min_size=nt, max_size=nt), label="theta_off")
+    theta = np.where(diag, t_diag, t_off)
+    if vc:
+        theta = np.append(theta, draw(st.floats(0.0, 2.0), label="theta_vc"))
+    return Case(df, k, p, vc, theta)
+
+
+# -- the dense reference ------------------------------------------------------------------------
+def dense_Z(case: Case, model: lmefast.MixedLM) -> tuple[list[np.ndarray], list[list[str]]]:
+    """Per group (in the model's group order): Z_i = [1, z1, ..] then one dummy column per level of
+    `lev` present in the group (sorted), built from the data, and the expected coordinate names."""
+    spec = model.spec
+    Zs, names = [], []
+    for gi, lab in enumerate(spec.group_labels.tolist()):
+        rows = np.nonzero(case.df["g"].to_numpy() == lab)[0]
+        assert np.array_equal(rows, np.nonzero(spec.group_codes == gi)[0])
+        cols = [np.ones(rows.size)] + [case.df[f"z{j}"].to_numpy()[rows] for j in range(1, case.k)]
+        nm = list(spec.theta_map.re_names)
+        if case.vc:
+            lev = case.df["lev"].to_numpy()[rows]
+            for level in np.unique(lev):
+                cols.append((lev == level).astype(float))
+                nm.append(f"f[{level}]")
+        Zs.append(np.column_stack(cols))
+        names.append(nm)
+    return Zs, names
+
+
+def dense_lambda(case: Case, theta: np.ndarray, q: int) -> np.ndarray:
+    """Λ_i for a group with q coordinates: T (θ's lower triangle filled column by column), then
+    θ_vc on the diagonal of the variance-component coordinates."""
+    k = case.k
+    T = np.zeros((k, k))
+    pos = 0
+    for c in range(k):
+        for r in range(c, k):
+            T[r, c] = theta[pos]
+            pos += 1
+    L = np.zeros((q, q))
+    L[:k, :k] = T
+    if case.vc:
+        L[k:, k:] = np.eye(q - k) * theta[pos]
+    return L
+
+
+@dataclass
+class Dense:
+    objective: float
+    beta: np.ndarray
+    sigma2: float
+    b: list[np.ndarray]
+    condvar: list[np.ndarray]
+
+
+def dense_fit(case: Case, model: lmefast.MixedLM, theta: np.ndarray, reml: bool) -> Dense:
+    spec = model.spec
+    y, X = spec.y, spec.X
+    n, p = X.shape
+    Zs, _ = dense_Z(case, model)
+    Z = np.zeros((n, sum(z.shape[1] for z in Zs)))
+    lam = np.zeros((Z.shape[1], Z.shape[1]))
+    off = 0
+    for gi, Zi in enumerate(Zs):
+        rows = np.nonzero(spec.group_codes == gi)[0]
+        qi = Zi.shape[1]
+        Z[rows, off:off + qi] = Zi
+        lam[off:off + qi, off:off + qi] = dense_lambda(case, theta, qi)
+        off += qi
+    V0 = np.eye(n) + Z @ lam @ lam.T @ Z.T
+    V0inv = np.linalg.inv(V0)
+    XtVX = X.T @ V0inv @ X
+    beta = np.linalg.solve(XtVX, X.T @ V0inv @ y)
+    r = y - X @ beta
+    d = n - p if reml else n
+    sigma2 = float(r @ V0inv @ r) / d
+    obj = d * (LOG_2PI + np.log(sigma2)) + np.linalg.slogdet(V0)[1] + d
+    if reml:
+        obj += np.linalg.slogdet(XtVX)[1]
+    u = lam @ lam.T @ Z.T @ V0inv @ r
+    b, cvs = [], []
+    off = 0
+    for Zi in Zs:
+        qi = Zi.shape[1]
+        b.append(u[off:off + qi])
+        Li = lam[off:off + qi, off:off + qi]
+        cvs.append(sigma2 * Li @ np.linalg.inv(Li.T @ Zi.T @ Zi @ Li + np.eye(qi)) @ Li.T)
+        off += qi
+    return Dense(float(obj), beta, sigma2, b, cvs)
+
+
+# -- tests -------------------------------------------------------------------------------------
+@SETTINGS
+@given(case=cases())
+def test_crossproducts_match_dense(case: Case) -> None:
+    model = case.model()
+    spec = model.spec
+    np.testing.assert_array_equal(spec.y, case.df["y"].to_numpy())
+    Zs, names = dense_Z(case, model)
+    cp = model.crossprods
+    p = spec.k_fe
+    q_off = spec.layout.q_off
+    assert cp.s_off.shape == (spec.n_groups + 1,)
+    assert int(cp.s_off[-1]) == cp.S.size
+    for gi, Zi in enumerate(Zs):
+        rows = spec.group_codes == gi
+        q = Zi.shape[1]
+        assert int(q_off[gi + 1] - q_off[gi]) == q
+        assert spec.coord_names(gi) == names[gi]
+        np.testing.assert_allclose(spec.Zre[rows], Zi[:, :case.k], rtol=0, atol=0)
+        rec = cp.S[cp.s_off[gi]:cp.s_off[gi + 1]]
+        assert rec.size == q * q + q * p + q
+        A = rec[:q * q].reshape(q, q)
+        B = rec[q * q:q * q + q * p].reshape(q, p)
+        c = rec[q * q + q * p:]
+        Xi, yi = spec.X[rows], spec.y[rows]
+        np.testing.assert_allclose(A, Zi.T @ Zi, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(B, Zi.T @ Xi, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(c, Zi.T @ yi, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cp.XtX, spec.X.T @ spec.X, rtol=1e-12)
+    np.testing.assert_allclose(cp.Xty, spec.X.T @ spec.y, rtol=1e-12)
+    assert cp.yty == np.float64(spec.y @ spec.y) or abs(cp.yty - spec.y @ spec.y) <= 1e-12 * cp.yty
+    assert cp.n == spec.nobs
+
+
+@SETTINGS
+@given(case=cases(), seed=st.integers(0, 2**32 - 1))
+def test_accumulate_is_order_invariant(case: Case, seed: int) -> None:
+    """The one pass adds rows in any order: a permutation of the rows gives the same records."""
+    model = case.model()
+    spec, lay, cp = model.spec, model.spec.layout, model.crossprods
+    perm = np.random.default_rng(seed).permutation(spec.nobs)
+    S = np.zeros_like(cp.S)
+    accumulate(np.ascontiguousarray(spec.y[perm]), np.ascontiguousarray(spec.X[perm]),
+               np.ascontiguousarray(spec.Zre[perm]), np.ascontiguousarray(spec.group_codes[perm]),
+               lay.q_off, cp.s_off, np.ascontiguousarray(lay.vc_coord[:, perm]),
+               np.ascontiguousarray(lay.vc_val[:, perm]), S)
+    np.testing.assert_allclose(S, cp.S, rtol=1e-12, atol=1e-12)
+
+
+@SETTINGS
+@given(case=cases(), reml=st.booleans())
+def test_objective_matches_dense(case: Case, reml: bool) -> None:
+    model = case.model()
+    sol = model.objective(reml).solve(case.theta)
+    dense = dense_fit(case, model, case.theta, reml)
+    assert abs(sol.objective - dense.objective) <= 1e-8 * max(1.0, abs(dense.objective))
+    np.testing.assert_allclose(sol.beta, dense.beta, rtol=1e-7, atol=1e-9 * np.max(np.abs(dense.beta)))
+    assert abs(sol.sigma2 - dense.sigma2) <= 1e-8 * dense.sigma2
+
+
+@SETTINGS
+@given(case=cases(), reml=st.booleans())
+def test_gradient_matches_dense_finite_differences(case: Case, reml: bool) -> None:
+    model = case.model()
+    sol = model.objective(reml).solve(case.theta, want_grad=True)
+    assert sol.grad is not None
+    h = 1e-5
+    fd = np.empty_like(case.theta)
+    for i in range(case.theta.size):
+        e = np.zeros_like(case.theta)
+        e[i] = h
+        up = dense_fit(case, model, case.theta + e, reml).objective
+        down = dense_fit(case, model, case.theta - e, reml).objective
+        fd[i] = (up - down) / (2 * h)
+    scale = max(1.0, float(np.max(np.abs(fd))))
+    np.testing.assert_allclose(sol.grad, fd, rtol=0, atol=1e-5 * scale)
+
+
+@SETTINGS
+@given(case=cases(), reml=st.booleans())
+def test_modes_match_dense(case: Case, reml: bool) -> None:
+    """b = ΛΛ'Z'V₀⁻¹(y − Xβ̂) per group, and the conditional covariance σ̂²Λ(Λ'Z'ZΛ + I)⁻¹Λ'."""
+    model = case.model()
+    obj = model.objective(reml)
+    sol = obj.solve(case.theta)
+    b, cv = obj.modes(sol)
+    dense = dense_fit(case, model, case.theta, reml)
+    lay = model.spec.layout
+    for gi, (bd, cd) in enumerate(zip(dense.b, dense.condvar, strict=True)):
+        q = bd.size
+        bg = b[lay.q_off[gi]:lay.q_off[gi + 1]]
+        cg = cv[lay.a_off[gi]:lay.a_off[gi + 1]].reshape(q, q)
+        bscale = max(float(np.max(np.abs(np.concatenate(dense.b)))), 1e-8)
+        np.testing.assert_allclose(bg, bd, rtol=0, atol=1e-8 * bscale)
+        np.testing.assert_allclose(cg, cd, rtol=0, atol=1e-8 * max(float(np.max(np.abs(cd))), dense.sigma2))
