@@ -206,6 +206,16 @@ cdef struct Blocks:
     int qmax
     const double* T
     const double* tvc
+    double* fac         # per-group factor cache [AΛ | L | Rzx | rzy] at offsets f_off, or NULL
+    const i64* f_off
+
+
+cdef inline void point_at_cache(Blocks* bl, i64 g, int q, Work* w) noexcept nogil:
+    """Let w's AΛ, L, Rzx and rzy arrays be group g's slots of the factor cache."""
+    w.AL = bl.fac + bl.f_off[g]
+    w.L = w.AL + q * q
+    w.R = w.L + q * q
+    w.r = w.R + q * bl.p
 
 
 cdef inline int obj_group(int q, int k, int p, const double* Ag, const double* T,
@@ -237,12 +247,16 @@ cdef i64 objective_loop(Blocks* bl, Work* w, i64 g0, i64 g1, double* logdet, dou
     cdef int q, k = bl.k, p = bl.p, st
     cdef const double* Ag
     cdef const i64* cm
+    cdef Work wg = w[0]
     for g in range(g0, g1):
         q = <int>(bl.q_off[g + 1] - bl.q_off[g])
         if q == 0:
             continue
         Ag = &bl.S[bl.s_off[g]]
         cm = &bl.comp[bl.q_off[g]] if bl.comp != NULL else NULL
+        if bl.fac != NULL:
+            point_at_cache(bl, g, q, &wg)
+            w = &wg
         if q == k and k == 1:
             st = obj_group(1, 1, p, Ag, bl.T, bl.tvc, cm, w, logdet, rr, RzxRzx, Rzxrzy)
         elif q == k and k == 2:
@@ -259,13 +273,14 @@ cdef i64 objective_loop(Blocks* bl, Work* w, i64 g0, i64 g1, double* logdet, dou
 cdef inline int grad_group(int q, int k, int p, const double* Ag, const double* T,
                            const double* tvc, const i64* cm, Work* w, double* F,
                            const double* beta, const double* Cinv, double kappa, bint reml,
-                           double* gT, double* gvc) noexcept nogil:
-    """One group's share of ∂(objective)/∂Λ (see gradient_loop)."""
+                           double* gT, double* gvc, bint factored) noexcept nogil:
+    """One group's share of ∂(objective)/∂Λ (see gradient_loop). With `factored`, w's AΛ,
+    L, Rzx and rzy already hold this group's factor (the cache of the objective pass)."""
     cdef int i, j, a, l, l2
     cdef double acc
     cdef const double* Bg = Ag + q * q
     cdef const double* cg = Bg + q * p
-    if factor_group(q, k, p, Ag, Bg, cg, T, tvc, cm, w) != 0:
+    if not factored and factor_group(q, k, p, Ag, Bg, cg, T, tvc, cm, w) != 0:
         return 1
     # u = L⁻ᵀ (r − R β);  H = L⁻ᵀ R (in place in w.R)
     for i in range(q):
@@ -335,20 +350,29 @@ cdef i64 gradient_loop(Blocks* bl, Work* w, i64 g0, i64 g1, double* F, const dou
     cdef int q, k = bl.k, p = bl.p, st
     cdef const double* Ag
     cdef const i64* cm
+    cdef Work wg = w[0]
+    cdef bint factored = bl.fac != NULL
     for g in range(g0, g1):
         q = <int>(bl.q_off[g + 1] - bl.q_off[g])
         if q == 0:
             continue
         Ag = &bl.S[bl.s_off[g]]
         cm = &bl.comp[bl.q_off[g]] if bl.comp != NULL else NULL
+        if factored:
+            point_at_cache(bl, g, q, &wg)
+            w = &wg
         if q == k and k == 1:
-            st = grad_group(1, 1, p, Ag, bl.T, bl.tvc, cm, w, F, beta, Cinv, kappa, reml, gT, gvc)
+            st = grad_group(1, 1, p, Ag, bl.T, bl.tvc, cm, w, F, beta, Cinv, kappa, reml, gT, gvc,
+                            factored)
         elif q == k and k == 2:
-            st = grad_group(2, 2, p, Ag, bl.T, bl.tvc, cm, w, F, beta, Cinv, kappa, reml, gT, gvc)
+            st = grad_group(2, 2, p, Ag, bl.T, bl.tvc, cm, w, F, beta, Cinv, kappa, reml, gT, gvc,
+                            factored)
         elif q == k and k == 3:
-            st = grad_group(3, 3, p, Ag, bl.T, bl.tvc, cm, w, F, beta, Cinv, kappa, reml, gT, gvc)
+            st = grad_group(3, 3, p, Ag, bl.T, bl.tvc, cm, w, F, beta, Cinv, kappa, reml, gT, gvc,
+                            factored)
         else:
-            st = grad_group(q, k, p, Ag, bl.T, bl.tvc, cm, w, F, beta, Cinv, kappa, reml, gT, gvc)
+            st = grad_group(q, k, p, Ag, bl.T, bl.tvc, cm, w, F, beta, Cinv, kappa, reml, gT, gvc,
+                            factored)
         if st != 0:
             return g + 1
     return 0
@@ -573,7 +597,7 @@ cdef class OneFactorKernel:
         cdef int t, nth
         cdef i64 m = q_off.shape[0] - 1
         cdef size_t total
-        self.keep = (S, s_off, q_off, comp, XtX, Xty, tril_r, tril_c)
+        self.keep = [S, s_off, q_off, comp, XtX, Xty, tril_r, tril_c]
         self.buf = NULL
         self.n_work = 0
         self.ctx.ws = NULL
@@ -584,6 +608,16 @@ cdef class OneFactorKernel:
             nth = <int>(m if m > 0 else 1)
         self.ctx.nthreads = nth
         fill_blocks(&self.ctx.bl, S, s_off, q_off, comp, k, p, qmax)
+        # factor cache: the objective pass leaves each group's AΛ, L, Rzx, rzy for the
+        # gradient pass, which then does not factor again
+        qs = np.diff(np.asarray(q_off))
+        f_off = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(2 * qs * qs + qs * (p + 1), out=f_off[1:])
+        cdef double[::1] fac = np.empty(max(int(f_off[-1]), 1))
+        cdef i64[::1] f_off_v = f_off
+        self.ctx.bl.fac = &fac[0]
+        self.ctx.bl.f_off = &f_off_v[0]
+        self.keep += [fac, f_off]
         self.ctx.ws = <Work*>malloc(nth * sizeof(Work))
         self.ctx.bounds = <i64*>malloc((nth + 1) * sizeof(i64))
         self.ctx.stats = <i64*>malloc(nth * sizeof(i64))
@@ -697,6 +731,8 @@ cdef void fill_blocks(Blocks* bl, const double[::1] S, const i64[::1] s_off,
     bl.qmax = qmax
     bl.T = NULL
     bl.tvc = NULL
+    bl.fac = NULL
+    bl.f_off = NULL
 
 
 cdef inline void lam_left(int q, int k, int ncol, const double* T, const double* tvc,
