@@ -97,6 +97,8 @@ def formula_arrays(
 ) -> dict[str, Any]:
     """Evaluate statsmodels-style formulas into the keyword arguments of ``MixedLM``."""
     df = as_dataframe(data)
+    if missing not in ("raise", "none", "drop"):
+        raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
     if not isinstance(formula, str) or "~" not in formula:
         raise SpecificationError(f"formula {formula!r} has no '~'")
     lhs, rhs = formula.split("~", 1)
@@ -127,13 +129,13 @@ def formula_arrays(
     if len(g) != len(df):
         raise SpecificationError(f"groups has {len(g)} labels; data has {len(df)} rows")
     g = g.reset_index(drop=True)
-    na = {c: df[c].isna().to_numpy() for c in sorted(used)}
+    na = {c: _not_finite(df[c]) for c in sorted(used)}
     na[gname] = g.isna().to_numpy()
     bad = {c: int(v.sum()) for c, v in na.items() if v.any()}
     if bad:
         if missing != "drop":
             raise SpecificationError(
-                f"missing values in column(s) {bad} (count per column); "
+                f"missing or infinite values in column(s) {bad} (count per column); "
                 "pass missing='drop' to drop incomplete rows")
         keep = ~np.logical_or.reduce([na[c] for c in bad])
         df = df.loc[keep]
@@ -159,6 +161,13 @@ def formula_arrays(
         kwargs["vc_names"] = names
         kwargs["vc_col_names"] = colnames
     return kwargs
+
+
+def _not_finite(col: pd.Series) -> np.ndarray:
+    """Rows where a column is missing, or infinite when numeric."""
+    if pd.api.types.is_float_dtype(col):
+        return ~np.isfinite(col.to_numpy(dtype=float, na_value=np.nan))
+    return col.isna().to_numpy()
 
 
 def _vc_column_label(name: str) -> str:

@@ -115,18 +115,51 @@ def fit_theta(
     log: list[tuple[int, float]] = []
     evals0 = obj.n_evals
 
+    raised: list[BaseException] = []
+
     def on_iter(it: int, x: np.ndarray, f: float) -> None:
-        log.append((it, f))
+        log.append((len(log) + 1, f))
         if verbose:
-            print(f"iter {it:4d}  objective {f:.12g}")
+            print(f"iter {len(log):4d}  objective {f:.12g}")
         if callback is not None:
-            callback(it, x.copy(), f)
+            try:
+                callback(len(log), x.copy(), f)
+            except StopIteration:
+                raise
+            except BaseException as exc:  # re-raised below, once the C loop has stopped
+                raised.append(exc)
+                raise StopIteration from exc
 
     hook = on_iter if (verbose or callback is not None) else None
     theta, _, _, f0, Hinv, n_iter, code = obj.minimize(theta0, lower, gtol=1e-9,
                                                        maxiter=maxiter, on_iter=hook)
-    message = RETURN_MESSAGES[code]
     diag = obj.theta_map.diagonal_mask()
+    # A diagonal θ at zero can be a saddle, not a minimum: the objective is even in the last
+    # diagonal entry of each T, so its gradient there is exactly zero. Probe away from zero
+    # and restart from any better point.
+    for _ in range(3):
+        if raised or code == 6:
+            break
+        zero = np.nonzero(diag & (theta <= lower))[0]
+        if zero.size == 0:
+            break
+        f_here = obj(theta)
+        best_f, best_x = f_here, None
+        for i in zero:
+            for delta in (0.05, 0.5):
+                x = theta.copy()
+                x[i] = delta
+                fx = obj(x)
+                if fx < best_f - 1e-10 * max(1.0, abs(f_here)):
+                    best_f, best_x = fx, x
+        if best_x is None:
+            break
+        theta, _, _, _, Hinv, more_iter, code = obj.minimize(best_x, lower, gtol=1e-9,
+                                                              maxiter=maxiter, on_iter=hook)
+        n_iter += more_iter
+    if raised:
+        raise raised[0]
+    message = RETURN_MESSAGES[code]
     snapped = np.where(diag & (theta < 1e-9), 0.0, theta)
     sol = obj.solve(theta, want_grad=True)
     if not np.array_equal(snapped, theta):

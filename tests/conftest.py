@@ -6,7 +6,6 @@ No R, no network: everything is read from tests/data (lme4 1.1-31 reference resu
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -128,35 +127,24 @@ def load_reference(case_id: str, reml: bool) -> Reference:
     return _load_reference(case_id, reml)
 
 
-# -- names: lme4 → statsmodels/lmefast -----------------------------------------------------------
-_LEVEL = re.compile(r"^(?P<var>.+?)\[T\.(?P<level>.+)\]$")
-
-
-def fe_name(lme4_name: str, ours: list[str]) -> str:
-    """lme4's fixed-effect name → ours: '(Intercept)' → 'Intercept', 'CuCu035' → 'Cu[T.Cu035]'."""
-    if lme4_name == "(Intercept)":
-        return "Intercept"
-    if lme4_name in ours:
-        return lme4_name
-    for name in ours:
-        m = _LEVEL.match(name)
-        if m and m["var"] + m["level"] == lme4_name:
-            return name
-    raise KeyError(f"no fixed effect of ours matches lme4's {lme4_name!r} (ours: {ours})")
-
-
-def re_name(lme4_term: str, group_name: str) -> str:
-    """lme4's random-term name → ours: '(Intercept)' → the group name (statsmodels' spelling)."""
-    return group_name if lme4_term == "(Intercept)" else lme4_term
-
-
 # -- fitting -----------------------------------------------------------------------------------
+CONSTANT_GROUP = "_one"
+
+
 def build_model(case: dict[str, Any], **overrides: Any) -> lmefast.MixedLM:
+    """The case's model in statsmodels' spelling. Crossed random effects ("sm"."groups" null) use
+    statsmodels' idiom: one group spanning all rows (a constant column), re_formula '0', and each
+    crossed factor a variance component."""
     sm = case["sm"]
+    df = read_data(case["data"])
     kwargs: dict[str, Any] = {"groups": sm["groups"], "re_formula": sm.get("re_formula"),
                               "vc_formula": sm.get("vc_formula")}
+    if sm["groups"] is None:
+        df[CONSTANT_GROUP] = 1
+        kwargs["groups"] = CONSTANT_GROUP
+        kwargs["re_formula"] = "0"
     kwargs.update(overrides)
-    return lmefast.mixedlm(sm["formula"], read_data(case["data"]), **kwargs)
+    return lmefast.mixedlm(sm["formula"], df, **kwargs)
 
 
 @cache
@@ -254,11 +242,6 @@ def pastes() -> pd.DataFrame:
     return read_data("Pastes")
 
 
-@pytest.fixture
-def dyestuff() -> pd.DataFrame:
-    return read_data("Dyestuff")
-
-
 @pytest.fixture(scope="session")
 def reference() -> Callable[[str, bool], Reference]:
     """reference(case_id, reml) → the normalised lme4 fit."""
@@ -291,6 +274,15 @@ def case(request: pytest.FixtureRequest) -> dict[str, Any]:
     return case_by_id(request.param)
 
 
+ALL_IDS = [c["id"] for c in all_cases()]
+
+
+@pytest.fixture(params=ALL_IDS)
+def any_case(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Every cases.json entry: one grouping factor, or crossed factors as one group (build_model)."""
+    return case_by_id(request.param)
+
+
 # -- lme4 vs the polished optimum: a record printed at the end of the run ----------------------
 _DISTANCES = pytest.StashKey[dict[str, dict[str, float]]]()
 
@@ -307,5 +299,6 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     terminalreporter.section("lme4 vs polished optimum (max relative distance per quantity)")
     for key in sorted(log):
-        parts = ", ".join(f"{q}={v:.2e}" for q, v in sorted(log[key].items()))
+        parts = ", ".join(f"{q}={v}" if isinstance(v, int) else f"{q}={v:.2e}"
+                          for q, v in sorted(log[key].items()))
         terminalreporter.write_line(f"{key}: {parts}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
@@ -238,10 +239,10 @@ def test_cov_params(which: str, request: pytest.FixtureRequest) -> None:
 
 
 # -- likelihood bookkeeping --------------------------------------------------------------------------
-@pytest.mark.parametrize("case_id", ["dietox_rs", "pastes_nested", "dyestuff2_singular"])
-def test_llf_aic_bic(case_id: str, reml: bool, fitted: Callable, reference: Callable) -> None:
-    model, res = fitted(case_id, reml)
-    ref = reference(case_id, reml)
+def test_llf_aic_bic(case: dict[str, Any], reml: bool, fitted: Callable, reference: Callable) -> None:
+    """Every one-grouping-factor case of cases.json."""
+    model, res = fitted(case["id"], reml)
+    ref = reference(case["id"], reml)
     assert res.llf == -res.objective / 2
     n_params = res.k_fe + model.spec.theta_map.n_theta + 1
     assert res.aic == pytest.approx(-2 * res.llf + 2 * n_params, rel=1e-14)
@@ -250,6 +251,10 @@ def test_llf_aic_bic(case_id: str, reml: bool, fitted: Callable, reference: Call
     assert res.aic - ref.raw["aic"] == pytest.approx(-2 * (res.llf - ref.loglik), abs=1e-8)
     assert res.bic - ref.raw["bic"] == pytest.approx(-2 * (res.llf - ref.loglik), abs=1e-8)
     assert res.llf == pytest.approx(model.loglike(res.theta, reml), rel=1e-14)
+    np.testing.assert_allclose(res.fittedvalues + res.resid, model.spec.y, rtol=1e-13,
+                               atol=1e-10 * np.max(np.abs(model.spec.y)))
+    text = str(res.summary())
+    assert all(name in text for name in res.params.index)
 
 
 # -- optsummary and random effects --------------------------------------------------------------------
@@ -270,6 +275,46 @@ def test_callback_sees_the_iterations(dietox_rs: lmefast.MixedLM) -> None:
     assert seen
     assert all(np.isfinite(f) for _, f in seen)
     assert min(f for _, f in seen) >= res.objective - 1e-6 * abs(res.objective)
+
+
+def test_callback_stop_iteration_stops_the_fit(dietox_rs: lmefast.MixedLM) -> None:
+    def stop(it: int, theta: np.ndarray, f: float) -> None:
+        if it >= 2:
+            raise StopIteration
+
+    with pytest.warns(UserWarning, match="converge"):
+        res = dietox_rs.fit(callback=stop)
+    assert res.converged is False
+    assert np.isfinite(res.llf)
+
+
+def test_callback_exception_propagates(dietox_rs: lmefast.MixedLM) -> None:
+    """An error in the user's callback must reach the caller (as in scipy.optimize), not be printed as
+    'Exception ignored' while the fit carries on and reports success."""
+    calls: list[int] = []
+
+    def broken(it: int, theta: np.ndarray, f: float) -> None:
+        calls.append(it)
+        raise ValueError("broken callback")
+
+    with pytest.raises(ValueError, match="broken callback"):
+        dietox_rs.fit(callback=broken)
+    assert calls
+
+
+def test_maxiter_reached_warns(dietox_rs: lmefast.MixedLM) -> None:
+    with pytest.warns(UserWarning, match="converge"):
+        res = dietox_rs.fit(maxiter=1)
+    assert res.converged is False
+    assert res.optsummary.converged is False
+    assert re.search(r"Converged:\s+No\b", str(res.summary()))
+
+
+def test_verbose_prints_iterations(dietox_rs: lmefast.MixedLM, capsys: pytest.CaptureFixture[str]) -> None:
+    res = dietox_rs.fit(verbose=True)
+    out = capsys.readouterr().out
+    assert "objective" in out
+    assert len(res.optsummary.log) == out.count("objective") > 0
 
 
 @pytest.mark.parametrize("which", ["dietox_rs", "pastes_model", "sleep_zc"])
@@ -299,7 +344,8 @@ def test_group_labels_keep_their_type(dietox: pd.DataFrame, sleep_zc: lmefast.Mi
 
 
 # -- start_params -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad", [np.ones(2), np.ones(4), np.ones((3, 1)), np.ones(0)], ids=["2", "4", "3x1", "0"])
+@pytest.mark.parametrize("bad", [np.ones(2), np.ones(4), np.ones((3, 1)), np.ones(0)],
+                         ids=["2", "4", "3x1", "0"])
 def test_start_params_shape_error(dietox_rs: lmefast.MixedLM, bad: np.ndarray) -> None:
     with pytest.raises(SpecificationError, match="start_params"):
         dietox_rs.fit(start_params=bad)

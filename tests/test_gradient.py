@@ -12,7 +12,8 @@ import pytest
 import lmefast
 
 MODELS: dict[str, dict[str, Any]] = {
-    "sleep_rs": {"data": "sleepstudy", "formula": "Reaction ~ Days", "groups": "Subject", "re_formula": "~Days"},
+    "sleep_rs": {"data": "sleepstudy", "formula": "Reaction ~ Days", "groups": "Subject",
+                 "re_formula": "~Days"},
     "dietox_cat": {"data": "dietox", "formula": "Weight ~ Time + Cu", "groups": "Pig", "re_formula": "~Time"},
     "pastes": {"data": "Pastes", "formula": "strength ~ 1", "groups": "batch", "re_formula": "1",
                "vc_formula": {"cask": "0 + C(cask)"}},

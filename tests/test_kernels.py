@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import lmefast
-from lmefast._crossprods import accumulate
+from lmefast import _crossprods
+from lmefast.crossprods import compute_crossprods
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LOG_2PI = np.log(2 * np.pi)
@@ -198,10 +199,10 @@ def test_accumulate_is_order_invariant(case: Case, seed: int) -> None:
     spec, lay, cp = model.spec, model.spec.layout, model.crossprods
     perm = np.random.default_rng(seed).permutation(spec.nobs)
     S = np.zeros_like(cp.S)
-    accumulate(np.ascontiguousarray(spec.y[perm]), np.ascontiguousarray(spec.X[perm]),
-               np.ascontiguousarray(spec.Zre[perm]), np.ascontiguousarray(spec.group_codes[perm]),
-               lay.q_off, cp.s_off, np.ascontiguousarray(lay.vc_coord[:, perm]),
-               np.ascontiguousarray(lay.vc_val[:, perm]), S)
+    _crossprods.accumulate(np.ascontiguousarray(spec.y[perm]), np.ascontiguousarray(spec.X[perm]),
+                           np.ascontiguousarray(spec.Zre[perm]), np.ascontiguousarray(spec.group_codes[perm]),
+                           lay.q_off, cp.s_off, np.ascontiguousarray(lay.vc_coord[:, perm]),
+                           np.ascontiguousarray(lay.vc_val[:, perm]), S)
     np.testing.assert_allclose(S, cp.S, rtol=1e-12, atol=1e-12)
 
 
@@ -251,3 +252,23 @@ def test_modes_match_dense(case: Case, reml: bool) -> None:
         bscale = max(float(np.max(np.abs(np.concatenate(dense.b)))), 1e-8)
         np.testing.assert_allclose(bg, bd, rtol=0, atol=1e-8 * bscale)
         np.testing.assert_allclose(cg, cd, rtol=0, atol=1e-8 * max(float(np.max(np.abs(cd))), dense.sigma2))
+
+
+@SETTINGS
+@given(case=cases(), reml=st.booleans(), threads=st.integers(2, 4))
+def test_threaded_kernels_match_single_thread(case: Case, reml: bool, threads: int) -> None:
+    """The group loops split over threads give the records, objective, gradient and modes of one thread."""
+    model = case.model()
+    cp1 = compute_crossprods(model.spec, n_threads=1)
+    cpt = compute_crossprods(model.spec, n_threads=threads)
+    np.testing.assert_allclose(cpt.S, cp1.S, rtol=1e-14, atol=1e-14 * float(np.max(np.abs(cp1.S))))
+    o1, ot = model.objective(reml, n_threads=1), model.objective(reml, n_threads=threads)
+    s1, st_ = o1.solve(case.theta, want_grad=True), ot.solve(case.theta, want_grad=True)
+    assert abs(st_.objective - s1.objective) <= 1e-12 * max(1.0, abs(s1.objective))
+    gscale = max(1.0, float(np.max(np.abs(s1.grad))))
+    np.testing.assert_allclose(st_.grad, s1.grad, rtol=1e-9, atol=1e-10 * gscale)
+    np.testing.assert_allclose(st_.beta, s1.beta, rtol=1e-10, atol=1e-12)
+    b1, c1 = o1.modes(s1)
+    bt, ct = ot.modes(st_)
+    np.testing.assert_allclose(bt, b1, rtol=1e-9, atol=1e-12 * max(1.0, float(np.max(np.abs(b1)))))
+    np.testing.assert_allclose(ct, c1, rtol=1e-9, atol=1e-12 * max(1.0, float(np.max(np.abs(c1)))))
