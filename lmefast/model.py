@@ -156,6 +156,7 @@ class MixedLM:
         exog_names: list[str] | None = None,
         exog_re_names: list[str] | None = None,
         group_name: str | None = None,
+        re_pattern: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         if missing not in ("raise", "none", "drop"):
             raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
@@ -253,7 +254,8 @@ class MixedLM:
                 "variance are unidentifiable")
         self.spec = ModelSpec(
             y=y, X=X, group_codes=codes, group_labels=labels, Zre=np.ascontiguousarray(Zre),
-            layout=layout, theta_map=ThetaMap(k, len(vnames), tuple(znames), tuple(vnames)),
+            layout=layout,
+            theta_map=ThetaMap(k, len(vnames), tuple(znames), tuple(vnames), re_pattern),
             endog_name=yname, exog_names=tuple(xnames), group_name=gname,
             vc_col_names=tuple(vcols), dropped_exog=dropped)
 
@@ -277,6 +279,26 @@ class MixedLM:
     def crossprods(self) -> CrossProducts:
         """Per-group and global cross-products: the one pass over the rows."""
         return compute_crossprods(self.spec)
+
+    @property
+    def theta_map(self) -> ThetaMap:
+        return self.spec.theta_map
+
+    def covariance_terms(self, theta: np.ndarray
+                         ) -> list[tuple[str, list[str], np.ndarray, np.ndarray]]:
+        """(group, coefficient names, T, free entries of T) per term: the random
+        coefficients, then each variance component as a one-coefficient term."""
+        tm = self.spec.theta_map
+        T, tvc = tm.split(np.asarray(theta, dtype=float))
+        out = []
+        if self.k_re:
+            free = np.zeros((tm.k, tm.k), dtype=bool)
+            free[tm.tril] = True
+            out.append((self.spec.group_name, self.exog_re_names, T, free))
+        for name, t in zip(tm.vc_names, tvc, strict=True):
+            out.append((f"{self.spec.group_name}:{name}", [name], np.array([[t]]),
+                        np.ones((1, 1), dtype=bool)))
+        return out
 
     @property
     def layout(self) -> BlockLayout:

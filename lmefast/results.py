@@ -82,7 +82,7 @@ class MixedLMResults:
     @property
     def df_modelwc(self) -> int:
         """Number of estimated parameters: β, θ and σ."""
-        return self.k_fe + self.model.spec.theta_map.n_theta + 1
+        return self.k_fe + self.model.theta_map.n_theta + 1
 
     @property
     def df_resid(self) -> int:
@@ -316,6 +316,37 @@ class MixedLMResults:
     @cached_property
     def resid(self) -> np.ndarray:
         return self.model.spec.y - self.fittedvalues
+
+    def varcorr(self) -> pd.DataFrame:
+        """lme4's ``as.data.frame(VarCorr(fit))``: per term, variances and covariances
+        (vcov) with standard deviations and correlations (sdcor); then the residual."""
+        rows = []
+        for group, names, T, free in self.model.covariance_terms(self._sol.theta):
+            cov = self.scale * (T @ T.T)
+            sd = np.sqrt(np.diag(cov))
+            for i, name in enumerate(names):
+                rows.append((group, name, None, cov[i, i], sd[i]))
+            for j in range(len(names)):
+                for i in range(j + 1, len(names)):
+                    if free[i, j]:  # correlated pair (not across uncorrelated blocks)
+                        corr = cov[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else np.nan
+                        rows.append((group, names[j], names[i], cov[i, j], corr))
+        rows.append(("Residual", None, None, self.scale, self.sigma))
+        return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+
+    def _variance_rows(self) -> list[tuple[str, float, float]]:
+        """(name, estimate, std. error) of the variance parameters for the summary table:
+        cov_re entries and vcomp on the absolute scale, std. errors by the delta method
+        with σ̂² held fixed."""
+        psi_se = self.bse_re.to_numpy()
+        cov = self.cov_re.to_numpy()
+        k = self.k_re
+        values = [cov[i, j] for i in range(k) for j in range(i + 1)] + list(self.vcomp)
+        return [(name, val, self.scale * se) for name, val, se in
+                zip(self._re_param_names, values, psi_se, strict=True)]
+
+    def _group_sizes(self) -> dict[str, np.ndarray]:
+        return {self.model.spec.group_name: np.bincount(self.model.spec.group_codes)}
 
     def summary(self, alpha: float = 0.05):
         """statsmodels' summary table."""

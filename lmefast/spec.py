@@ -50,15 +50,22 @@ class ThetaMap:
     n_vc: int
     re_names: tuple[str, ...]
     vc_names: tuple[str, ...]
+    pattern: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False,
+                                                          compare=False)
     tril: tuple[np.ndarray, np.ndarray] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        cols, rows = np.triu_indices(self.k)  # column-major lower triangle: (row ≥ col)
+        """tril: the free entries of T, by column then row (lme4's θ order): the whole lower
+        triangle unless a pattern (e.g. block-diagonal for uncorrelated terms) is given."""
+        if self.pattern is None:
+            cols, rows = np.triu_indices(self.k)  # column-major lower triangle: (row ≥ col)
+        else:
+            rows, cols = (np.asarray(a, dtype=np.int64) for a in self.pattern)
         object.__setattr__(self, "tril", (rows, cols))
 
     @property
     def n_theta(self) -> int:
-        return self.k * (self.k + 1) // 2 + self.n_vc
+        return int(self.tril[0].shape[0]) + self.n_vc
 
     def lower_bounds(self) -> np.ndarray:
         rows, cols = self.tril

@@ -23,11 +23,14 @@ class Summary:
 
     def header(self) -> list[tuple[str, str, str, str]]:
         r = self.res
-        sizes = np.bincount(r.model.spec.group_codes)
+        all_sizes = r._group_sizes()
+        sizes = next(iter(all_sizes.values()))
+        groups = (str(len(sizes)) if len(all_sizes) == 1 else
+                  ", ".join(f"{name} {len(v)}" for name, v in all_sizes.items()))
         return [
             ("Model:", "MixedLM", "Dependent Variable:", r.model.endog_names),
             ("No. Observations:", str(r.nobs), "Method:", r.method),
-            ("No. Groups:", str(r.n_groups), "Scale:", f"{r.scale:.4f}"),
+            ("No. Groups:", groups, "Scale:", f"{r.scale:.4f}"),
             ("Min. group size:", str(sizes.min()), "Log-Likelihood:", f"{r.llf:.4f}"),
             ("Max. group size:", str(sizes.max()), "Converged:", "Yes" if r.converged else "No"),
             ("Mean group size:", f"{sizes.mean():.1f}", "Singular:", "Yes" if r.singular else "No"),
@@ -43,20 +46,8 @@ class Summary:
             p = 2 * stats.norm.sf(abs(z))
             out.append([name, _fmt(est), _fmt(se), _fmt(z, 3), _fmt(p), _fmt(est - q * se),
                         _fmt(est + q * se)])
-        # variance parameters on the absolute scale (cov_re, vcomp); std. errors by the
-        # delta method with σ̂² held fixed
-        psi_se = r.bse_re.to_numpy()
-        k = r.k_re
-        cov = r.cov_re.to_numpy()
-        jj = 0
-        for i in range(k):
-            for j in range(i + 1):
-                out.append([r._re_param_names[jj], _fmt(cov[i, j]), _fmt(r.scale * psi_se[jj]),
-                            "", "", "", ""])
-                jj += 1
-        for v, val in enumerate(r.vcomp):
-            out.append([r._re_param_names[jj + v], _fmt(val), _fmt(r.scale * psi_se[jj + v]),
-                        "", "", "", ""])
+        for name, val, se in r._variance_rows():
+            out.append([name, _fmt(val), _fmt(se), "", "", "", ""])
         return out
 
     def __str__(self) -> str:

@@ -1,0 +1,208 @@
+"""lme4 formula syntax: ``y ~ x + (1 + x | g) + (1 | h) + (1 + x || g) + (1 | a/b) + (1 | a:b)``.
+
+The formula is split into its fixed part and its random-effects terms; each term becomes a
+per-level design (formulaic evaluates the part left of the bar) and a grouping factor.
+Terms on the same grouping factor are merged into one term whose T is block-diagonal: an
+uncorrelated term ``(1 + x || g)`` is ``(1 | g) + (0 + x | g)``, as in lme4.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lmefast.formula import _not_finite, _parse, _rhs, as_dataframe, design_matrix
+from lmefast.spec import SpecificationError
+
+
+@dataclass(frozen=True)
+class RandomTerm:
+    """One ``(expr | group)`` term as written (after expanding ``/`` and ``||``)."""
+
+    expr: str
+    group: str
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split at `sep` outside parentheses."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise SpecificationError(f"unbalanced parentheses in {text!r}")
+        elif depth == 0 and text.startswith(sep, i):
+            parts.append(text[start:i])
+            start = i + len(sep)
+            i += len(sep)
+            continue
+        i += 1
+    if depth != 0:
+        raise SpecificationError(f"unbalanced parentheses in {text!r}")
+    parts.append(text[start:])
+    return parts
+
+
+def _expand_uncorrelated(expr: str) -> list[str]:
+    """``1 + x + z`` under ``||`` → ``["1", "0 + x", "0 + z"]`` (one term per formula term)."""
+    terms = list(_parse(_rhs(expr)))
+    out = []
+    for term in terms:
+        name = str(term)
+        out.append("1" if name == "1" else f"0 + {name}")
+    if not out:
+        raise SpecificationError(f"random-effects term ({expr} || ...) has no columns")
+    return out
+
+
+def _expand_group(group: str) -> list[str]:
+    """``a/b/c`` → ``["a", "a:b", "a:b:c"]``; anything else unchanged."""
+    parts = [p.strip() for p in group.split("/")]
+    if any(not p for p in parts):
+        raise SpecificationError(f"malformed grouping factor {group!r}")
+    return [":".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def parse_lmer(formula: str) -> tuple[str, str, list[RandomTerm]]:
+    """Split an lme4 formula into (response, fixed-effects right-hand side, random terms)."""
+    if not isinstance(formula, str) or "~" not in formula:
+        raise SpecificationError(f"formula {formula!r} has no '~'")
+    lhs, rhs = formula.split("~", 1)
+    response = lhs.strip()
+    if not response:
+        raise SpecificationError(f"formula {formula!r} has no response")
+    fixed, random = [], []
+    for raw in _split_top(rhs, "+"):
+        part = raw.strip()
+        if not part:
+            raise SpecificationError(f"empty term in formula {formula!r}")
+        if part.startswith("(") and part.endswith(")") and "|" in part:
+            inner = part[1:-1]
+            if len(_split_top(inner, "|")) < 2:  # the bar sits inside nested parentheses
+                fixed.append(part)
+                continue
+            double = "||" in inner and len(_split_top(inner, "||")) == 2
+            pieces = _split_top(inner, "||") if double else _split_top(inner, "|")
+            if len(pieces) != 2 or not pieces[0].strip() or not pieces[1].strip():
+                raise SpecificationError(f"malformed random-effects term {part!r}: "
+                                         "expected (expr | factor)")
+            expr, group = pieces[0].strip(), pieces[1].strip()
+            if not re.fullmatch(r"[\w.:/ ]+", group):
+                raise SpecificationError(f"malformed grouping factor {group!r} in term {part!r}")
+            exprs = _expand_uncorrelated(expr) if double else [expr]
+            for g in _expand_group(group):
+                random.extend(RandomTerm(e, g.replace(" ", "")) for e in exprs)
+        else:
+            fixed.append(part)
+    if not random:
+        raise SpecificationError(f"formula {formula!r} has no random-effects term "
+                                 "like (1 | group); use an ordinary linear model")
+    return response, " + ".join(fixed) if fixed else "1", random
+
+
+@dataclass(frozen=True)
+class Term:
+    """A grouping factor with its per-level design and the free entries of its T.
+
+    codes (n) level of each row; labels (m); Z (n × k); coef_names (k);
+    pattern: (rows, cols) of the free entries of the k × k lower-triangular T, ordered as
+    lme4 orders θ (by column, then row)."""
+
+    name: str
+    codes: np.ndarray
+    labels: np.ndarray
+    Z: np.ndarray
+    coef_names: tuple[str, ...]
+    pattern: tuple[np.ndarray, np.ndarray]
+
+    @property
+    def m(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.Z.shape[1])
+
+
+def _factor(df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
+    cols = group.split(":")
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise SpecificationError(f"grouping factor {group!r}: column(s) {missing} not found in data")
+    if len(cols) == 1:
+        key = df[cols[0]]
+    else:
+        key = df[cols[0]].astype(str)
+        for c in cols[1:]:
+            key = key + ":" + df[c].astype(str)
+    from lmefast.model import factorize_groups
+
+    return factorize_groups(key.reset_index(drop=True))
+
+
+def build_terms(random: list[RandomTerm], df: pd.DataFrame) -> list[Term]:
+    """Evaluate the random terms and merge those on the same factor; sorted by levels,
+    largest first (lme4's order)."""
+    by_group: dict[str, list[tuple[np.ndarray, list[str]]]] = {}
+    for t in random:
+        Z, names = design_matrix(t.expr, df)
+        if Z.shape[1] == 0:
+            raise SpecificationError(f"random-effects term ({t.expr} | {t.group}) has no columns")
+        names = ["(Intercept)" if n == "Intercept" else n for n in names]
+        by_group.setdefault(t.group, []).append((Z, names))
+    terms = []
+    for group, parts in by_group.items():
+        codes, labels = _factor(df, group)
+        Z = np.ascontiguousarray(np.column_stack([p[0] for p in parts]))
+        names = [n for p in parts for n in p[1]]
+        if len(set(names)) != len(names):
+            raise SpecificationError(f"grouping factor {group!r} has the same column twice in "
+                                     f"its random-effects terms: {names}")
+        rows, cols, start = [], [], 0
+        for p in parts:
+            kk = p[0].shape[1]
+            c, r = np.triu_indices(kk)  # column-major lower triangle of this block
+            rows.append(r + start)
+            cols.append(c + start)
+            start += kk
+        order = np.lexsort((np.concatenate(rows), np.concatenate(cols)))
+        pattern = (np.concatenate(rows)[order], np.concatenate(cols)[order])
+        if labels.shape[0] < 2:
+            raise SpecificationError(f"grouping factor {group!r} has a single level: a random "
+                                     "effect needs at least two levels")
+        terms.append(Term(group, codes, labels, Z, tuple(names), pattern))
+    terms.sort(key=lambda t: -t.m)
+    return terms
+
+
+def lmer_frame(formula: str, data: Any, missing: str) -> tuple[pd.DataFrame, str, str, list[RandomTerm]]:
+    """Parse, check used columns, handle missing values; returns the data to evaluate on."""
+    df = as_dataframe(data)
+    if missing not in ("raise", "none", "drop"):
+        raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
+    response, fixed, random = parse_lmer(formula)
+    used = {response} | {str(v) for v in _parse(_rhs(fixed)).required_variables}
+    for t in random:
+        used |= {str(v) for v in _parse(_rhs(t.expr)).required_variables}
+        used |= set(t.group.split(":"))
+    unknown = sorted(c for c in used if c not in df.columns)
+    if unknown:
+        raise SpecificationError(f"column(s) {unknown} not found in data")
+    if not pd.api.types.is_numeric_dtype(df[response]) or pd.api.types.is_bool_dtype(df[response]):
+        raise SpecificationError(f"response '{response}' is not numeric (dtype {df[response].dtype})")
+    na = {c: _not_finite(df[c]) for c in sorted(used)}
+    bad = {c: int(v.sum()) for c, v in na.items() if v.any()}
+    if bad:
+        if missing != "drop":
+            raise SpecificationError(f"missing or infinite values in column(s) {bad}; "
+                                     "pass missing='drop' to drop incomplete rows")
+        df = df.loc[~np.logical_or.reduce([na[c] for c in bad])]
+    if len(df) == 0:
+        raise SpecificationError("the data are empty: no rows to fit")
+    return df.reset_index(drop=True), response, fixed, random

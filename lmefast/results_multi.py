@@ -1,0 +1,114 @@
+"""Results of a model with several grouping factors: the MixedLMResults interface, with the
+random-effects parts given per grouping factor."""
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+
+from lmefast.results import MixedLMResults
+
+
+class MultiResults(MixedLMResults):
+    """A fitted model with several grouping factors (``lmer``).
+
+    ``cov_re`` and ``random_effects`` are dicts keyed by grouping factor; ``params`` holds the
+    fixed effects and, per term, the entries of T T' (= covariance / scale), statsmodels'
+    scaled parametrisation."""
+
+    @property
+    def k_re(self) -> int:
+        return sum(t.k for t in self.model.terms)
+
+    @property
+    def k_vc(self) -> int:
+        return 0
+
+    @property
+    def n_groups(self) -> dict[str, int]:
+        return {t.name: t.m for t in self.model.terms}
+
+    @cached_property
+    def _Ts(self) -> list[np.ndarray]:
+        return self.model.theta_map.Ts(self._sol.theta)
+
+    @cached_property
+    def cov_re(self) -> dict[str, pd.DataFrame]:
+        """Covariance of each factor's random coefficients, σ̂² T_j T_j'."""
+        return {t.name: pd.DataFrame(self.scale * (T @ T.T), index=list(t.coef_names),
+                                     columns=list(t.coef_names))
+                for t, T in zip(self.model.terms, self._Ts, strict=True)}
+
+    @cached_property
+    def vcomp(self) -> np.ndarray:
+        return np.zeros(0)
+
+    def _free_pairs(self):
+        for t, T in zip(self.model.terms, self._Ts, strict=True):
+            rows, cols = t.pattern
+            for r, c in zip(rows, cols, strict=True):
+                yield t, T, int(r), int(c)
+
+    @cached_property
+    def _re_param_names(self) -> list[str]:
+        out = []
+        for t, _, r, c in self._free_pairs():
+            a, b = t.coef_names[r], t.coef_names[c]
+            out.append(f"{t.name} {a} Var" if r == c else f"{t.name} {b} x {a} Cov")
+        return out
+
+    @cached_property
+    def _psi(self) -> np.ndarray:
+        return np.array([(T @ T.T)[r, c] for _, T, r, c in self._free_pairs()])
+
+    def _theta_from_psi(self, psi: np.ndarray) -> np.ndarray | None:
+        theta = []
+        pos = 0
+        for t in self.model.terms:
+            n = t.pattern[0].shape[0]
+            S = np.zeros((t.k, t.k))
+            S[t.pattern] = psi[pos:pos + n]
+            S = S + np.tril(S, -1).T
+            pos += n
+            try:
+                T = np.linalg.cholesky(S)
+            except np.linalg.LinAlgError:
+                return None
+            theta.append(T[t.pattern])
+        return np.concatenate(theta)
+
+    def _variance_rows(self) -> list[tuple[str, float, float]]:
+        se = self.bse_re.to_numpy()
+        return [(name, self.scale * psi, self.scale * s)
+                for name, psi, s in zip(self._re_param_names, self._psi, se, strict=True)]
+
+    def _group_sizes(self) -> dict[str, np.ndarray]:
+        return {t.name: np.bincount(t.codes, minlength=t.m) for t in self.model.terms}
+
+    @cached_property
+    def _modes_list(self) -> list[np.ndarray]:
+        return self._objective.modes(self._sol)
+
+    @cached_property
+    def random_effects(self) -> dict[str, pd.DataFrame]:
+        """Conditional modes per grouping factor: a DataFrame levels × coefficients (lme4's
+        ``ranef``)."""
+        return self.model.random_effects_frames(self._modes_list)
+
+    @property
+    def random_effects_frame(self) -> dict[str, pd.DataFrame]:
+        return self.random_effects
+
+    @property
+    def random_effects_cov(self) -> dict:
+        raise NotImplementedError("conditional variances of the random effects are not yet "
+                                  "available for models with several grouping factors")
+
+    @cached_property
+    def fittedvalues(self) -> np.ndarray:
+        return self.model.fitted(self._sol.beta, self._modes_list)
+
+    @cached_property
+    def resid(self) -> np.ndarray:
+        return self.model.y - self.fittedvalues
