@@ -108,7 +108,11 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
             code = 1
             n_iter[0] = it - 1
             break
+        t = 1.0
         if first:
+            # without curvature information yet: a step of at most 1 in every coordinate,
+            # that moves no variable more than 90% of the way to its bound (a variance
+            # parameter pushed onto zero is a saddle the gradient cannot leave)
             tmp = 0.0
             for i in range(d):
                 tmp = dmax(tmp, fabs(step[i]))
@@ -116,7 +120,9 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
                 for i in range(d):
                     step[i] /= tmp
                 slope /= tmp
-        t = 1.0
+            for i in range(d):
+                if step[i] < 0.0 and isfinite(lower[i]) and x[i] > lower[i]:
+                    t = dmin(t, 0.9 * (x[i] - lower[i]) / -step[i])
         code = 4
         with nogil:
             for ls in range(60):

@@ -127,7 +127,7 @@ def satterthwaite_parts(res: MixedLMResults) -> tuple[np.ndarray, np.ndarray]:
     if "satt" not in cache:
         obj = res._objective
         varpar = np.concatenate([res.theta, [res.sigma]])
-        h = _steps(varpar, 1e-3, 0.05)
+        h = _steps(varpar, 1e-2, 0.05)
         H = hessian(lambda v: varpar_deviance(obj, v), varpar, h)
         try:
             A = 2.0 * np.linalg.inv(H)
@@ -239,7 +239,7 @@ def kenward_roger_parts(res: MixedLMResults) -> tuple[np.ndarray, list[np.ndarra
         # Ψ per group
         Psi = np.zeros((mc, qmax, qmax))
         Psi[:, :k, :k] = cov_k
-        diag_vc = np.where(comp >= 0, sigma2 * np.concatenate([tvc, [0.0]])[comp], 0.0)
+        diag_vc = np.where(comp >= 0, sigma2 * np.concatenate([tvc**2, [0.0]])[comp], 0.0)
         idx = np.arange(qmax)
         Psi[:, idx, idx] += diag_vc
         V = Z @ Psi @ Z.transpose(0, 2, 1)
@@ -274,7 +274,7 @@ def kenward_roger_parts(res: MixedLMResults) -> tuple[np.ndarray, list[np.ndarra
         PhiPr = Phi @ P[r]
         for s in range(r, R):
             IE2[r, s] = IE2[s, r] = (Ktr[r, s] - 2 * np.sum(Phi * Q[(r, s)])
-                                     + np.sum(PhiPr * (P[s] @ Phi).T))
+                                     + np.sum(PhiPr * (P[s] @ Phi)))
     ev = np.linalg.eigvalsh(IE2)
     W = 2 * (np.linalg.inv(IE2) if np.min(np.abs(ev)) > 1e-10 else np.linalg.pinv(IE2))
     W = 0.5 * (W + W.T)

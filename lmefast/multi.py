@@ -20,7 +20,12 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 
 from lmefast._bfgs import minimize_bounded
-from lmefast._multi import first_factor_modes, first_factor_pass
+from lmefast._multi import (
+    apply_A,
+    first_factor_backsolve,
+    first_factor_grad_blocks,
+    first_factor_pass,
+)
 from lmefast.lmer import Term
 from lmefast.objective import ObjectiveError, Solution
 from lmefast.optimize import fit_theta
@@ -74,7 +79,7 @@ class MultiCrossProducts:
     pair_term: np.ndarray   # its trailing term (index into terms[1:])
     pair_voff: np.ndarray   # offset of its k_j × k1 block in A21
     A21: np.ndarray
-    A22: np.ndarray         # (q2, q2) dense
+    A22: sp.csr_matrix      # (q2, q2) sparse: within a factor it is diagonal by levels
     B2: np.ndarray          # (q2, p)
     c2: np.ndarray          # (q2)
     XtX: np.ndarray
@@ -116,7 +121,7 @@ def compute_multi_crossprods(y: np.ndarray, X: np.ndarray, terms: list[Term]) ->
             f"the dense trailing block is limited to {MAX_DENSE_TRAILING} (a sparse "
             "factorisation for larger crossed designs is not implemented yet)")
     coords = [trail_c0[j] + t.codes * t.k for j, t in enumerate(trail)]
-    A22 = np.zeros(q2 * q2)
+    a22_keys, a22_vals = [], []
     B2 = np.zeros((q2, p))
     c2 = np.zeros(q2)
     for j, t in enumerate(trail):
@@ -127,7 +132,11 @@ def compute_multi_crossprods(y: np.ndarray, X: np.ndarray, terms: list[Term]) ->
             c2 += np.bincount(rows, t.Z[:, a] * y, q2)
             for j2, t2 in enumerate(trail):
                 for b in range(t2.k):
-                    A22 += np.bincount(rows * q2 + coords[j2] + b, t.Z[:, a] * t2.Z[:, b], q2 * q2)
+                    a22_keys.append(rows * q2 + coords[j2] + b)
+                    a22_vals.append(t.Z[:, a] * t2.Z[:, b])
+    keys22, inv22 = np.unique(np.concatenate(a22_keys), return_inverse=True)
+    vals22 = np.bincount(inv22, np.concatenate(a22_vals), keys22.shape[0])
+    A22 = sp.csr_matrix((vals22, (keys22 // q2, keys22 % q2)), shape=(q2, q2))
     # pairs: (level of the first factor, level of a trailing factor) that share a row
     level_off = np.concatenate([[0], np.cumsum([t.m for t in trail])]).astype(np.int64)
     n_tl = int(level_off[-1])
@@ -150,7 +159,7 @@ def compute_multi_crossprods(y: np.ndarray, X: np.ndarray, terms: list[Term]) ->
     return MultiCrossProducts(
         S1=np.ascontiguousarray(S1.ravel()), ptr=ptr, pair_c0=pair_c0.astype(np.int64),
         pair_k=pair_k, pair_term=pair_term.astype(np.int64), pair_voff=pair_voff[:-1].copy(),
-        A21=A21, A22=A22.reshape(q2, q2), B2=B2, c2=c2, XtX=X.T @ X, Xty=X.T @ y,
+        A21=A21, A22=A22, B2=B2, c2=c2, XtX=X.T @ X, Xty=X.T @ y,
         yty=float(y @ y), n=n, trail_c0=trail_c0)
 
 
@@ -186,6 +195,15 @@ class MultiObjective:
                 src.append(np.tile(self.t_off[j] + r * t.k + c, t.m))
             self._lam_idx = (np.concatenate(rows), np.concatenate(cols), np.concatenate(src))
         self._last: tuple | None = None
+        coo = cp.A22.tocoo()
+        self._a22_coo = (coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data)
+        self._M22 = np.empty((cp.q2, cp.q2))
+        self._diag = np.arange(cp.q2)
+        # first coordinate of each trailing coordinate's level block, and one past its end
+        ks = np.concatenate([np.full(t.m * t.k, t.k) for t in trail]) if trail else np.zeros(0, int)
+        self._block_start = (np.arange(cp.q2) - (np.arange(cp.q2) - np.repeat(
+            cp.trail_c0, [t.m * t.k for t in trail])) % np.maximum(ks, 1)).astype(np.int64)
+        self._block_end = self._block_start + ks
 
     def _lambda2(self, Ttrail: np.ndarray):
         cp = self.cp
@@ -201,16 +219,19 @@ class MultiObjective:
         T1 = np.ascontiguousarray(Ts[0]).ravel()
         Ttrail = np.concatenate([T.ravel() for T in Ts[1:]]) if len(Ts) > 1 else np.zeros(0)
         lam2 = self._lambda2(Ttrail)
+        M22 = self._M22
+        M22.fill(0.0)
         if self.all_scalar:
-            M22 = cp.A22 * lam2[:, None] * lam2[None, :]
+            lam_a22 = self._a22_coo[2] * lam2[self._a22_coo[0]] * lam2[self._a22_coo[1]]
+            M22[self._a22_coo[0], self._a22_coo[1]] = lam_a22
             R2x = cp.B2 * lam2[:, None]
             r2y = cp.c2 * lam2
         else:
-            M22 = np.asarray((lam2.T @ (lam2.T @ cp.A22).T).T)
+            prod = (lam2.T @ cp.A22 @ lam2).tocoo()
+            M22[prod.row, prod.col] = prod.data
             R2x = np.asarray(lam2.T @ cp.B2)
             r2y = np.asarray(lam2.T @ cp.c2)
-        M22 = np.ascontiguousarray(M22)
-        M22[np.diag_indices_from(M22)] += 1.0
+        M22[self._diag, self._diag] += 1.0
         R2x = np.ascontiguousarray(R2x)
         r2y = np.ascontiguousarray(r2y)
         p = cp.p
@@ -258,26 +279,93 @@ class MultiObjective:
         sol = Solution(theta=theta, objective=float(obj), beta=beta, Lx=Lx, r2=float(r2),
                        logdet_L=logdet, sigma2=float(r2 / dof))
         if want_grad:
-            sol = Solution(**{**sol.__dict__, "grad": self._fd_gradient(theta, sol.objective)})
+            sol = Solution(**{**sol.__dict__, "grad": self._gradient(sol)})
         return sol
 
-    def _fd_gradient(self, theta: np.ndarray, f0: float) -> np.ndarray:
-        """Central differences (one-sided at a bound)."""
-        lower = self.theta_map.lower_bounds()
-        g = np.empty_like(theta)
-        for i in range(theta.shape[0]):
-            h = 1e-5 * max(abs(theta[i]), 1e-2)
-            up = theta.copy()
-            up[i] += h
-            if theta[i] - h >= lower[i]:
-                dn = theta.copy()
-                dn[i] -= h
-                g[i] = (self(up) - self(dn)) / (2 * h)
-            else:
-                up2 = theta.copy()
-                up2[i] += 2 * h
-                g[i] = (-3 * f0 + 4 * self(up) - self(up2)) / (2 * h)
-        return g
+    def _solve_u_H(self, beta: np.ndarray, parts: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """[u | H] = L⁻ᵀ [rzy − Rzx β | Rzx]: first factor (m1 × k1 × (1+p)), trailing (q2 × (1+p))."""
+        cp = self.cp
+        p, k1 = cp.p, self.k1
+        L22, Rzx2, rzy2 = parts[2], parts[3], parts[4]
+        rhs2 = np.column_stack([rzy2 - Rzx2 @ beta, Rzx2])
+        X2 = np.ascontiguousarray(sla.solve_triangular(L22, rhs2, lower=True, trans="T",
+                                                       check_finite=False))
+        Rzx1 = self.Rzx1c.reshape(-1, k1, p)
+        X1 = np.concatenate([(self.rzy1c.reshape(-1, k1) - Rzx1 @ beta)[:, :, None], Rzx1], axis=2)
+        X1 = np.ascontiguousarray(X1).ravel()
+        first_factor_backsolve(k1, p + 1, cp.ptr, cp.pair_c0, cp.pair_k, cp.pair_voff, self.L11c,
+                               self.L21c, X1, X2)
+        return X1.reshape(-1, k1, p + 1), X2
+
+    def _gradient(self, sol: Solution) -> np.ndarray:
+        """∂objective/∂θ (DESIGN.md §2): per term, Σ over its levels of the diagonal blocks of
+        2 Z'ZΛM⁻¹ − 2κ s u' − [REML] 2 E C⁻¹ H', where s = Z'(y − Xβ) − Z'ZΛu and
+        E = Z'X − Z'ZΛH; M⁻¹'s blocks come from L11, L21 and P22 = (L22 L22')⁻¹."""
+        cp, tm = self.cp, self.theta_map
+        p, k1 = cp.p, self.k1
+        Ts, lam2, L22 = self._last[1][0], self._last[1][1], self._last[1][2]
+        terms = tm.terms
+        X1, X2 = self._solve_u_H(sol.beta, self._last[1])           # [u | H]
+        # V = Λ [u | H]
+        V1 = np.ascontiguousarray(np.einsum("ab,ibl->ial", Ts[0], X1)).ravel()
+        V2 = np.ascontiguousarray(lam2[:, None] * X2 if self.all_scalar else lam2 @ X2)
+        # Y − Z'Z V with Y = [c − Bβ | B]
+        out1 = np.empty_like(V1)
+        out2 = np.ascontiguousarray(np.asarray(cp.A22 @ V2))
+        apply_A(cp.S1, k1, p, cp.ptr, cp.pair_c0, cp.pair_k, cp.pair_voff, cp.A21, p + 1,
+                V1, V2, out1, out2)
+        S1 = cp.S1.reshape(-1, k1 * k1 + k1 * p + k1)
+        B1 = S1[:, k1 * k1:k1 * k1 + k1 * p].reshape(-1, k1, p)
+        c1 = S1[:, k1 * k1 + k1 * p:]
+        Y1 = np.concatenate([(c1 - B1 @ sol.beta)[:, :, None], B1], axis=2)
+        Y2 = np.column_stack([cp.c2 - cp.B2 @ sol.beta, cp.B2])
+        R1 = Y1 - out1.reshape(-1, k1, p + 1)                        # [s | E], first factor
+        R2 = Y2 - out2                                               # [s | E], trailing
+        kappa = self.dof / sol.r2
+        # the s u' and E C⁻¹ H' parts, as outer products per coordinate pair of a block
+        if p:
+            Linv = np.linalg.inv(sol.Lx)
+            Cinv = Linv.T @ Linv
+        else:
+            Cinv = np.zeros((0, 0))
+        def data_part(R: np.ndarray, X: np.ndarray) -> np.ndarray:
+            """Σ over blocks of −2κ s u' − [REML] 2 F H' (R, X: blocks × k × (1+p))."""
+            out = -2.0 * kappa * np.einsum("ia,ib->ab", R[:, :, 0], X[:, :, 0])
+            if self.reml and p:
+                F = R[:, :, 1:] @ Cinv
+                out -= 2.0 * np.einsum("ial,ibl->ab", F, X[:, :, 1:])
+            return out
+        # P22 and the diagonal blocks of Z'ZΛM⁻¹
+        q2 = cp.q2
+        P22, info = sla.lapack.dpotri(L22, lower=1, overwrite_c=1)   # lower triangle used
+        if info != 0:
+            raise ObjectiveError("could not invert the trailing block")
+        width = int(np.max(np.add.reduceat(cp.pair_k, cp.ptr[:-1])
+                           if cp.pair_k.size else [0], initial=0)) if cp.pair_k.size else 0
+        kmax = max([t.k for t in terms[1:]], default=1)
+        G1 = np.zeros(k1 * k1)
+        G2 = np.zeros((q2, kmax))
+        Ttrail = np.concatenate([T.ravel() for T in Ts[1:]]) if len(Ts) > 1 else np.zeros(0)
+        first_factor_grad_blocks(cp.S1, k1, p, cp.ptr, cp.pair_c0, cp.pair_k, cp.pair_voff,
+                                 self.pair_toff, cp.A21, self.L11c, self.L21c,
+                                 np.ascontiguousarray(Ts[0]).ravel(), Ttrail,
+                                 np.ascontiguousarray(P22.T), width, G1, G2)
+        # diagonal blocks of A22 Λ2 P22: entry (r, b) = Σ_c (A22Λ2)[r, c] P22[c, start(r) + b]
+        W = (cp.A22 @ sp.diags(lam2) if self.all_scalar else cp.A22 @ lam2).tocoo()
+        for b in range(kmax):
+            col = self._block_start[W.row] + b
+            ok = col < self._block_end[W.row]
+            r, c = W.row[ok], W.col[ok]
+            G2[:, b] += np.bincount(r, W.data[ok] * P22[np.maximum(c, col[ok]),
+                                                          np.minimum(c, col[ok])], q2)
+        grads = [2.0 * G1.reshape(k1, k1) + data_part(R1, X1)]
+        for j, t in enumerate(terms[1:]):
+            c0, k, m = int(cp.trail_c0[j]), t.k, t.m
+            rows = slice(c0, c0 + m * k)
+            Gj = G2[rows, :k].reshape(m, k, k).sum(axis=0)
+            grads.append(2.0 * Gj + data_part(R2[rows].reshape(m, k, p + 1),
+                                               X2[rows].reshape(m, k, p + 1)))
+        return np.concatenate([g[t.pattern] for g, t in zip(grads, terms, strict=True)])
 
     def __call__(self, theta: np.ndarray) -> float:
         try:
@@ -304,15 +392,11 @@ class MultiObjective:
         if self._last is None or not np.array_equal(self._last[0], sol.theta):
             self.solve(sol.theta)
         _, parts, beta = self._last
-        Ts, lam2, L22, Rzx2, rzy2 = parts[:5]
+        Ts, lam2 = parts[0], parts[1]
         cp = self.cp
-        u2 = sla.solve_triangular(L22, rzy2 - Rzx2 @ beta, lower=True, trans="T",
-                                  check_finite=False)
-        m1 = self.theta_map.terms[0].m
-        u1 = np.empty(m1 * self.k1)
-        first_factor_modes(self.k1, cp.p, cp.ptr, cp.pair_c0, cp.pair_k, cp.pair_voff,
-                           self.L11c, self.Rzx1c, self.rzy1c, self.L21c, beta, u2, u1)
-        b1 = u1.reshape(m1, self.k1) @ Ts[0].T
+        X1, X2 = self._solve_u_H(beta, parts)
+        u1, u2 = X1[:, :, 0], X2[:, 0]
+        b1 = u1 @ Ts[0].T
         b2 = lam2 * u2 if self.all_scalar else np.asarray(lam2 @ u2)
         out = [b1]
         for j, t in enumerate(self.theta_map.terms[1:]):

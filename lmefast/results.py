@@ -251,8 +251,16 @@ class MixedLMResults:
         return pd.Series(2.0 * stats.norm.sf(np.abs(self.tvalues.to_numpy())),
                          index=self.params.index)
 
-    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """Wald intervals for params (normal quantiles), statsmodels' layout."""
+    def conf_int(self, alpha: float = 0.05, method: str | None = None, level: float | None = None,
+                 **kwargs) -> pd.DataFrame:
+        """Wald intervals for params (normal quantiles), statsmodels' layout. With
+        ``method='profile'|'wald'|'bootstrap'`` (and ``level``): lme4's confint, see
+        lmefast.profile.conf_int."""
+        if method is not None or level is not None or kwargs:
+            from lmefast.profile import conf_int
+
+            return conf_int(self, method=method or "profile",
+                            level=1 - alpha if level is None else level, **kwargs)
         q = stats.norm.ppf(1 - alpha / 2)
         lo = self.params - q * self.bse
         hi = self.params + q * self.bse
@@ -348,12 +356,58 @@ class MixedLMResults:
     def _group_sizes(self) -> dict[str, np.ndarray]:
         return {self.model.spec.group_name: np.bincount(self.model.spec.group_codes)}
 
-    def summary(self, alpha: float = 0.05):
-        """statsmodels' summary table."""
+    def summary(self, alpha: float = 0.05, ddf: str | None = None):
+        """statsmodels' summary table; ``ddf`` ('satterthwaite', 'kenward-roger', 'residual')
+        gives t-tests of the fixed effects instead of z-tests."""
         from lmefast.summary import Summary
 
-        return Summary(self, alpha)
+        return Summary(self, alpha, ddf)
 
     def __repr__(self) -> str:
         return (f"<MixedLMResults {self.method}: llf={self.llf:.4f}, "
                 f"converged={self.converged}, singular={self.singular}>")
+
+    # -- inference (issue 4) --
+    def coef_table(self, ddf: str | None = "satterthwaite", alpha: float = 0.05) -> pd.DataFrame:
+        """Fixed effects with small-sample t-tests (lmefast.inference.coef_table)."""
+        from lmefast.inference import coef_table
+
+        return coef_table(self, ddf, alpha)
+
+    def t_test(self, contrast, ddf: str | None = "satterthwaite", rhs=None, alpha: float = 0.05,
+               joint: bool = False) -> pd.DataFrame:
+        """Contrasts of the fixed effects, e.g. ``"Time = 0"`` (lmefast.inference.t_test)."""
+        from lmefast.inference import t_test
+
+        return t_test(self, contrast, ddf, rhs, alpha, joint)
+
+    def anova(self, ddf: str | None = "satterthwaite", type: int = 3) -> pd.DataFrame:
+        """Type-3 F tests per fixed-effects term (lmefast.inference.anova)."""
+        from lmefast.inference import anova
+
+        return anova(self, ddf, type)
+
+    def profile(self, parm=None, alphamax: float = 0.01, n_points: int = 21) -> pd.DataFrame:
+        """Likelihood profile traces (lmefast.profile.profile)."""
+        from lmefast.profile import profile
+
+        return profile(self, parm, alphamax, n_points)
+
+    def bootstrap(self, n: int, seed=None, n_jobs: int | None = None):
+        """Parametric bootstrap (lmefast.bootstrap.bootstrap)."""
+        from lmefast.bootstrap import bootstrap
+
+        return bootstrap(self, n, seed, n_jobs)
+
+    def simulate(self, n: int = 1, seed=None, include_random: bool = True) -> np.ndarray:
+        """Responses simulated from the fit (lmefast.bootstrap.simulate)."""
+        from lmefast.bootstrap import simulate
+
+        return simulate(self, n, seed, include_random)
+
+    def predict(self, newdata=None, include_random: bool = True, new_levels: str = "population",
+                **kwargs) -> np.ndarray:
+        """Conditional or population predictions (lmefast.predict.predict)."""
+        from lmefast.predict import predict
+
+        return predict(self, newdata, include_random, new_levels, **kwargs)

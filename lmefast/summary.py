@@ -17,9 +17,10 @@ def _fmt(x: float, nd: int = 3) -> str:
 class Summary:
     """Header of model facts, then one row per parameter: Coef., Std.Err., z, P>|z|, CI."""
 
-    def __init__(self, res: MixedLMResults, alpha: float = 0.05) -> None:
+    def __init__(self, res: MixedLMResults, alpha: float = 0.05, ddf: str | None = None) -> None:
         self.res = res
         self.alpha = alpha
+        self.ddf = ddf
 
     def header(self) -> list[tuple[str, str, str, str]]:
         r = self.res
@@ -40,6 +41,14 @@ class Summary:
         r = self.res
         q = stats.norm.ppf(1 - self.alpha / 2)
         out = []
+        if self.ddf is not None:  # t-tests with small-sample df (lmefast.inference)
+            ct = r.coef_table(self.ddf, self.alpha)
+            for name, row in ct.iterrows():
+                out.append([name, _fmt(row["estimate"]), _fmt(row["std_err"]), _fmt(row["df"], 2),
+                            _fmt(row["t"]), _fmt(row["p"]), _fmt(row["ci_lower"]), _fmt(row["ci_upper"])])
+            for name, val, se in r._variance_rows():
+                out.append([name, _fmt(val), _fmt(se), "", "", "", "", ""])
+            return out
         for name in r.model.exog_names:
             est, se = r.fe_params[name], r.bse_fe[name]
             z = est / se
@@ -52,7 +61,8 @@ class Summary:
 
     def __str__(self) -> str:
         lo, hi = f"[{self.alpha / 2:.3f}", f"{1 - self.alpha / 2:.3f}]"
-        cols = ["", "Coef.", "Std.Err.", "z", "P>|z|", lo, hi]
+        cols = ["", "Coef.", "Std.Err.", "z", "P>|z|", lo, hi] if self.ddf is None else \
+            ["", "Coef.", "Std.Err.", "df", "t", "P>|t|", lo, hi]
         rows = self.rows()
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         table = [" ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in

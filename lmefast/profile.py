@@ -1,0 +1,366 @@
+"""Likelihood profiles and confidence intervals (lme4's profile() and confint()).
+
+Parameters are lme4's: per random-effects term the standard deviations and correlations
+('sd_Days|Subject', 'cor_Days.(Intercept)|Subject'), then 'sigma', then the fixed effects.
+The profile of a parameter fixes it and minimises the ML deviance over all the others;
+ζ = sign(value − estimate) √(deviance − minimum), and the interval is where |ζ| reaches
+√χ²₁(level). As lme4 does, REML fits are profiled on the ML deviance (around the ML
+optimum). A fixed effect's profile refits θ on cross-products with that column moved to the
+response (the C objective, analytic gradient); a variance parameter's profile minimises the
+deviance d(θ, σ) = log|L|² + r²(θ)/σ² + n log(2πσ²) over the other standard deviations,
+correlations and σ. Where the deviance stays below the cut-off up to a boundary (a standard
+deviation at 0, a correlation at ±1), the interval ends at that boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, stats
+
+from lmefast.crossprods import record_offsets
+from lmefast.objective import ProfiledObjective
+from lmefast.optimize import fit_theta
+
+if TYPE_CHECKING:
+    from lmefast.results import MixedLMResults
+
+
+class ProfileError(ValueError):
+    """A profile or interval that cannot be computed as asked."""
+
+
+def _coef_label(name: str, group: str) -> str:
+    return "(Intercept)" if name in (group, "Intercept", "Group") else name
+
+
+def _free_entries(free: np.ndarray) -> list[tuple[int, int]]:
+    """Free entries of T (lower triangle) in lme4's θ order: by column, then row."""
+    k = free.shape[0]
+    return [(i, j) for j in range(k) for i in range(j, k) if free[i, j]]
+
+
+def sdcor_from_theta(res: MixedLMResults, theta: np.ndarray, sigma: float) -> tuple[list[str], np.ndarray]:
+    names, vals = [], []
+    for group, coefs, T, free in res.model.covariance_terms(np.asarray(theta, dtype=float)):
+        cov = sigma * sigma * (T @ T.T)
+        sd = np.sqrt(np.diag(cov))
+        labels = [_coef_label(c, group) for c in coefs]
+        for i, j in _free_entries(free):
+            if i == j:
+                names.append(f"sd_{labels[i]}|{group}")
+                vals.append(sd[i])
+            else:
+                names.append(f"cor_{labels[i]}.{labels[j]}|{group}")
+                vals.append(cov[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else 0.0)
+    names.append("sigma")
+    vals.append(sigma)
+    return names, np.array(vals, dtype=float)
+
+
+def _psd_cholesky(C: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of a positive semidefinite matrix (zero columns where a pivot
+    vanishes: a zero standard deviation or a correlation of ±1)."""
+    k = C.shape[0]
+    L = np.zeros((k, k))
+    for j in range(k):
+        d = C[j, j] - L[j, :j] @ L[j, :j]
+        if d <= 1e-14 * max(C[j, j], 1e-300):
+            continue
+        L[j, j] = np.sqrt(d)
+        for i in range(j + 1, k):
+            L[i, j] = (C[i, j] - L[i, :j] @ L[j, :j]) / L[j, j]
+    return L
+
+
+def theta_from_sdcor(res: MixedLMResults, values: np.ndarray) -> tuple[np.ndarray, float]:
+    """Inverse of sdcor_from_theta: (θ, σ)."""
+    sigma = float(values[-1])
+    out = []
+    pos = 0
+    for _group, _coefs, T, free in res.model.covariance_terms(res.theta):
+        k = T.shape[0]
+        entries = _free_entries(free)
+        sd = np.zeros(k)
+        cor = np.eye(k)
+        for (i, j), v in zip(entries, values[pos:pos + len(entries)], strict=True):
+            if i == j:
+                sd[i] = v
+            else:
+                cor[i, j] = cor[j, i] = v
+        pos += len(entries)
+        Tn = _psd_cholesky(cor * np.outer(sd, sd)) / sigma
+        out.extend(Tn[i, j] for i, j in entries)
+    return np.array(out), sigma
+
+
+class Profiler:
+    """ζ of each lme4 parameter of a fit (ML deviance)."""
+
+    def __init__(self, res: MixedLMResults) -> None:
+        self.res = res
+        if res.reml:
+            obj = res.model.objective(False)
+            sol, _ = fit_theta(obj, res.theta)
+        else:
+            obj, sol = res._objective, res._sol
+        self.obj, self.sol = obj, sol
+        self.dmin = sol.objective
+        sigma = float(np.sqrt(sol.sigma2))
+        self.sd_names, self.sd_hat = sdcor_from_theta(res, sol.theta, sigma)
+        th, s = theta_from_sdcor(res, self.sd_hat)
+        if not np.allclose(np.abs(th), np.abs(sol.theta), rtol=1e-8, atol=1e-10):
+            raise ProfileError("cannot map this model's θ to standard deviations and correlations")
+        self.fe_names = list(res.model.exog_names)
+        self.names = self.sd_names + self.fe_names
+        self.kind = []
+        for nm in self.sd_names:
+            self.kind.append("sigma" if nm == "sigma" else nm.split("_", 1)[0])
+        self.kind += ["beta"] * len(self.fe_names)
+        self.estimate = np.concatenate([self.sd_hat, sol.beta])
+        self._warm: dict[int, np.ndarray] = {}
+
+    # -- deviance with variance parameters fixed ------------------------------------------------
+    def deviance_sdcor(self, values: np.ndarray) -> float:
+        theta, sigma = theta_from_sdcor(self.res, values)
+        if sigma <= 0:
+            return np.inf
+        try:
+            sol = self.obj.solve(theta)
+        except FloatingPointError:
+            return np.inf
+        n = self.obj.cp.n
+        return sol.logdet_L + sol.r2 / sigma**2 + n * np.log(2 * np.pi * sigma**2)
+
+    def _bounds(self, j: int) -> tuple[float, float]:
+        kind = self.kind[j]
+        if kind == "sd":
+            return 0.0, np.inf
+        if kind == "cor":
+            return -1.0, 1.0
+        if kind == "sigma":
+            return 1e-12 * self.sd_hat[-1], np.inf
+        return -np.inf, np.inf
+
+    def deviance(self, j: int, value: float) -> float:
+        """Minimum ML deviance with parameter j held at value."""
+        if self.kind[j] == "beta":
+            return self._deviance_beta(j - len(self.sd_names), value)
+        nv = len(self.sd_hat)
+        others = [i for i in range(nv) if i != j]
+        x0 = self._warm.get(j, self.sd_hat[others])
+        bounds = [self._bounds(i) for i in others]
+        scale = np.maximum(np.abs(self.sd_hat[others]), 1e-2 * self.sd_hat[-1])
+        scale = np.where(np.array([self.kind[i] for i in others]) == "cor", 1.0, scale)
+
+        def f(u: np.ndarray) -> float:
+            v = np.empty(nv)
+            v[others] = u * scale
+            v[j] = value
+            return self.deviance_sdcor(v)
+
+        if not others:
+            return f(np.zeros(0))
+        sb = [(lo / s if np.isfinite(lo) else None, hi / s if np.isfinite(hi) else None)
+              for (lo, hi), s in zip(bounds, scale, strict=True)]
+        start = np.clip(x0 / scale, [b[0] if b[0] is not None else -np.inf for b in sb],
+                        [b[1] if b[1] is not None else np.inf for b in sb])
+        r = optimize.minimize(f, start, method="L-BFGS-B", bounds=sb,
+                              options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 500})
+        best = r
+        # a second start from the estimate guards against a poor warm start
+        r2 = optimize.minimize(f, np.clip(self.sd_hat[others] / scale, [b[0] if b[0] is not None else -np.inf
+                                                                        for b in sb],
+                                          [b[1] if b[1] is not None else np.inf for b in sb]),
+                               method="L-BFGS-B", bounds=sb, options={"ftol": 1e-15, "gtol": 1e-9,
+                                                                     "maxiter": 500})
+        if r2.fun < best.fun:
+            best = r2
+        self._warm[j] = best.x * scale
+        return float(best.fun)
+
+    def _beta_parts(self, jb: int):
+        key = ("beta", jb)
+        if key not in self._warm:
+            res = self.res
+            spec = res.model.spec
+            cp = self.obj.cp
+            if not hasattr(spec, "layout") or cp.S.shape[0] != cp.s_off[-1]:
+                raise ProfileError("profiles of fixed effects need one grouping factor")
+            lay = cp.layout
+            p = cp.p
+            q = np.diff(lay.q_off)
+            s_new = record_offsets(lay, p - 1)
+            keep = [c for c in range(p) if c != jb]
+            S0 = np.zeros(int(s_new[-1]))
+            delta = np.zeros_like(S0)
+            for qi in np.unique(q):
+                gs = np.nonzero(q == qi)[0]
+                qi = int(qi)
+                old = cp.S[cp.s_off[gs][:, None] + np.arange(qi * (qi + p + 1))[None, :]]
+                A = old[:, :qi * qi]
+                B = old[:, qi * qi:qi * qi + qi * p].reshape(-1, qi, p)
+                c = old[:, qi * qi + qi * p:]
+                new = np.concatenate([A, B[:, :, keep].reshape(len(gs), -1), c], axis=1)
+                S0[s_new[gs][:, None] + np.arange(new.shape[1])[None, :]] = new
+                dpos = s_new[gs][:, None] + qi * qi + qi * (p - 1) + np.arange(qi)[None, :]
+                delta[dpos] = -B[:, :, jb]
+            self._warm[key] = (S0, delta, s_new, keep)
+        return self._warm[key]
+
+    def _deviance_beta(self, jb: int, value: float) -> float:
+        S0, delta, s_new, keep = self._beta_parts(jb)
+        cp = self.obj.cp
+        XtX = cp.XtX
+        cpj = replace(cp, S=S0 + value * delta, s_off=s_new,
+                      XtX=np.ascontiguousarray(XtX[np.ix_(keep, keep)]),
+                      Xty=np.ascontiguousarray(cp.Xty[keep] - XtX[keep, jb] * value),
+                      yty=float(cp.yty - 2 * value * cp.Xty[jb] + value * value * XtX[jb, jb]))
+        obj = ProfiledObjective(cpj, self.obj.theta_map, False, n_threads=1)
+        start = self._warm.get(("theta", jb), self.sol.theta)
+        sol, _ = fit_theta(obj, start)
+        self._warm[("theta", jb)] = sol.theta
+        return sol.objective
+
+    def zeta(self, j: int, value: float) -> float:
+        d = self.deviance(j, value) - self.dmin
+        return float(np.sign(value - self.estimate[j]) * np.sqrt(max(d, 0.0)))
+
+    # -- intervals ------------------------------------------------------------------------------
+    def _scale(self, j: int) -> float:
+        est = self.estimate[j]
+        if self.kind[j] == "beta":
+            C = self.res._cov_fe if not self.res.reml else None
+            jb = j - len(self.sd_names)
+            if C is None:
+                Linv = np.linalg.inv(self.sol.Lx)
+                C = self.sol.sigma2 * (Linv.T @ Linv)
+            return float(np.sqrt(C[jb, jb]))
+        if self.kind[j] == "cor":
+            return 0.1
+        return 0.1 * max(abs(est), 1e-3 * self.sd_hat[-1])
+
+    def endpoint(self, j: int, target: float) -> float:
+        """The value where ζ = target (target < 0: below the estimate), or the boundary."""
+        est = self.estimate[j]
+        lo_b, hi_b = self._bounds(j)
+        side = np.sign(target)
+        boundary = hi_b if side > 0 else lo_b
+        step = self._scale(j)
+        a, za = est, 0.0
+        self._warm.pop(j, None)
+        for _ in range(60):
+            b = est + side * step
+            if (side > 0 and b >= boundary) or (side < 0 and b <= boundary):
+                b = boundary
+            zb = self.zeta(j, b)
+            if abs(zb) >= abs(target):
+                break
+            if b == boundary:
+                return float(boundary)
+            a, za = b, zb
+            # extrapolate ζ linearly from the estimate, with a floor on the growth
+            step = max(2 * step, abs(b - est) * abs(target) / max(abs(zb), 1e-8) * 1.1) \
+                if abs(zb) < 0.5 * abs(target) else abs(b - est) * abs(target) / max(abs(zb), 1e-8) * 1.05
+        else:
+            raise ProfileError(f"profile of {self.names[j]} did not reach the cut-off")
+        return float(optimize.brentq(lambda v: self.zeta(j, v) - target, a, b,
+                                     xtol=1e-10 * max(abs(est), step), rtol=1e-12))
+
+
+def _which(prof: Profiler, parm) -> list[int]:
+    if parm is None:
+        return list(range(len(prof.names)))
+    items = [parm] if isinstance(parm, str | int) else list(parm)
+    out = []
+    for it in items:
+        if isinstance(it, int | np.integer):
+            if not 0 <= it < len(prof.names):
+                raise ProfileError(f"parameter index {it} out of range (0..{len(prof.names) - 1})")
+            out.append(int(it))
+        elif it in prof.names:
+            out.append(prof.names.index(it))
+        else:
+            raise ProfileError(f"unknown parameter {it!r}; parameters are {prof.names}")
+    return out
+
+
+def _profiler(res: MixedLMResults) -> Profiler:
+    cache = res.__dict__.setdefault("_inference_cache", {})
+    if "profiler" not in cache:
+        cache["profiler"] = Profiler(res)
+    return cache["profiler"]
+
+
+def _labels(level: float) -> list[str]:
+    a = (1 - level) / 2
+    return [f"{100 * a:.1f} %", f"{100 * (1 - a):.1f} %"]
+
+
+def profile_intervals(res: MixedLMResults, level: float = 0.95, parm=None) -> pd.DataFrame:
+    prof = _profiler(res)
+    cut = float(np.sqrt(stats.chi2.ppf(level, 1)))
+    idx = _which(prof, parm)
+    lo = [prof.endpoint(j, -cut) for j in idx]
+    hi = [prof.endpoint(j, cut) for j in idx]
+    return pd.DataFrame(dict(zip(_labels(level), [lo, hi], strict=True)), index=[prof.names[j] for j in idx])
+
+
+def wald_intervals(res: MixedLMResults, level: float = 0.95) -> pd.DataFrame:
+    """lme4's confint(method='Wald'): β̂ ± z se for the fixed effects, NaN for the variance
+    parameters."""
+    names, _ = sdcor_from_theta(res, res.theta, res.sigma)
+    z = stats.norm.ppf(1 - (1 - level) / 2)
+    se = np.sqrt(np.diag(res._cov_fe))
+    beta = res._sol.beta
+    lo = np.concatenate([np.full(len(names), np.nan), beta - z * se])
+    hi = np.concatenate([np.full(len(names), np.nan), beta + z * se])
+    return pd.DataFrame(dict(zip(_labels(level), [lo, hi], strict=True)),
+                        index=names + list(res.model.exog_names))
+
+
+def conf_int(res: MixedLMResults, method: str = "profile", level: float = 0.95, parm=None,
+             n_boot: int = 1000, seed=None, boot_kind: str = "percentile", n_jobs: int | None = None
+             ) -> pd.DataFrame:
+    """lme4's confint: method 'profile' (default, as lme4), 'wald' or 'bootstrap'
+    (percentile or shortest intervals of n_boot parametric-bootstrap replicates)."""
+    if not 0 < level < 1:
+        raise ProfileError(f"level must be in (0, 1), got {level}")
+    method = str(method).lower()
+    if method == "profile":
+        return profile_intervals(res, level, parm)
+    if method == "wald":
+        out = wald_intervals(res, level)
+    elif method in ("bootstrap", "boot"):
+        from lmefast.bootstrap import bootstrap
+
+        out = bootstrap(res, n_boot, seed=seed, n_jobs=n_jobs).conf_int(level, boot_kind)
+    else:
+        raise ProfileError(f"method must be 'profile', 'wald' or 'bootstrap', not {method!r}")
+    if parm is not None:
+        names = list(out.index)
+        items = [parm] if isinstance(parm, str) else list(parm)
+        bad = [p for p in items if p not in names]
+        if bad:
+            raise ProfileError(f"unknown parameter(s) {bad}; parameters are {names}")
+        out = out.loc[items]
+    return out
+
+
+def profile(res: MixedLMResults, parm=None, alphamax: float = 0.01, n_points: int = 21) -> pd.DataFrame:
+    """Profile traces (long format: parameter, value, ζ, deviance) on a grid spanning the
+    (1 − alphamax) profile interval of each parameter, as lme4's profile()."""
+    prof = _profiler(res)
+    cut = float(np.sqrt(stats.chi2.ppf(1 - alphamax, 1)))
+    rows = []
+    for j in _which(prof, parm):
+        lo, hi = prof.endpoint(j, -cut), prof.endpoint(j, cut)
+        grid = np.unique(np.concatenate([np.linspace(lo, hi, n_points), [prof.estimate[j]]]))
+        prof._warm.pop(j, None)
+        for v in grid:
+            d = prof.deviance(j, float(v))
+            z = float(np.sign(v - prof.estimate[j]) * np.sqrt(max(d - prof.dmin, 0.0)))
+            rows.append((prof.names[j], float(v), z, d))
+    return pd.DataFrame(rows, columns=["parameter", "value", "zeta", "deviance"])
