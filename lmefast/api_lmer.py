@@ -42,6 +42,52 @@ def lmer_model(formula: str, data: Any, missing: str = "raise") -> MixedLM | Mul
     return MultiLM(y, X, terms, endog_name=response, exog_names=xnames, dropped_exog=dropped)
 
 
+def single_group_as_crossed(kwargs: dict[str, Any]) -> MixedLM | MultiLM | None:
+    """statsmodels' spelling of crossed effects — one group for all rows, one variance
+    component per crossed factor — as the equivalent lme4 model, fitted natively.
+
+    Returns None when the data have more than one group (then the variance components are
+    nested in the groups and the one-factor engine fits them)."""
+    groups = pd.Series(kwargs["groups"])
+    if groups.nunique(dropna=False) != 1 or not kwargs.get("vc_designs"):
+        return None
+    y, X = kwargs["endog"], np.asarray(kwargs["exog"], dtype=float)
+    Zre = np.asarray(kwargs.get("exog_re"), dtype=float)
+    has_constant = bool(np.any(np.ptp(X, axis=0) == 0) and np.any(X != 0)) if X.size else False
+    if Zre.shape[1] > 1 or (Zre.shape[1] == 1 and not (np.ptp(Zre[:, 0]) == 0 and has_constant)):
+        raise SpecificationError(
+            "with a single group, random coefficients other than an intercept are not "
+            "identifiable; write crossed effects as variance components with re_formula='0'")
+    from lmefast.lmer import Term
+
+    terms = []
+    for name, V, cols in zip(kwargs["vc_names"], kwargs["vc_designs"], kwargs["vc_col_names"],
+                             strict=True):
+        V = V.tocsr()
+        V.eliminate_zeros()
+        if not (np.all(np.diff(V.indptr) == 1) and np.all(V.data == 1.0)):
+            raise SpecificationError(
+                f"variance component '{name}' is not a factor (each row needs exactly one "
+                "indicator): with a single group only factor variance components (crossed "
+                "effects, e.g. '0 + C(x)') can be fitted")
+        used = np.unique(V.indices)
+        code_of = np.full(V.shape[1], -1, dtype=np.int64)
+        code_of[used] = np.arange(used.shape[0])
+        labels = np.asarray(cols, dtype=object)[used]
+        if labels.shape[0] < 2:
+            raise SpecificationError(f"variance component '{name}' has a single level")
+        terms.append(Term(str(name), code_of[V.indices], labels, np.ones((len(y), 1)),
+                          ("(Intercept)",), (np.array([0]), np.array([0]))))
+    terms.sort(key=lambda t: -t.m)
+    if len(terms) == 1:
+        t = terms[0]
+        return MixedLM(y, X, pd.Series(t.labels[t.codes]), exog_re=t.Z,
+                       endog_name=kwargs["endog_name"], exog_names=kwargs["exog_names"],
+                       exog_re_names=["(Intercept)"], group_name=t.name)
+    return MultiLM(np.asarray(y, dtype=float), np.ascontiguousarray(X), terms,
+                   endog_name=kwargs["endog_name"], exog_names=kwargs["exog_names"])
+
+
 def lmer(formula: str, data: Any, reml: bool = True, missing: str = "raise", **fit_kwargs: Any):
     """Fit an lme4-style formula, e.g. ``lmer("y ~ x + (1 + x | g) + (1 | h)", data)``.
 

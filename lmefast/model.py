@@ -269,10 +269,17 @@ class MixedLM:
         vc_formula: Mapping[str, str] | None = None,
         missing: str = "raise",
     ) -> MixedLM:
-        """statsmodels' ``MixedLM.from_formula``: formulas evaluated by formulaic."""
+        """statsmodels' ``MixedLM.from_formula``: formulas evaluated by formulaic.
+
+        statsmodels' spelling of crossed effects (a single group for all rows, one factor
+        variance component per crossed factor) is recognised and returns the equivalent
+        model with several grouping factors (``lmefast.multi.MultiLM``)."""
+        from lmefast.api_lmer import single_group_as_crossed
         from lmefast.formula import formula_arrays
 
-        return cls(**formula_arrays(formula, data, groups, re_formula, vc_formula, missing))
+        kwargs = formula_arrays(formula, data, groups, re_formula, vc_formula, missing)
+        crossed = single_group_as_crossed(kwargs)
+        return cls(**kwargs) if crossed is None else crossed
 
     # -- data derived once ----------------------------------------------------------------
     @cached_property
