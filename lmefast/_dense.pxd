@@ -1,6 +1,6 @@
 # Small dense linear algebra shared by the kernels: one group's (or one level's) block.
 # Inline functions over row-major arrays; work arrays in one padded allocation per thread.
-from libc.math cimport sqrt
+from libc.math cimport log, sqrt
 from libc.stdlib cimport free, malloc
 
 from lmefast._lapack cimport chol_lower_rowmajor
@@ -209,3 +209,49 @@ cdef inline int chol_small(int p, double* C) noexcept nogil:
     return 0
 
 
+
+
+cdef inline i64 fixed_effects_step(int p, const double* XtX, const double* Xty, double yty,
+                                   double rr, double logdet, bint reml, double n,
+                                   double* Lx, const double* Rzxrzy, double* rhs, double* beta,
+                                   double* r2_out, double* obj_out) noexcept nogil:
+    """The p × p end of the profiled objective, shared by the kernels.
+
+    On entry Lx holds Σ Rzx'Rzx (lower triangle); on exit its lower Cholesky factor
+    Lx Lx' = X'X − Σ Rzx'Rzx, β̂ solves Lx Lx' β = X'y − Σ Rzx'rzy, r² = y'y − Σ rzy'rzy − β̂'rhs,
+    and the objective is log|L|² + dof (1 + log(2π r²/dof)) (+ log|Lx|² for REML).
+    Returns 0, −j when the factor fails at column j, −(p+1) when r² ≤ 0."""
+    cdef int i, j, a
+    cdef double acc, r2, dof, obj
+    for i in range(p):
+        for j in range(i + 1):
+            Lx[i * p + j] = XtX[i * p + j] - Lx[i * p + j]
+    i = chol_small(p, Lx) if p > 0 else 0
+    if i != 0:
+        return -i
+    for i in range(p):
+        rhs[i] = Xty[i] - Rzxrzy[i]
+        beta[i] = rhs[i]
+    for i in range(p):
+        acc = beta[i]
+        for a in range(i):
+            acc = acc - Lx[i * p + a] * beta[a]
+        beta[i] = acc / Lx[i * p + i]
+    for i in range(p - 1, -1, -1):
+        acc = beta[i]
+        for a in range(i + 1, p):
+            acc = acc - Lx[a * p + i] * beta[a]
+        beta[i] = acc / Lx[i * p + i]
+    r2 = yty - rr
+    for i in range(p):
+        r2 = r2 - beta[i] * rhs[i]
+    r2_out[0] = r2
+    if not r2 > 0.0:
+        return -(p + 1)
+    dof = n - p if reml else n
+    obj = logdet + dof * (1.0 + 1.8378770664093453 + log(r2 / dof))
+    if reml:
+        for i in range(p):
+            obj = obj + 2.0 * log(Lx[i * p + i])
+    obj_out[0] = obj
+    return 0

@@ -18,11 +18,10 @@ from libc.stdlib cimport free, malloc
 
 from lmefast._bfgs cimport bfgs_bounded
 from lmefast._dense cimport (
-    SMALL_Q, Work, back_solve, chol_small, factor_group, i64, lines, minv_from_chol,
-    work_alloc, work_free,
+    SMALL_Q, Work, back_solve, chol_small, factor_group, fixed_effects_step, i64, lines,
+    minv_from_chol, work_alloc, work_free,
 )
 
-cdef double LOG_2PI = 1.8378770664093453
 
 cdef struct Blocks:
     const double* S
@@ -310,42 +309,13 @@ cdef int eval_theta(void* vctx, const double* theta, double* f, double* grad) no
             c.Rzxrzy[l] += part[2 + p * p + l]
     c.logdet = logdet
     if status == 0:
-        # Lx ← chol(X'X − Σ Rzx'Rzx), lower triangle
-        for i in range(p):
-            for j in range(i + 1):
-                c.Lx[i * p + j] = c.XtX[i * p + j] - c.Lx[i * p + j]
-        i = chol_small(p, c.Lx) if p > 0 else 0
-        if i != 0:
-            status = -i
-    if status == 0:
-        # β̂ from Lx Lx' β = X'y − Rzx'rzy
-        for i in range(p):
-            c.rhs[i] = c.Xty[i] - c.Rzxrzy[i]
-            c.beta[i] = c.rhs[i]
-        for i in range(p):
-            acc = c.beta[i]
-            for a in range(i):
-                acc = acc - c.Lx[i * p + a] * c.beta[a]
-            c.beta[i] = acc / c.Lx[i * p + i]
-        for i in range(p - 1, -1, -1):
-            acc = c.beta[i]
-            for a in range(i + 1, p):
-                acc = acc - c.Lx[a * p + i] * c.beta[a]
-            c.beta[i] = acc / c.Lx[i * p + i]
-        r2 = c.yty - rr
-        for i in range(p):
-            r2 = r2 - c.beta[i] * c.rhs[i]
-        c.r2 = r2
-        if not r2 > 0.0:
-            status = -(p + 1)
+        status = fixed_effects_step(p, c.XtX, c.Xty, c.yty, rr, logdet, c.reml, c.n, c.Lx,
+                                    c.Rzxrzy, c.rhs, c.beta, &c.r2, &obj)
     c.status = status
     if status != 0:
         return 1
+    r2 = c.r2
     dof = c.n - p if c.reml else c.n
-    obj = logdet + dof * (1.0 + LOG_2PI + log(r2 / dof))
-    if c.reml:
-        for i in range(p):
-            obj = obj + 2.0 * log(c.Lx[i * p + i])
     f[0] = obj
     if grad == NULL:
         return 0

@@ -170,14 +170,15 @@ class Profiler:
         r = optimize.minimize(f, start, method="L-BFGS-B", bounds=sb,
                               options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 500})
         best = r
-        # a second start from the estimate guards against a poor warm start
-        r2 = optimize.minimize(f, np.clip(self.sd_hat[others] / scale, [b[0] if b[0] is not None else -np.inf
-                                                                        for b in sb],
-                                          [b[1] if b[1] is not None else np.inf for b in sb]),
-                               method="L-BFGS-B", bounds=sb, options={"ftol": 1e-15, "gtol": 1e-9,
-                                                                     "maxiter": 500})
-        if r2.fun < best.fun:
-            best = r2
+        if not r.success and j in self._warm:
+            # a poor warm start: start again from the estimate
+            r2 = optimize.minimize(f, np.clip(self.sd_hat[others] / scale,
+                                              [b[0] if b[0] is not None else -np.inf for b in sb],
+                                              [b[1] if b[1] is not None else np.inf for b in sb]),
+                                   method="L-BFGS-B", bounds=sb,
+                                   options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 500})
+            if r2.fun < best.fun:
+                best = r2
         self._warm[j] = best.x * scale
         return float(best.fun)
 
@@ -219,8 +220,10 @@ class Profiler:
                       Xty=np.ascontiguousarray(cp.Xty[keep] - XtX[keep, jb] * value),
                       yty=float(cp.yty - 2 * value * cp.Xty[jb] + value * value * XtX[jb, jb]))
         obj = ProfiledObjective(cpj, self.obj.theta_map, False, n_threads=1)
-        start = self._warm.get(("theta", jb), self.sol.theta)
-        sol, _ = fit_theta(obj, start)
+        # the warm start, the estimate and the default start: a θ near a boundary can leave
+        # the optimiser at a saddle, so keep the best of the three
+        starts = [self._warm.get(("theta", jb), self.sol.theta), self.sol.theta, obj.theta_map.start()]
+        sol = min((fit_theta(obj, s)[0] for s in starts), key=lambda x: x.objective)
         self._warm[("theta", jb)] = sol.theta
         return sol.objective
 
@@ -249,7 +252,7 @@ class Profiler:
         side = np.sign(target)
         boundary = hi_b if side > 0 else lo_b
         step = self._scale(j)
-        a, za = est, 0.0
+        a = est
         self._warm.pop(j, None)
         for _ in range(60):
             b = est + side * step
@@ -260,7 +263,7 @@ class Profiler:
                 break
             if b == boundary:
                 return float(boundary)
-            a, za = b, zb
+            a = b
             # extrapolate ζ linearly from the estimate, with a floor on the growth
             step = max(2 * step, abs(b - est) * abs(target) / max(abs(zb), 1e-8) * 1.1) \
                 if abs(zb) < 0.5 * abs(target) else abs(b - est) * abs(target) / max(abs(zb), 1e-8) * 1.05

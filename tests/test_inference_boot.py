@@ -1,0 +1,108 @@
+"""Issue 4: parametric bootstrap through the y-parts of the cross-products, simulation and
+prediction."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import fit_case, read_data
+
+import lmefast
+from lmefast.bootstrap import BootstrapError, YPartSimulator
+from lmefast.crossprods import compute_crossprods
+from lmefast.predict import PredictionError
+
+
+@pytest.mark.parametrize("case_id", ["sleep_rs", "pastes_nested", "dietox_cat"])
+def test_drawn_crossproducts_are_those_of_a_response(case_id: str) -> None:
+    model, res = fit_case(case_id, True)
+    sim = YPartSimulator(res)
+    rng = np.random.default_rng(3)
+    d = sim.draw(rng, 2)
+    for r in range(2):
+        y = sim.response(d, r, rng)
+        cp = compute_crossprods(replace(model.spec, y=y))
+        drawn = sim.crossprods(d, r)
+        np.testing.assert_allclose(drawn.S, cp.S, rtol=1e-10, atol=1e-8 * np.abs(cp.S).max())
+        np.testing.assert_allclose(drawn.Xty, cp.Xty, rtol=1e-10)
+        assert drawn.yty == pytest.approx(cp.yty, rel=1e-11)
+
+
+def test_replicates_equal_a_plain_refit_on_the_simulated_response() -> None:
+    _, res = fit_case("sleep_rs", True)
+    boot = res.bootstrap(5, seed=11)
+    # the same draws, materialised as responses and fitted from a DataFrame
+    sim = YPartSimulator(res)
+    d = sim.draw(np.random.default_rng(11), 5)
+    rng = np.random.default_rng(0)
+    df = read_data("sleepstudy")
+    for r in range(5):
+        y = sim.response(d, r, rng)
+        data = df.copy()
+        data["Reaction"] = y
+        model = lmefast.mixedlm("Reaction ~ Days", data, groups="Subject", re_formula="~Days")
+        refit = model.fit(start_params=res.theta)      # the bootstrap starts at θ̂ too
+        row = boot.replicates.iloc[r]
+        np.testing.assert_allclose(boot.theta[r], refit.theta, rtol=1e-6, atol=1e-9)
+        # from the default start: the same optimum, within the optimiser's tolerance
+        np.testing.assert_allclose(boot.theta[r], model.fit().theta, atol=1e-5)
+        assert row["sigma"] == pytest.approx(refit.sigma, rel=1e-7)
+        np.testing.assert_allclose(row[["Intercept", "Days"]].to_numpy(float),
+                                   refit.fe_params.to_numpy(), rtol=1e-7)
+        assert boot.objective[r] == pytest.approx(refit.objective, rel=1e-10)
+
+
+def test_bootstrap_is_reproducible_and_centred() -> None:
+    _, res = fit_case("sleep_rs", True)
+    a = res.bootstrap(200, seed=5)
+    b = res.bootstrap(200, seed=5, n_jobs=2)
+    np.testing.assert_allclose(a.replicates.to_numpy(), b.replicates.to_numpy(), rtol=1e-12)
+    assert a.converged.all()
+    assert list(a.replicates.columns) == ["sd_(Intercept)|Subject", "cor_Days.(Intercept)|Subject",
+                                          "sd_Days|Subject", "sigma", "Intercept", "Days"]
+    # replicate means of β are within 4 bootstrap standard errors of β̂
+    m = a.replicates[["Intercept", "Days"]].mean()
+    se = a.replicates[["Intercept", "Days"]].std() / np.sqrt(200)
+    assert np.all(np.abs(m - res.fe_params) < 4 * se)
+    ci = a.conf_int(0.9)
+    short = a.conf_int(0.9, kind="shortest")
+    assert np.all(ci.iloc[:, 0] < ci.iloc[:, 1])
+    assert np.all((short.iloc[:, 1] - short.iloc[:, 0]) <= (ci.iloc[:, 1] - ci.iloc[:, 0]) + 1e-12)
+    boot_ci = res.conf_int(method="bootstrap", n_boot=200, seed=5, level=0.9)
+    np.testing.assert_allclose(boot_ci.to_numpy(), ci.to_numpy())
+    with pytest.raises(BootstrapError):
+        res.bootstrap(0)
+
+
+def test_simulate() -> None:
+    _, res = fit_case("sleep_rs", True)
+    ys = res.simulate(400, seed=1)
+    assert ys.shape == (400, res.nobs)
+    np.testing.assert_array_equal(ys, res.simulate(400, seed=1))
+    # marginal mean Xβ̂ and marginal variance of one row: σ²(1 + z'TT'z)
+    mean = res.model.spec.X @ res.fe_params.to_numpy()
+    assert np.abs(ys.mean(axis=0) - mean).max() < 6 * 40 / np.sqrt(400)
+    cond = res.simulate(400, seed=1, include_random=False)
+    assert np.abs(cond.mean(axis=0) - res.fittedvalues).max() < 6 * res.sigma / np.sqrt(400)
+
+
+def test_predict() -> None:
+    _, res = fit_case("dietox_cat", True)
+    df = read_data("dietox")
+    np.testing.assert_allclose(res.predict(df), res.fittedvalues, rtol=1e-12)
+    np.testing.assert_allclose(res.predict(), res.fittedvalues)
+    pop = res.predict(df, include_random=False)
+    np.testing.assert_allclose(pop, res.model.spec.X @ res.fe_params.to_numpy(), rtol=1e-12)
+    new = df.head(5).copy()
+    new["Pig"] = -1
+    np.testing.assert_allclose(res.predict(new), pop[:5], rtol=1e-12)
+    with pytest.raises(PredictionError, match="not in the fit"):
+        res.predict(new, new_levels="error")
+    with pytest.raises(PredictionError, match=r"missing column\(s\) \['Time'\]"):
+        res.predict(df.drop(columns="Time"))
+    with pytest.raises(PredictionError, match="grouping column 'Pig'"):
+        res.predict(df.drop(columns="Pig"))
+    arr = res.predict(exog=res.model.spec.X[:3], exog_re=np.column_stack([np.ones(3), df["Time"][:3]]),
+                      groups=df["Pig"][:3])
+    np.testing.assert_allclose(arr, res.fittedvalues[:3], rtol=1e-12)
