@@ -85,7 +85,9 @@ def single_group_as_crossed(kwargs: dict[str, Any]) -> MixedLM | MultiLM | None:
                        endog_name=kwargs["endog_name"], exog_names=kwargs["exog_names"],
                        exog_re_names=["(Intercept)"], group_name=t.name)
     return MultiLM(np.asarray(y, dtype=float), np.ascontiguousarray(X), terms,
-                   endog_name=kwargs["endog_name"], exog_names=kwargs["exog_names"])
+                   endog_name=kwargs["endog_name"], exog_names=kwargs["exog_names"],
+                   statsmodels_group=groups.iloc[0],
+                   vc_order=tuple(str(v) for v in kwargs["vc_names"]))
 
 
 def lmer(formula: str, data: Any, reml: bool = True, missing: str = "raise", **fit_kwargs: Any):

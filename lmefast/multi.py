@@ -337,7 +337,7 @@ class MultiObjective:
             return out
         # P22 and the diagonal blocks of Z'ZΛM⁻¹
         q2 = cp.q2
-        P22, info = sla.lapack.dpotri(L22, lower=1, overwrite_c=1)   # lower triangle used
+        P22, info = sla.lapack.dpotri(L22, lower=1)   # lower triangle used; L22 kept for modes
         if info != 0:
             raise ObjectiveError("could not invert the trailing block")
         width = int(np.max(np.add.reduceat(cp.pair_k, cp.ptr[:-1])
@@ -409,13 +409,19 @@ class MultiLM:
     """A linear mixed model with several grouping factors (from ``lmer``)."""
 
     def __init__(self, y: np.ndarray, X: np.ndarray, terms: list[Term], *, endog_name: str,
-                 exog_names: list[str], dropped_exog: tuple[str, ...] = ()) -> None:
+                 exog_names: list[str], dropped_exog: tuple[str, ...] = (),
+                 statsmodels_group: Any = None, vc_order: tuple[str, ...] = ()) -> None:
+        """statsmodels_group / vc_order: set when the model came from statsmodels' one-group
+        spelling (the group's label and the variance components in the user's order), so that
+        results keep statsmodels' shapes (vcomp, random_effects of the one group)."""
         self.y = y
         self.X = X
         self.terms = tuple(terms)
         self.endog_name = endog_name
         self._exog_names = list(exog_names)
         self.dropped_exog = dropped_exog
+        self.statsmodels_group = statsmodels_group
+        self.vc_order = tuple(vc_order)
         self.theta_map = MultiThetaMap(self.terms)
         n_re = sum(t.m * t.k for t in terms)
         for t in terms:

@@ -15,7 +15,15 @@ class MultiResults(MixedLMResults):
 
     ``cov_re`` and ``random_effects`` are dicts keyed by grouping factor; ``params`` holds the
     fixed effects and, per term, the entries of T T' (= covariance / scale), statsmodels'
-    scaled parametrisation."""
+    scaled parametrisation.
+
+    A model written in statsmodels' one-group spelling of crossed effects keeps statsmodels'
+    shapes: ``vcomp`` (one variance per variance component, in the order given),
+    ``cov_re`` (empty), ``random_effects`` {group: Series "name[level]"}, ``n_groups`` 1."""
+
+    @property
+    def _statsmodels_spelling(self) -> bool:
+        return self.model.statsmodels_group is not None
 
     @property
     def k_re(self) -> int:
@@ -26,7 +34,9 @@ class MultiResults(MixedLMResults):
         return 0
 
     @property
-    def n_groups(self) -> dict[str, int]:
+    def n_groups(self) -> dict[str, int] | int:
+        if self._statsmodels_spelling:
+            return 1
         return {t.name: t.m for t in self.model.terms}
 
     @cached_property
@@ -34,15 +44,23 @@ class MultiResults(MixedLMResults):
         return self.model.theta_map.Ts(self._sol.theta)
 
     @cached_property
-    def cov_re(self) -> dict[str, pd.DataFrame]:
-        """Covariance of each factor's random coefficients, σ̂² T_j T_j'."""
+    def cov_re(self) -> dict[str, pd.DataFrame] | pd.DataFrame:
+        """Covariance of each factor's random coefficients, σ̂² T_j T_j' (statsmodels'
+        spelling: the group's random coefficients, none)."""
+        if self._statsmodels_spelling:
+            return pd.DataFrame(np.zeros((0, 0)))
         return {t.name: pd.DataFrame(self.scale * (T @ T.T), index=list(t.coef_names),
                                      columns=list(t.coef_names))
                 for t, T in zip(self.model.terms, self._Ts, strict=True)}
 
     @cached_property
     def vcomp(self) -> np.ndarray:
-        return np.zeros(0)
+        """statsmodels' spelling: the variance of each variance component, in the given order."""
+        if not self._statsmodels_spelling:
+            return np.zeros(0)
+        var = {t.name: self.scale * float(T[0, 0]) ** 2
+               for t, T in zip(self.model.terms, self._Ts, strict=True)}
+        return np.array([var[name] for name in self.model.vc_order])
 
     def _free_pairs(self):
         for t, T in zip(self.model.terms, self._Ts, strict=True):
@@ -55,7 +73,10 @@ class MultiResults(MixedLMResults):
         out = []
         for t, _, r, c in self._free_pairs():
             a, b = t.coef_names[r], t.coef_names[c]
-            out.append(f"{t.name} {a} Var" if r == c else f"{t.name} {b} x {a} Cov")
+            if self._statsmodels_spelling:
+                out.append(f"{t.name} Var")
+            else:
+                out.append(f"{t.name} {a} Var" if r == c else f"{t.name} {b} x {a} Cov")
         return out
 
     @cached_property
@@ -91,10 +112,16 @@ class MultiResults(MixedLMResults):
         return self._objective.modes(self._sol)
 
     @cached_property
-    def random_effects(self) -> dict[str, pd.DataFrame]:
+    def random_effects(self) -> dict:
         """Conditional modes per grouping factor: a DataFrame levels × coefficients (lme4's
-        ``ranef``)."""
-        return self.model.random_effects_frames(self._modes_list)
+        ``ranef``); statsmodels' spelling: {group: Series indexed "name[level]"}."""
+        frames = self.model.random_effects_frames(self._modes_list)
+        if not self._statsmodels_spelling:
+            return frames
+        parts = [pd.Series(frames[name].iloc[:, 0].to_numpy(),
+                           index=[f"{name}[{lab}]" for lab in frames[name].index])
+                 for name in self.model.vc_order]
+        return {self.model.statsmodels_group: pd.concat(parts)}
 
     @property
     def random_effects_frame(self) -> dict[str, pd.DataFrame]:
