@@ -1,299 +1,679 @@
 # cython: language_level=3
-"""Kernels for several grouping factors: the blocked Cholesky of DESIGN.md §2.
+"""Several grouping factors: the blocked Cholesky of DESIGN.md §2, all in C.
 
 Terms sorted by levels, largest first. Block [1,1] is block-diagonal (one k1 × k1 block per
 level i of the first factor) and is factored level by level; block [2,1] is sparse: level i
-meets a few levels of the trailing factors ("pairs", each a k_j × k1 block of Z_2'Z_1);
-block [2,2] (all trailing factors, q2 coordinates) is dense and receives the Schur
-complement updates −L21_i L21_i' here, then is factored by LAPACK in the caller.
+meets a few levels of the trailing factors ("pairs" P, each a k_j × k1 block A21_P of
+Z_2'Z_1); block [2,2] (all trailing factors, q2 coordinates) is dense, receives the Schur
+complement and is factored by LAPACK:
 
-Per level i of the first factor:
     L11_i L11_i' = T1'A11_iT1 + I,  Rzx1_i = L11_i⁻¹T1'B1_i,  rzy1_i = L11_i⁻¹T1'c1_i
-    L21_P = (T_j' A21_P T1) L11_i⁻ᵀ for each pair P of level i
-    M22 −= Σ_{P,P'} L21_P L21_P'' (lower triangle only),  R2x −= L21_P Rzx1_i,
-    r2y −= L21_P rzy1_i
+    L21_P = (T_j'A21_P T1) L11_i⁻ᵀ
+    L22 L22' = Λ2'A22Λ2 + I − Σ_P,P' L21_P L21_P'',  Rzx2 = L22⁻¹(Λ2'B2 − Σ L21_P Rzx1_i), ...
+
+The gradient (DESIGN.md §2) needs the diagonal level blocks of Z'ZΛM⁻¹; the blocks of M⁻¹
+it reads come from L11, L21 and P22 = (L22L22')⁻¹ (dpotri): with Z_P = L21_P L11_i⁻¹ and
+Q_P = Σ_P' P22[P,P'] Z_P', (M⁻¹)21_P = −Q_P and (M⁻¹)11_ii = L11_i⁻ᵀL11_i⁻¹ + Σ_P Z_P'Q_P.
+
+Storage is row-major; M22 holds L22 in its lower triangle, later P22 (lower triangle).
 """
+import numpy as np
+
 from libc.math cimport log
 from libc.stdlib cimport free, malloc
+from libc.string cimport memset
 
+from lmefast._bfgs cimport bfgs_bounded
 from lmefast._dense cimport (
-    Work, back_solve, factor_group, i64, minv_from_chol, work_alloc, work_free,
+    Work, back_solve, factor_group, fixed_effects_step, i64, minv_from_chol, work_alloc,
+    work_free,
+)
+from lmefast._lapack cimport (
+    chol_lower_rowmajor, inverse_from_chol_rowmajor, solve_lower_rowmajor,
 )
 
 
-def first_factor_pass(
-    const double[::1] S1, int k1, int p,
-    const i64[::1] ptr, const i64[::1] pair_c0, const int[::1] pair_k,
-    const i64[::1] pair_toff, const i64[::1] pair_voff, const double[::1] A21,
-    const double[::1] T1, const double[::1] Ttrail,
-    double[:, ::1] M22, double[:, ::1] R2x, double[::1] r2y,
-    double[::1] L11c, double[::1] Rzx1c, double[::1] rzy1c, double[::1] L21c,
-    double[:, ::1] RzxRzx, double[::1] Rzxrzy,
-):
-    """The level loop of the first factor; returns (Σ log|L11_i|², Σ rzy1_i'rzy1_i, status).
+cdef struct MultiCtx:
+    i64 m1
+    int k1
+    int p
+    int q2
+    int nt
+    int nterms
+    int kmax
+    int width
+    # first factor records [A11 | B1 | c1] and the pairs
+    const double* S1
+    const i64* ptr
+    const i64* pair_c0
+    const int* pair_k
+    const i64* pair_toff
+    const i64* pair_voff
+    const double* A21
+    # trailing coordinates: their level block's start and size, their term's T in Tall
+    const i64* bstart
+    const int* bk
+    const i64* btoff
+    const int* bterm
+    # A22 (all non-zeros), B2, c2
+    i64 nnz22
+    const i64* a22r
+    const i64* a22c
+    const double* a22v
+    const double* B2
+    const double* c2
+    const double* XtX
+    const double* Xty
+    double yty
+    double n
+    bint reml
+    # θ → T entries
+    const int* th_term
+    const int* th_row
+    const int* th_col
+    const i64* t_off
+    const int* t_k
+    # buffers
+    double* Tall
+    double* gTall
+    double* M22
+    double* R2x
+    double* r2y
+    double* L11c
+    double* Rzx1c
+    double* rzy1c
+    double* L21c
+    double* Lx
+    double* beta
+    double* Rzxrzy
+    double* rhs
+    double* Cinv
+    double* X1
+    double* X2
+    double* V1
+    double* V2
+    double* out1
+    double* out2
+    double* G1
+    double* G2
+    double* Zb
+    double* Qb
+    double* Mi
+    Work w
+    double r2
+    double logdet
+    i64 status
+    long n_evals
 
-    Caches L11_i, Rzx1_i, rzy1_i and every L21_P (layout of A21) for the solves that follow.
-    status is 0 or 1 + the level whose block failed to factor."""
-    cdef i64 m1 = ptr.shape[0] - 1, i, P, P2
-    cdef int rec = k1 * k1 + k1 * p + k1
-    cdef int a, b, c, l, kj, kj2, status = 0
-    cdef double acc, logdet = 0.0, rr = 0.0
+
+cdef inline double lam(MultiCtx* c, i64 r, int a2) noexcept nogil:
+    """Λ2[r, bstart[r] + a2] (zero above the diagonal of the block)."""
+    cdef int a = <int>(r - c.bstart[r]), k = c.bk[r]
+    return c.Tall[c.btoff[r] + a * k + a2] if a2 <= a else 0.0
+
+
+cdef void build_trailing(MultiCtx* c) noexcept nogil:
+    """M22 (lower) = Λ2'A22Λ2 + I,  R2x = Λ2'B2,  r2y = Λ2'c2."""
+    cdef i64 e, r, col, rr, cc
+    cdef int a, b, ar, ac, p = c.p, q2 = c.q2, l
+    cdef double v
+    memset(c.M22, 0, <size_t>q2 * q2 * sizeof(double))
+    for e in range(c.nnz22):
+        r = c.a22r[e]
+        col = c.a22c[e]
+        ar = <int>(r - c.bstart[r])
+        ac = <int>(col - c.bstart[col])
+        for a in range(ar + 1):
+            rr = c.bstart[r] + a
+            for b in range(ac + 1):
+                cc = c.bstart[col] + b
+                if rr >= cc:
+                    c.M22[rr * q2 + cc] += lam(c, r, a) * c.a22v[e] * lam(c, col, b)
+    for r in range(q2):
+        c.M22[r * q2 + r] += 1.0
+        c.r2y[r] = 0.0
+        for l in range(p):
+            c.R2x[r * p + l] = 0.0
+    for r in range(q2):
+        ar = <int>(r - c.bstart[r])
+        for a in range(ar + 1):
+            rr = c.bstart[r] + a
+            v = lam(c, r, a)
+            c.r2y[rr] += v * c.c2[r]
+            for l in range(p):
+                c.R2x[rr * p + l] += v * c.B2[r * p + l]
+
+
+cdef i64 level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
+    """The level loop of the first factor (module docstring). Σ Rzx1'Rzx1 goes into Lx
+    (lower), Σ Rzx1'rzy1 into Rzxrzy. Returns 0 or 1 + the level that failed."""
+    cdef i64 i, P, P2, r1, r2
+    cdef int k1 = c.k1, p = c.p, q2 = c.q2, rec = k1 * k1 + k1 * p + k1
+    cdef int a, b, d, l, kj, kj2
+    cdef double acc
     cdef const double* A
     cdef const double* Tj
+    cdef const double* T1 = c.Tall
     cdef double* X
     cdef double* X2
-    cdef double* Y
-    cdef Work w
-    cdef int kmax = 1
-    for P in range(pair_k.shape[0]):
-        if pair_k[P] > kmax:
-            kmax = pair_k[P]
-    if work_alloc(&w, k1 if k1 > kmax else kmax, p) != 0:
-        work_free(&w)
-        raise MemoryError()
-    Y = w.tmp
-    with nogil:
-        for i in range(m1):
-            A = &S1[i * rec]
-            if factor_group(k1, k1, p, A, A + k1 * k1, A + k1 * k1 + k1 * p, &T1[0], NULL,
-                            NULL, &w) != 0:
-                status = <int>(i + 1)
-                break
-            for a in range(k1 * k1):
-                L11c[i * k1 * k1 + a] = w.L[a]
-            for a in range(k1 * p):
-                Rzx1c[i * k1 * p + a] = w.R[a]
-            for a in range(k1):
-                rzy1c[i * k1 + a] = w.r[a]
-                logdet += 2.0 * log(w.L[a * k1 + a])
-                rr += w.r[a] * w.r[a]
+    cdef double* Y = c.w.tmp
+    cdef Work* w = &c.w
+    for i in range(c.m1):
+        A = &c.S1[i * rec]
+        if factor_group(k1, k1, p, A, A + k1 * k1, A + k1 * k1 + k1 * p, T1, NULL, NULL,
+                        w) != 0:
+            return i + 1
+        for a in range(k1 * k1):
+            c.L11c[i * k1 * k1 + a] = w.L[a]
+        for a in range(k1 * p):
+            c.Rzx1c[i * k1 * p + a] = w.R[a]
+        for a in range(k1):
+            c.rzy1c[i * k1 + a] = w.r[a]
+            logdet[0] += 2.0 * log(w.L[a * k1 + a])
+            rr[0] += w.r[a] * w.r[a]
+            for l in range(p):
+                c.Rzxrzy[l] += w.R[a * p + l] * w.r[a]
+                for d in range(l + 1):
+                    c.Lx[l * p + d] += w.R[a * p + l] * w.R[a * p + d]
+        for P in range(c.ptr[i], c.ptr[i + 1]):
+            kj = c.pair_k[P]
+            Tj = &c.Tall[c.pair_toff[P]]
+            for a in range(kj):                       # Y = A21_P T1
+                for b in range(k1):
+                    acc = 0.0
+                    for d in range(b, k1):
+                        acc = acc + c.A21[c.pair_voff[P] + a * k1 + d] * T1[d * k1 + b]
+                    Y[a * k1 + b] = acc
+            X = &c.L21c[c.pair_voff[P]]
+            for a in range(kj):                       # X = T_j'Y L11⁻ᵀ
+                for b in range(k1):
+                    acc = 0.0
+                    for d in range(a, kj):
+                        acc = acc + Tj[d * kj + a] * Y[d * k1 + b]
+                    X[a * k1 + b] = acc
+                for b in range(k1):
+                    acc = X[a * k1 + b]
+                    for d in range(b):
+                        acc = acc - X[a * k1 + d] * w.L[b * k1 + d]
+                    X[a * k1 + b] = acc / w.L[b * k1 + b]
+            for a in range(kj):
+                acc = 0.0
+                for b in range(k1):
+                    acc = acc + X[a * k1 + b] * w.r[b]
+                c.r2y[c.pair_c0[P] + a] -= acc
                 for l in range(p):
-                    Rzxrzy[l] += w.R[a * p + l] * w.r[a]
-                    for c in range(l + 1):
-                        RzxRzx[l, c] += w.R[a * p + l] * w.R[a * p + c]
-            for P in range(ptr[i], ptr[i + 1]):
-                kj = pair_k[P]
-                Tj = &Ttrail[pair_toff[P]]
-                # Y = A21_P T1 (kj × k1)
-                for a in range(kj):
-                    for b in range(k1):
-                        acc = 0.0
-                        for c in range(b, k1):
-                            acc = acc + A21[pair_voff[P] + a * k1 + c] * T1[c * k1 + b]
-                        Y[a * k1 + b] = acc
-                # X = T_j' Y, then X ← X L11⁻ᵀ (forward substitution on each row)
-                X = &L21c[pair_voff[P]]
-                for a in range(kj):
-                    for b in range(k1):
-                        acc = 0.0
-                        for c in range(a, kj):
-                            acc = acc + Tj[c * kj + a] * Y[c * k1 + b]
-                        X[a * k1 + b] = acc
-                    for b in range(k1):
-                        acc = X[a * k1 + b]
-                        for c in range(b):
-                            acc = acc - X[a * k1 + c] * w.L[b * k1 + c]
-                        X[a * k1 + b] = acc / w.L[b * k1 + b]
-                # right-hand sides
-                for a in range(kj):
                     acc = 0.0
                     for b in range(k1):
-                        acc = acc + X[a * k1 + b] * w.r[b]
-                    r2y[pair_c0[P] + a] -= acc
-                    for l in range(p):
+                        acc = acc + X[a * k1 + b] * w.R[b * p + l]
+                    c.R2x[(c.pair_c0[P] + a) * p + l] -= acc
+        for P in range(c.ptr[i], c.ptr[i + 1]):       # M22 −= L21_P L21_P2' (lower)
+            kj = c.pair_k[P]
+            X = &c.L21c[c.pair_voff[P]]
+            for P2 in range(c.ptr[i], P + 1):
+                kj2 = c.pair_k[P2]
+                X2 = &c.L21c[c.pair_voff[P2]]
+                for a in range(kj):
+                    for d in range(kj2 if P2 != P else a + 1):
                         acc = 0.0
                         for b in range(k1):
-                            acc = acc + X[a * k1 + b] * w.R[b * p + l]
-                        R2x[pair_c0[P] + a, l] -= acc
-            # Schur complement: M22 −= L21_P L21_P2' for pairs P ≥ P2 of this level
-            for P in range(ptr[i], ptr[i + 1]):
-                kj = pair_k[P]
-                X = &L21c[pair_voff[P]]
-                for P2 in range(ptr[i], P + 1):
-                    kj2 = pair_k[P2]
-                    X2 = &L21c[pair_voff[P2]]
-                    for a in range(kj):
-                        for c in range(kj2 if P2 != P else a + 1):
-                            acc = 0.0
-                            for b in range(k1):
-                                acc = acc + X[a * k1 + b] * X2[c * k1 + b]
-                            if pair_c0[P] + a >= pair_c0[P2] + c:   # lower triangle only
-                                M22[pair_c0[P] + a, pair_c0[P2] + c] -= acc
-                            else:
-                                M22[pair_c0[P2] + c, pair_c0[P] + a] -= acc
-    work_free(&w)
-    for a in range(p):
-        for c in range(a):
-            RzxRzx[c, a] = RzxRzx[a, c]
-    return logdet, rr, status
+                            acc = acc + X[a * k1 + b] * X2[d * k1 + b]
+                        r1 = c.pair_c0[P] + a
+                        r2 = c.pair_c0[P2] + d
+                        if r1 >= r2:
+                            c.M22[r1 * q2 + r2] -= acc
+                        else:
+                            c.M22[r2 * q2 + r1] -= acc
+    return 0
 
 
-def first_factor_backsolve(
-    int k1, int ncol, const i64[::1] ptr, const i64[::1] pair_c0, const int[::1] pair_k,
-    const i64[::1] pair_voff, const double[::1] L11c, const double[::1] L21c,
-    double[::1] X1, const double[:, ::1] X2,
-):
-    """X1_i ← L11_i⁻ᵀ (X1_i − Σ_P L21_P' X2[P]) for every level i (X1: m1 × k1 × ncol):
-    the first-factor half of a solve with L' once the trailing half X2 is known."""
-    cdef i64 m1 = ptr.shape[0] - 1, i, P
-    cdef int a, b, l, kj
-    cdef double v
-    with nogil:
-        for i in range(m1):
-            for P in range(ptr[i], ptr[i + 1]):
-                kj = pair_k[P]
-                for a in range(kj):
-                    for b in range(k1):
-                        v = L21c[pair_voff[P] + a * k1 + b]
-                        for l in range(ncol):
-                            X1[(i * k1 + b) * ncol + l] -= v * X2[pair_c0[P] + a, l]
-            back_solve(k1, ncol, &L11c[i * k1 * k1], &X1[i * k1 * ncol])
+cdef void backsolve_all(MultiCtx* c) noexcept nogil:
+    """[u | H] = L⁻ᵀ [rzy − Rzx β | Rzx] into X1 (m1 × k1 × (1+p)) and X2 (q2 × (1+p)),
+    with L22 in M22. Uses R2x/r2y (= Rzx2, rzy2) and the caches."""
+    cdef int p = c.p, k1 = c.k1, q2 = c.q2, nc = p + 1, a, b, l, kj
+    cdef i64 i, P, r
+    cdef double acc, v
+    for r in range(q2):
+        acc = c.r2y[r]
+        for l in range(p):
+            acc = acc - c.R2x[r * p + l] * c.beta[l]
+            c.X2[r * nc + 1 + l] = c.R2x[r * p + l]
+        c.X2[r * nc] = acc
+    solve_lower_rowmajor(c.M22, q2, c.X2, nc, True)
+    for i in range(c.m1):
+        for b in range(k1):
+            acc = c.rzy1c[i * k1 + b]
+            for l in range(p):
+                v = c.Rzx1c[(i * k1 + b) * p + l]
+                acc = acc - v * c.beta[l]
+                c.X1[(i * k1 + b) * nc + 1 + l] = v
+            c.X1[(i * k1 + b) * nc] = acc
+        for P in range(c.ptr[i], c.ptr[i + 1]):
+            kj = c.pair_k[P]
+            for a in range(kj):
+                for b in range(k1):
+                    v = c.L21c[c.pair_voff[P] + a * k1 + b]
+                    for l in range(nc):
+                        c.X1[(i * k1 + b) * nc + l] -= v * c.X2[(c.pair_c0[P] + a) * nc + l]
+        back_solve(k1, nc, &c.L11c[i * k1 * k1], &c.X1[i * k1 * nc])
 
 
-def apply_A(
-    const double[::1] S1, int k1, int p, const i64[::1] ptr, const i64[::1] pair_c0,
-    const int[::1] pair_k, const i64[::1] pair_voff, const double[::1] A21, int ncol,
-    const double[::1] V1, const double[:, ::1] V2, double[::1] out1, double[:, ::1] out2,
-):
-    """(Z'Z V) without A22: out1_i = A11_i V1_i + Σ_P A21_P' V2[P];  out2[P] += A21_P V1_i.
-    out1 is overwritten, out2 accumulated (the caller adds A22 V2)."""
-    cdef i64 m1 = ptr.shape[0] - 1, i, P
-    cdef int rec = k1 * k1 + k1 * p + k1, a, b, c, l, kj
-    cdef double v, acc
-    with nogil:
-        for i in range(m1):
-            for a in range(k1):
-                for l in range(ncol):
-                    acc = 0.0
-                    for c in range(k1):
-                        acc = acc + S1[i * rec + a * k1 + c] * V1[(i * k1 + c) * ncol + l]
-                    out1[(i * k1 + a) * ncol + l] = acc
-            for P in range(ptr[i], ptr[i + 1]):
-                kj = pair_k[P]
-                for a in range(kj):
-                    for b in range(k1):
-                        v = A21[pair_voff[P] + a * k1 + b]
-                        for l in range(ncol):
-                            out1[(i * k1 + b) * ncol + l] += v * V2[pair_c0[P] + a, l]
-                            out2[pair_c0[P] + a, l] += v * V1[(i * k1 + b) * ncol + l]
+cdef void residual_parts(MultiCtx* c) noexcept nogil:
+    """V = Λ[u | H];  out = [c − Bβ | B] − Z'Z V  (= [s | E]) into out1, out2."""
+    cdef int p = c.p, k1 = c.k1, q2 = c.q2, nc = p + 1, rec = k1 * k1 + k1 * p + k1
+    cdef int a, b, l, kj, ar, ac
+    cdef i64 i, P, r, e, col
+    cdef double acc, v
+    cdef const double* A
+    cdef const double* T1 = c.Tall
+    for i in range(c.m1):
+        for a in range(k1):
+            for l in range(nc):
+                acc = 0.0
+                for b in range(a + 1):
+                    acc = acc + T1[a * k1 + b] * c.X1[(i * k1 + b) * nc + l]
+                c.V1[(i * k1 + a) * nc + l] = acc
+    for r in range(q2):
+        ar = <int>(r - c.bstart[r])
+        for l in range(nc):
+            acc = 0.0
+            for b in range(ar + 1):
+                acc = acc + lam(c, r, b) * c.X2[(c.bstart[r] + b) * nc + l]
+            c.V2[r * nc + l] = acc
+    for r in range(q2):
+        acc = c.c2[r]
+        for l in range(p):
+            acc = acc - c.B2[r * p + l] * c.beta[l]
+            c.out2[r * nc + 1 + l] = c.B2[r * p + l]
+        c.out2[r * nc] = acc
+    for e in range(c.nnz22):
+        r = c.a22r[e]
+        col = c.a22c[e]
+        for l in range(nc):
+            c.out2[r * nc + l] -= c.a22v[e] * c.V2[col * nc + l]
+    for i in range(c.m1):
+        A = &c.S1[i * rec]
+        for a in range(k1):
+            acc = A[k1 * k1 + k1 * p + a]
+            for l in range(p):
+                acc = acc - A[k1 * k1 + a * p + l] * c.beta[l]
+                c.out1[(i * k1 + a) * nc + 1 + l] = A[k1 * k1 + a * p + l]
+            c.out1[(i * k1 + a) * nc] = acc
+            for l in range(nc):
+                acc = 0.0
+                for b in range(k1):
+                    acc = acc + A[a * k1 + b] * c.V1[(i * k1 + b) * nc + l]
+                c.out1[(i * k1 + a) * nc + l] -= acc
+        for P in range(c.ptr[i], c.ptr[i + 1]):
+            kj = c.pair_k[P]
+            for a in range(kj):
+                for b in range(k1):
+                    v = c.A21[c.pair_voff[P] + a * k1 + b]
+                    for l in range(nc):
+                        c.out1[(i * k1 + b) * nc + l] -= v * c.V2[(c.pair_c0[P] + a) * nc + l]
+                        c.out2[(c.pair_c0[P] + a) * nc + l] -= v * c.V1[(i * k1 + b) * nc + l]
 
 
-def first_factor_grad_blocks(
-    const double[::1] S1, int k1, int p, const i64[::1] ptr, const i64[::1] pair_c0,
-    const int[::1] pair_k, const i64[::1] pair_voff, const i64[::1] pair_toff,
-    const double[::1] A21, const double[::1] L11c, const double[::1] L21c,
-    const double[::1] T1, const double[::1] Ttrail, const double[:, ::1] P22, int width,
-    double[::1] G1, double[:, ::1] G2,
-):
-    """The parts of the diagonal blocks of G = Z'ZΛM⁻¹ that involve the first factor.
+cdef inline double P22at(MultiCtx* c, i64 r1, i64 r2) noexcept nogil:
+    return c.M22[r1 * c.q2 + r2] if r1 >= r2 else c.M22[r2 * c.q2 + r1]
 
-    With Z_P = L21_P L11_i⁻¹, Q_P = Σ_P' P22[P, P'] Z_P' (so (M⁻¹)21 = −Q) and
-    (M⁻¹)11_ii = L11_i⁻ᵀL11_i⁻¹ + Σ_P Z_P'Q_P:
-        G1 += A11_i T1 (M⁻¹)11_ii − Σ_P A21_P' T_j Q_P         (summed over levels, k1 × k1)
-        G2[P's block] −= A21_P T1 Q_P'                           (row c, column b of its block)
-    `width` is the largest Σ_P k_j of a level (rows of the Z and Q work arrays). Only the upper
-    triangle of P22 is read."""
-    cdef i64 m1 = ptr.shape[0] - 1, i, P, P2
-    cdef int rec = k1 * k1 + k1 * p + k1, a, b, c, d, kj, kj2, row, row2
-    cdef i64 r1, r2
-    cdef double acc
-    cdef double* Z = <double*>malloc((width * k1 + 1) * sizeof(double))
-    cdef double* Q = <double*>malloc((width * k1 + 1) * sizeof(double))
-    cdef double* Mi = <double*>malloc((k1 * k1 * 3 + 1) * sizeof(double))
-    cdef double* tmp
-    cdef double* W
+
+cdef void grad_blocks(MultiCtx* c) noexcept nogil:
+    """G1 = Σ_i diagonal blocks of Z'ZΛM⁻¹ for the first factor; G2 (row r, column b of r's
+    block) the trailing ones. M22 holds P22 (lower)."""
+    cdef int k1 = c.k1, p = c.p, rec = k1 * k1 + k1 * p + k1, kmax = c.kmax
+    cdef int a, b, d, e, kj, kj2, row, row2, ar, ac
+    cdef i64 i, P, P2, r, col, cb
+    cdef double acc, wv
+    cdef double* Z = c.Zb
+    cdef double* Q = c.Qb
+    cdef double* Mi = c.Mi
+    cdef double* tmp = c.Mi + k1 * k1
+    cdef double* W = tmp + k1 * k1
     cdef const double* L
     cdef const double* A11
     cdef const double* Tj
-    if Z == NULL or Q == NULL or Mi == NULL:
-        free(Z); free(Q); free(Mi)
-        raise MemoryError()
-    tmp = Mi + k1 * k1
-    W = tmp + k1 * k1
-    with nogil:
-        for i in range(m1):
-            L = &L11c[i * k1 * k1]
-            A11 = &S1[i * rec]
-            # Z_P = L21_P L11⁻¹ (each row: solve z L11 = l by back substitution)
-            row = 0
-            for P in range(ptr[i], ptr[i + 1]):
-                kj = pair_k[P]
-                for a in range(kj):
-                    for b in range(k1 - 1, -1, -1):
-                        acc = L21c[pair_voff[P] + a * k1 + b]
-                        for c in range(b + 1, k1):
-                            acc = acc - Z[(row + a) * k1 + c] * L[c * k1 + b]
-                        Z[(row + a) * k1 + b] = acc / L[b * k1 + b]
-                row = row + kj
-            # Q_P = Σ_P' P22[P, P'] Z_P'
-            row = 0
-            for P in range(ptr[i], ptr[i + 1]):
-                kj = pair_k[P]
-                for a in range(kj):
-                    for b in range(k1):
-                        acc = 0.0
-                        row2 = 0
-                        for P2 in range(ptr[i], ptr[i + 1]):
-                            kj2 = pair_k[P2]
-                            for c in range(kj2):
-                                r1 = pair_c0[P] + a
-                                r2 = pair_c0[P2] + c
-                                acc = acc + (P22[r2, r1] if r1 >= r2 else P22[r1, r2]) \
-                                    * Z[(row2 + c) * k1 + b]
-                            row2 = row2 + kj2
-                        Q[(row + a) * k1 + b] = acc
-                row = row + kj
-            # (M⁻¹)11_ii
-            minv_from_chol(k1, L, Mi, tmp)
-            row = 0
-            for P in range(ptr[i], ptr[i + 1]):
-                kj = pair_k[P]
-                for a in range(k1):
-                    for b in range(k1):
-                        acc = 0.0
-                        for c in range(kj):
-                            acc = acc + Z[(row + c) * k1 + a] * Q[(row + c) * k1 + b]
-                        Mi[a * k1 + b] += acc
-                row = row + kj
-            # W = A11 T1, G1 += W Mi
+    cdef const double* T1 = c.Tall
+    memset(c.G1, 0, k1 * k1 * sizeof(double))
+    memset(c.G2, 0, <size_t>c.q2 * kmax * sizeof(double))
+    for i in range(c.m1):
+        L = &c.L11c[i * k1 * k1]
+        A11 = &c.S1[i * rec]
+        row = 0
+        for P in range(c.ptr[i], c.ptr[i + 1]):       # Z_P = L21_P L11⁻¹
+            kj = c.pair_k[P]
+            for a in range(kj):
+                for b in range(k1 - 1, -1, -1):
+                    acc = c.L21c[c.pair_voff[P] + a * k1 + b]
+                    for d in range(b + 1, k1):
+                        acc = acc - Z[(row + a) * k1 + d] * L[d * k1 + b]
+                    Z[(row + a) * k1 + b] = acc / L[b * k1 + b]
+            row = row + kj
+        row = 0
+        for P in range(c.ptr[i], c.ptr[i + 1]):       # Q_P = Σ_P2 P22[P, P2] Z_P2
+            kj = c.pair_k[P]
+            for a in range(kj):
+                for b in range(k1):
+                    Q[(row + a) * k1 + b] = 0.0
+                row2 = 0
+                for P2 in range(c.ptr[i], c.ptr[i + 1]):
+                    kj2 = c.pair_k[P2]
+                    for d in range(kj2):
+                        wv = P22at(c, c.pair_c0[P] + a, c.pair_c0[P2] + d)
+                        for b in range(k1):
+                            Q[(row + a) * k1 + b] += wv * Z[(row2 + d) * k1 + b]
+                    row2 = row2 + kj2
+            row = row + kj
+        minv_from_chol(k1, L, Mi, tmp)
+        row = 0
+        for P in range(c.ptr[i], c.ptr[i + 1]):       # (M⁻¹)11_ii += Σ Z_P'Q_P
+            kj = c.pair_k[P]
             for a in range(k1):
                 for b in range(k1):
                     acc = 0.0
-                    for c in range(b, k1):
-                        acc = acc + A11[a * k1 + c] * T1[c * k1 + b]
-                    W[a * k1 + b] = acc
-            for a in range(k1):
+                    for d in range(kj):
+                        acc = acc + Z[(row + d) * k1 + a] * Q[(row + d) * k1 + b]
+                    Mi[a * k1 + b] += acc
+            row = row + kj
+        for a in range(k1):                           # G1 += A11 T1 (M⁻¹)11_ii
+            for b in range(k1):
+                acc = 0.0
+                for d in range(b, k1):
+                    acc = acc + A11[a * k1 + d] * T1[d * k1 + b]
+                W[a * k1 + b] = acc
+        for a in range(k1):
+            for b in range(k1):
+                acc = 0.0
+                for d in range(k1):
+                    acc = acc + W[a * k1 + d] * Mi[d * k1 + b]
+                c.G1[a * k1 + b] += acc
+        row = 0
+        for P in range(c.ptr[i], c.ptr[i + 1]):
+            kj = c.pair_k[P]
+            Tj = &c.Tall[c.pair_toff[P]]
+            for a in range(k1):                       # G1 −= A21_P' T_j Q_P
                 for b in range(k1):
                     acc = 0.0
-                    for c in range(k1):
-                        acc = acc + W[a * k1 + c] * Mi[c * k1 + b]
-                    G1[a * k1 + b] += acc
-            row = 0
-            for P in range(ptr[i], ptr[i + 1]):
-                kj = pair_k[P]
-                Tj = &Ttrail[pair_toff[P]]
-                # G1 −= A21_P' T_j Q_P   (k1 × kj)(kj × kj)(kj × k1)
-                for a in range(k1):
-                    for b in range(k1):
-                        acc = 0.0
-                        for c in range(kj):
-                            for d in range(c, kj):
-                                acc = acc + A21[pair_voff[P] + d * k1 + a] * Tj[d * kj + c] \
-                                    * Q[(row + c) * k1 + b]
-                        G1[a * k1 + b] -= acc
-                # G2[P] −= A21_P T1 Q_P'   (kj × k1)(k1 × k1)(k1 × kj)
-                for a in range(kj):
-                    for c in range(k1):
-                        acc = 0.0
-                        for d in range(c, k1):
-                            acc = acc + A21[pair_voff[P] + a * k1 + d] * T1[d * k1 + c]
-                        tmp[c] = acc
-                    for b in range(kj):
-                        acc = 0.0
-                        for c in range(k1):
-                            acc = acc + tmp[c] * Q[(row + b) * k1 + c]
-                        G2[pair_c0[P] + a, b] -= acc
-                row = row + kj
-    free(Z)
-    free(Q)
-    free(Mi)
+                    for d in range(kj):
+                        for e in range(d, kj):
+                            acc = acc + c.A21[c.pair_voff[P] + e * k1 + a] * Tj[e * kj + d] \
+                                * Q[(row + d) * k1 + b]
+                    c.G1[a * k1 + b] -= acc
+            for a in range(kj):                       # G2[P] −= A21_P T1 Q_P'
+                for d in range(k1):
+                    acc = 0.0
+                    for e in range(d, k1):
+                        acc = acc + c.A21[c.pair_voff[P] + a * k1 + e] * T1[e * k1 + d]
+                    tmp[d] = acc
+                for b in range(kj):
+                    acc = 0.0
+                    for d in range(k1):
+                        acc = acc + tmp[d] * Q[(row + b) * k1 + d]
+                    c.G2[(c.pair_c0[P] + a) * kmax + b] -= acc
+            row = row + kj
+    # + diagonal blocks of A22 Λ2 P22: entry (r, b) = Σ_col A22[r, col] Σ_a' Λ2[col, s+a'] P22[s+a', start(r)+b]
+    for e in range(c.nnz22):
+        r = c.a22r[e]
+        col = c.a22c[e]
+        ac = <int>(col - c.bstart[col])
+        for d in range(ac + 1):
+            wv = c.a22v[e] * lam(c, col, d)
+            cb = c.bstart[col] + d
+            for b in range(c.bk[r]):
+                c.G2[r * kmax + b] += wv * P22at(c, cb, c.bstart[r] + b)
+
+
+cdef void assemble_gradient(MultiCtx* c, double kappa, double* grad) noexcept nogil:
+    """Per term: Σ over its levels of 2 G − 2κ s u' − [REML] 2 F H' (F = E C⁻¹), then θ's entries."""
+    cdef int p = c.p, k1 = c.k1, nc = p + 1, a, b, l, l2, kj, j
+    cdef i64 i, r, s0
+    cdef double acc, f
+    memset(c.gTall, 0, (c.t_off[c.nterms]) * sizeof(double))
+    for a in range(k1):
+        for b in range(k1):
+            c.gTall[a * k1 + b] = 2.0 * c.G1[a * k1 + b]
+    for i in range(c.m1):
+        for a in range(k1):
+            for b in range(k1):
+                acc = -2.0 * kappa * c.out1[(i * k1 + a) * nc] * c.X1[(i * k1 + b) * nc]
+                if c.reml:
+                    for l in range(p):
+                        f = 0.0
+                        for l2 in range(p):
+                            f = f + c.out1[(i * k1 + a) * nc + 1 + l2] * c.Cinv[l2 * p + l]
+                        acc = acc - 2.0 * f * c.X1[(i * k1 + b) * nc + 1 + l]
+                c.gTall[a * k1 + b] += acc
+    for r in range(c.q2):
+        j = c.bterm[r]
+        kj = c.bk[r]
+        a = <int>(r - c.bstart[r])
+        s0 = c.bstart[r]
+        for b in range(kj):
+            acc = 2.0 * c.G2[r * c.kmax + b] - 2.0 * kappa * c.out2[r * nc] * c.X2[(s0 + b) * nc]
+            if c.reml:
+                for l in range(p):
+                    f = 0.0
+                    for l2 in range(p):
+                        f = f + c.out2[r * nc + 1 + l2] * c.Cinv[l2 * p + l]
+                    acc = acc - 2.0 * f * c.X2[(s0 + b) * nc + 1 + l]
+            c.gTall[c.t_off[j] + a * kj + b] += acc
+    for l in range(c.nt):
+        j = c.th_term[l]
+        grad[l] = c.gTall[c.t_off[j] + c.th_row[l] * c.t_k[j] + c.th_col[l]]
+
+
+cdef int multi_eval(void* vctx, const double* theta, double* f, double* grad) noexcept nogil:
+    """θ → objective (and ∂/∂θ when grad is not NULL); 0, or 1 with c.status set."""
+    cdef MultiCtx* c = <MultiCtx*>vctx
+    cdef int l, j, p = c.p, q2 = c.q2, info
+    cdef double logdet = 0.0, rr = 0.0, obj = 0.0, acc
+    cdef i64 status, r
+    c.n_evals += 1
+    memset(c.Tall, 0, c.t_off[c.nterms] * sizeof(double))
+    for l in range(c.nt):
+        j = c.th_term[l]
+        c.Tall[c.t_off[j] + c.th_row[l] * c.t_k[j] + c.th_col[l]] = theta[l]
+    build_trailing(c)
+    memset(c.Lx, 0, p * p * sizeof(double) + 8)
+    memset(c.Rzxrzy, 0, p * sizeof(double) + 8)
+    status = level_pass(c, &logdet, &rr)
+    if status == 0:
+        info = chol_lower_rowmajor(c.M22, q2)
+        if info != 0:
+            status = c.m1 + info      # the trailing block (reported as a level index beyond m1)
+    if status == 0:
+        for r in range(q2):
+            logdet += 2.0 * log(c.M22[r * q2 + r])
+        if p > 0:
+            solve_lower_rowmajor(c.M22, q2, c.R2x, p, False)
+        solve_lower_rowmajor(c.M22, q2, c.r2y, 1, False)
+        for r in range(q2):
+            rr += c.r2y[r] * c.r2y[r]
+            for l in range(p):
+                c.Rzxrzy[l] += c.R2x[r * p + l] * c.r2y[r]
+                for j in range(l + 1):
+                    c.Lx[l * p + j] += c.R2x[r * p + l] * c.R2x[r * p + j]
+        c.logdet = logdet
+        status = fixed_effects_step(p, c.XtX, c.Xty, c.yty, rr, logdet, c.reml, c.n, c.Lx,
+                                    c.Rzxrzy, c.rhs, c.beta, &c.r2, &obj)
+    c.status = status
+    if status != 0:
+        return 1
+    f[0] = obj
+    if grad == NULL:
+        return 0
+    if p > 0:
+        minv_from_chol(p, c.Lx, c.Cinv, c.Mi)
+    backsolve_all(c)
+    residual_parts(c)
+    if inverse_from_chol_rowmajor(c.M22, q2) != 0:
+        c.status = -(p + 2)
+        return 1
+    grad_blocks(c)
+    assemble_gradient(c, (c.n - p if c.reml else c.n) / c.r2, grad)
+    return 0
+
+
+cdef class MultiKernel:
+    """The profiled objective for several grouping factors, held in C (see the module
+    docstring): `evaluate` for one θ, `minimize` runs lmefast._bfgs with no Python in the
+    loop, `modes` gives the conditional modes."""
+
+    cdef MultiCtx c
+    cdef object keep
+    cdef double* buf
+
+    def __cinit__(self, cp, tuple arrays, int k1, int p, int q2, int kmax, int width,
+                  const int[::1] th_term, const int[::1] th_row, const int[::1] th_col,
+                  const i64[::1] t_off, const int[::1] t_k, bint reml):
+        cdef const double[::1] S1 = cp.S1
+        cdef const i64[::1] ptr = cp.ptr
+        cdef const i64[::1] pair_c0 = cp.pair_c0
+        cdef const int[::1] pair_k = cp.pair_k
+        cdef const i64[::1] pair_voff = cp.pair_voff
+        cdef const double[::1] A21 = cp.A21
+        cdef const double[::1] B2 = np.ascontiguousarray(cp.B2).ravel()
+        cdef const double[::1] c2 = cp.c2
+        cdef const double[::1] XtX = np.ascontiguousarray(cp.XtX).ravel()
+        cdef const double[::1] Xty = np.ascontiguousarray(cp.Xty)
+        cdef const i64[::1] pair_toff = arrays[0]
+        cdef const i64[::1] bstart = arrays[1]
+        cdef const int[::1] bk = arrays[2]
+        cdef const i64[::1] btoff = arrays[3]
+        cdef const int[::1] bterm = arrays[4]
+        cdef const i64[::1] a22r = arrays[5]
+        cdef const i64[::1] a22c = arrays[6]
+        cdef const double[::1] a22v = arrays[7]
+        cdef i64 m1 = ptr.shape[0] - 1
+        cdef int nc = p + 1, pp = p if p > 0 else 1
+        cdef size_t ttot = <size_t>t_off[t_off.shape[0] - 1], total
+        self.buf = NULL
+        self.c.w.block = NULL
+        self.keep = (cp, arrays, S1, ptr, pair_c0, pair_k, pair_voff, A21, B2, c2, XtX, Xty,
+                     th_term, th_row, th_col, t_off, t_k)
+        c = &self.c
+        c.m1 = m1
+        c.k1 = k1
+        c.p = p
+        c.q2 = q2
+        c.nt = th_term.shape[0]
+        c.nterms = t_k.shape[0]
+        c.kmax = kmax
+        c.width = width
+        c.S1 = &S1[0]
+        c.ptr = &ptr[0]
+        c.pair_c0 = &pair_c0[0] if pair_c0.shape[0] else NULL
+        c.pair_k = &pair_k[0] if pair_k.shape[0] else NULL
+        c.pair_toff = &pair_toff[0] if pair_toff.shape[0] else NULL
+        c.pair_voff = &pair_voff[0] if pair_voff.shape[0] else NULL
+        c.A21 = &A21[0] if A21.shape[0] else NULL
+        c.bstart = &bstart[0]
+        c.bk = &bk[0]
+        c.btoff = &btoff[0]
+        c.bterm = &bterm[0]
+        c.nnz22 = a22r.shape[0]
+        c.a22r = &a22r[0] if a22r.shape[0] else NULL
+        c.a22c = &a22c[0] if a22c.shape[0] else NULL
+        c.a22v = &a22v[0] if a22v.shape[0] else NULL
+        c.B2 = &B2[0] if B2.shape[0] else NULL
+        c.c2 = &c2[0]
+        c.XtX = &XtX[0] if XtX.shape[0] else NULL
+        c.Xty = &Xty[0] if Xty.shape[0] else NULL
+        c.yty = cp.yty
+        c.n = cp.n
+        c.reml = reml
+        c.th_term = &th_term[0]
+        c.th_row = &th_row[0]
+        c.th_col = &th_col[0]
+        c.t_off = &t_off[0]
+        c.t_k = &t_k[0]
+        c.n_evals = 0
+        if work_alloc(&c.w, k1 if k1 > kmax else kmax, p) != 0:
+            raise MemoryError()
+        total = (2 * ttot + <size_t>q2 * q2 + <size_t>q2 * pp + q2
+                 + m1 * (<size_t>k1 * k1 + <size_t>k1 * pp + k1) + A21.shape[0]
+                 + 3 * pp + 2 * <size_t>pp * pp
+                 + 3 * (<size_t>m1 * k1 * nc + <size_t>q2 * nc)
+                 + k1 * k1 + <size_t>q2 * kmax + 2 * (<size_t>width * k1 + 1)
+                 + 3 * <size_t>(k1 if k1 > pp else pp) ** 2 + 64)
+        self.buf = <double*>malloc(total * sizeof(double))
+        if self.buf == NULL:
+            raise MemoryError()
+        c.Tall = self.buf
+        c.gTall = c.Tall + ttot
+        c.M22 = c.gTall + ttot
+        c.R2x = c.M22 + <size_t>q2 * q2
+        c.r2y = c.R2x + <size_t>q2 * pp
+        c.L11c = c.r2y + q2
+        c.Rzx1c = c.L11c + m1 * k1 * k1
+        c.rzy1c = c.Rzx1c + m1 * k1 * pp
+        c.L21c = c.rzy1c + m1 * k1
+        c.Lx = c.L21c + A21.shape[0]
+        c.Cinv = c.Lx + pp * pp
+        c.beta = c.Cinv + pp * pp
+        c.Rzxrzy = c.beta + pp
+        c.rhs = c.Rzxrzy + pp
+        c.X1 = c.rhs + pp
+        c.V1 = c.X1 + m1 * k1 * nc
+        c.out1 = c.V1 + m1 * k1 * nc
+        c.X2 = c.out1 + m1 * k1 * nc
+        c.V2 = c.X2 + <size_t>q2 * nc
+        c.out2 = c.V2 + <size_t>q2 * nc
+        c.G1 = c.out2 + <size_t>q2 * nc
+        c.G2 = c.G1 + k1 * k1
+        c.Zb = c.G2 + <size_t>q2 * kmax
+        c.Qb = c.Zb + width * k1 + 1
+        c.Mi = c.Qb + width * k1 + 1
+
+    def __dealloc__(self):
+        if self.c.w.block != NULL:
+            work_free(&self.c.w)
+        free(self.buf)
+
+    @property
+    def n_evals(self):
+        return self.c.n_evals
+
+    def evaluate(self, theta, bint want_grad=False):
+        """θ → (objective, r², log|L|², status, β̂, Lx, gradient or None)."""
+        cdef double[::1] th = np.ascontiguousarray(theta, dtype=np.float64)
+        cdef int nt = self.c.nt, p = self.c.p
+        if th.shape[0] != nt:
+            raise ValueError(f"θ must have {nt} entries, got {th.shape[0]}")
+        cdef double[::1] g = np.zeros(nt)
+        cdef double f = np.nan
+        with nogil:
+            multi_eval(&self.c, &th[0], &f, &g[0] if want_grad else NULL)
+        beta = np.array(<double[:p]>self.c.beta) if p > 0 else np.zeros(0)
+        Lx = np.array(<double[:p * p]>self.c.Lx).reshape(p, p) if p > 0 else np.zeros((0, 0))
+        return (f, self.c.r2, self.c.logdet, self.c.status, beta, Lx,
+                np.asarray(g).copy() if want_grad else None)
+
+    def minimize(self, theta0, lower, double gtol=1e-9, int maxiter=500, on_iter=None):
+        """Projected BFGS from θ0: (θ, f, gradient, f at θ0, inverse Hessian, iterations, code)."""
+        cdef double[::1] x = np.array(theta0, dtype=np.float64)
+        cdef double[::1] lo = np.ascontiguousarray(lower, dtype=np.float64)
+        cdef int d = x.shape[0]
+        cdef double[::1] g = np.zeros(d)
+        cdef double f = 0.0, f0 = 0.0
+        cdef double[:, ::1] H = np.zeros((d, d))
+        cdef int n_iter = 0, code
+        code = bfgs_bounded(multi_eval, &self.c, d, &x[0], &lo[0], gtol, maxiter, &f, &g[0],
+                            &f0, &H[0, 0], &n_iter, on_iter)
+        return np.asarray(x), f, np.asarray(g), f0, np.asarray(H), n_iter, code
+
+    def modes(self, theta):
+        """Conditional modes at θ: (b1 as m1 × k1, b2 as q2)."""
+        cdef double[::1] th = np.ascontiguousarray(theta, dtype=np.float64)
+        cdef double f = 0.0
+        cdef int nc = self.c.p + 1, k1 = self.c.k1
+        cdef i64 m1 = self.c.m1
+        with nogil:
+            multi_eval(&self.c, &th[0], &f, NULL)
+        if self.c.status != 0:
+            raise FloatingPointError("the objective cannot be evaluated at this θ")
+        with nogil:
+            backsolve_all(&self.c)
+            residual_parts(&self.c)
+        V1 = np.array(<double[:m1 * k1 * nc]>self.c.V1).reshape(m1, k1, nc)[:, :, 0]
+        V2 = np.array(<double[:self.c.q2 * nc]>self.c.V2).reshape(self.c.q2, nc)[:, 0]
+        return V1.copy(), V2.copy()

@@ -16,23 +16,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.linalg as sla
 import scipy.sparse as sp
 
-from lmefast._bfgs import minimize_bounded
-from lmefast._multi import (
-    apply_A,
-    first_factor_backsolve,
-    first_factor_grad_blocks,
-    first_factor_pass,
-)
+from lmefast._multi import MultiKernel
 from lmefast.lmer import Term
 from lmefast.objective import ObjectiveError, Solution
 from lmefast.optimize import fit_theta
 from lmefast.spec import SpecificationError
 
 MAX_DENSE_TRAILING = 12_000
-LOG_2PI = float(np.log(2.0 * np.pi))
 
 
 @dataclass(frozen=True)
@@ -165,207 +157,53 @@ def compute_multi_crossprods(y: np.ndarray, X: np.ndarray, terms: list[Term]) ->
 
 class MultiObjective:
     """θ → the profiled objective for several grouping factors (same interface as
-    ProfiledObjective: solve, __call__, value_and_grad, minimize, modes)."""
+    ProfiledObjective: solve, __call__, value_and_grad, minimize, modes), evaluated by the C
+    kernel lmefast._multi.MultiKernel."""
 
     def __init__(self, cp: MultiCrossProducts, theta_map: MultiThetaMap, reml: bool) -> None:
         self.cp = cp
         self.theta_map = theta_map
         self.reml = reml
         self.dof = cp.n - cp.p if reml else cp.n
-        self.n_evals = 0
         terms = theta_map.terms
-        t1 = terms[0]
-        self.k1 = t1.k
-        m1, p = t1.m, cp.p
-        self.L11c = np.empty(m1 * t1.k * t1.k)
-        self.Rzx1c = np.empty(m1 * t1.k * p)
-        self.rzy1c = np.empty(m1 * t1.k)
-        self.L21c = np.empty(cp.A21.shape[0])
         trail = terms[1:]
-        self.t_off = np.concatenate([[0], np.cumsum([t.k * t.k for t in trail])]).astype(np.int64)
-        self.pair_toff = self.t_off[cp.pair_term]
-        self.all_scalar = all(t.k == 1 for t in trail)
-        if not self.all_scalar:
-            rows, cols, src = [], [], []
-            for j, t in enumerate(trail):
-                r, c = np.tril_indices(t.k)
-                base = cp.trail_c0[j] + np.arange(t.m)[:, None] * t.k
-                rows.append((base + r).ravel())
-                cols.append((base + c).ravel())
-                src.append(np.tile(self.t_off[j] + r * t.k + c, t.m))
-            self._lam_idx = (np.concatenate(rows), np.concatenate(cols), np.concatenate(src))
-        self._last: tuple | None = None
+        t_off = np.concatenate([[0], np.cumsum([t.k * t.k for t in terms])]).astype(np.int64)
+        sizes = [t.m * t.k for t in trail]
+        bterm = np.repeat(np.arange(1, len(terms), dtype=np.int32), sizes)
+        bk = np.repeat(np.array([t.k for t in trail], dtype=np.int32), sizes)
+        local = np.arange(cp.q2) - np.repeat(cp.trail_c0, sizes)
+        bstart = (np.arange(cp.q2) - local % bk).astype(np.int64)
         coo = cp.A22.tocoo()
-        self._a22_coo = (coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data)
-        self._M22 = np.empty((cp.q2, cp.q2))
-        self._diag = np.arange(cp.q2)
-        # first coordinate of each trailing coordinate's level block, and one past its end
-        ks = np.concatenate([np.full(t.m * t.k, t.k) for t in trail]) if trail else np.zeros(0, int)
-        self._block_start = (np.arange(cp.q2) - (np.arange(cp.q2) - np.repeat(
-            cp.trail_c0, [t.m * t.k for t in trail])) % np.maximum(ks, 1)).astype(np.int64)
-        self._block_end = self._block_start + ks
+        arrays = (t_off[1 + cp.pair_term].astype(np.int64), bstart, bk,
+                  t_off[bterm].astype(np.int64), bterm, coo.row.astype(np.int64),
+                  coo.col.astype(np.int64), np.ascontiguousarray(coo.data, dtype=float))
+        per_level = np.add.reduceat(cp.pair_k, cp.ptr[:-1]) if cp.pair_k.size else np.zeros(1)
+        per_level = np.where(np.diff(cp.ptr) > 0, per_level, 0)
+        th_term = np.concatenate([np.full(t.pattern[0].shape[0], j, dtype=np.int32)
+                                  for j, t in enumerate(terms)])
+        th_row = np.concatenate([t.pattern[0] for t in terms]).astype(np.int32)
+        th_col = np.concatenate([t.pattern[1] for t in terms]).astype(np.int32)
+        self.kernel = MultiKernel(
+            cp, arrays, terms[0].k, cp.p, cp.q2, max(t.k for t in trail), int(per_level.max()),
+            th_term, th_row, th_col, t_off, np.array([t.k for t in terms], dtype=np.int32),
+            reml)
 
-    def _lambda2(self, Ttrail: np.ndarray):
-        cp = self.cp
-        if self.all_scalar:
-            trail = self.theta_map.terms[1:]
-            return np.repeat(Ttrail, [t.m for t in trail])
-        rows, cols, src = self._lam_idx
-        return sp.csr_matrix((Ttrail[src], (rows, cols)), shape=(cp.q2, cp.q2))
-
-    def _factor(self, theta: np.ndarray):
-        cp, tm = self.cp, self.theta_map
-        Ts = tm.Ts(theta)
-        T1 = np.ascontiguousarray(Ts[0]).ravel()
-        Ttrail = np.concatenate([T.ravel() for T in Ts[1:]]) if len(Ts) > 1 else np.zeros(0)
-        lam2 = self._lambda2(Ttrail)
-        M22 = self._M22
-        M22.fill(0.0)
-        if self.all_scalar:
-            lam_a22 = self._a22_coo[2] * lam2[self._a22_coo[0]] * lam2[self._a22_coo[1]]
-            M22[self._a22_coo[0], self._a22_coo[1]] = lam_a22
-            R2x = cp.B2 * lam2[:, None]
-            r2y = cp.c2 * lam2
-        else:
-            prod = (lam2.T @ cp.A22 @ lam2).tocoo()
-            M22[prod.row, prod.col] = prod.data
-            R2x = np.asarray(lam2.T @ cp.B2)
-            r2y = np.asarray(lam2.T @ cp.c2)
-        M22[self._diag, self._diag] += 1.0
-        R2x = np.ascontiguousarray(R2x)
-        r2y = np.ascontiguousarray(r2y)
-        p = cp.p
-        RzxRzx = np.zeros((p, p))
-        Rzxrzy = np.zeros(p)
-        logdet1, rr1, status = first_factor_pass(
-            cp.S1, self.k1, p, cp.ptr, cp.pair_c0, cp.pair_k, self.pair_toff, cp.pair_voff,
-            cp.A21, T1, Ttrail, M22, R2x, r2y, self.L11c, self.Rzx1c, self.rzy1c, self.L21c,
-            RzxRzx, Rzxrzy)
-        if status:
-            raise ObjectiveError(f"block of level {status - 1} of the first factor failed")
-        try:
-            L22 = sla.cholesky(M22, lower=True, overwrite_a=True, check_finite=False)
-        except sla.LinAlgError:
-            raise ObjectiveError("the trailing block is not positive definite") from None
-        Rzx2 = sla.solve_triangular(L22, R2x, lower=True, check_finite=False)
-        rzy2 = sla.solve_triangular(L22, r2y, lower=True, check_finite=False)
-        logdet = logdet1 + 2.0 * float(np.sum(np.log(np.diag(L22))))
-        RzxRzx += Rzx2.T @ Rzx2
-        Rzxrzy += Rzx2.T @ rzy2
-        rr = rr1 + float(rzy2 @ rzy2)
-        return Ts, lam2, L22, Rzx2, rzy2, logdet, RzxRzx, Rzxrzy, rr
+    @property
+    def n_evals(self) -> int:
+        return int(self.kernel.n_evals)
 
     def solve(self, theta: np.ndarray, want_grad: bool = False) -> Solution:
         theta = np.array(theta, dtype=float)
-        self.n_evals += 1
-        parts = self._factor(theta)
-        logdet, RzxRzx, Rzxrzy, rr = parts[5], parts[6], parts[7], parts[8]
-        cp = self.cp
-        p = cp.p
-        try:
-            Lx = np.linalg.cholesky(cp.XtX - RzxRzx) if p else np.zeros((0, 0))
-        except np.linalg.LinAlgError:
-            raise ObjectiveError("fixed-effects columns are linearly dependent") from None
-        rhs = cp.Xty - Rzxrzy
-        beta = sla.cho_solve((Lx, True), rhs, check_finite=False) if p else np.zeros(0)
-        r2 = cp.yty - rr - float(beta @ rhs)
-        if not r2 > 0.0:
+        obj, r2, logdet, status, beta, Lx, grad = self.kernel.evaluate(theta, want_grad)
+        p = self.cp.p
+        if status > 0:
+            raise ObjectiveError("a block of the random-effects factor is not positive definite")
+        if status == -(p + 1):
             raise ObjectiveError("penalised residual sum of squares is not positive")
-        dof = self.dof
-        obj = logdet + dof * (1.0 + LOG_2PI + np.log(r2 / dof))
-        if self.reml and p:
-            obj += 2.0 * float(np.sum(np.log(np.diag(Lx))))
-        self._last = (theta, parts, beta)
-        sol = Solution(theta=theta, objective=float(obj), beta=beta, Lx=Lx, r2=float(r2),
-                       logdet_L=logdet, sigma2=float(r2 / dof))
-        if want_grad:
-            sol = Solution(**{**sol.__dict__, "grad": self._gradient(sol)})
-        return sol
-
-    def _solve_u_H(self, beta: np.ndarray, parts: tuple) -> tuple[np.ndarray, np.ndarray]:
-        """[u | H] = L⁻ᵀ [rzy − Rzx β | Rzx]: first factor (m1 × k1 × (1+p)), trailing (q2 × (1+p))."""
-        cp = self.cp
-        p, k1 = cp.p, self.k1
-        L22, Rzx2, rzy2 = parts[2], parts[3], parts[4]
-        rhs2 = np.column_stack([rzy2 - Rzx2 @ beta, Rzx2])
-        X2 = np.ascontiguousarray(sla.solve_triangular(L22, rhs2, lower=True, trans="T",
-                                                       check_finite=False))
-        Rzx1 = self.Rzx1c.reshape(-1, k1, p)
-        X1 = np.concatenate([(self.rzy1c.reshape(-1, k1) - Rzx1 @ beta)[:, :, None], Rzx1], axis=2)
-        X1 = np.ascontiguousarray(X1).ravel()
-        first_factor_backsolve(k1, p + 1, cp.ptr, cp.pair_c0, cp.pair_k, cp.pair_voff, self.L11c,
-                               self.L21c, X1, X2)
-        return X1.reshape(-1, k1, p + 1), X2
-
-    def _gradient(self, sol: Solution) -> np.ndarray:
-        """∂objective/∂θ (DESIGN.md §2): per term, Σ over its levels of the diagonal blocks of
-        2 Z'ZΛM⁻¹ − 2κ s u' − [REML] 2 E C⁻¹ H', where s = Z'(y − Xβ) − Z'ZΛu and
-        E = Z'X − Z'ZΛH; M⁻¹'s blocks come from L11, L21 and P22 = (L22 L22')⁻¹."""
-        cp, tm = self.cp, self.theta_map
-        p, k1 = cp.p, self.k1
-        Ts, lam2, L22 = self._last[1][0], self._last[1][1], self._last[1][2]
-        terms = tm.terms
-        X1, X2 = self._solve_u_H(sol.beta, self._last[1])           # [u | H]
-        # V = Λ [u | H]
-        V1 = np.ascontiguousarray(np.einsum("ab,ibl->ial", Ts[0], X1)).ravel()
-        V2 = np.ascontiguousarray(lam2[:, None] * X2 if self.all_scalar else lam2 @ X2)
-        # Y − Z'Z V with Y = [c − Bβ | B]
-        out1 = np.empty_like(V1)
-        out2 = np.ascontiguousarray(np.asarray(cp.A22 @ V2))
-        apply_A(cp.S1, k1, p, cp.ptr, cp.pair_c0, cp.pair_k, cp.pair_voff, cp.A21, p + 1,
-                V1, V2, out1, out2)
-        S1 = cp.S1.reshape(-1, k1 * k1 + k1 * p + k1)
-        B1 = S1[:, k1 * k1:k1 * k1 + k1 * p].reshape(-1, k1, p)
-        c1 = S1[:, k1 * k1 + k1 * p:]
-        Y1 = np.concatenate([(c1 - B1 @ sol.beta)[:, :, None], B1], axis=2)
-        Y2 = np.column_stack([cp.c2 - cp.B2 @ sol.beta, cp.B2])
-        R1 = Y1 - out1.reshape(-1, k1, p + 1)                        # [s | E], first factor
-        R2 = Y2 - out2                                               # [s | E], trailing
-        kappa = self.dof / sol.r2
-        # the s u' and E C⁻¹ H' parts, as outer products per coordinate pair of a block
-        if p:
-            Linv = np.linalg.inv(sol.Lx)
-            Cinv = Linv.T @ Linv
-        else:
-            Cinv = np.zeros((0, 0))
-        def data_part(R: np.ndarray, X: np.ndarray) -> np.ndarray:
-            """Σ over blocks of −2κ s u' − [REML] 2 F H' (R, X: blocks × k × (1+p))."""
-            out = -2.0 * kappa * np.einsum("ia,ib->ab", R[:, :, 0], X[:, :, 0])
-            if self.reml and p:
-                F = R[:, :, 1:] @ Cinv
-                out -= 2.0 * np.einsum("ial,ibl->ab", F, X[:, :, 1:])
-            return out
-        # P22 and the diagonal blocks of Z'ZΛM⁻¹
-        q2 = cp.q2
-        P22, info = sla.lapack.dpotri(L22, lower=1)   # lower triangle used; L22 kept for modes
-        if info != 0:
-            raise ObjectiveError("could not invert the trailing block")
-        width = int(np.max(np.add.reduceat(cp.pair_k, cp.ptr[:-1])
-                           if cp.pair_k.size else [0], initial=0)) if cp.pair_k.size else 0
-        kmax = max([t.k for t in terms[1:]], default=1)
-        G1 = np.zeros(k1 * k1)
-        G2 = np.zeros((q2, kmax))
-        Ttrail = np.concatenate([T.ravel() for T in Ts[1:]]) if len(Ts) > 1 else np.zeros(0)
-        first_factor_grad_blocks(cp.S1, k1, p, cp.ptr, cp.pair_c0, cp.pair_k, cp.pair_voff,
-                                 self.pair_toff, cp.A21, self.L11c, self.L21c,
-                                 np.ascontiguousarray(Ts[0]).ravel(), Ttrail,
-                                 np.ascontiguousarray(P22.T), width, G1, G2)
-        # diagonal blocks of A22 Λ2 P22: entry (r, b) = Σ_c (A22Λ2)[r, c] P22[c, start(r) + b]
-        W = (cp.A22 @ sp.diags(lam2) if self.all_scalar else cp.A22 @ lam2).tocoo()
-        for b in range(kmax):
-            col = self._block_start[W.row] + b
-            ok = col < self._block_end[W.row]
-            r, c = W.row[ok], W.col[ok]
-            G2[:, b] += np.bincount(r, W.data[ok] * P22[np.maximum(c, col[ok]),
-                                                          np.minimum(c, col[ok])], q2)
-        grads = [2.0 * G1.reshape(k1, k1) + data_part(R1, X1)]
-        for j, t in enumerate(terms[1:]):
-            c0, k, m = int(cp.trail_c0[j]), t.k, t.m
-            rows = slice(c0, c0 + m * k)
-            Gj = G2[rows, :k].reshape(m, k, k).sum(axis=0)
-            grads.append(2.0 * Gj + data_part(R2[rows].reshape(m, k, p + 1),
-                                               X2[rows].reshape(m, k, p + 1)))
-        return np.concatenate([g[t.pattern] for g, t in zip(grads, terms, strict=True)])
+        if status < 0:
+            raise ObjectiveError("fixed-effects columns are linearly dependent")
+        return Solution(theta=theta, objective=obj, beta=beta, Lx=Lx, r2=r2, logdet_L=logdet,
+                        sigma2=r2 / self.dof, grad=grad)
 
     def __call__(self, theta: np.ndarray) -> float:
         try:
@@ -385,22 +223,17 @@ class MultiObjective:
 
     def minimize(self, theta0: np.ndarray, lower: np.ndarray, *, gtol: float, maxiter: int,
                  on_iter: Callable | None):
-        return minimize_bounded(self.value_and_grad, theta0, lower, gtol, maxiter, on_iter)
+        return self.kernel.minimize(theta0, lower, gtol, maxiter, on_iter)
 
     def modes(self, sol: Solution) -> list[np.ndarray]:
         """Conditional modes b_j (m_j × k_j) of every term, at the solution."""
-        if self._last is None or not np.array_equal(self._last[0], sol.theta):
-            self.solve(sol.theta)
-        _, parts, beta = self._last
-        Ts, lam2 = parts[0], parts[1]
-        cp = self.cp
-        X1, X2 = self._solve_u_H(beta, parts)
-        u1, u2 = X1[:, :, 0], X2[:, 0]
-        b1 = u1 @ Ts[0].T
-        b2 = lam2 * u2 if self.all_scalar else np.asarray(lam2 @ u2)
+        try:
+            b1, b2 = self.kernel.modes(sol.theta)
+        except FloatingPointError as exc:
+            raise ObjectiveError(str(exc)) from None
         out = [b1]
         for j, t in enumerate(self.theta_map.terms[1:]):
-            c0 = cp.trail_c0[j]
+            c0 = self.cp.trail_c0[j]
             out.append(b2[c0:c0 + t.m * t.k].reshape(t.m, t.k))
         return out
 
