@@ -28,7 +28,7 @@ def lmer_model(formula: str, data: Any, missing: str = "raise") -> MixedLM | Mul
         t = terms[0]
         return MixedLM(y, X, pd.Series(t.labels[t.codes]), exog_re=t.Z, endog_name=response,
                        exog_names=xnames, exog_re_names=list(t.coef_names), group_name=t.name,
-                       re_pattern=t.pattern)
+                       re_pattern=t.pattern, lme4_names=True)
     if np.ptp(y) == 0.0:
         raise SpecificationError(f"the response '{response}' is constant: there is no variance "
                                  "to model")
@@ -83,7 +83,7 @@ def single_group_as_crossed(kwargs: dict[str, Any]) -> MixedLM | MultiLM | None:
         t = terms[0]
         return MixedLM(y, X, pd.Series(t.labels[t.codes]), exog_re=t.Z,
                        endog_name=kwargs["endog_name"], exog_names=kwargs["exog_names"],
-                       exog_re_names=["(Intercept)"], group_name=t.name)
+                       exog_re_names=[t.name], group_name=t.name)
     return MultiLM(np.asarray(y, dtype=float), np.ascontiguousarray(X), terms,
                    endog_name=kwargs["endog_name"], exog_names=kwargs["exog_names"],
                    statsmodels_group=groups.iloc[0],

@@ -147,37 +147,51 @@ def _factor(df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_terms(random: list[RandomTerm], df: pd.DataFrame) -> list[Term]:
-    """Evaluate the random terms and merge those on the same factor; sorted by levels,
-    largest first (lme4's order)."""
-    by_group: dict[str, list[tuple[np.ndarray, list[str]]]] = {}
+    """Evaluate the random terms and merge those on the same factor, in lme4's order.
+
+    lme4 orders the terms by number of levels when they are not already in decreasing order
+    (`rev(order(nl))`: ties then come in reverse formula order); θ follows that order. Terms on
+    one factor are merged into one Term (columns in formula order) whose pattern lists θ's
+    entries in lme4's order; the merged terms come largest first, as the engines need."""
+    evaluated = []
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for t in random:
         Z, names = design_matrix(t.expr, df)
         if Z.shape[1] == 0:
             raise SpecificationError(f"random-effects term ({t.expr} | {t.group}) has no columns")
-        names = ["(Intercept)" if n == "Intercept" else n for n in names]
-        by_group.setdefault(t.group, []).append((Z, names))
+        if t.group not in factors:
+            factors[t.group] = _factor(df, t.group)
+            if factors[t.group][1].shape[0] < 2:
+                raise SpecificationError(f"grouping factor {t.group!r} has a single level: a "
+                                         "random effect needs at least two levels")
+        evaluated.append((t.group, Z, ["(Intercept)" if n == "Intercept" else n for n in names]))
+    nl = np.array([factors[g][1].shape[0] for g, _, _ in evaluated])
+    order = (np.argsort(nl, kind="stable")[::-1] if np.any(np.diff(nl) > 0)
+             else np.arange(nl.shape[0]))
+    start: dict[str, int] = {}
+    col_of = []                      # first column of each term inside its factor's Z
+    for g, Z, _ in evaluated:
+        col_of.append(start.get(g, 0))
+        start[g] = start.get(g, 0) + Z.shape[1]
+    patterns: dict[str, tuple[list[int], list[int]]] = {}
+    for i in order:                  # θ entries in lme4's order
+        g, Z, _ = evaluated[i]
+        cols, rows = np.triu_indices(Z.shape[1])      # column-major lower triangle
+        pr, pc = patterns.setdefault(g, ([], []))
+        pr.extend((rows + col_of[i]).tolist())
+        pc.extend((cols + col_of[i]).tolist())
     terms = []
-    for group, parts in by_group.items():
-        codes, labels = _factor(df, group)
-        Z = np.ascontiguousarray(np.column_stack([p[0] for p in parts]))
-        names = [n for p in parts for n in p[1]]
+    for g in dict.fromkeys(evaluated[i][0] for i in order):
+        parts = [(Z, names) for gg, Z, names in evaluated if gg == g]
+        names = [n for _, nn in parts for n in nn]
         if len(set(names)) != len(names):
-            raise SpecificationError(f"grouping factor {group!r} has the same column twice in "
+            raise SpecificationError(f"grouping factor {g!r} has the same column twice in "
                                      f"its random-effects terms: {names}")
-        rows, cols, start = [], [], 0
-        for p in parts:
-            kk = p[0].shape[1]
-            c, r = np.triu_indices(kk)  # column-major lower triangle of this block
-            rows.append(r + start)
-            cols.append(c + start)
-            start += kk
-        order = np.lexsort((np.concatenate(rows), np.concatenate(cols)))
-        pattern = (np.concatenate(rows)[order], np.concatenate(cols)[order])
-        if labels.shape[0] < 2:
-            raise SpecificationError(f"grouping factor {group!r} has a single level: a random "
-                                     "effect needs at least two levels")
-        terms.append(Term(group, codes, labels, Z, tuple(names), pattern))
-    terms.sort(key=lambda t: -t.m)
+        codes, labels = factors[g]
+        Z = np.ascontiguousarray(np.column_stack([Z for Z, _ in parts]))
+        pr, pc = patterns[g]
+        terms.append(Term(g, codes, labels, Z, tuple(names),
+                          (np.array(pr, dtype=np.int64), np.array(pc, dtype=np.int64))))
     return terms
 
 

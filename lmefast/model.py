@@ -7,6 +7,7 @@ components nested in the groups (exog_vc, one θ each).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from functools import cached_property
@@ -157,9 +158,11 @@ class MixedLM:
         exog_re_names: list[str] | None = None,
         group_name: str | None = None,
         re_pattern: tuple[np.ndarray, np.ndarray] | None = None,
+        lme4_names: bool = False,
     ) -> None:
         if missing not in ("raise", "none", "drop"):
             raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
+        self.lme4_names = lme4_names  # parameter names carry the factor's name (lmer models)
         y_arr = endog.to_numpy() if isinstance(endog, pd.Series | pd.DataFrame) else np.asarray(endog)
         if y_arr.ndim == 2 and y_arr.shape[1] == 1:
             y_arr = y_arr[:, 0]
@@ -390,7 +393,17 @@ def mixedlm(
     re_formula: str | None = None,
     vc_formula: Mapping[str, str] | None = None,
     missing: str = "raise",
+    **scale_out: Any,
 ) -> MixedLM:
-    """statsmodels' ``smf.mixedlm``: a MixedLM from formulas (call ``.fit()`` on it)."""
+    """statsmodels' ``smf.mixedlm``: a MixedLM from formulas (call ``.fit()`` on it).
+
+    ``data`` may also be a path to Parquet data (lmefast.outofcore.mixedlm_parquet) or a Dask
+    DataFrame (lmefast.dask.mixedlm); ``scale_out`` keywords (progress=...) go to those."""
+    if isinstance(data, str | os.PathLike) or type(data).__module__.startswith("dask."):
+        from lmefast.chunked import scale_out_model
+
+        return scale_out_model(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
+    if scale_out:
+        raise TypeError(f"mixedlm() got unexpected keyword argument(s) {sorted(scale_out)}")
     return MixedLM.from_formula(formula, data, groups=groups, re_formula=re_formula,
                                 vc_formula=vc_formula, missing=missing)

@@ -69,7 +69,8 @@ class MixedLMResults:
 
     @property
     def k_re2(self) -> int:
-        return self.model.k_re * (self.model.k_re + 1) // 2
+        """Number of free entries of cov_re (statsmodels' k_re2)."""
+        return len(self._re_pairs())
 
     @property
     def k_vc(self) -> int:
@@ -153,31 +154,39 @@ class MixedLMResults:
         _, tvc = self._T_tvc
         return self.scale * tvc**2
 
+    def _re_pairs(self) -> list[tuple[int, int]]:
+        """The free entries (i ≥ j) of the random coefficients' covariance, by rows (statsmodels'
+        order): the whole lower triangle, or its blocks for uncorrelated terms."""
+        rows, cols = self.model.spec.theta_map.tril
+        return sorted(zip(rows.tolist(), cols.tolist(), strict=True))
+
     @cached_property
     def _re_param_names(self) -> list[str]:
+        """statsmodels' names ("Pig Var", "Pig x Time Cov"); lme4-style models (lmer) carry the
+        grouping factor's name in front ("Pig (Intercept) Var")."""
         names = self.model.exog_re_names
-        out = []
-        for i in range(len(names)):
-            for j in range(i + 1):
-                out.append(f"{names[i]} Var" if i == j else f"{names[j]} x {names[i]} Cov")
+        prefix = f"{self.model.spec.group_name} " if self.model.lme4_names else ""
+        out = [f"{prefix}{names[i]} Var" if i == j else f"{prefix}{names[j]} x {names[i]} Cov"
+               for i, j in self._re_pairs()]
         return out + [f"{v} Var" for v in self.model.spec.theta_map.vc_names]
 
     @cached_property
     def _psi(self) -> np.ndarray:
-        """statsmodels' variance parameters: cov_re/scale (lower triangle by rows), vcomp/scale."""
+        """statsmodels' variance parameters: the free entries of cov_re/scale by rows, then
+        vcomp/scale."""
         T, tvc = self._T_tvc
-        k = T.shape[0]
-        return np.concatenate([(T @ T.T)[np.tril_indices(k)], tvc**2])
+        S = T @ T.T
+        return np.concatenate([[S[i, j] for i, j in self._re_pairs()], tvc**2])
 
     def _theta_from_psi(self, psi: np.ndarray) -> np.ndarray | None:
         tm = self.model.spec.theta_map
-        k = tm.k
-        nk = k * (k + 1) // 2
-        S = np.zeros((k, k))
-        S[np.tril_indices(k)] = psi[:nk]
-        S = S + np.tril(S, -1).T
+        pairs = self._re_pairs()
+        nk = len(pairs)
+        S = np.zeros((tm.k, tm.k))
+        for (i, j), v in zip(pairs, psi[:nk], strict=True):
+            S[i, j] = S[j, i] = v
         try:
-            T = np.linalg.cholesky(S) if k else np.zeros((0, 0))
+            T = np.linalg.cholesky(S) if tm.k else np.zeros((0, 0))
         except np.linalg.LinAlgError:
             return None
         if np.any(psi[nk:] < 0):
@@ -348,8 +357,7 @@ class MixedLMResults:
         with σ̂² held fixed."""
         psi_se = self.bse_re.to_numpy()
         cov = self.cov_re.to_numpy()
-        k = self.k_re
-        values = [cov[i, j] for i in range(k) for j in range(i + 1)] + list(self.vcomp)
+        values = [cov[i, j] for i, j in self._re_pairs()] + list(self.vcomp)
         return [(name, val, self.scale * se) for name, val, se in
                 zip(self._re_param_names, values, psi_se, strict=True)]
 

@@ -163,7 +163,7 @@ def polish_theta(model: lmefast.MixedLM, reml: bool, theta: np.ndarray, max_step
     bound by a gradient pushing outwards), with the Hessian from central differences of the analytic
     gradient. A step is kept while it reduces the (projected) gradient."""
     obj = model.objective(reml)
-    lower = model.spec.theta_map.lower_bounds()
+    lower = model.theta_map.lower_bounds()  # MixedLM (= spec.theta_map) and MultiLM alike
     th = np.array(theta, dtype=float)
     d = th.size
 
@@ -205,19 +205,50 @@ def polish_theta(model: lmefast.MixedLM, reml: bool, theta: np.ndarray, max_step
     return th
 
 
+def polish_results(model: Any, res: lmefast.MixedLMResults) -> lmefast.MixedLMResults:
+    """A results object of the same type as `res` (MixedLMResults or MultiResults), at the polished
+    optimum near res.theta (same model and optimiser record). Its objective is fresh and was last
+    solved at the polished θ without the gradient (results need no gradient)."""
+    th = polish_theta(model, res.reml, res.theta)
+    obj = model.objective(res.reml)
+    return type(res)(model, obj, obj.solve(th), res.optsummary)
+
+
 @cache
 def _polished(case_id: str, reml: bool) -> lmefast.MixedLMResults:
-    from lmefast.results import MixedLMResults
-
     model, res = fit_case(case_id, reml)
-    th = polish_theta(model, reml, res.theta)
-    obj = model.objective(reml)
-    return MixedLMResults(model, obj, obj.solve(th, want_grad=True), res.optsummary)
+    return polish_results(model, res)
 
 
 def polished_fit(case_id: str, reml: bool) -> lmefast.MixedLMResults:
     """Results object at the polished optimum (same model and optimiser record as fit_case)."""
     return _polished(case_id, reml)
+
+
+# -- lme4 formulas (lmefast.lmer) ---------------------------------------------------------------
+@cache
+def _lmer_fit(case_id: str, reml: bool) -> tuple[Any, lmefast.MixedLMResults]:
+    case = case_by_id(case_id)
+    model = lmefast.lmer_model(case["lme4"], read_data(case["data"]))
+    return model, model.fit(reml=reml)
+
+
+def fit_lmer_case(case_id: str, reml: bool) -> tuple[Any, lmefast.MixedLMResults]:
+    """(model, results) of a case fitted from its lme4 formula ("lme4" field) by lmefast.lmer_model,
+    cached for the session: do not mutate them. The model is a MixedLM (one grouping factor after
+    merging terms) or a lmefast.multi.MultiLM."""
+    return _lmer_fit(case_id, reml)
+
+
+@cache
+def _lmer_polished(case_id: str, reml: bool) -> lmefast.MixedLMResults:
+    model, res = fit_lmer_case(case_id, reml)
+    return polish_results(model, res)
+
+
+def polished_lmer_fit(case_id: str, reml: bool) -> lmefast.MixedLMResults:
+    """Results of the lmer fit of a case at the Newton-polished optimum near it."""
+    return _lmer_polished(case_id, reml)
 
 
 # -- fixtures ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""lmefast against lme4 1.1-31 on every case of tests/data/cases.json, REML and ML, fitted from the
-statsmodels form ("sm" fields). Crossed factors ("sm"."groups" null, Penicillin) use statsmodels' idiom:
-one group spanning the data, each factor a variance component (conftest.build_model).
+"""lmefast against lme4 1.1-31 on the one-grouping-factor cases of tests/data/cases.json, REML and
+ML, fitted from the statsmodels form ("sm" fields). The crossed case (Penicillin, statsmodels' idiom:
+one group spanning the data, each factor a variance component) is fitted as a model with several
+grouping factors and checked against lme4 in test_lmer.py.
 
 lme4 is only as accurate as its optimiser's tolerance. Where our fit reaches a strictly better
 objective than lme4's, lme4's parameters can be off by more than the tolerances below; then a value
@@ -186,9 +187,8 @@ def record(fits: dict[str, Any], quantity: str, result: tuple[int, float]) -> No
 
 # -- tests -------------------------------------------------------------------------------------
 @pytest.fixture
-def fits(any_case: dict[str, Any], reml: bool, fitted: Callable, polished: Callable, reference: Callable,
+def fits(case: dict[str, Any], reml: bool, fitted: Callable, polished: Callable, reference: Callable,
          lme4_distance_log: dict) -> dict[str, Any]:
-    case = any_case
     model, res = fitted(case["id"], reml)
     ref = reference(case["id"], reml)
     exact = polished(case["id"], reml)
@@ -338,10 +338,10 @@ def test_singular_flag(fits: dict[str, Any]) -> None:
     assert res.optsummary.singular == ref.singular
 
 
-def test_nobs_and_groups(fits: dict[str, Any], any_case: dict[str, Any]) -> None:
+def test_nobs_and_groups(fits: dict[str, Any], case: dict[str, Any]) -> None:
     res, ref = fits["res"], fits["ref"]
     assert res.nobs == ref.raw["nobs"]
-    groups = any_case["sm"]["groups"]
+    groups = case["sm"]["groups"]
     if groups is None:  # crossed factors: one group, each factor a variance component with all its levels
         assert res.n_groups == 1
         coords = res.random_effects[res.model.spec.group_labels[0]].index
