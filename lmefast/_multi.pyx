@@ -23,6 +23,8 @@ from libc.math cimport log
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
+from cython.parallel cimport prange
+
 from lmefast._bfgs cimport bfgs_bounded
 from lmefast._dense cimport (
     Work, back_solve, factor_group, fixed_effects_step, i64, minv_from_chol, work_alloc,
@@ -104,6 +106,14 @@ cdef struct MultiCtx:
     double logdet
     i64 status
     long n_evals
+    # threads: level ranges, and per thread its Work, scratch and partial sums
+    int nth
+    i64* lbounds          # (nth + 1) level ranges of the first factor
+    i64* rbounds          # (nth + 1) row ranges of M22 for the Schur update
+    Work* ws
+    double* tbuf          # per thread: [logdet, rr, Lx (p²), Rzxrzy (p), R2x (q2 p), r2y (q2),
+    i64 tstride           #              G1 (k1²), G2 (q2 kmax), Z, Q (width k1 + 1 each), Mi]
+    i64* tstat
 
 
 cdef inline double lam(MultiCtx* c, i64 r, int a2) noexcept nogil:
@@ -144,21 +154,31 @@ cdef void build_trailing(MultiCtx* c) noexcept nogil:
                 c.R2x[rr * p + l] += v * c.B2[r * p + l]
 
 
-cdef i64 level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
-    """The level loop of the first factor (module docstring). Σ Rzx1'Rzx1 goes into Lx
-    (lower), Σ Rzx1'rzy1 into Rzxrzy. Returns 0 or 1 + the level that failed."""
-    cdef i64 i, P, P2, r1, r2
+cdef inline double* tb(MultiCtx* c, int t) noexcept nogil:
+    return c.tbuf + t * c.tstride
+
+
+cdef i64 level_factor_range(MultiCtx* c, int t, i64 i0, i64 i1) noexcept nogil:
+    """Levels i0..i1 of the first factor (module docstring): caches L11, Rzx1, rzy1, L21, and
+    adds log|L11|², rzy1'rzy1, Σ Rzx1'Rzx1 (lower), Σ Rzx1'rzy1 and −L21 Rzx1, −L21 rzy1 into
+    thread t's partial sums. Returns 0 or 1 + the level that failed."""
+    cdef i64 i, P
     cdef int k1 = c.k1, p = c.p, q2 = c.q2, rec = k1 * k1 + k1 * p + k1
-    cdef int a, b, d, l, kj, kj2
+    cdef int a, b, d, l, kj
     cdef double acc
     cdef const double* A
     cdef const double* Tj
     cdef const double* T1 = c.Tall
     cdef double* X
-    cdef double* X2
-    cdef double* Y = c.w.tmp
-    cdef Work* w = &c.w
-    for i in range(c.m1):
+    cdef Work* w = &c.ws[t]
+    cdef double* Y = w.tmp
+    cdef double* part = tb(c, t)
+    cdef double* Lxp = part + 2
+    cdef double* Rzp = Lxp + p * p
+    cdef double* R2xp = Rzp + p
+    cdef double* r2yp = R2xp + <i64>q2 * p
+    memset(part, 0, (2 + p * p + p + <i64>q2 * (p + 1)) * sizeof(double))
+    for i in range(i0, i1):
         A = &c.S1[i * rec]
         if factor_group(k1, k1, p, A, A + k1 * k1, A + k1 * k1 + k1 * p, T1, NULL, NULL,
                         w) != 0:
@@ -169,12 +189,12 @@ cdef i64 level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
             c.Rzx1c[i * k1 * p + a] = w.R[a]
         for a in range(k1):
             c.rzy1c[i * k1 + a] = w.r[a]
-            logdet[0] += 2.0 * log(w.L[a * k1 + a])
-            rr[0] += w.r[a] * w.r[a]
+            part[0] += 2.0 * log(w.L[a * k1 + a])
+            part[1] += w.r[a] * w.r[a]
             for l in range(p):
-                c.Rzxrzy[l] += w.R[a * p + l] * w.r[a]
+                Rzp[l] += w.R[a * p + l] * w.r[a]
                 for d in range(l + 1):
-                    c.Lx[l * p + d] += w.R[a * p + l] * w.R[a * p + d]
+                    Lxp[l * p + d] += w.R[a * p + l] * w.R[a * p + d]
         for P in range(c.ptr[i], c.ptr[i + 1]):
             kj = c.pair_k[P]
             Tj = &c.Tall[c.pair_toff[P]]
@@ -200,13 +220,24 @@ cdef i64 level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
                 acc = 0.0
                 for b in range(k1):
                     acc = acc + X[a * k1 + b] * w.r[b]
-                c.r2y[c.pair_c0[P] + a] -= acc
+                r2yp[c.pair_c0[P] + a] -= acc
                 for l in range(p):
                     acc = 0.0
                     for b in range(k1):
                         acc = acc + X[a * k1 + b] * w.R[b * p + l]
-                    c.R2x[(c.pair_c0[P] + a) * p + l] -= acc
-        for P in range(c.ptr[i], c.ptr[i + 1]):       # M22 −= L21_P L21_P2' (lower)
+                    R2xp[(c.pair_c0[P] + a) * p + l] -= acc
+    return 0
+
+
+cdef void schur_rows(MultiCtx* c, i64 row0, i64 row1) noexcept nogil:
+    """M22 −= Σ_P,P2 L21_P L21_P2' for the lower-triangle entries in rows row0..row1."""
+    cdef i64 i, P, P2, r1, r2
+    cdef int k1 = c.k1, q2 = c.q2, a, b, d, kj, kj2
+    cdef double acc
+    cdef double* X
+    cdef double* X2
+    for i in range(c.m1):
+        for P in range(c.ptr[i], c.ptr[i + 1]):
             kj = c.pair_k[P]
             X = &c.L21c[c.pair_voff[P]]
             for P2 in range(c.ptr[i], P + 1):
@@ -214,15 +245,50 @@ cdef i64 level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
                 X2 = &c.L21c[c.pair_voff[P2]]
                 for a in range(kj):
                     for d in range(kj2 if P2 != P else a + 1):
+                        r1 = c.pair_c0[P] + a
+                        r2 = c.pair_c0[P2] + d
+                        if r1 < r2:
+                            r1, r2 = r2, r1
+                        if r1 < row0 or r1 >= row1:
+                            continue
                         acc = 0.0
                         for b in range(k1):
                             acc = acc + X[a * k1 + b] * X2[d * k1 + b]
-                        r1 = c.pair_c0[P] + a
-                        r2 = c.pair_c0[P2] + d
-                        if r1 >= r2:
-                            c.M22[r1 * q2 + r2] -= acc
-                        else:
-                            c.M22[r2 * q2 + r1] -= acc
+                        c.M22[r1 * q2 + r2] -= acc
+
+
+cdef i64 level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
+    """The first factor's levels on c.nth threads (each a range of levels, own partial sums),
+    then the Schur update of M22 (each thread a range of rows). Σ Rzx1'Rzx1 goes into Lx
+    (lower), Σ Rzx1'rzy1 into Rzxrzy. Returns 0 or 1 + the level that failed."""
+    cdef int t, nth = c.nth, p = c.p, q2 = c.q2, l
+    cdef i64 r
+    cdef double* part
+    if nth > 1:
+        for t in prange(nth, schedule="static", num_threads=nth):
+            c.tstat[t] = level_factor_range(c, t, c.lbounds[t], c.lbounds[t + 1])
+    else:
+        c.tstat[0] = level_factor_range(c, 0, 0, c.m1)
+    for t in range(nth):
+        if c.tstat[t] != 0:
+            return c.tstat[t]
+    for t in range(nth):
+        part = tb(c, t)
+        logdet[0] += part[0]
+        rr[0] += part[1]
+        for l in range(p * p):
+            c.Lx[l] += part[2 + l]
+        for l in range(p):
+            c.Rzxrzy[l] += part[2 + p * p + l]
+        for r in range(<i64>q2 * p):
+            c.R2x[r] += part[2 + p * p + p + r]
+        for r in range(q2):
+            c.r2y[r] += part[2 + p * p + p + <i64>q2 * p + r]
+    if nth > 1:
+        for t in prange(nth, schedule="static", num_threads=nth):
+            schur_rows(c, c.rbounds[t], c.rbounds[t + 1])
+    else:
+        schur_rows(c, 0, q2)
     return 0
 
 
@@ -317,25 +383,27 @@ cdef inline double P22at(MultiCtx* c, i64 r1, i64 r2) noexcept nogil:
     return c.M22[r1 * c.q2 + r2] if r1 >= r2 else c.M22[r2 * c.q2 + r1]
 
 
-cdef void grad_blocks(MultiCtx* c) noexcept nogil:
-    """G1 = Σ_i diagonal blocks of Z'ZΛM⁻¹ for the first factor; G2 (row r, column b of r's
-    block) the trailing ones. M22 holds P22 (lower)."""
+cdef void grad_blocks_range(MultiCtx* c, int t, i64 i0, i64 i1) noexcept nogil:
+    """Levels i0..i1: their parts of the diagonal blocks of Z'ZΛM⁻¹ (G1 for the first factor,
+    G2 at row r, column b of r's block for the trailing ones) into thread t's G1, G2.
+    M22 holds P22 (lower)."""
     cdef int k1 = c.k1, p = c.p, rec = k1 * k1 + k1 * p + k1, kmax = c.kmax
     cdef int a, b, d, e, kj, kj2, row, row2, ar, ac
     cdef i64 i, P, P2, r, col, cb
     cdef double acc, wv
-    cdef double* Z = c.Zb
-    cdef double* Q = c.Qb
-    cdef double* Mi = c.Mi
-    cdef double* tmp = c.Mi + k1 * k1
+    cdef double* G1 = tb(c, t) + 2 + p * p + p + <i64>c.q2 * (p + 1)
+    cdef double* G2 = G1 + k1 * k1
+    cdef double* Z = G2 + <i64>c.q2 * kmax
+    cdef double* Q = Z + c.width * k1 + 1
+    cdef double* Mi = Q + c.width * k1 + 1
+    cdef double* tmp = Mi + k1 * k1
     cdef double* W = tmp + k1 * k1
     cdef const double* L
     cdef const double* A11
     cdef const double* Tj
     cdef const double* T1 = c.Tall
-    memset(c.G1, 0, k1 * k1 * sizeof(double))
-    memset(c.G2, 0, <size_t>c.q2 * kmax * sizeof(double))
-    for i in range(c.m1):
+    memset(G1, 0, (k1 * k1 + <i64>c.q2 * kmax) * sizeof(double))
+    for i in range(i0, i1):
         L = &c.L11c[i * k1 * k1]
         A11 = &c.S1[i * rec]
         row = 0
@@ -385,7 +453,7 @@ cdef void grad_blocks(MultiCtx* c) noexcept nogil:
                 acc = 0.0
                 for d in range(k1):
                     acc = acc + W[a * k1 + d] * Mi[d * k1 + b]
-                c.G1[a * k1 + b] += acc
+                G1[a * k1 + b] += acc
         row = 0
         for P in range(c.ptr[i], c.ptr[i + 1]):
             kj = c.pair_k[P]
@@ -397,7 +465,7 @@ cdef void grad_blocks(MultiCtx* c) noexcept nogil:
                         for e in range(d, kj):
                             acc = acc + c.A21[c.pair_voff[P] + e * k1 + a] * Tj[e * kj + d] \
                                 * Q[(row + d) * k1 + b]
-                    c.G1[a * k1 + b] -= acc
+                    G1[a * k1 + b] -= acc
             for a in range(kj):                       # G2[P] −= A21_P T1 Q_P'
                 for d in range(k1):
                     acc = 0.0
@@ -408,8 +476,27 @@ cdef void grad_blocks(MultiCtx* c) noexcept nogil:
                     acc = 0.0
                     for d in range(k1):
                         acc = acc + tmp[d] * Q[(row + b) * k1 + d]
-                    c.G2[(c.pair_c0[P] + a) * kmax + b] -= acc
+                    G2[(c.pair_c0[P] + a) * kmax + b] -= acc
             row = row + kj
+
+
+cdef void grad_blocks(MultiCtx* c) noexcept nogil:
+    """G1, G2 = the diagonal blocks of Z'ZΛM⁻¹ (first factor; trailing), the level loop on
+    c.nth threads with private sums."""
+    cdef int t, nth = c.nth, k1 = c.k1, p = c.p, kmax = c.kmax, b, d, ac
+    cdef i64 l, e, r, col, cb
+    cdef double wv
+    cdef double* G1t
+    if nth > 1:
+        for t in prange(nth, schedule="static", num_threads=nth):
+            grad_blocks_range(c, t, c.lbounds[t], c.lbounds[t + 1])
+    else:
+        grad_blocks_range(c, 0, 0, c.m1)
+    memset(c.G1, 0, (k1 * k1 + <i64>c.q2 * kmax) * sizeof(double))
+    for t in range(nth):
+        G1t = tb(c, t) + 2 + p * p + p + <i64>c.q2 * (p + 1)
+        for l in range(k1 * k1 + <i64>c.q2 * kmax):
+            c.G1[l] += G1t[l]
     # + diagonal blocks of A22 Λ2 P22: entry (r, b) = Σ_col A22[r, col] Σ_a' Λ2[col, s+a'] P22[s+a', start(r)+b]
     for e in range(c.nnz22):
         r = c.a22r[e]
@@ -420,6 +507,8 @@ cdef void grad_blocks(MultiCtx* c) noexcept nogil:
             cb = c.bstart[col] + d
             for b in range(c.bk[r]):
                 c.G2[r * kmax + b] += wv * P22at(c, cb, c.bstart[r] + b)
+
+
 
 
 cdef void assemble_gradient(MultiCtx* c, double kappa, double* grad) noexcept nogil:
@@ -520,11 +609,12 @@ cdef class MultiKernel:
 
     cdef MultiCtx c
     cdef object keep
+    cdef object bounds
     cdef double* buf
 
     def __cinit__(self, cp, tuple arrays, int k1, int p, int q2, int kmax, int width,
                   const int[::1] th_term, const int[::1] th_row, const int[::1] th_col,
-                  const i64[::1] t_off, const int[::1] t_k, bint reml):
+                  const i64[::1] t_off, const int[::1] t_k, bint reml, int n_threads=1):
         cdef const double[::1] S1 = cp.S1
         cdef const i64[::1] ptr = cp.ptr
         cdef const i64[::1] pair_c0 = cp.pair_c0
@@ -546,8 +636,13 @@ cdef class MultiKernel:
         cdef i64 m1 = ptr.shape[0] - 1
         cdef int nc = p + 1, pp = p if p > 0 else 1
         cdef size_t ttot = <size_t>t_off[t_off.shape[0] - 1], total
+        cdef int t, nth
         self.buf = NULL
         self.c.w.block = NULL
+        self.c.ws = NULL
+        self.c.tbuf = NULL
+        self.c.tstat = NULL
+        self.c.nth = 0
         self.keep = (cp, arrays, S1, ptr, pair_c0, pair_k, pair_voff, A21, B2, c2, XtX, Xty,
                      th_term, th_row, th_col, t_off, t_k)
         c = &self.c
@@ -589,6 +684,35 @@ cdef class MultiKernel:
         c.n_evals = 0
         if work_alloc(&c.w, k1 if k1 > kmax else kmax, p) != 0:
             raise MemoryError()
+        # threads: balanced level ranges (by levels + pairs) and row ranges of the lower
+        # triangle of M22 (row r holds r + 1 entries: split at q2 √(t/nth))
+        nth = max(1, min(n_threads, m1))
+        work = np.asarray(ptr) + np.arange(m1 + 1)
+        lb = np.searchsorted(work, work[-1] * np.arange(nth + 1) / nth).astype(np.int64)
+        lb[0], lb[nth] = 0, m1
+        rb = np.floor(q2 * np.sqrt(np.arange(nth + 1) / nth)).astype(np.int64)
+        rb[nth] = q2
+        cdef i64[::1] lbv = lb
+        cdef i64[::1] rbv = rb
+        self.bounds = (lb, rb)
+        c.lbounds = &lbv[0]
+        c.rbounds = &rbv[0]
+        c.ws = <Work*>malloc(nth * sizeof(Work))
+        c.tstat = <i64*>malloc(nth * sizeof(i64))
+        if c.ws == NULL or c.tstat == NULL:
+            raise MemoryError()
+        for t in range(nth):
+            c.ws[t].block = NULL
+        c.nth = nth
+        for t in range(nth):
+            if work_alloc(&c.ws[t], k1 if k1 > kmax else kmax, p) != 0:
+                raise MemoryError()
+        c.tstride = ((2 + pp * pp + pp + <i64>q2 * (p + 1) + k1 * k1 + <i64>q2 * kmax
+                      + 2 * (<i64>width * k1 + 1) + 3 * <i64>(k1 if k1 > pp else pp) ** 2)
+                     // 8 + 2) * 8
+        c.tbuf = <double*>malloc((nth * c.tstride + 8) * sizeof(double))
+        if c.tbuf == NULL:
+            raise MemoryError()
         total = (2 * ttot + <size_t>q2 * q2 + <size_t>q2 * pp + q2
                  + m1 * (<size_t>k1 * k1 + <size_t>k1 * pp + k1) + A21.shape[0]
                  + 3 * pp + 2 * <size_t>pp * pp
@@ -625,8 +749,15 @@ cdef class MultiKernel:
         c.Mi = c.Qb + width * k1 + 1
 
     def __dealloc__(self):
+        cdef int t
         if self.c.w.block != NULL:
             work_free(&self.c.w)
+        if self.c.ws != NULL:
+            for t in range(self.c.nth):
+                work_free(&self.c.ws[t])
+        free(self.c.ws)
+        free(self.c.tstat)
+        free(self.c.tbuf)
         free(self.buf)
 
     @property

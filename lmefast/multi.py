@@ -22,6 +22,7 @@ from lmefast._multi import MultiKernel
 from lmefast.lmer import Term
 from lmefast.objective import ObjectiveError, Solution
 from lmefast.optimize import fit_theta
+from lmefast.parallel import default_threads
 from lmefast.spec import SpecificationError
 
 MAX_DENSE_TRAILING = 12_000
@@ -160,7 +161,8 @@ class MultiObjective:
     ProfiledObjective: solve, __call__, value_and_grad, minimize, modes), evaluated by the C
     kernel lmefast._multi.MultiKernel."""
 
-    def __init__(self, cp: MultiCrossProducts, theta_map: MultiThetaMap, reml: bool) -> None:
+    def __init__(self, cp: MultiCrossProducts, theta_map: MultiThetaMap, reml: bool,
+                 n_threads: int | None = None) -> None:
         self.cp = cp
         self.theta_map = theta_map
         self.reml = reml
@@ -186,7 +188,7 @@ class MultiObjective:
         self.kernel = MultiKernel(
             cp, arrays, terms[0].k, cp.p, cp.q2, max(t.k for t in trail), int(per_level.max()),
             th_term, th_row, th_col, t_off, np.array([t.k for t in terms], dtype=np.int32),
-            reml)
+            reml, default_threads(terms[0].m) if n_threads is None else n_threads)
 
     @property
     def n_evals(self) -> int:
@@ -286,13 +288,13 @@ class MultiLM:
         return self.endog_name
 
     def objective(self, reml: bool = True, n_threads: int | None = None) -> MultiObjective:
-        return MultiObjective(self.crossprods, self.theta_map, reml)
+        return MultiObjective(self.crossprods, self.theta_map, reml, n_threads)
 
     def fit(self, reml: bool = True, start_params: np.ndarray | None = None, maxiter: int = 500,
             verbose: bool = False, callback: Callable | None = None, **kwargs: Any):
         from lmefast.results_multi import MultiResults
 
-        obj = self.objective(reml)
+        obj = self.objective(reml, kwargs.get("n_threads"))
         theta0 = self.theta_map.start() if start_params is None else np.asarray(start_params, float)
         if theta0.shape != (self.theta_map.n_theta,):
             raise SpecificationError(f"start_params must have {self.theta_map.n_theta} entries")

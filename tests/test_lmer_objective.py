@@ -317,3 +317,15 @@ def test_modes_after_a_gradient_solve_match_dense(case: Crossed) -> None:
     """The same after solve(θ, want_grad=True), as the optimiser leaves the objective at θ̂: computing the
     gradient must not disturb what the conditional modes are computed from."""
     check_against_dense(case, want_grad=True)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_threads_give_the_same_objective_and_gradient(name: str, reml: bool) -> None:
+    """The level loops split over threads (private partial sums, row-split Schur update)."""
+    model = multi_model(name)
+    theta = model.theta_map.start() * 0.7 + 0.05
+    one = model.objective(reml, n_threads=1).solve(theta, want_grad=True)
+    two = model.objective(reml, n_threads=2).solve(theta, want_grad=True)
+    assert two.objective == pytest.approx(one.objective, rel=1e-12)
+    np.testing.assert_allclose(two.grad, one.grad, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(two.beta, one.beta, rtol=1e-11)
