@@ -3,7 +3,7 @@ of the run (OptSummary), as MixedModels.jl keeps one."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -131,8 +131,8 @@ def fit_theta(
                 raise StopIteration from exc
 
     hook = on_iter if (verbose or callback is not None) else None
-    theta, _, _, f0, Hinv, n_iter, code = obj.minimize(theta0, lower, gtol=1e-9,
-                                                       maxiter=maxiter, on_iter=hook)
+    theta, _, grad, f0, Hinv, n_iter, code = obj.minimize(theta0, lower, gtol=1e-9,
+                                                          maxiter=maxiter, on_iter=hook)
     diag = obj.theta_map.diagonal_mask()
     # A diagonal θ at zero can be a saddle, not a minimum: the objective is even in the last
     # diagonal entry of each T, so its gradient there is exactly zero. Probe away from zero
@@ -154,14 +154,15 @@ def fit_theta(
                     best_f, best_x = fx, x
         if best_x is None:
             break
-        theta, _, _, _, Hinv, more_iter, code = obj.minimize(best_x, lower, gtol=1e-9,
-                                                              maxiter=maxiter, on_iter=hook)
+        theta, _, grad, _, Hinv, more_iter, code = obj.minimize(best_x, lower, gtol=1e-9,
+                                                                 maxiter=maxiter, on_iter=hook)
         n_iter += more_iter
     if raised:
         raise raised[0]
     message = RETURN_MESSAGES[code]
     snapped = np.where(diag & (theta < 1e-9), 0.0, theta)
-    sol = obj.solve(theta, want_grad=True)
+    # the optimiser returns the gradient at θ: the final solve needs only the objective's parts
+    sol = replace(obj.solve(theta), grad=np.asarray(grad, dtype=float).copy())
     if not np.array_equal(snapped, theta):
         sol_s = obj.solve(snapped, want_grad=True)
         if sol_s.objective <= sol.objective + 1e-10:
