@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import tracemalloc
@@ -33,21 +32,9 @@ import lmefast
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 import peers  # noqa: E402
+from compare_core import median_time  # noqa: E402
 
 DATA = HERE.parent / "tests" / "data"
-
-
-def median_time(fn, reps: int, budget_s: float = 30.0) -> tuple[float, int]:
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(times), len(times)
 
 
 def small(reps: int) -> list[dict]:

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from lmefast._multi import MultiKernel
 from lmefast.lmer import Term
-from lmefast.objective import ObjectiveError, Solution
+from lmefast.objective import KernelObjective, ObjectiveError, Solution
 from lmefast.optimize import fit_theta
 from lmefast.parallel import default_threads
 from lmefast.spec import SpecificationError
@@ -156,10 +156,12 @@ def compute_multi_crossprods(y: np.ndarray, X: np.ndarray, terms: list[Term]) ->
         yty=float(y @ y), n=n, trail_c0=trail_c0)
 
 
-class MultiObjective:
-    """θ → the profiled objective for several grouping factors (same interface as
-    ProfiledObjective: solve, __call__, value_and_grad, minimize, modes), evaluated by the C
-    kernel lmefast._multi.MultiKernel."""
+class MultiObjective(KernelObjective):
+    """θ → the profiled objective for several grouping factors, evaluated by the C kernel
+    lmefast._multi.MultiKernel (its blocks are the first factor's levels, then the trailing
+    block, reported as a level beyond the last)."""
+
+    block_name = "level of the first factor"
 
     def __init__(self, cp: MultiCrossProducts, theta_map: MultiThetaMap, reml: bool,
                  n_threads: int | None = None) -> None:
@@ -189,43 +191,6 @@ class MultiObjective:
             cp, arrays, terms[0].k, cp.p, cp.q2, max(t.k for t in trail), int(per_level.max()),
             th_term, th_row, th_col, t_off, np.array([t.k for t in terms], dtype=np.int32),
             reml, default_threads(terms[0].m) if n_threads is None else n_threads)
-
-    @property
-    def n_evals(self) -> int:
-        return int(self.kernel.n_evals)
-
-    def solve(self, theta: np.ndarray, want_grad: bool = False) -> Solution:
-        theta = np.array(theta, dtype=float)
-        obj, r2, logdet, status, beta, Lx, grad = self.kernel.evaluate(theta, want_grad)
-        p = self.cp.p
-        if status > 0:
-            raise ObjectiveError("a block of the random-effects factor is not positive definite")
-        if status == -(p + 1):
-            raise ObjectiveError("penalised residual sum of squares is not positive")
-        if status < 0:
-            raise ObjectiveError("fixed-effects columns are linearly dependent")
-        return Solution(theta=theta, objective=obj, beta=beta, Lx=Lx, r2=r2, logdet_L=logdet,
-                        sigma2=r2 / self.dof, grad=grad)
-
-    def __call__(self, theta: np.ndarray) -> float:
-        try:
-            return self.solve(theta).objective
-        except ObjectiveError:
-            return np.inf
-
-    def gradient(self, sol: Solution) -> np.ndarray:
-        return sol.grad if sol.grad is not None else self.solve(sol.theta, want_grad=True).grad
-
-    def value_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        try:
-            sol = self.solve(theta, want_grad=True)
-            return sol.objective, sol.grad
-        except ObjectiveError:
-            return np.inf, np.zeros(self.theta_map.n_theta)
-
-    def minimize(self, theta0: np.ndarray, lower: np.ndarray, *, gtol: float, maxiter: int,
-                 on_iter: Callable | None):
-        return self.kernel.minimize(theta0, lower, gtol, maxiter, on_iter)
 
     def modes(self, sol: Solution) -> list[np.ndarray]:
         """Conditional modes b_j (m_j × k_j) of every term, at the solution."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -39,26 +40,17 @@ class ObjectiveError(FloatingPointError):
     """The objective cannot be evaluated at this θ."""
 
 
-class ProfiledObjective:
-    """θ in, objective (and gradient) out, from the cross-products only (a C kernel)."""
+class KernelObjective:
+    """θ in, objective (and gradient) out, from the cross-products only: the part shared by
+    the C kernels (one grouping factor, several). A subclass sets `cp`, `theta_map`, `reml`,
+    `dof` and `kernel` (with evaluate, minimize, n_evals) and says what a failing block is."""
 
-    def __init__(self, cp: CrossProducts, theta_map: ThetaMap, reml: bool,
-                 n_threads: int | None = None) -> None:
-        self.cp = cp
-        self.theta_map = theta_map
-        self.reml = reml
-        self.dof = cp.n - cp.p if reml else cp.n
-        lay = cp.layout
-        rows, cols = theta_map.tril
-        self.kernel = OneFactorKernel(
-            cp.S, cp.s_off, lay.q_off, lay.comp, theta_map.k, cp.p, lay.qmax,
-            np.ascontiguousarray(cp.XtX).ravel(), np.ascontiguousarray(cp.Xty), cp.yty,
-            float(cp.n), reml, rows.astype(np.int64), cols.astype(np.int64), theta_map.n_vc,
-            default_threads(lay.q_off.shape[0] - 1) if n_threads is None else n_threads)
-
-    @property
-    def n_threads(self) -> int:
-        return int(self.kernel.n_threads)
+    cp: Any
+    theta_map: Any
+    reml: bool
+    dof: int
+    kernel: Any
+    block_name = "group"
 
     @property
     def n_evals(self) -> int:
@@ -70,7 +62,7 @@ class ProfiledObjective:
         obj, r2, logdet, status, beta, Lx, grad = self.kernel.evaluate(theta, want_grad)
         p = self.cp.p
         if status > 0:
-            raise ObjectiveError(f"block of group {status - 1} is not positive definite")
+            raise ObjectiveError(f"block of {self.block_name} {status - 1} is not positive definite")
         if status == -(p + 1):
             raise ObjectiveError("penalised residual sum of squares is not positive")
         if status < 0:
@@ -103,6 +95,28 @@ class ProfiledObjective:
         """Projected BFGS (lmefast._bfgs) with the objective in C: (θ, f, g, f at θ0,
         inverse-Hessian approximation, iterations, return code)."""
         return self.kernel.minimize(theta0, lower, gtol, maxiter, on_iter)
+
+
+class ProfiledObjective(KernelObjective):
+    """The profiled objective of one grouping factor (lmefast._kernels.OneFactorKernel)."""
+
+    def __init__(self, cp: CrossProducts, theta_map: ThetaMap, reml: bool,
+                 n_threads: int | None = None) -> None:
+        self.cp = cp
+        self.theta_map = theta_map
+        self.reml = reml
+        self.dof = cp.n - cp.p if reml else cp.n
+        lay = cp.layout
+        rows, cols = theta_map.tril
+        self.kernel = OneFactorKernel(
+            cp.S, cp.s_off, lay.q_off, lay.comp, theta_map.k, cp.p, lay.qmax,
+            np.ascontiguousarray(cp.XtX).ravel(), np.ascontiguousarray(cp.Xty), cp.yty,
+            float(cp.n), reml, rows.astype(np.int64), cols.astype(np.int64), theta_map.n_vc,
+            default_threads(lay.q_off.shape[0] - 1) if n_threads is None else n_threads)
+
+    @property
+    def n_threads(self) -> int:
+        return int(self.kernel.n_threads)
 
     def modes(self, sol: Solution) -> tuple[np.ndarray, np.ndarray]:
         """Conditional modes b (one per coordinate, offsets q_off) and conditional covariances
