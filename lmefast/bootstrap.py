@@ -12,11 +12,22 @@ so (c*, X'y*, y*'y*) are drawn exactly in distribution from the per-group blocks
 χ²_{n − Σ r_i} per replicate: a replicate costs O(groups) to draw and one optimisation, with
 no pass over the rows. The G_i factors (an eigendecomposition per group, X_i'X_i from one pass)
 are computed once per fit.
+
+Several grouping factors (lmefast.multi.MultiLM, crossed or nested): the joint distribution of
+(Z'ε, X'ε, ε'ε) would need a factor of the whole (q + p) × (q + p) matrix [Z X]'[Z X], which
+couples the factors. Instead each replicate draws its response y* = Xβ̂ + Σ_j Z_j b_j* + ε*
+and makes one cheap pass over the rows for its y-parts only — the first factor's Z_1'y*
+(bincount per level), the trailing block's Z'y*, X'y*, y*'y*: O(n (Σk_j + p)) per replicate —
+while Z'Z, Z'X and X'X (and the kernel's layout) are reused. Replicate r uses the generator
+seeded with the r-th of n integers drawn from `seed` (MultiSimulator.seeds), so results do
+not depend on n_jobs and a replicate's response can be rebuilt (MultiSimulator.response).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -32,6 +43,118 @@ if TYPE_CHECKING:
 
 class BootstrapError(ValueError):
     """The bootstrap or simulation cannot be run as asked."""
+
+
+def _is_multi(res: MixedLMResults) -> bool:
+    """A model with several grouping factors (lmefast.multi.MultiLM)."""
+    return hasattr(res.model, "terms") and not hasattr(res.model, "spec")
+
+
+class MultiSimulator:
+    """Responses simulated from a fit with several grouping factors, and their
+    cross-products (see the module docstring)."""
+
+    def __init__(self, res: MixedLMResults) -> None:
+        model = res.model
+        self.res = res
+        self.model = model
+        self.cp = model.crossprods
+        self.terms = model.terms
+        self.Ts = model.theta_map.Ts(res.theta)
+        self.beta = res._sol.beta.copy()
+        self.sigma = res.sigma
+        self.fixed = model.X @ self.beta
+        t1 = self.terms[0]
+        p = self.cp.p
+        self.k1, self.m1 = t1.k, t1.m
+        self.rec = t1.k * t1.k + t1.k * p + t1.k
+        self.q2 = self.cp.q2
+        self.coords = [int(c0) + t.codes * t.k for c0, t in zip(self.cp.trail_c0, self.terms[1:], strict=True)]
+
+    @staticmethod
+    def seeds(seed: int | np.random.Generator | None, n: int) -> np.ndarray:
+        """The per-replicate seeds of a bootstrap of n replicates."""
+        return np.random.default_rng(seed).integers(0, 2**63 - 1, size=n)
+
+    def random_part(self, rng: np.random.Generator) -> np.ndarray:
+        """Σ_j Z_j b_j*, b_j* ~ N(0, σ̂² T_j T_j') per level (rows in the data's order)."""
+        out = np.zeros(self.model.nobs)
+        for t, T in zip(self.terms, self.Ts, strict=True):
+            b = self.sigma * rng.standard_normal((t.m, t.k)) @ T.T
+            out += np.einsum("ij,ij->i", t.Z, b[t.codes])
+        return out
+
+    def response(self, rng: np.random.Generator) -> np.ndarray:
+        """One simulated response y* = Xβ̂ + Zb* + ε* (new random effects, as lme4's simulate)."""
+        mu = self.fixed + self.random_part(rng)
+        return mu + self.sigma * rng.standard_normal(mu.shape[0])
+
+    def crossprods(self, y: np.ndarray):
+        """The model's cross-products with the response replaced by y (only the y-parts are
+        recomputed)."""
+        cp, k1, m1, rec = self.cp, self.k1, self.m1, self.rec
+        t1 = self.terms[0]
+        S1 = cp.S1.reshape(m1, rec).copy()
+        for a in range(k1):
+            S1[:, rec - k1 + a] = np.bincount(t1.codes, t1.Z[:, a] * y, m1)
+        c2 = np.zeros(self.q2)
+        for c0, t in zip(self.coords, self.terms[1:], strict=True):
+            for a in range(t.k):
+                c2 += np.bincount(c0 + a, t.Z[:, a] * y, self.q2)
+        return replace(cp, S1=S1.ravel(), c2=c2, Xty=self.model.X.T @ y, yty=float(y @ y))
+
+
+@contextmanager
+def _single_threaded_blas():
+    """OpenBLAS limited to one thread while replicates are refitted in parallel (what
+    threadpoolctl does; best effort, Linux only, restored afterwards). The blocked kernel
+    factors the trailing block with LAPACK: multithreaded OpenBLAS called from several refit
+    threads at once oversubscribes the cores (about 30× slower on 2 cores with q2 = 500)."""
+    saved = []
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower() and ".so" in ln})
+        for path in paths:
+            lib = ctypes.CDLL(path)
+            for get, put in (("openblas_get_num_threads", "openblas_set_num_threads"),
+                             ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+                             ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                             ("openblas_get_num_threads64_", "openblas_set_num_threads64_")):
+                if hasattr(lib, get) and hasattr(lib, put):
+                    saved.append((getattr(lib, put), int(getattr(lib, get)())))
+                    getattr(lib, put)(1)
+                    break
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        for put, n in saved:
+            put(n)
+
+
+def _refit_multi(sim: MultiSimulator, seeds: np.ndarray, rows: range, theta0: np.ndarray, reml: bool,
+                 out_theta: np.ndarray, out_beta: np.ndarray, out_s2: np.ndarray, out_f: np.ndarray,
+                 out_conv: np.ndarray) -> None:
+    from lmefast.multi import MultiObjective
+
+    tm = sim.model.theta_map
+    for r in rows:
+        cp = sim.crossprods(sim.response(np.random.default_rng(seeds[r])))
+        try:
+            sol, opt = fit_theta(MultiObjective(cp, tm, reml, n_threads=1), theta0)
+        except (ObjectiveError, FloatingPointError):
+            out_conv[r] = False
+            out_theta[r] = np.nan
+            out_beta[r] = np.nan
+            out_s2[r] = np.nan
+            out_f[r] = np.nan
+            continue
+        out_theta[r] = sol.theta
+        out_beta[r] = sol.beta
+        out_s2[r] = sol.sigma2
+        out_f[r] = sol.objective
+        out_conv[r] = opt.converged
 
 
 def _one_factor(res: MixedLMResults):
@@ -275,12 +398,15 @@ def bootstrap(res: MixedLMResults, n: int, seed: int | np.random.Generator | Non
         raise BootstrapError(f"n must be a positive integer, got {n!r}")
     t0 = time.perf_counter()
     cache = res.__dict__.setdefault("_inference_cache", {})
+    multi = _is_multi(res)
     sim = cache.get("ysim")
     if sim is None:
-        sim = cache["ysim"] = YPartSimulator(res)
-    rng = np.random.default_rng(seed)
-    d = sim.draw(rng, int(n))
-    nt = res.model.spec.theta_map.n_theta
+        sim = cache["ysim"] = MultiSimulator(res) if multi else YPartSimulator(res)
+    if multi:
+        refit, draws = _refit_multi, MultiSimulator.seeds(seed, int(n))
+    else:
+        refit, draws = _refit_chunk, sim.draw(np.random.default_rng(seed), int(n))
+    nt = res.model.theta_map.n_theta
     th = np.empty((n, nt))
     beta = np.empty((n, res.k_fe))
     s2 = np.empty(n)
@@ -288,15 +414,16 @@ def bootstrap(res: MixedLMResults, n: int, seed: int | np.random.Generator | Non
     conv = np.ones(n, dtype=bool)
     jobs = max(1, min(int(n_jobs or os.cpu_count() or 1), n))
     theta0 = res.theta
-    if jobs == 1:
-        _refit_chunk(sim, d, range(n), theta0, res.reml, th, beta, s2, f, conv)
-    else:
-        bounds = np.linspace(0, n, jobs + 1).astype(int)
-        with ThreadPoolExecutor(jobs) as ex:
-            futs = [ex.submit(_refit_chunk, sim, d, range(bounds[i], bounds[i + 1]), theta0, res.reml,
-                              th, beta, s2, f, conv) for i in range(jobs)]
-            for fu in futs:
-                fu.result()
+    with _single_threaded_blas() if multi else nullcontext():
+        if jobs == 1:
+            refit(sim, draws, range(n), theta0, res.reml, th, beta, s2, f, conv)
+        else:
+            bounds = np.linspace(0, n, jobs + 1).astype(int)
+            with ThreadPoolExecutor(jobs) as ex:
+                futs = [ex.submit(refit, sim, draws, range(bounds[i], bounds[i + 1]), theta0, res.reml,
+                                  th, beta, s2, f, conv) for i in range(jobs)]
+                for fu in futs:
+                    fu.result()
     names, _ = sdcor_names_values(res, res.theta, res.sigma)
     vals = np.array([sdcor_names_values(res, th[r], np.sqrt(s2[r]))[1] if np.isfinite(s2[r])
                      else np.full(len(names), np.nan) for r in range(n)])
@@ -315,6 +442,14 @@ def simulate(res: MixedLMResults, n: int = 1, seed: int | np.random.Generator | 
     conditional on the estimated modes b̂ (include_random=False: Xβ̂ + Zb̂ + ε*)."""
     if not isinstance(n, int | np.integer) or n < 1:
         raise BootstrapError(f"n must be a positive integer, got {n!r}")
+    if _is_multi(res):
+        rng = np.random.default_rng(seed)
+        msim = MultiSimulator(res)
+        out = np.empty((n, res.nobs))
+        for r in range(n):
+            out[r] = msim.fixed + msim.random_part(rng) if include_random else res.fittedvalues
+        out += res.sigma * rng.standard_normal(out.shape)
+        return out
     spec = _one_factor(res)
     rng = np.random.default_rng(seed)
     order, pos, Z, sizes = design_blocks(res)

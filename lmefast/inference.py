@@ -20,6 +20,15 @@ so every quantity pbkrtest forms (the traces tr(G_r V⁻¹ G_s V⁻¹), P_r = �
 Q_rs = X'V⁻¹G_rV⁻¹G_sV⁻¹X) is a sum over groups of n_i × n_i products. Cost:
 O(Σ_i n_i³ + R² Σ_i n_i² (n_i + p)) time for R covariance parameters, memory for a chunk of
 groups at a time; refused above KR_MAX_GROUP_ROWS rows in one group or KR_MAX_FLOPS work.
+
+Kenward-Roger with several grouping factors (crossed or nested, lmefast.multi.MultiLM): V is
+not block-diagonal, but V = σ²(I + ZΛΛ'Z') so every quantity above is a product of the q × q
+cross-products Z'Z, Z'X, X'X and S = Λ(Λ'Z'ZΛ + I)⁻¹Λ' (Woodbury), q = Σ_j m_j k_j the number
+of random effects: W = Z'V⁻¹Z = σ⁻²(Z'Z − Z'Z S Z'Z), Z'V⁻¹X, Z'V⁻²Z, tr V⁻² etc., and a
+parameter's G_r = Z D_r Z' only selects rows and columns of them. No n × n matrix is formed.
+Cost: one pass over the rows for Z'Z (O(n (Σk_j)²)), then O(q³) for S and the q × q products
+and O(R² (m² + m p + p²)) for the traces (m the levels of the factors involved); memory about
+eight dense q × q matrices (q = 2,000: 2.6 s on 2 cores). Refused above KR_MAX_RANDOM_EFFECTS (q).
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ DDF_METHODS = ("satterthwaite", "kenward-roger", "residual", None)
 KR_MAX_GROUP_ROWS = 5_000          # rows in one group (an n_i × n_i inverse per group)
 KR_MAX_FLOPS = 2e11                # estimated floating-point work of the Kenward-Roger pass
 _KR_CHUNK_ELEMENTS = 4_000_000     # n_i × n_i entries held per chunk of groups and matrix
+KR_MAX_RANDOM_EFFECTS = 4_000      # several factors: q = Σ m_j k_j (dense q × q matrices)
 
 
 class InferenceError(ValueError):
@@ -152,6 +162,11 @@ def satterthwaite_df(res: MixedLMResults, L: np.ndarray) -> float:
 
 
 # -- Kenward-Roger ------------------------------------------------------------------------------
+def _is_multi(res: MixedLMResults) -> bool:
+    """A model with several grouping factors (lmefast.multi.MultiLM)."""
+    return hasattr(res.model, "terms") and not hasattr(res.model, "spec")
+
+
 def _kr_spec(res: MixedLMResults):
     """The one-grouping-factor ModelSpec (rows, Zre, layout) Kenward-Roger needs."""
     spec = res.model.spec
@@ -184,6 +199,9 @@ def kenward_roger_parts(res: MixedLMResults) -> tuple[np.ndarray, list[np.ndarra
     if not res.reml:
         raise InferenceError("Kenward-Roger's method is only available for REML fits "
                              "(as in pbkrtest/lmerTest): refit with reml=True")
+    if _is_multi(res):
+        cache["kr"] = _kr_multi(res)
+        return cache["kr"]
     spec = _kr_spec(res)
     lay = spec.layout
     codes = spec.group_codes
@@ -266,6 +284,16 @@ def kenward_roger_parts(res: MixedLMResults) -> tuple[np.ndarray, list[np.ndarra
             for s in range(r, R):
                 Ktr[r, s] += np.einsum("gij,gji->", H[r], H[s])
                 Q[(r, s)] += np.einsum("gia,gib->ab", HX[r], ViHX[s])
+    cache["kr"] = _kr_finish(res, Ktr, P, Q)
+    return cache["kr"]
+
+
+def _kr_finish(res: MixedLMResults, Ktr: np.ndarray, P: list[np.ndarray], Q: dict
+               ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """pbkrtest's vcovAdj from the traces tr(G_r V⁻¹ G_s V⁻¹) (upper triangle), the P_r and the
+    Q_rs (r ≤ s)."""
+    R = len(P)
+    p = res.k_fe
     Ktr = np.triu(Ktr) + np.triu(Ktr, 1).T
     P = [0.5 * (Pr + Pr.T) for Pr in P]
     Phi = res._cov_fe
@@ -286,8 +314,84 @@ def kenward_roger_parts(res: MixedLMResults) -> tuple[np.ndarray, list[np.ndarra
     for r in range(R):
         U += W[r, r] * (Q[(r, r)] - P[r] @ Phi @ P[r])
     PhiA = Phi + 2 * (Phi @ U @ Phi)
-    cache["kr"] = (PhiA, P, W)
-    return cache["kr"]
+    return PhiA, P, W
+
+
+def _kr_multi(res: MixedLMResults) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Kenward-Roger for several grouping factors, in the space of the q random effects (see
+    the module docstring)."""
+    import scipy.sparse as sp
+    from scipy.linalg import cho_factor, cho_solve
+
+    model = res.model
+    terms = model.terms
+    sizes = [t.m * t.k for t in terms]
+    q = int(sum(sizes))
+    if q > KR_MAX_RANDOM_EFFECTS:
+        raise InferenceError(
+            f"Kenward-Roger with several grouping factors uses dense q × q matrices of the q = {q} "
+            f"random effects (O(q³) time, about 8 q² doubles of memory); the limit is "
+            f"KR_MAX_RANDOM_EFFECTS = {KR_MAX_RANDOM_EFFECTS}: use ddf='satterthwaite' (cost "
+            "independent of the number of rows)")
+    n, p = model.nobs, model.k_fe
+    X = model.X
+    off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    rows, cols, vals = [], [], []
+    for j, t in enumerate(terms):
+        for a in range(t.k):
+            rows.append(np.arange(n))
+            cols.append(off[j] + t.codes * t.k + a)
+            vals.append(t.Z[:, a])
+    Z = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, q))
+    A = (Z.T @ Z).toarray()
+    B = np.asarray(Z.T @ X)
+    XtX = X.T @ X
+    Lam = sp.block_diag([sp.kron(sp.identity(t.m), T) for t, T in
+                         zip(terms, model.theta_map.Ts(res.theta), strict=True)], format="csr")
+    LtA = np.asarray(Lam.T @ A)                  # Λ'A
+    M = np.asarray(Lam.T @ LtA.T)                # Λ'AΛ (symmetric)
+    del LtA
+    M = 0.5 * (M + M.T)
+    M[np.diag_indices(q)] += 1.0
+    S = np.asarray(Lam @ cho_solve(cho_factor(M, lower=True), Lam.T.toarray()))
+    del M
+    S = 0.5 * (S + S.T)                          # Λ (Λ'AΛ + I)⁻¹ Λ'
+    s2 = res.scale
+    SA = S @ A
+    SB = S @ B
+    W = (A - A @ SA) / s2                        # Z'V⁻¹Z
+    W = 0.5 * (W + W.T)
+    E = (B - A @ SB) / s2                        # Z'V⁻¹X
+    K = (np.eye(q) - SA) / s2                    # V⁻¹Z = Z K
+    U = K.T @ A @ K                              # Z'V⁻²Z
+    F = K.T @ E                                  # Z'V⁻²X
+    XV2X = (XtX - 2 * B.T @ SB + SB.T @ A @ SB) / s2 ** 2
+    XV3X = (XV2X - E.T @ S @ E) / s2
+    trV2 = (n - 2 * np.trace(SA) + np.sum(SA * SA.T)) / s2 ** 2
+    # the covariance parameters: per term the free entries (a, b) of its covariance matrix;
+    # D_r = Σ_t e_{x_t} e_{y_t}' over the term's levels (both orders for a ≠ b)
+    idx = []
+    for j, t in enumerate(terms):
+        base = off[j] + np.arange(t.m) * t.k
+        for a, b in zip(t.pattern[0].tolist(), t.pattern[1].tolist(), strict=True):
+            xr, yr = base + a, base + b
+            idx.append((xr, yr) if a == b else (np.concatenate([xr, yr]), np.concatenate([yr, xr])))
+    R = len(idx) + 1
+    Ktr = np.zeros((R, R))
+    P = [np.zeros((p, p)) for _ in range(R)]
+    Q = {}
+    for r, (xr, yr) in enumerate(idx):
+        P[r] = -(E[xr].T @ E[yr])
+        for s_, (xs, ys) in enumerate(idx[r:], start=r):
+            Wrs = W[np.ix_(yr, xs)]
+            Ktr[r, s_] = np.sum(Wrs * W[np.ix_(ys, xr)].T)
+            Q[(r, s_)] = E[xr].T @ Wrs @ E[ys]
+        Ktr[r, R - 1] = np.sum(U[yr, xr])
+        Q[(r, R - 1)] = E[xr].T @ F[yr]
+    P[R - 1] = -XV2X
+    Ktr[R - 1, R - 1] = trV2
+    Q[(R - 1, R - 1)] = XV3X
+    return _kr_finish(res, Ktr, P, Q)
 
 
 def _kr_stats(res: MixedLMResults, L: np.ndarray) -> tuple[float, float, float]:
@@ -585,8 +689,13 @@ def anova(res: MixedLMResults, ddf: str | None = "satterthwaite", type: int = 3)
 
 
 # -- likelihood-ratio tests ----------------------------------------------------------------------
+def _data(res: MixedLMResults):
+    """The object holding the model's y and X: the spec (one factor) or the MultiLM itself."""
+    return getattr(res.model, "spec", res.model)
+
+
 def _same_fixed(a: MixedLMResults, b: MixedLMResults) -> bool:
-    Xa, Xb = a.model.spec.X, b.model.spec.X
+    Xa, Xb = _data(a).X, _data(b).X
     return Xa.shape == Xb.shape and bool(np.array_equal(Xa, Xb))
 
 
@@ -609,8 +718,8 @@ def lrtest(*results: MixedLMResults, refit: bool | str = "auto", names: Sequence
     n = {r.nobs for r in results}
     if len(n) > 1:
         raise InferenceError(f"models were not all fitted to the same number of rows: {sorted(n)}")
-    y0 = results[0].model.spec.y
-    if not all(np.array_equal(r.model.spec.y, y0) for r in results[1:]):
+    y0 = _data(results[0]).y
+    if not all(np.array_equal(_data(r).y, y0) for r in results[1:]):
         raise InferenceError("models were not all fitted to the same response")
     labels = list(names) if names is not None else [f"model{i + 1}" for i in range(len(results))]
     if len(labels) != len(results):

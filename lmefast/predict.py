@@ -5,6 +5,11 @@ names them: 'Intercept' (or the grouping factor's name for the random intercept,
 convention), a numeric column by its name, 'var[T.level]' for a level of a categorical
 variable (treatment coding), and products 'a:b'. A row whose group was not in the fit gets the
 population prediction (new_levels='population') or raises (new_levels='error').
+
+Several grouping factors (lmer fits): newdata needs every grouping factor's column(s) (both
+'batch' and 'cask' for the nested factor 'batch:cask'); each factor contributes Z_j b̂_j of
+the row's level, and a level not in the fit contributes nothing for that factor only (lme4's
+allow.new.levels=TRUE), or raises with new_levels='error'.
 """
 from __future__ import annotations
 
@@ -75,6 +80,8 @@ def predict(res: MixedLMResults, newdata: Any = None, include_random: bool = Tru
     arrays exog (n × p) / exog_re (n × k) / groups (n labels)."""
     if new_levels not in ("population", "error"):
         raise PredictionError(f"new_levels must be 'population' or 'error', not {new_levels!r}")
+    if not hasattr(res.model, "spec"):
+        return _predict_multi(res, newdata, include_random, new_levels, exog)
     spec = res.model.spec
     beta = res._sol.beta
     if newdata is None and exog is None:
@@ -123,3 +130,56 @@ def predict(res: MixedLMResults, newdata: Any = None, include_random: bool = Tru
     B = re.to_numpy()
     contrib = np.einsum("ij,ij->i", Z, B[np.where(new, 0, idx)])
     return pred + np.where(new, 0.0, contrib)
+
+
+def _level_index(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Position of each value among the fit's labels (as stored, or by string form); −1 if new."""
+    lookup = {lab: i for i, lab in enumerate(labels.tolist())}
+    slookup = {str(lab): i for i, lab in enumerate(labels.tolist())}
+    return np.array([lookup.get(v, slookup.get(str(v), -1)) for v in values], dtype=np.int64)
+
+
+def _predict_multi(res: MixedLMResults, newdata: Any, include_random: bool, new_levels: str,
+                   exog: Any) -> np.ndarray:
+    """predict() for a fit with several grouping factors (see the module docstring)."""
+    model = res.model
+    beta = res._sol.beta
+    intercepts = {"Intercept", "(Intercept)", "const"}
+    if newdata is None and exog is None:
+        return res.fittedvalues.copy() if include_random else model.X @ beta
+    if newdata is None:
+        X = np.atleast_2d(np.asarray(exog, dtype=float))
+        if X.shape[1] != res.k_fe:
+            raise PredictionError(f"exog must have {res.k_fe} columns {res.model.exog_names}, got {X.shape[1]}")
+        if include_random:
+            raise PredictionError("with several grouping factors, conditional predictions need newdata "
+                                  "(a DataFrame with the grouping columns); use include_random=False "
+                                  "for population predictions from exog")
+        return X @ beta
+    if not isinstance(newdata, pd.DataFrame):
+        raise PredictionError(f"newdata must be a pandas DataFrame, not {type(newdata).__name__}")
+    pred = design(newdata, list(model.exog_names), intercepts, "fixed effects") @ beta
+    if not include_random:
+        return pred
+    for t, b in zip(model.terms, res._modes_list, strict=True):
+        cols = t.name.split(":")
+        missing = [c for c in cols if c not in newdata.columns]
+        if missing:
+            raise PredictionError(f"newdata is missing the grouping column(s) {missing} of the "
+                                  f"grouping factor {t.name!r}")
+        if len(cols) == 1:
+            key = newdata[cols[0]].to_numpy()
+        else:
+            key = newdata[cols[0]].astype(str)
+            for c in cols[1:]:
+                key = key + ":" + newdata[c].astype(str)
+            key = key.to_numpy()
+        idx = _level_index(np.asarray(t.labels), key)
+        new = idx < 0
+        if new.any() and new_levels == "error":
+            raise PredictionError(f"level(s) {sorted({str(v) for v in key[new]})[:10]} of {t.name!r} were "
+                                  "not in the fit (pass new_levels='population' for population "
+                                  "predictions)")
+        Z = design(newdata, list(t.coef_names), intercepts, f"random effects of {t.name!r}")
+        pred = pred + np.where(new, 0.0, np.einsum("ij,ij->i", Z, b[np.where(new, 0, idx)]))
+    return pred

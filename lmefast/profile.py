@@ -10,6 +10,14 @@ response (the C objective, analytic gradient); a variance parameter's profile mi
 deviance d(θ, σ) = log|L|² + r²(θ)/σ² + n log(2πσ²) over the other standard deviations,
 correlations and σ. Where the deviance stays below the cut-off up to a boundary (a standard
 deviation at 0, a correlation at ±1), the interval ends at that boundary.
+
+Several grouping factors (lmer fits, MultiLM): the same, on the blocked objective; a fixed
+effect's profile moves its column into the first factor's per-level records and the trailing
+block's Z'y (MultiCrossProducts), no pass over the rows. Parameters are named by lmefast's
+grouping-factor names, which are lme4's except for nested factors: ``(1|batch/cask)`` gives
+the factor ``batch:cask`` (lme4: ``cask:batch``), so its parameter is
+'sd_(Intercept)|batch:cask'. ``parm`` also accepts lme4's spelling (the parts of an
+interaction factor in any order).
 """
 from __future__ import annotations
 
@@ -42,13 +50,57 @@ def _free_entries(free: np.ndarray) -> list[tuple[int, int]]:
     return [(i, j) for j in range(k) for i in range(j, k) if free[i, j]]
 
 
+def _is_multi(res: MixedLMResults) -> bool:
+    """A model with several grouping factors (lmefast.multi.MultiLM)."""
+    return hasattr(res.model, "terms") and not hasattr(res.model, "spec")
+
+
+def _term_entries(res: MixedLMResults, theta: np.ndarray
+                  ) -> list[tuple[str, list[str], np.ndarray, list[tuple[int, int]]]]:
+    """(group, coefficient names, T, free entries of T in θ's order) per term."""
+    terms = res.model.covariance_terms(np.asarray(theta, dtype=float))
+    if _is_multi(res):
+        # θ follows each term's pattern (lme4's order, also for merged uncorrelated terms)
+        return [(g, c, T, list(zip(t.pattern[0].tolist(), t.pattern[1].tolist(), strict=True)))
+                for (g, c, T, _), t in zip(terms, res.model.terms, strict=True)]
+    return [(g, c, T, _free_entries(free)) for g, c, T, free in terms]
+
+
+def canonical_name(name: str) -> str:
+    """'sd_(Intercept)|cask:batch' → 'sd_(Intercept)|batch:cask': the parts of an interaction
+    factor sorted, so that lme4's and lmefast's spellings of a nested factor compare equal."""
+    if "|" not in name:
+        return name
+    head, group = name.rsplit("|", 1)
+    return f"{head}|{':'.join(sorted(group.split(':')))}"
+
+
+def resolve_names(names: list[str], items: list[str]) -> list[str]:
+    """Each requested name as it appears in `names` (exact, or lme4's spelling of a nested
+    factor); ProfileError naming the unknown ones."""
+    canon: dict[str, list[str]] = {}
+    for n in names:
+        canon.setdefault(canonical_name(n), []).append(n)
+    out, bad = [], []
+    for it in items:
+        if it in names:
+            out.append(it)
+        elif len(canon.get(canonical_name(str(it)), [])) == 1:
+            out.append(canon[canonical_name(str(it))][0])
+        else:
+            bad.append(it)
+    if bad:
+        raise ProfileError(f"unknown parameter(s) {bad}; parameters are {names}")
+    return out
+
+
 def sdcor_from_theta(res: MixedLMResults, theta: np.ndarray, sigma: float) -> tuple[list[str], np.ndarray]:
     names, vals = [], []
-    for group, coefs, T, free in res.model.covariance_terms(np.asarray(theta, dtype=float)):
+    for group, coefs, T, entries in _term_entries(res, theta):
         cov = sigma * sigma * (T @ T.T)
         sd = np.sqrt(np.diag(cov))
         labels = [_coef_label(c, group) for c in coefs]
-        for i, j in _free_entries(free):
+        for i, j in entries:
             if i == j:
                 names.append(f"sd_{labels[i]}|{group}")
                 vals.append(sd[i])
@@ -80,9 +132,8 @@ def theta_from_sdcor(res: MixedLMResults, values: np.ndarray) -> tuple[np.ndarra
     sigma = float(values[-1])
     out = []
     pos = 0
-    for _group, _coefs, T, free in res.model.covariance_terms(res.theta):
+    for _group, _coefs, T, entries in _term_entries(res, res.theta):
         k = T.shape[0]
-        entries = _free_entries(free)
         sd = np.zeros(k)
         cor = np.eye(k)
         for (i, j), v in zip(entries, values[pos:pos + len(entries)], strict=True):
@@ -211,15 +262,51 @@ class Profiler:
             self._warm[key] = (S0, delta, s_new, keep)
         return self._warm[key]
 
-    def _deviance_beta(self, jb: int, value: float) -> float:
-        S0, delta, s_new, keep = self._beta_parts(jb)
+    def _multi_beta_parts(self, jb: int):
+        """Several factors: the first factor's records without column jb (and the change of
+        their Z'y per unit of β_j), and the trailing block's B2 likewise."""
+        key = ("beta", jb)
+        if key not in self._warm:
+            cp = self.obj.cp
+            p = cp.p
+            k1 = self.res.model.terms[0].k
+            rec = k1 * k1 + k1 * p + k1
+            S1 = cp.S1.reshape(-1, rec)
+            B = S1[:, k1 * k1:k1 * k1 + k1 * p].reshape(-1, k1, p)
+            keep = [c for c in range(p) if c != jb]
+            S0 = np.concatenate([S1[:, :k1 * k1], B[:, :, keep].reshape(S1.shape[0], -1),
+                                 S1[:, k1 * k1 + k1 * p:]], axis=1)
+            delta = np.zeros_like(S0)
+            delta[:, -k1:] = -B[:, :, jb]
+            self._warm[key] = (S0.ravel(), delta.ravel(), keep)
+        return self._warm[key]
+
+    def _multi_beta_objective(self, jb: int, value: float):
+        from lmefast.multi import MultiObjective
+
+        S0, delta, keep = self._multi_beta_parts(jb)
         cp = self.obj.cp
         XtX = cp.XtX
-        cpj = replace(cp, S=S0 + value * delta, s_off=s_new,
+        cpj = replace(cp, S1=np.ascontiguousarray(S0 + value * delta),
+                      B2=np.ascontiguousarray(cp.B2[:, keep]),
+                      c2=np.ascontiguousarray(cp.c2 - value * cp.B2[:, jb]),
                       XtX=np.ascontiguousarray(XtX[np.ix_(keep, keep)]),
                       Xty=np.ascontiguousarray(cp.Xty[keep] - XtX[keep, jb] * value),
                       yty=float(cp.yty - 2 * value * cp.Xty[jb] + value * value * XtX[jb, jb]))
-        obj = ProfiledObjective(cpj, self.obj.theta_map, False, n_threads=1)
+        return MultiObjective(cpj, self.obj.theta_map, False, n_threads=1)
+
+    def _deviance_beta(self, jb: int, value: float) -> float:
+        if _is_multi(self.res):
+            obj = self._multi_beta_objective(jb, value)
+        else:
+            S0, delta, s_new, keep = self._beta_parts(jb)
+            cp = self.obj.cp
+            XtX = cp.XtX
+            cpj = replace(cp, S=S0 + value * delta, s_off=s_new,
+                          XtX=np.ascontiguousarray(XtX[np.ix_(keep, keep)]),
+                          Xty=np.ascontiguousarray(cp.Xty[keep] - XtX[keep, jb] * value),
+                          yty=float(cp.yty - 2 * value * cp.Xty[jb] + value * value * XtX[jb, jb]))
+            obj = ProfiledObjective(cpj, self.obj.theta_map, False, n_threads=1)
         # the warm start, the estimate and the default start: a θ near a boundary can leave
         # the optimiser at a saddle, so keep the best of the three
         starts = [self._warm.get(("theta", jb), self.sol.theta), self.sol.theta, obj.theta_map.start()]
@@ -283,10 +370,8 @@ def _which(prof: Profiler, parm) -> list[int]:
             if not 0 <= it < len(prof.names):
                 raise ProfileError(f"parameter index {it} out of range (0..{len(prof.names) - 1})")
             out.append(int(it))
-        elif it in prof.names:
-            out.append(prof.names.index(it))
         else:
-            raise ProfileError(f"unknown parameter {it!r}; parameters are {prof.names}")
+            out.append(prof.names.index(resolve_names(prof.names, [it])[0]))
     return out
 
 
@@ -345,10 +430,7 @@ def conf_int(res: MixedLMResults, method: str = "profile", level: float = 0.95, 
     if parm is not None:
         names = list(out.index)
         items = [parm] if isinstance(parm, str) else list(parm)
-        bad = [p for p in items if p not in names]
-        if bad:
-            raise ProfileError(f"unknown parameter(s) {bad}; parameters are {names}")
-        out = out.loc[items]
+        out = out.loc[resolve_names(names, items)]
     return out
 
 
