@@ -409,7 +409,7 @@ cdef class OneFactorKernel:
         self.ctx.f_stride = <int>lines(qq * pp)
         self.ctx.acc_stride = ((2 + pp * pp + pp + kk * kk + nvc + 1) // 8 + 1) * 8
         total = (3 * kk * kk + (nvc + 1) * 2 + 3 * pp + 2 * pp * pp
-                 + nth * (self.ctx.f_stride + self.ctx.acc_stride) + 8)
+                 + nth * (self.ctx.f_stride + self.ctx.acc_stride) + 16)
         self.buf = <double*>malloc(total * sizeof(double))
         if self.buf == NULL:
             raise MemoryError()
@@ -422,7 +422,9 @@ cdef class OneFactorKernel:
         self.ctx.rhs = self.ctx.Rzxrzy + pp
         self.ctx.Lx = self.ctx.rhs + pp
         self.ctx.Cinv = self.ctx.Lx + pp * pp
-        self.ctx.Fs = self.ctx.Cinv + pp * pp
+        # per-thread F buffers (written per group in the REML gradient) start on a cache line:
+        # not sharing one with each other or with Cinv, which every thread reads per group
+        self.ctx.Fs = <double*>((<size_t>(self.ctx.Cinv + pp * pp) + 63) // 64 * 64)
         # per-thread accumulators start on a cache line and take whole lines
         self.ctx.accs = <double*>((<size_t>(self.ctx.Fs + nth * self.ctx.f_stride) + 63) // 64 * 64)
         self.ctx.bl.T = self.ctx.T

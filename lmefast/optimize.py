@@ -12,6 +12,7 @@ from lmefast.objective import ProfiledObjective, Solution
 
 GRAD_TOL = 2e-3          # convergence check on max |projected gradient| (lme4 uses 2e-3, scaled)
 DECREMENT_TOL = 1e-6     # or: the Newton decrement g'H⁻¹g (objective units) below this
+DECREMENT_RTOL = 1e-13   # ... or below this × |objective| (its rounding level at 1e8 rows)
 SINGULAR_TOL = 1e-4      # lme4's isSingular tolerance on diagonal θ
 
 
@@ -171,12 +172,13 @@ def fit_theta(
     # convergence, a finite-difference Hessian (one gradient per θ) checks and polishes.
     free = ~((theta <= lower) & (sol.grad > 0))
     decrement = float(sol.grad[free] @ Hinv[np.ix_(free, free)] @ sol.grad[free])
-    if not 0.0 <= decrement < DECREMENT_TOL:
+    dec_tol = max(DECREMENT_TOL, DECREMENT_RTOL * abs(sol.objective))
+    if not 0.0 <= decrement < dec_tol:
         sol, decrement = newton_check(obj, sol, lower)
     theta = sol.theta
     pg = projected_gradient(theta, sol.grad, lower)
     converged = bool(np.all(np.isfinite(pg)) and (np.max(np.abs(pg), initial=0.0) < GRAD_TOL
-                                                  or decrement < DECREMENT_TOL))
+                                                  or decrement < dec_tol))
     singular = bool(np.any(theta[diag] < SINGULAR_TOL))
     summary = OptSummary(
         theta_initial=theta0,
@@ -186,7 +188,7 @@ def fit_theta(
         n_evals=obj.n_evals - evals0,
         n_iter=n_iter,
         optimizer="projected BFGS with analytic gradient",
-        tolerances={"gtol": 1e-9, "grad_check": GRAD_TOL, "newton_decrement": DECREMENT_TOL},
+        tolerances={"gtol": 1e-9, "grad_check": GRAD_TOL, "newton_decrement": dec_tol},
         return_code=message,
         converged=converged,
         projected_gradient=pg,

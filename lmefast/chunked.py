@@ -1,0 +1,985 @@
+"""Fitting from data that arrive in chunks (Parquet row groups, Dask partitions): the shared logic.
+
+DESIGN.md §2, "Distributed and out-of-core": the cross-products are sums over rows, so they
+are computed chunk by chunk and added. Two passes over the chunks (three with variance
+components):
+
+(a) the labels: the sorted group labels (global codes 0..m−1, as ``factorize_groups`` gives
+    them in memory) and the levels of every categorical predictor (fixed once, so that each
+    chunk's design has the same columns);
+(a') with variance components only: which columns of each component are non-zero in which
+    group (each group's block of random effects, as ``build_layout`` lays it out in memory);
+(b) the cross-products: each chunk's rows are added into one set of per-group records
+    [A_i | B_i | c_i] (``lmefast._crossprods.accumulate``) and into X'X, X'y, y'y, n.
+
+Memory is bounded by the statistics, O(groups), plus one chunk. The model built from them
+(``ChunkedMixedLM``) is a ``MixedLM`` without rows: the objective, the optimiser and the
+results (``ChunkedMixedLMResults``, a ``MixedLMResults``) work unchanged. What needs the rows
+again (fitted values, residuals, predictions) is another pass, delegated to the data source.
+
+One grouping factor: random coefficients (``re_formula``) and variance components nested in
+the groups (``vc_formula``). statsmodels' spelling of crossed effects (a single group) is not
+supported here.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.linalg as sla
+import scipy.sparse as sp
+
+from lmefast._crossprods import accumulate
+from lmefast.crossprods import CrossProducts, record_offsets
+from lmefast.formula import _not_finite, _rhs, _variables, _vc_column_label, design_matrix
+from lmefast.model import RANK_TOL, MixedLM
+from lmefast.parallel import default_threads
+from lmefast.results import MixedLMResults
+from lmefast.spec import BlockLayout, ModelSpec, SpecificationError, ThetaMap, build_layout
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+class RowsUnavailableError(RuntimeError):
+    """The fit kept only the cross-products: the rows are not in memory."""
+
+
+# -- progress ---------------------------------------------------------------------------------
+class PrintProgress:
+    """``progress=True``: progress on stderr, at most every ``every`` s and at the end of each
+    stage (one line per stage, rewritten in place, on a terminal)."""
+
+    def __init__(self, every: float = 1.0, stream: Any = None) -> None:
+        self.every = every
+        self.stream = stream
+        self._last = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done < total and now - self._last < self.every:
+            return
+        self._last = now
+        pct = 100.0 * done / total if total else 100.0
+        out = self.stream or sys.stderr
+        tty = getattr(out, "isatty", lambda: False)()
+        end = "\n" if done >= total or not tty else ""
+        start = "\r" if tty else ""
+        print(f"{start}lmefast {stage}: {done:,}/{total:,} ({pct:.0f}%)", end=end, file=out, flush=True)
+
+
+def progress_function(progress: bool | ProgressFn | None) -> ProgressFn | None:
+    """None/False: silent; True: print to stderr; a callable: called as (stage, done, total)."""
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        return PrintProgress()
+    if callable(progress):
+        return progress
+    raise SpecificationError(f"progress must be True, False or a callable(stage, done, total), "
+                             f"not {type(progress).__name__}")
+
+
+# -- labels -----------------------------------------------------------------------------------
+def label_kind(values: pd.Series, what: str, where: str) -> str | None:
+    """'numeric', 'string', 'boolean', 'datetime' ... for the non-missing values of a column
+    (None when there are none); an error for a column mixing kinds (e.g. 1 and "1")."""
+    v = values.dropna()
+    if len(v) == 0:
+        return None
+    dtype = v.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        return label_kind(pd.Series(dtype.categories), what, where)
+    if pd.api.types.is_bool_dtype(dtype):
+        return "boolean"
+    if pd.api.types.is_numeric_dtype(dtype):
+        return "numeric"
+    if pd.api.types.is_datetime64_any_dtype(dtype):
+        return "datetime"
+    if isinstance(dtype, pd.StringDtype):
+        return "string"
+    inferred = pd.api.types.infer_dtype(v, skipna=True)
+    kind = {"string": "string", "unicode": "string", "bytes": "bytes", "integer": "numeric",
+            "floating": "numeric", "mixed-integer-float": "numeric", "decimal": "numeric",
+            "boolean": "boolean", "datetime64": "datetime", "datetime": "datetime",
+            "date": "date"}.get(inferred)
+    if kind is None:
+        raise SpecificationError(f"{what} mixes values of different types ({inferred}) in {where}; "
+                                 f"convert it to one type first (e.g. .astype(str))")
+    return kind
+
+
+@dataclass
+class LabelSet:
+    """The distinct values of one column over all chunks, with their kind checked.
+
+    ``where`` records, per kind, the first chunk it was seen in (for the error message)."""
+
+    name: str
+    what: str
+    parts: list = field(default_factory=list)
+    size: int = 0
+    kinds: dict = field(default_factory=dict)
+
+    def add(self, values: pd.Series, where: str) -> None:
+        kind = label_kind(values, self.what, where)
+        if kind is None:
+            return
+        self.kinds.setdefault(kind, where)
+        self._check()
+        v = values.dropna()
+        if isinstance(v.dtype, pd.CategoricalDtype):
+            u = np.asarray(v.cat.remove_unused_categories().cat.categories)
+        else:
+            u = pd.unique(v)
+            u = np.asarray(u, dtype=object if u.dtype.kind not in "iufbM" else u.dtype)
+        self.parts.append(u)
+        self.size += u.shape[0]
+        if len(self.parts) > 1 and self.size > 4 * max(len(p) for p in self.parts):
+            self._compact()
+
+    def _check(self) -> None:
+        if len(self.kinds) > 1:
+            order = sorted(self.kinds.items(), key=lambda kw: [int(t) if t.isdigit() else t
+                                                              for t in re.split(r"(\d+)", kw[1])])
+            desc = " and ".join(f"{k} labels (first in {w})" for k, w in order)
+            raise SpecificationError(
+                f"{self.what} has values of different types across chunks: {desc}; convert the "
+                f"column to one type in every partition or file (e.g. .astype(str))")
+
+    def _compact(self) -> None:
+        u = _unique(self.parts)
+        self.parts, self.size = [u], u.shape[0]
+
+    def merge(self, other: LabelSet) -> LabelSet:
+        for kind, where in other.kinds.items():
+            self.kinds.setdefault(kind, where)
+        self._check()
+        self.parts.extend(other.parts)
+        self.size += other.size
+        self._compact()
+        return self
+
+    def sorted(self) -> np.ndarray:
+        """The distinct values, sorted (the order ``pd.factorize(sort=True)`` gives)."""
+        if not self.parts:
+            return np.zeros(0)
+        u = _unique(self.parts)
+        try:
+            return np.sort(u) if u.dtype != object else np.asarray(sorted(u.tolist()), dtype=object)
+        except TypeError as exc:
+            raise SpecificationError(f"{self.what}: labels cannot be ordered ({exc}); convert the "
+                                     "column to one type first") from None
+
+
+def _unique(parts: list) -> np.ndarray:
+    if not parts:
+        return np.zeros(0)
+    kinds = {p.dtype.kind for p in parts}
+    if kinds <= set("iuf") and len(kinds) > 0:  # (np.unique sorts: slower than hashing here)
+        return pd.unique(np.concatenate(parts))
+    cat = np.concatenate([np.asarray(p, dtype=object) for p in parts])
+    return np.asarray(pd.unique(cat), dtype=object)
+
+
+class LabelCoder:
+    """Label → global code (sorted order); −1 for a label not in the set."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = labels
+        self._table = None
+        if labels.dtype.kind in "iu" and labels.size and labels.min() >= 0 \
+                and labels.max() < 4 * labels.size + 1024:
+            table = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
+            table[labels] = np.arange(labels.size)
+            self._table = table
+
+    @cached_property
+    def _index(self) -> pd.Index:
+        return pd.Index(self.labels)
+
+    def __getstate__(self) -> dict:
+        return {"labels": self.labels, "_table": self._table}
+
+    def codes(self, values: pd.Series) -> np.ndarray:
+        if self._table is not None and values.dtype.kind in "iu":
+            v = values.to_numpy()
+            out = np.full(v.shape[0], -1, dtype=np.int64)
+            ok = (v >= 0) & (v < self._table.shape[0])
+            out[ok] = self._table[v[ok]]
+            return out
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            values = values.astype(values.dtype.categories.dtype)
+        return np.asarray(self._index.get_indexer(values), dtype=np.int64)
+
+
+# -- the formula, fixed once for every chunk ------------------------------------------------
+_C_CALL = re.compile(r"\bC\(\s*([A-Za-z_][A-Za-z0-9_.]*)")
+_STATEFUL = ("center(", "scale(", "standardize(", "poly(", "bs(", "cr(", "cs(", "cc(", "te(",
+             "hashed(", "lag(")
+
+
+@dataclass
+class ChunkPlan:
+    """The formulas resolved for chunk-by-chunk evaluation (formula_arrays' rules per chunk).
+
+    ``kinds``: each used column's kind ('numeric' or 'categorical'), from the schema. After
+    pass (a) ``levels`` holds the fixed levels of each categorical variable, and
+    ``xnames``/``znames``/``vnames`` the design's columns (evaluated on an empty frame of the
+    schema), which every chunk must give; after pass (a') ``vcmap`` the variance components'
+    layout.
+    """
+
+    formula: str
+    yname: str
+    rhs: str
+    re_formula: str | None
+    group: str
+    missing: str
+    used: list[str]
+    c_vars: frozenset[str]
+    vc_names: tuple[str, ...] = ()
+    vc_formulas: tuple[str, ...] = ()
+    kinds: dict[str, str] = field(default_factory=dict)
+    levels: dict[str, list] = field(default_factory=dict)
+    xnames: list[str] | None = None
+    znames: list[str] | None = None
+    vnames: list[tuple[str, ...]] | None = None
+    vcmap: VCMap | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
+    @classmethod
+    def from_formula(cls, formula: str, groups: Any, re_formula: str | None,
+                     vc_formula: Any, missing: str) -> ChunkPlan:
+        if missing not in ("raise", "none", "drop"):
+            raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
+        vc_formula = dict(vc_formula or {})
+        if not isinstance(formula, str) or "~" not in formula:
+            raise SpecificationError(f"formula {formula!r} has no '~'")
+        lhs, rhs = formula.split("~", 1)
+        yname = lhs.strip()
+        if not yname:
+            raise SpecificationError(f"formula {formula!r} has no response")
+        if not isinstance(groups, str):
+            raise SpecificationError("groups must be the name of a column for Parquet or Dask data")
+        texts = [formula] + ([] if re_formula is None else [re_formula]) + list(vc_formula.values())
+        for text in texts:
+            low = text.replace(" ", "")
+            bad = [s[:-1] for s in _STATEFUL if s in low]
+            if bad:
+                raise SpecificationError(
+                    f"stateful transform(s) {bad} in {text!r} depend on all rows and cannot be "
+                    "evaluated chunk by chunk; compute the column beforehand")
+        used = set(_variables(formula))
+        if re_formula is not None:
+            used |= _variables(_rhs(re_formula))
+        for vf in vc_formula.values():
+            used |= _variables(_rhs(vf))
+        used.add(groups)
+        c_vars = set()
+        for text in texts:
+            c_vars |= set(_C_CALL.findall(text))
+            stripped = _C_CALL.sub("C(", text)
+            outside = set(re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", re.sub(r"\bC\([^)]*\)", "", stripped)))
+            both = c_vars & outside
+            if both:
+                raise SpecificationError(f"column(s) {sorted(both)} used both inside C() and as "
+                                         "numbers: not supported for Parquet or Dask data")
+        return cls(formula=formula, yname=yname, rhs=rhs, re_formula=re_formula, group=groups,
+                   missing=missing, used=sorted(used), c_vars=frozenset(c_vars),
+                   vc_names=tuple(str(k) for k in vc_formula), vc_formulas=tuple(vc_formula.values()))
+
+    # -- kinds and levels ---------------------------------------------------------------------
+    def set_kinds(self, dtypes: pd.Series, where: str) -> None:
+        """Each used column's kind from a schema (pandas dtypes); missing columns named."""
+        missing_cols = sorted(c for c in self.used if c not in dtypes.index)
+        if missing_cols:
+            raise SpecificationError(f"column(s) {missing_cols} not found in {where} "
+                                     f"(columns are {[str(c) for c in dtypes.index][:20]})")
+        if self.yname not in dtypes.index:
+            raise SpecificationError(f"response {self.yname!r} must be a column of data")
+        for c in self.used:
+            self.kinds[c] = "numeric" if _is_numeric(dtypes[c]) else "categorical"
+        if self.kinds[self.yname] != "numeric":
+            raise SpecificationError(f"response '{self.yname}' is not numeric (dtype {dtypes[self.yname]})")
+
+    @property
+    def level_vars(self) -> list[str]:
+        """Predictors whose levels are fixed in pass (a): categorical columns and C() arguments."""
+        return sorted(c for c in self.used if c != self.group and c != self.yname
+                      and (self.kinds.get(c) == "categorical" or c in self.c_vars))
+
+    def label_columns(self) -> list[str]:
+        """Columns read in pass (a): everything used when incomplete rows are dropped (their
+        labels must not count), else the group and the categorical predictors."""
+        if self.missing == "drop":
+            return list(self.used)
+        return [self.group, *self.level_vars]
+
+    def new_label_sets(self) -> dict[str, LabelSet]:
+        out = {self.group: LabelSet(self.group, f"group column {self.group!r}")}
+        for c in self.level_vars:
+            out[c] = LabelSet(c, f"column {c!r}")
+        return out
+
+    def collect_labels(self, df: pd.DataFrame, sets: dict[str, LabelSet], where: str) -> int:
+        """Pass (a) on one chunk: add its labels; returns its number of rows."""
+        if len(df) == 0:
+            return 0
+        self._check_columns(df, self.label_columns(), where)
+        if self.missing == "drop":
+            df = df.loc[self._complete(df, where)]
+        elif self.missing == "raise":
+            na = int(df[self.group].isna().sum())
+            if na:
+                raise SpecificationError(f"group column {self.group!r} has {na} missing labels in "
+                                         f"{where}; pass missing='drop' to drop incomplete rows")
+        for name, ls in sets.items():
+            ls.add(df[name], where)
+        return len(df)
+
+    def fix_levels(self, sets: dict[str, LabelSet], dtypes: pd.Series) -> np.ndarray:
+        """After pass (a): fix the levels, then the design's columns (from an empty frame of the
+        schema's dtypes); returns the sorted group labels."""
+        for c in self.level_vars:
+            self.levels[c] = sets[c].sorted().tolist()
+        template = pd.DataFrame({c: pd.Series(dtype=dtypes[c]) for c in self.used})
+        self.design(template, "the schema")
+        return sets[self.group].sorted()
+
+    @property
+    def vc_columns(self) -> list[str]:
+        """Columns read in pass (a'): the group and the variance components' variables."""
+        if self.missing == "drop":
+            return list(self.used)
+        cols = {self.group}
+        for vf in self.vc_formulas:
+            cols |= _variables(_rhs(vf))
+        return sorted(cols)
+
+    def collect_vc_keys(self, df: pd.DataFrame, coder: LabelCoder, where: str) -> list[np.ndarray]:
+        """Pass (a') on one chunk: per component, the distinct (group code · K + column) of its
+        non-zero entries."""
+        if len(df) == 0 or not self.vc_formulas:
+            return [np.zeros(0, dtype=np.int64) for _ in self.vc_formulas]
+        cols = self.vc_columns
+        self._check_columns(df, cols, where)
+        keep = self._complete(df, where, cols)
+        if not keep.all():
+            df = df.loc[keep]
+        df = self._categorise(df[cols], where)
+        codes = _group_codes(coder, df[self.group], where)
+        out = []
+        for V in self._vc_designs(df, where):
+            K = max(V.shape[1], 1)
+            coo = V.tocoo()
+            nz = coo.data != 0
+            out.append(pd.unique(codes[coo.row[nz]] * K + coo.col[nz].astype(np.int64)))
+        return out
+
+    def set_vc_layout(self, keys: list[np.ndarray], m: int) -> None:
+        """After pass (a'): each group's block (the layout ``build_layout`` makes in memory)."""
+        self.vcmap = VCMap.from_keys(keys, [len(v) for v in self.vnames or []], m, len(self.znames or []))
+
+    def layout(self, m: int) -> BlockLayout:
+        if self.vcmap is not None:
+            return self.vcmap.layout
+        key = ("layout", m, len(self.znames or []))
+        if key not in self._cache:
+            self._cache[key] = build_layout(np.zeros(0, dtype=np.int64), m, len(self.znames or []), [])
+        return self._cache[key]
+
+    def offsets(self, m: int, p: int) -> tuple[BlockLayout, np.ndarray]:
+        """The layout and the record offsets of a chunk's statistics (computed once)."""
+        layout = self.layout(m)
+        key = ("s_off", id(layout), p)
+        if key not in self._cache:
+            self._cache[key] = record_offsets(layout, p)
+        return layout, self._cache[key]
+
+    def _vc_designs(self, df: pd.DataFrame, where: str) -> list:
+        out, names = [], []
+        for vf in self.vc_formulas:
+            V, vn = design_matrix(vf, df, sparse=True)
+            out.append(V)
+            names.append(tuple(_vc_column_label(c) for c in vn))
+        if self.vnames is None:
+            self.vnames = names
+        elif names != self.vnames:
+            raise SpecificationError(f"{where} gives variance-component columns {names}, other chunks "
+                                     f"{self.vnames}")
+        return out
+
+    # -- one chunk → arrays ---------------------------------------------------------------------
+    def _check_columns(self, df: pd.DataFrame, cols: Iterable[str], where: str) -> None:
+        absent = sorted(c for c in cols if c not in df.columns)
+        if absent:
+            raise SpecificationError(f"{where} has no column(s) {absent} (its columns are "
+                                     f"{[str(c) for c in df.columns][:20]})")
+        for c in cols:
+            kind = self.kinds.get(c)
+            if kind is None:
+                continue
+            got = "numeric" if _is_numeric(df[c].dtype) else "categorical"
+            if got != kind and not (c == self.group or df[c].isna().all()):
+                raise SpecificationError(f"column {c!r} is {got} (dtype {df[c].dtype}) in {where} but "
+                                         f"{kind} elsewhere; give it one type in every file or partition")
+
+    def _complete(self, df: pd.DataFrame, where: str, cols: Iterable[str] | None = None,
+                  missing: str | None = None) -> np.ndarray:
+        """Rows with every used value present (and finite); an error naming the columns unless
+        missing (default: the plan's) is 'drop'."""
+        cols = self.used if cols is None else cols
+        na = {c: _not_finite(df[c]) if self.kinds.get(c) == "numeric" or c == self.yname
+              else df[c].isna().to_numpy() for c in cols}
+        bad = {c: int(v.sum()) for c, v in na.items() if v.any()}
+        if not bad:
+            return np.ones(len(df), dtype=bool)
+        if (self.missing if missing is None else missing) != "drop":
+            raise SpecificationError(
+                f"missing or infinite values in column(s) {bad} (count per column) in {where}; "
+                "pass missing='drop' to drop incomplete rows")
+        return ~np.logical_or.reduce([na[c] for c in bad])
+
+    def _categorise(self, df: pd.DataFrame, where: str) -> pd.DataFrame:
+        """Categorical predictors as pandas Categoricals with the levels of pass (a)."""
+        if not self.levels:
+            return df
+        df = df.copy(deep=False)
+        for c, lev in self.levels.items():
+            if c not in df.columns:
+                continue
+            col = df[c]
+            if isinstance(col.dtype, pd.CategoricalDtype):
+                col = col.astype(col.dtype.categories.dtype)
+            unseen = ~(col.isin(lev).to_numpy() | col.isna().to_numpy())
+            if unseen.any():
+                new = sorted({str(v) for v in col[unseen].unique()})[:10]
+                raise SpecificationError(f"column {c!r} has level(s) {new} in {where} that are not "
+                                         f"among the levels of the model ({lev[:10]})")
+            df[c] = pd.Categorical(col, categories=lev)
+        return df
+
+    def design(self, df: pd.DataFrame, where: str, *, need_y: bool = True, need_group: bool = True,
+               missing: str | None = None
+               ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, pd.Series | None, np.ndarray, list]:
+        """(y, X, Zre, group labels, kept-rows mask, variance-component designs) of one chunk,
+        with the columns of the model (checked). ``missing``: as the plan's (default) or 'drop'."""
+        cols = [c for c in self.used if (need_y or c != self.yname) and (need_group or c != self.group)]
+        self._check_columns(df, cols, where)
+        keep = self._complete(df, where, cols, missing)
+        if not keep.all():
+            df = df.loc[keep]
+        df = self._categorise(df[cols], where)
+        X, xnames = design_matrix(self.rhs, df)
+        Zre, znames = design_matrix("1" if self.re_formula is None else self.re_formula, df)
+        znames = [self.group if c == "Intercept" else c for c in znames]
+        if self.xnames is None:
+            self.xnames, self.znames = xnames, znames
+        elif xnames != self.xnames or znames != self.znames:
+            raise SpecificationError(f"{where} gives design columns {xnames} / {znames}, other chunks "
+                                     f"{self.xnames} / {self.znames}")
+        y = df[self.yname].to_numpy(dtype=float) if need_y else None
+        V = self._vc_designs(df, where) if self.vc_formulas and need_group else []
+        return y, X, np.ascontiguousarray(Zre), df[self.group] if need_group else None, keep, V
+
+
+def _is_numeric(dtype: Any) -> bool:
+    return bool(pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype))
+
+
+# -- variance components: where each (group, column) lands --------------------------------------
+@dataclass
+class VCMap:
+    """Per variance component j: the sorted keys g·K_j + column of its non-zero (group, column)
+    pairs and each pair's coordinate within its group's block; and the model's layout."""
+
+    K: list[int]
+    keys: list[np.ndarray]
+    coord: list[np.ndarray]
+    layout: BlockLayout
+
+    @classmethod
+    def from_keys(cls, keys: list[np.ndarray], ncols: list[int], m: int, k: int) -> VCMap:
+        """The layout ``build_layout`` gives for data with these (group, column) pairs: it is
+        built from one pseudo-row per pair (the layout depends on the pairs only)."""
+        K = [max(n, 1) for n in ncols]
+        keys = [np.sort(np.asarray(kj, dtype=np.int64)) for kj in keys]
+        codes = np.concatenate([kj // Kj for kj, Kj in zip(keys, K, strict=True)]) if keys else \
+            np.zeros(0, dtype=np.int64)
+        n = codes.shape[0]
+        designs, start = [], 0
+        for kj, Kj in zip(keys, K, strict=True):
+            rows = np.arange(start, start + kj.shape[0])
+            designs.append(sp.csr_matrix((np.ones(kj.shape[0]), (rows, kj % Kj)), shape=(n, Kj)))
+            start += kj.shape[0]
+        layout = build_layout(codes.astype(np.int64), m, k, designs)
+        lay = BlockLayout(layout.q_off, layout.a_off, layout.comp, layout.col,
+                          np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0)))
+        # coordinate of each pair: the layout's coordinates beyond k, by (component, column)
+        q = np.diff(lay.q_off)
+        group_of = np.repeat(np.arange(m, dtype=np.int64), q)
+        local = np.arange(int(lay.q_off[-1]), dtype=np.int64) - lay.q_off[group_of]
+        vc = local >= k
+        coord = []
+        for j, (kj, Kj) in enumerate(zip(keys, K, strict=True)):
+            sel = vc & (lay.comp == j)
+            key_here = group_of[sel] * Kj + lay.col[sel]
+            order = np.argsort(key_here, kind="stable")
+            if not np.array_equal(key_here[order], kj):
+                raise AssertionError("variance-component layout does not match its pairs")
+            coord.append(local[sel][order])
+        return cls(K, keys, coord, lay)
+
+    def entries(self, codes: np.ndarray, designs: list, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """(vc_coord, vc_val), ne × n: each row's entries (coordinate in its group's block,
+        value), as ``build_layout`` makes them for the kernel."""
+        n = codes.shape[0]
+        rows_all, coord_all, val_all = [], [], []
+        for j, V in enumerate(designs):
+            coo = V.tocoo()
+            nz = coo.data != 0
+            rows = coo.row[nz].astype(np.int64)
+            key = codes[rows] * self.K[j] + coo.col[nz].astype(np.int64)
+            kj = self.keys[j]
+            pos_c = np.minimum(np.searchsorted(kj, key), max(kj.shape[0] - 1, 0))
+            if key.size and (kj.shape[0] == 0 or not np.array_equal(kj[pos_c], key)):
+                raise SpecificationError(f"{where}: variance-component entries that the first passes did "
+                                         "not see (the data changed between passes)")
+            rows_all.append(rows)
+            coord_all.append(self.coord[j][pos_c])
+            val_all.append(coo.data[nz].astype(float))
+        rows = np.concatenate(rows_all) if rows_all else np.zeros(0, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        rows_s = rows[order]
+        per_row = np.bincount(rows_s, minlength=n)
+        first = np.concatenate([[0], np.cumsum(per_row)[:-1]])
+        slot = np.empty_like(rows)
+        slot[order] = np.arange(rows_s.shape[0]) - first[rows_s]
+        ne = int(per_row.max(initial=0))
+        vc_coord = np.zeros((ne, n), dtype=np.int64)
+        vc_val = np.zeros((ne, n))
+        if rows.size:
+            vc_coord[slot, rows] = np.concatenate(coord_all)
+            vc_val[slot, rows] = np.concatenate(val_all)
+        return vc_coord, vc_val
+
+
+def merge_keys(*parts: list[np.ndarray]) -> list[np.ndarray]:
+    """Per component, the distinct keys of several chunks' pass (a')."""
+    parts = [q for q in parts if q is not None]
+    return [pd.unique(np.concatenate([q[j] for q in parts])) for j in range(len(parts[0]))]
+
+
+def _group_codes(coder: LabelCoder, g: pd.Series, where: str) -> np.ndarray:
+    codes = coder.codes(g)
+    if (codes < 0).any():
+        bad = g[codes < 0].unique()[:10].tolist()
+        raise SpecificationError(f"group label(s) {bad} in {where} were not seen in the first pass: "
+                                 "the data changed between passes")
+    return codes
+
+
+# -- the statistics -----------------------------------------------------------------------------
+@dataclass
+class ChunkStats:
+    """Sums over rows: per-group records [A_i | B_i | c_i] in one flat array S at offsets
+    s_off (the model's layout), X'X, X'y, y'y, n, rows per group, min and max of y."""
+
+    p: int
+    S: np.ndarray
+    XtX: np.ndarray
+    Xty: np.ndarray
+    yty: float = 0.0
+    n: int = 0
+    counts: np.ndarray = field(default=None)  # type: ignore[assignment]
+    ymin: float = np.inf
+    ymax: float = -np.inf
+    xnames: list[str] | None = None
+    znames: list[str] | None = None
+    vnames: list[tuple[str, ...]] | None = None
+
+    @classmethod
+    def zeros(cls, s_off: np.ndarray, p: int) -> ChunkStats:
+        m = s_off.shape[0] - 1
+        return cls(p=p, S=np.zeros(int(s_off[-1])), XtX=np.zeros((p, p)), Xty=np.zeros(p),
+                   counts=np.zeros(m, dtype=np.int64))
+
+    def add(self, y: np.ndarray, X: np.ndarray, Zre: np.ndarray, codes: np.ndarray, q_off: np.ndarray,
+            s_off: np.ndarray, vc_coord: np.ndarray, vc_val: np.ndarray, n_threads: int = 1) -> None:
+        if y.shape[0] == 0:
+            return
+        accumulate(y, X, Zre, codes, q_off, s_off, vc_coord, vc_val, self.S, n_threads)
+        self.XtX += X.T @ X
+        self.Xty += X.T @ y
+        self.yty += float(y @ y)
+        self.n += int(y.shape[0])
+        self.counts += np.bincount(codes, minlength=self.counts.shape[0])
+        self.ymin = min(self.ymin, float(y.min()))
+        self.ymax = max(self.ymax, float(y.max()))
+
+    def merge(self, other: ChunkStats) -> ChunkStats:
+        """In place: self += other (the names must agree)."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        if (other.xnames, other.znames, other.vnames) != (self.xnames, self.znames, self.vnames):
+            raise SpecificationError(f"chunks give different design columns: {self.xnames} / "
+                                     f"{self.znames} and {other.xnames} / {other.znames}")
+        self.S += other.S
+        self.XtX += other.XtX
+        self.Xty += other.Xty
+        self.yty += other.yty
+        self.n += other.n
+        self.counts += other.counts
+        self.ymin = min(self.ymin, other.ymin)
+        self.ymax = max(self.ymax, other.ymax)
+        return self
+
+
+def chunk_stats(plan: ChunkPlan, coder: LabelCoder, df: pd.DataFrame, where: str,
+                stats: ChunkStats | None, n_threads: int = 1) -> ChunkStats | None:
+    """Pass (b) on one chunk: its rows added into ``stats`` (created at the first non-empty
+    chunk). Empty chunks add nothing."""
+    if len(df) == 0:
+        return stats
+    y, X, Zre, g, _, V = plan.design(df, where, need_y=True)
+    if y.shape[0] == 0:
+        return stats
+    codes = _group_codes(coder, g, where)
+    m = coder.labels.shape[0]
+    layout, s_off = plan.offsets(m, X.shape[1])
+    if plan.vcmap is not None:
+        vc_coord, vc_val = plan.vcmap.entries(codes, V, where)
+    else:
+        vc_coord, vc_val = np.zeros((0, y.shape[0]), dtype=np.int64), np.zeros((0, y.shape[0]))
+    if stats is None:
+        stats = ChunkStats.zeros(s_off, X.shape[1])
+        stats.xnames, stats.znames, stats.vnames = plan.xnames, plan.znames, plan.vnames
+    stats.add(y, np.ascontiguousarray(X), Zre, codes, layout.q_off, s_off, vc_coord, vc_val, n_threads)
+    return stats
+
+
+# -- the model without rows -------------------------------------------------------------------
+@dataclass(frozen=True)
+class StatsSpec:
+    """What ``ModelSpec`` says about a model, without its rows (y, X, Zre, group codes)."""
+
+    group_labels: np.ndarray
+    layout: BlockLayout
+    theta_map: ThetaMap
+    endog_name: str
+    exog_names: tuple[str, ...]
+    group_name: str
+    n: int
+    vc_col_names: tuple[tuple[str, ...], ...] = ()
+    dropped_exog: tuple[str, ...] = ()
+    source_kind: str = "chunked data"
+
+    coord_names = ModelSpec.coord_names
+
+    @property
+    def nobs(self) -> int:
+        return self.n
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.group_labels.shape[0])
+
+    @property
+    def k_fe(self) -> int:
+        return len(self.exog_names)
+
+    @property
+    def k_re(self) -> int:
+        return self.theta_map.k
+
+    def _no_rows(self, what: str):
+        raise RowsUnavailableError(
+            f"{what} is not in memory: the model was fitted from {self.source_kind} and kept only the "
+            "cross-products, so what needs the rows (simulation, bootstrap, Kenward-Roger, ...) is "
+            "not available; fitted values, residuals and predictions are another pass over the data "
+            "(the results' fittedvalues, fitted_chunks(), predict(newdata))")
+
+    @property
+    def y(self) -> np.ndarray:
+        self._no_rows("the response")
+
+    @property
+    def X(self) -> np.ndarray:
+        self._no_rows("the fixed-effects design")
+
+    @property
+    def Zre(self) -> np.ndarray:
+        self._no_rows("the random-effects design")
+
+    @property
+    def group_codes(self) -> np.ndarray:
+        self._no_rows("the group codes")
+
+
+def _keep_columns_from_xtx(XtX: np.ndarray, n: int) -> np.ndarray:
+    """The columns ``model._full_rank_columns`` keeps, from X'X: its pivoted QR of X (n ≤ 200,000)
+    is a pivoted Cholesky of X'X here (same pivots: the largest remaining column norm); above,
+    its pivoted QR of X'X."""
+    p = XtX.shape[0]
+    if p == 0:
+        return np.arange(0)
+    scale = np.sqrt(np.diag(XtX))
+    nz = np.nonzero(scale)[0]
+    if nz.size < p:
+        keep = _keep_columns_from_xtx(XtX[np.ix_(nz, nz)], n) if nz.size else np.arange(0)
+        return nz[keep]
+    G = XtX / np.outer(scale, scale)
+    if n > 200_000:
+        R, piv = sla.qr(G, mode="r", pivoting=True)
+        d = np.abs(np.diag(R))
+        return np.sort(piv[:int(np.sum(d > RANK_TOL**2 * d[0]))])
+    G = G.copy()
+    piv = np.arange(p)
+    d = np.zeros(p)
+    for j in range(p):
+        rest = np.diag(G)[j:]
+        i = j + int(np.argmax(rest))
+        piv[[j, i]] = piv[[i, j]]
+        G[[j, i], :] = G[[i, j], :]
+        G[:, [j, i]] = G[:, [i, j]]
+        d[j] = np.sqrt(max(G[j, j], 0.0))
+        if d[j] <= RANK_TOL * d[0] or d[j] == 0.0:
+            break
+        G[j + 1:, j + 1:] -= np.outer(G[j + 1:, j], G[j, j + 1:]) / G[j, j]
+    return np.sort(piv[:int(np.sum(d > RANK_TOL * d[0]))])
+
+
+class ChunkedMixedLM(MixedLM):
+    """A ``MixedLM`` built from the cross-products of chunked data (no rows in memory).
+
+    ``fit()`` (REML/ML, ``start_params``, ``verbose``, ``callback``, ``n_threads``) is
+    ``MixedLM.fit``; the results are ``ChunkedMixedLMResults``. ``source`` is the data source
+    that computes fitted values and predictions by another pass."""
+
+    lme4_names = False  # attributes MixedLM.__init__ sets (it is not called here)
+
+    def __init__(self, spec: StatsSpec, crossprods: CrossProducts, group_sizes: np.ndarray,
+                 plan: ChunkPlan, coder: LabelCoder, source: Any) -> None:
+        self.spec = spec
+        self.__dict__["crossprods"] = crossprods
+        self.group_sizes = group_sizes
+        self.plan = plan
+        self.coder = coder
+        self.source = source
+
+    @classmethod
+    def from_formula(cls, *args: Any, **kwargs: Any) -> MixedLM:
+        raise SpecificationError("use lmefast.outofcore.mixedlm_parquet or lmefast.dask.mixedlm")
+
+    def fit(self, *args: Any, **kwargs: Any) -> ChunkedMixedLMResults:
+        res = super().fit(*args, **kwargs)
+        return ChunkedMixedLMResults(self, res._objective, res._sol, res.optsummary)
+
+
+def _drop_fe_columns(S: np.ndarray, layout: BlockLayout, p: int, keep: np.ndarray) -> np.ndarray:
+    """Per-group records [A | B | c] with only the ``keep`` columns of B."""
+    q = np.diff(layout.q_off)
+    s_off, s_new = record_offsets(layout, p), record_offsets(layout, len(keep))
+    out = np.empty(int(s_new[-1]))
+    for qv in np.unique(q):
+        gs = np.nonzero(q == qv)[0]
+        R = S[s_off[gs][:, None] + np.arange(qv * (qv + p + 1))]
+        B = R[:, qv * qv:qv * qv + qv * p].reshape(-1, qv, p)[:, :, keep].reshape(gs.shape[0], -1)
+        R = np.hstack([R[:, :qv * qv], B, R[:, qv * qv + qv * p:]])
+        out[s_new[gs][:, None] + np.arange(R.shape[1])] = R
+    return out
+
+
+def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None, source: Any,
+                source_kind: str) -> ChunkedMixedLM:
+    """The checks ``MixedLM`` makes, then the model from the statistics."""
+    if stats is None or stats.n == 0:
+        raise SpecificationError("the data are empty: no rows to fit"
+                                 + (" after dropping missing values" if plan.missing == "drop" else ""))
+    gname, yname = plan.group, plan.yname
+    xnames, znames = list(stats.xnames or []), list(stats.znames or [])
+    vnames = list(stats.vnames or [])
+    k, p = len(znames), stats.p
+    S, counts = stats.S, stats.counts
+    layout = plan.layout(labels.shape[0])
+    present = counts > 0
+    if not present.all():  # groups without rows (missing='drop' dropped them all)
+        if plan.vcmap is not None:
+            raise SpecificationError(f"{int((~present).sum())} group(s) have no rows in the last pass "
+                                     "but had some in the first: the data changed between passes")
+        S = S.reshape(labels.shape[0], -1)[present].reshape(-1)
+        counts, labels = counts[present], labels[present]
+        layout = build_layout(np.zeros(0, dtype=np.int64), labels.shape[0], k, [])
+    m = labels.shape[0]
+    if stats.ymin == stats.ymax:
+        raise SpecificationError(f"the response '{yname}' is constant: there is no variance to model")
+    XtX, Xty = stats.XtX, stats.Xty
+    keep = _keep_columns_from_xtx(XtX, stats.n)
+    dropped = tuple(xnames[j] for j in range(p) if j not in set(keep.tolist()))
+    if dropped:
+        warnings.warn(f"fixed-effects design is rank deficient: dropping column(s) {list(dropped)}",
+                      stacklevel=3)
+        S = _drop_fe_columns(S, layout, p, keep)
+        XtX, Xty = XtX[np.ix_(keep, keep)], Xty[keep]
+        xnames = [xnames[j] for j in keep]
+        p = len(keep)
+    s_off = record_offsets(layout, p)
+    q = np.diff(layout.q_off)
+    if k and not np.any(S[s_off[:-1, None] + np.arange(k) * (q[:, None] + 1)]):
+        raise SpecificationError("exog_re is all zero")
+    if m < 2 and k > 0:
+        raise SpecificationError(f"grouping factor '{gname}' has a single level: random coefficients "
+                                 "need at least two groups")
+    if m < 2 and plan.vc_formulas:
+        raise SpecificationError("statsmodels' spelling of crossed effects (one group, variance "
+                                 "components) is not supported for Parquet or Dask data")
+    n_re = int(layout.q_off[-1])
+    if stats.n <= n_re:
+        raise SpecificationError(
+            f"number of observations ({stats.n}) <= number of random effects ({n_re}) for grouping "
+            f"factor '{gname}': the random-effects parameters and the residual variance are "
+            "unidentifiable")
+    cp = CrossProducts(S=np.ascontiguousarray(S), s_off=s_off, XtX=XtX, Xty=Xty, yty=stats.yty,
+                       n=stats.n, layout=layout)
+    spec = StatsSpec(group_labels=labels, layout=layout,
+                     theta_map=ThetaMap(k, len(plan.vc_names), tuple(znames), plan.vc_names),
+                     endog_name=yname, exog_names=tuple(xnames), group_name=gname, n=stats.n,
+                     vc_col_names=tuple(vnames), dropped_exog=dropped, source_kind=source_kind)
+    coder = LabelCoder(labels)
+    return ChunkedMixedLM(spec, cp, counts, plan, coder, source)
+
+
+# -- results --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PredictPayload:
+    """What a chunk needs to predict: β̂ (on the design's full columns), the modes of the random
+    coefficients (m × k), of every coordinate (b, offsets q_off: variance components) and the
+    label coder; shipped to every worker once."""
+
+    beta_full: np.ndarray
+    modes: np.ndarray
+    b: np.ndarray
+    coder: LabelCoder
+    plan: ChunkPlan
+
+
+def predict_chunk(payload: PredictPayload, df: pd.DataFrame, where: str, *, include_random: bool,
+                  new_levels: str, resid: bool = False, fitted_rows: bool = False) -> np.ndarray:
+    """Predictions (or residuals) for one chunk; NaN for rows with missing values (with
+    ``fitted_rows``, for every row the fit did not use, a missing response included)."""
+    out = np.full(len(df), np.nan)
+    if len(df) == 0:
+        return out
+    plan = payload.plan
+    y, X, Zre, g, keep, V = plan.design(df, where, need_y=resid or fitted_rows,
+                                        need_group=include_random, missing="drop")
+    pred = X @ payload.beta_full
+    if include_random:
+        codes = payload.coder.codes(g)
+        new = codes < 0
+        if new.any() and new_levels == "error":
+            raise SpecificationError(f"group level(s) {sorted({str(v) for v in g[new]})[:10]} in {where} "
+                                     "were not in the fit (pass new_levels='population')")
+        if plan.vcmap is not None:
+            if not fitted_rows:
+                raise SpecificationError("conditional predictions on new data are not implemented for "
+                                         "models with variance components; use include_random=False")
+            vc_coord, vc_val = plan.vcmap.entries(codes, V, where)
+            base = plan.vcmap.layout.q_off[codes]
+            pred = pred + np.sum(vc_val * payload.b[base[None, :] + vc_coord], axis=0)
+        contrib = np.einsum("ij,ij->i", Zre, payload.modes[np.where(new, 0, codes)])
+        pred = pred + np.where(new, 0.0, contrib)
+    out[keep] = y - pred if resid else pred
+    return out
+
+
+class ChunkedMixedLMResults(MixedLMResults):
+    """``MixedLMResults`` of a model fitted from chunked data.
+
+    Everything that comes from the cross-products is as in memory (params, bse, llf, θ,
+    cov_re, random_effects, summary, ...). ``fittedvalues``, ``resid`` and ``predict`` are a
+    pass over the data, by the source: lazy Dask Series for Dask data; for Parquet they raise
+    ``RowsUnavailableError`` and ``fitted_chunks()`` / ``write_fitted(path)`` stream them."""
+
+    def _group_sizes(self) -> dict[str, np.ndarray]:
+        return {self.model.spec.group_name: self.model.group_sizes}
+
+    @cached_property
+    def predict_payload(self) -> PredictPayload:
+        spec = self.model.spec
+        plan = self.model.plan
+        beta = np.zeros(len(plan.xnames or []))
+        pos = {n: j for j, n in enumerate(plan.xnames or [])}
+        for name, b in zip(spec.exog_names, self._sol.beta, strict=True):
+            beta[pos[name]] = b
+        modes = self.random_effects_frame.to_numpy()
+        b = self._modes[0] if plan.vcmap is not None else np.zeros(0)
+        return PredictPayload(beta, np.ascontiguousarray(modes), b, self.model.coder, plan)
+
+    @property
+    def fittedvalues(self):
+        """Xβ̂ + Zb̂ for the fitted rows (a lazy Dask Series for Dask data)."""
+        return self.model.source.fitted(self, resid=False)
+
+    @property
+    def resid(self):
+        """y − Xβ̂ − Zb̂ for the fitted rows (a lazy Dask Series for Dask data)."""
+        return self.model.source.fitted(self, resid=True)
+
+    def fitted_chunks(self, progress: bool | ProgressFn | None = None):
+        """Another pass over the data: one DataFrame (fittedvalues, resid) per chunk."""
+        return self.model.source.fitted_chunks(self, progress_function(progress))
+
+    def write_fitted(self, path: Any, progress: bool | ProgressFn | None = None) -> int:
+        """Fitted values and residuals written to a Parquet file by another pass over the data
+        (Parquet fits; for Dask use ``res.fittedvalues.to_frame().to_parquet(...)``)."""
+        from lmefast.outofcore import write_fitted
+
+        return write_fitted(self, path, progress)
+
+    def predict(self, newdata: Any = None, include_random: bool = True,
+                new_levels: str = "population", **kwargs: Any):
+        """Predictions for new data (a pandas or Dask DataFrame, a Parquet path) with the
+        design of the fit (same categorical levels); ``newdata=None``: the fitted rows."""
+        if new_levels not in ("population", "error"):
+            raise SpecificationError(f"new_levels must be 'population' or 'error', not {new_levels!r}")
+        if kwargs:
+            raise SpecificationError(f"predict from chunked data takes newdata only, not {sorted(kwargs)}")
+        return self.model.source.predict(self, newdata, include_random, new_levels)
+
+
+def predict_pandas(res: ChunkedMixedLMResults, newdata: pd.DataFrame, include_random: bool,
+                   new_levels: str) -> np.ndarray:
+    return predict_chunk(res.predict_payload, newdata, "newdata", include_random=include_random,
+                         new_levels=new_levels)
+
+
+def n_threads_for(m: int, n_threads: int | None) -> int:
+    return default_threads(m) if n_threads is None else int(n_threads)
+
+
+def scale_out_model(formula: str, data: Any, groups: Any, re_formula: str | None, vc_formula: Any,
+                    missing: str, **options: Any) -> MixedLM:
+    """``lmefast.mixedlm`` with a Parquet path or a Dask DataFrame: dispatch."""
+    if type(data).__module__.startswith("dask."):
+        from lmefast.dask import mixedlm as dask_mixedlm
+
+        return dask_mixedlm(formula, data, groups, re_formula, vc_formula, missing, **options)
+    from lmefast.outofcore import mixedlm_parquet
+
+    return mixedlm_parquet(formula, data, groups, re_formula, vc_formula, missing, **options)

@@ -1,0 +1,319 @@
+"""Dask: fit a mixed model to a ``dask.dataframe.DataFrame`` (data beyond one machine).
+
+    import dask.dataframe as dd, distributed, lmefast
+    client = distributed.Client(distributed.LocalCluster(n_workers=2))
+    ddf = dd.read_parquet("data/")
+    model = lmefast.dask.mixedlm("y ~ x1 + x2", ddf, groups="g", re_formula="~x1", progress=True)
+    # or, the same: lmefast.mixedlm("y ~ x1 + x2", ddf, groups="g", re_formula="~x1")
+    res = model.fit(verbose=True)
+    res.fittedvalues            # lazy Dask Series (one partition per partition of ddf)
+
+Two passes over the partitions, each a map on the workers and a tree reduction
+(lmefast.chunked): (a) the labels of the group column (a group may span partitions; the codes
+are global, in sorted label order, as in memory) and the levels of categorical predictors;
+(b) per partition, the per-group cross-products, summed. Only the statistics (O(groups))
+come back to the client, where the optimiser runs. With a ``distributed`` client (the default
+client, or ``client=``) partial sums are merged as partitions finish; with Dask's local
+schedulers the reduction is a tree of ``split_every`` at a time.
+
+Fitted values, residuals and predictions are lazy Dask Series (``map_partitions`` with β̂ and
+the conditional modes); rows with missing values get NaN.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lmefast.chunked import (
+    ChunkedMixedLM,
+    ChunkedMixedLMResults,
+    ChunkPlan,
+    ChunkStats,
+    LabelCoder,
+    LabelSet,
+    PredictPayload,
+    ProgressFn,
+    build_model,
+    chunk_stats,
+    merge_keys,
+    predict_chunk,
+    predict_pandas,
+    progress_function,
+)
+from lmefast.spec import SpecificationError
+
+_token = itertools.count()
+
+
+# -- work on one partition (runs on the workers) ------------------------------------------------
+def _labels_part(df: pd.DataFrame, i: int, plan: ChunkPlan) -> dict[str, LabelSet]:
+    _check_frame(df, i)
+    sets = plan.new_label_sets()
+    plan.collect_labels(df, sets, f"partition {i}")
+    return sets
+
+
+def _merge_labels(*parts: dict[str, LabelSet]) -> dict[str, LabelSet]:
+    out = parts[0]
+    for other in parts[1:]:
+        for name, ls in other.items():
+            out[name].merge(ls)
+    return out
+
+
+def _vc_part(df: pd.DataFrame, i: int, ctx: tuple[ChunkPlan, LabelCoder]) -> list[np.ndarray]:
+    _check_frame(df, i)
+    plan, coder = ctx
+    return plan.collect_vc_keys(df, coder, f"partition {i}")
+
+
+def _stats_part(df: pd.DataFrame, i: int, ctx: tuple[ChunkPlan, LabelCoder],
+                n_threads: int) -> ChunkStats | None:
+    _check_frame(df, i)
+    plan, coder = ctx
+    return chunk_stats(plan, coder, df, f"partition {i}", None, n_threads)
+
+
+def _merge_stats(*parts: ChunkStats | None) -> ChunkStats | None:
+    out = None
+    for s in parts:
+        if s is None:
+            continue
+        out = s if out is None else out.merge(s)
+    return out
+
+
+def _check_frame(df: Any, i: int) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise SpecificationError(f"partition {i} is a {type(df).__name__}, not a pandas DataFrame")
+
+
+def _fitted_part(df: pd.DataFrame, payload: PredictPayload, resid: bool, fitted_rows: bool,
+                 include_random: bool, new_levels: str, name: str,
+                 partition_info: dict | None = None) -> pd.Series:
+    where = f"partition {partition_info['number']}" if partition_info else "a partition"
+    out = predict_chunk(payload, df, where, include_random=include_random, new_levels=new_levels,
+                        resid=resid, fitted_rows=fitted_rows)
+    return pd.Series(out, index=df.index, name=name)
+
+
+# -- map and reduce ---------------------------------------------------------------------------------
+def _default_client(client: Any) -> Any:
+    """The given client; None for client=False (Dask's configured local scheduler); else the
+    current distributed client if there is one."""
+    if client is False:
+        return None
+    if client is not None:
+        return client
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _project(data: Any, columns: list[str]) -> list:
+    """One delayed pandas DataFrame per partition, with only ``columns`` (read only those)."""
+    return list(data[columns].to_delayed())
+
+
+def _missing_column_error(exc: KeyError, columns: list[str], stage: str) -> Exception:
+    text = str(exc.args[0]) if exc.args else ""
+    if "not in index" not in text and not any(repr(c) in text or c == text for c in columns):
+        return exc
+    return SpecificationError(
+        f"a partition of the Dask DataFrame lacks a used column (pandas: {text}) although the "
+        f"DataFrame's metadata lists it ({stage}); every partition must have the metadata's columns")
+
+
+def _map_reduce(data: Any, columns: list[str], fn: Any, args: tuple, merge: Any, *, client: Any,
+                progress: ProgressFn | None, stage: str, split_every: int) -> Any:
+    """fn(partition, i, *args) on every partition (only ``columns`` read), merged by ``merge``."""
+    import dask
+
+    parts = _project(data, columns)
+    tok = next(_token)
+    prefix = f"lmefast-{stage.split()[0]}-{tok}"
+    tasks = [dask.delayed(fn, pure=False)(p, i, *args, dask_key_name=f"{prefix}-{i}")
+             for i, p in enumerate(parts)]
+    total = len(tasks)
+    if progress:
+        progress(stage, 0, total)
+    try:
+        if client is not None:
+            return _reduce_distributed(client, tasks, merge, progress, stage)
+        return _reduce_local(tasks, merge, progress, stage, prefix, split_every)
+    except KeyError as exc:
+        raise _missing_column_error(exc, columns, stage) from None
+
+
+def _reduce_distributed(client: Any, tasks: list, merge: Any, progress: ProgressFn | None,
+                        stage: str) -> Any:
+    """Partial results merged as they arrive, two on the same worker at a time (no transfer;
+    merges before new partitions: bounded memory on the workers); then across workers."""
+    from distributed import as_completed
+
+    futures = client.compute(tasks)
+    leaves = {f.key for f in futures}
+    total, done = len(futures), 0
+    seq = as_completed(futures)
+    pending: dict[Any, Any] = {}  # worker → its partial result
+    for fut in seq:
+        if fut.status == "error":
+            fut.result()  # raises the worker's exception; the other futures are released
+        if fut.key in leaves:
+            done += 1
+            if progress:
+                progress(stage, done, total)
+        holders = client.who_has([fut]).get(fut.key) or [None]
+        worker = holders[0]
+        if worker in pending:
+            seq.add(client.submit(merge, pending.pop(worker), fut, priority=100, pure=False,
+                                  workers=None if worker is None else [worker], allow_other_workers=True))
+        else:
+            pending[worker] = fut
+    del futures
+    rest = list(pending.values())
+    if len(rest) == 1:
+        return rest[0].result()
+    return client.submit(merge, *rest, priority=100, pure=False).result()
+
+
+def _reduce_local(tasks: list, merge: Any, progress: ProgressFn | None, stage: str, prefix: str,
+                  split_every: int) -> Any:
+    import dask
+    from dask.callbacks import Callback
+
+    level = tasks
+    while len(level) > 1:
+        level = [dask.delayed(merge, pure=False)(*level[i:i + split_every])
+                 for i in range(0, len(level), split_every)]
+    total = len(tasks)
+
+    class _Progress(Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.done = 0
+
+        def _posttask(self, key, result, dsk, state, id) -> None:  # noqa: A002 (dask's signature)
+            if isinstance(key, str) and key.startswith(prefix + "-") and progress:
+                self.done += 1
+                progress(stage, self.done, total)
+
+    with _Progress():
+        return dask.compute(level[0])[0]
+
+
+def _shared(obj: Any, client: Any) -> Any:
+    """A large argument sent once: scattered to the workers, or one key of the graph."""
+    import dask
+
+    if client is not None:
+        return client.scatter(obj, broadcast=True, hash=False)
+    return dask.delayed(obj, pure=True)
+
+
+def is_dask_dataframe(obj: Any) -> bool:
+    mod = type(obj).__module__
+    return mod.startswith("dask.") and hasattr(obj, "map_partitions") and hasattr(obj, "columns")
+
+
+# -- the front end -----------------------------------------------------------------------------
+def mixedlm(
+    formula: str,
+    data: Any,
+    groups: str,
+    re_formula: str | None = None,
+    vc_formula: Any = None,
+    missing: str = "raise",
+    *,
+    client: Any = None,
+    progress: bool | ProgressFn | None = None,
+    n_threads: int = 1,
+    split_every: int = 8,
+) -> ChunkedMixedLM:
+    """statsmodels' ``mixedlm`` on a Dask DataFrame: reads the data (two passes on the cluster)
+    and returns a model whose ``fit()`` runs on the client from the cross-products.
+
+    ``groups``: the grouping column's name; ``re_formula``: random coefficients (default a
+    random intercept); ``vc_formula``: variance components nested in the groups (then a third
+    pass finds each group's columns). ``client``: a ``distributed.Client``
+    (default: the current one, else Dask's configured scheduler; ``client=False``: Dask's
+    configured scheduler even when a client exists). ``progress``: True prints
+    partitions done per pass to stderr; a callable receives (stage, partitions done, total).
+    ``n_threads``: threads per partition task (default 1: Dask runs partitions in parallel).
+    """
+    if not is_dask_dataframe(data):
+        raise SpecificationError(f"data must be a dask.dataframe.DataFrame, not {type(data).__name__}")
+    if int(split_every) < 2:
+        raise SpecificationError(f"split_every must be at least 2, got {split_every}")
+    plan = ChunkPlan.from_formula(formula, groups, re_formula, vc_formula, missing)
+    plan.set_kinds(data.dtypes, "the Dask DataFrame")
+    client = _default_client(client)
+    report = progress_function(progress)
+    kw = {"client": client, "progress": report, "split_every": int(split_every)}
+
+    n_pass = 3 if plan.vc_formulas else 2
+    sets = _map_reduce(data, plan.label_columns(), _labels_part, (plan,), _merge_labels,
+                       stage=f"pass 1/{n_pass} (labels), partitions", **kw)
+    labels = plan.fix_levels(sets, data.dtypes)
+    coder = LabelCoder(labels)
+    if plan.vc_formulas:
+        keys = _map_reduce(data, plan.vc_columns, _vc_part, (_shared((plan, coder), client),), merge_keys,
+                           stage="pass 2/3 (variance-component structure), partitions", **kw)
+        plan.set_vc_layout(keys, labels.shape[0])
+    stats = _map_reduce(data, plan.used, _stats_part, (_shared((plan, coder), client), int(n_threads)),
+                        _merge_stats, stage=f"pass {n_pass}/{n_pass} (cross-products), partitions", **kw)
+    return build_model(plan, labels, stats, DaskSource(data), "a Dask DataFrame")
+
+
+class DaskSource:
+    """Passes over the Dask DataFrame for a fitted model: lazy fitted values and predictions."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def fitted(self, res: ChunkedMixedLMResults, resid: bool):
+        plan = res.model.plan
+        return _lazy(res, self.data[plan.used], resid=resid, fitted_rows=True, include_random=True,
+                     new_levels="population", name="resid" if resid else "fittedvalues")
+
+    def fitted_chunks(self, res: ChunkedMixedLMResults, progress: Any):
+        raise SpecificationError("for a Dask fit, res.fittedvalues and res.resid are lazy Dask Series: "
+                                 "compute them, iterate their partitions or write them with to_parquet")
+
+    def predict(self, res: ChunkedMixedLMResults, newdata: Any, include_random: bool, new_levels: str):
+        if newdata is None:
+            if include_random:
+                return self.fitted(res, resid=False)
+            newdata = self.data
+        if is_dask_dataframe(newdata):
+            return predict_lazy(res, newdata, include_random, new_levels)
+        if isinstance(newdata, pd.DataFrame):
+            return predict_pandas(res, newdata, include_random, new_levels)
+        raise SpecificationError(f"newdata must be a pandas or Dask DataFrame, not {type(newdata).__name__}")
+
+
+def _lazy(res: ChunkedMixedLMResults, ddf: Any, *, resid: bool, fitted_rows: bool, include_random: bool,
+          new_levels: str, name: str):
+    import dask
+
+    payload = dask.delayed(res.predict_payload, pure=True)
+    meta = pd.Series(np.zeros(0), name=name, dtype=float)
+    return ddf.map_partitions(_fitted_part, payload, resid, fitted_rows, include_random, new_levels, name,
+                              meta=meta)
+
+
+def predict_lazy(res: ChunkedMixedLMResults, newdata: Any, include_random: bool, new_levels: str):
+    """Predictions for a Dask DataFrame: a lazy Dask Series (partitions as newdata's)."""
+    plan = res.model.plan
+    cols = [c for c in plan.used if c != plan.yname and (include_random or c != plan.group)]
+    absent = sorted(c for c in cols if c not in newdata.columns)
+    if absent:
+        raise SpecificationError(f"newdata is missing column(s) {absent}")
+    return _lazy(res, newdata[cols], resid=False, fitted_rows=False, include_random=include_random,
+                 new_levels=new_levels, name="predicted")

@@ -1,0 +1,245 @@
+"""Out of core on one machine: fit from a Parquet file or a directory of Parquet files.
+
+    model = lmefast.outofcore.mixedlm_parquet("y ~ x1 + x2", "data/", groups="g", re_formula="~x1")
+    # or, the same: lmefast.mixedlm("y ~ x1 + x2", "data/", groups="g", re_formula="~x1")
+    res = model.fit(verbose=True)
+
+The files are read with pyarrow, only the used columns, row group by row group (a row group
+larger than ``batch_rows`` in slices of that many rows), in two passes (lmefast.chunked):
+(a) the group column and the categorical predictors, for the sorted group labels and the
+levels; with variance components, (a') the group and the components' columns, for each
+group's block; (b) every used column, added chunk by chunk into one set of per-group
+cross-products.
+Memory: the statistics (about 8 (k² + kp + k + 2) bytes per group) plus one chunk; never
+the rows. The fit then runs on the statistics only.
+
+Fitted values and residuals need the rows again: ``res.fittedvalues`` / ``res.resid`` raise
+``RowsUnavailableError`` (an O(rows) array is what out of core avoids); stream them instead with
+``res.fitted_chunks()`` (one DataFrame per chunk, in file order) or write them with
+``res.write_fitted(path)``. ``res.predict(newdata)`` works for a pandas (or Dask) DataFrame.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lmefast.chunked import (
+    ChunkedMixedLM,
+    ChunkedMixedLMResults,
+    ChunkPlan,
+    LabelCoder,
+    ProgressFn,
+    RowsUnavailableError,
+    build_model,
+    chunk_stats,
+    merge_keys,
+    n_threads_for,
+    predict_chunk,
+    predict_pandas,
+    progress_function,
+)
+from lmefast.spec import SpecificationError
+
+DEFAULT_BATCH_ROWS = 1_000_000
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+
+
+def parquet_files(path: str | os.PathLike | list) -> list[Path]:
+    """A file, a directory (its Parquet files, recursively, sorted), or a list of files."""
+    if isinstance(path, list | tuple):
+        files = [Path(p) for p in path]
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise SpecificationError(f"data path {str(path)!r} does not exist")
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in PARQUET_SUFFIXES
+                           and not any(part.startswith(("_", ".")) for part in f.relative_to(p).parts))
+            if not files:
+                raise SpecificationError(f"directory {str(path)!r} has no Parquet files "
+                                         f"({', '.join(PARQUET_SUFFIXES)})")
+        else:
+            files = [p]
+    for f in files:
+        if not f.is_file():
+            raise SpecificationError(f"data file {str(f)!r} does not exist")
+    return files
+
+
+class ParquetSource:
+    """Chunks of a set of Parquet files: (description, pandas DataFrame) per row group."""
+
+    def __init__(self, path: str | os.PathLike | list, batch_rows: int = DEFAULT_BATCH_ROWS) -> None:
+        import pyarrow.parquet as pq
+
+        self.files = parquet_files(path)
+        self.batch_rows = int(batch_rows)
+        if self.batch_rows < 1:
+            raise SpecificationError(f"batch_rows must be positive, got {batch_rows}")
+        self._pq = pq
+        self.meta = []
+        for f in self.files:
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+                raise SpecificationError(f"cannot read {str(f)!r} as Parquet ({exc}); only Parquet is read "
+                                         "out of core: read other formats with pandas or Dask") from None
+            self.meta.append((pf.metadata.num_rows, pf.schema_arrow))
+        self.total_rows = sum(n for n, _ in self.meta)
+
+    def dtypes(self, i: int) -> pd.Series:
+        return self.meta[i][1].empty_table().to_pandas().dtypes
+
+    def check_schemas(self, plan: ChunkPlan) -> None:
+        """Column kinds from the first file; every file must have the used columns, each of
+        one kind (numeric or not) in every file."""
+        first = self.files[0].name
+        plan.set_kinds(self.dtypes(0), f"file {first!r}")
+        for i, f in enumerate(self.files[1:], start=1):
+            dt = self.dtypes(i)
+            absent = sorted(c for c in plan.used if c not in dt.index)
+            if absent:
+                raise SpecificationError(f"file {f.name!r} has no column(s) {absent} (its columns are "
+                                         f"{[str(c) for c in dt.index][:20]})")
+            for c in plan.used:
+                kind = "numeric" if pd.api.types.is_numeric_dtype(dt[c]) and \
+                    not pd.api.types.is_bool_dtype(dt[c]) else "categorical"
+                if kind != plan.kinds[c]:
+                    what = "group column" if c == plan.group else "column"
+                    raise SpecificationError(
+                        f"{what} {c!r} has type {self.meta[i][1].field(c).type} in file {f.name!r} but "
+                        f"{self.meta[0][1].field(c).type} in file {first!r}; give it one type in "
+                        "every file")
+
+    def chunks(self, columns: list[str], progress: ProgressFn | None = None,
+               stage: str = "") -> Iterator[tuple[str, pd.DataFrame]]:
+        done = 0
+        if progress:
+            progress(stage, 0, self.total_rows)
+        for f in self.files:
+            pf = self._pq.ParquetFile(f)
+            for rg in range(pf.metadata.num_row_groups):
+                nrg = pf.metadata.row_group(rg).num_rows
+                if nrg == 0:
+                    continue
+                start = 0
+                for batch in pf.iter_batches(batch_size=self.batch_rows, row_groups=[rg],
+                                             columns=columns, use_threads=True):
+                    where = f"file {f.name!r} row group {rg}"
+                    if batch.num_rows < nrg:
+                        where += f" rows {start}-{start + batch.num_rows - 1}"
+                    start += batch.num_rows
+                    df = batch.to_pandas()
+                    yield where, df
+                    done += batch.num_rows
+                    if progress:
+                        progress(stage, done, self.total_rows)
+
+    # -- passes over the rows for a fitted model ---------------------------------------------------
+    def fitted(self, res: ChunkedMixedLMResults, resid: bool):
+        what = "resid" if resid else "fittedvalues"
+        raise RowsUnavailableError(
+            f"{what}: the model was fitted out of core from Parquet and the rows are not in memory; "
+            "use res.fitted_chunks() to stream fitted values and residuals chunk by chunk, "
+            "res.write_fitted(path) to write them to Parquet, or res.predict(newdata) for a DataFrame")
+
+    def fitted_chunks(self, res: ChunkedMixedLMResults, progress: ProgressFn | None
+                      ) -> Iterator[pd.DataFrame]:
+        payload = res.predict_payload
+        plan = payload.plan
+        cols = list(plan.used)
+        for where, df in self.chunks(cols, progress, "fitted values"):
+            fit = predict_chunk(payload, df, where, include_random=True, new_levels="population",
+                                fitted_rows=True)
+            y = df[plan.yname].to_numpy(dtype=float)
+            yield pd.DataFrame({"fittedvalues": fit, "resid": y - fit})
+
+    def predict(self, res: ChunkedMixedLMResults, newdata: Any, include_random: bool, new_levels: str):
+        if newdata is None:
+            self.fitted(res, resid=False)
+        return predict_any(res, newdata, include_random, new_levels)
+
+
+def predict_any(res: ChunkedMixedLMResults, newdata: Any, include_random: bool, new_levels: str):
+    """pandas → numpy array; Dask → lazy Dask Series."""
+    if isinstance(newdata, pd.DataFrame):
+        return predict_pandas(res, newdata, include_random, new_levels)
+    if type(newdata).__module__.startswith("dask."):
+        from lmefast.dask import predict_lazy
+
+        return predict_lazy(res, newdata, include_random, new_levels)
+    raise SpecificationError(f"newdata must be a pandas or Dask DataFrame, not {type(newdata).__name__}")
+
+
+def mixedlm_parquet(
+    formula: str,
+    path: str | os.PathLike | list,
+    groups: str,
+    re_formula: str | None = None,
+    vc_formula: Any = None,
+    missing: str = "raise",
+    *,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    progress: bool | ProgressFn | None = None,
+    n_threads: int | None = None,
+) -> ChunkedMixedLM:
+    """statsmodels' ``mixedlm`` on Parquet data, out of core: reads the data (two passes) and
+    returns a model whose ``fit()`` uses the cross-products only.
+
+    ``path``: a Parquet file, a directory of Parquet files (read recursively, in sorted order)
+    or a list of files. ``groups``: the grouping column's name. ``re_formula``: the random
+    coefficients (default a random intercept); ``vc_formula``: variance components nested in the
+    groups (then a third pass finds each group's columns). ``batch_rows``:
+    rows per chunk at most (row groups are read whole up to this size). ``progress``: True prints
+    the data passes' progress to stderr; a callable receives (stage, rows done, total rows).
+    ``n_threads``: threads for the pass over each chunk (default: all cores for many groups).
+    """
+    plan = ChunkPlan.from_formula(formula, groups, re_formula, vc_formula, missing)
+    source = ParquetSource(path, batch_rows)
+    report = progress_function(progress)
+    source.check_schemas(plan)
+    n_pass = 3 if plan.vc_formulas else 2
+    sets = plan.new_label_sets()
+    for where, df in source.chunks(plan.label_columns(), report, f"pass 1/{n_pass} (labels), rows"):
+        plan.collect_labels(df, sets, where)
+    labels = plan.fix_levels(sets, source.dtypes(0))
+    coder = LabelCoder(labels)
+    if plan.vc_formulas:
+        keys, parts = None, []
+        for where, df in source.chunks(plan.vc_columns, report,
+                                       "pass 2/3 (variance-component structure), rows"):
+            parts.append(plan.collect_vc_keys(df, coder, where))
+            if len(parts) >= 16:
+                keys, parts = merge_keys(*([keys] if keys is not None else []), *parts), []
+        plan.set_vc_layout(merge_keys(*([keys] if keys is not None else []), *parts), labels.shape[0])
+    nth = n_threads_for(labels.shape[0], n_threads)
+    stats = None
+    for where, df in source.chunks(plan.used, report, f"pass {n_pass}/{n_pass} (cross-products), rows"):
+        stats = chunk_stats(plan, coder, df, where, stats, nth)
+    return build_model(plan, labels, stats, source, "Parquet files")
+
+
+def write_fitted(res: ChunkedMixedLMResults, path: str | os.PathLike,
+                 progress: bool | ProgressFn | None = None) -> int:
+    """Fitted values and residuals of a Parquet fit, written to one Parquet file (one row group
+    per chunk, in the order of the data); returns the number of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    n = 0
+    try:
+        for df in res.fitted_chunks(progress):
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(str(path), table.schema)
+            writer.write_table(table)
+            n += len(df)
+    finally:
+        if writer is not None:
+            writer.close()
+    return n
