@@ -1,6 +1,7 @@
 """``lmer``: lme4's formula syntax, fitted by the one-factor engine or the blocked one."""
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from lmefast.formula import design_matrix
-from lmefast.lmer import build_terms, lmer_frame
+from lmefast.lmer import build_terms, lmer_frame, parse_lmer
 from lmefast.model import MixedLM, _full_rank_columns
 from lmefast.multi import MultiLM
 from lmefast.spec import SpecificationError
@@ -90,10 +91,49 @@ def single_group_as_crossed(kwargs: dict[str, Any]) -> MixedLM | MultiLM | None:
                    vc_order=tuple(str(v) for v in kwargs["vc_names"]))
 
 
-def lmer(formula: str, data: Any, reml: bool = True, missing: str = "raise", **fit_kwargs: Any):
+SCALE_OUT_OPTIONS = ("progress", "client", "batch_rows", "split_every")
+
+
+def _is_scale_out(data: Any) -> bool:
+    return isinstance(data, str | os.PathLike) or type(data).__module__.startswith("dask.")
+
+
+def scale_out_lmer_model(formula: str, data: Any, missing: str, **options: Any):
+    """An lme4 formula on a Parquet path or a Dask DataFrame: one grouping factor (a plain
+    column), its first term as the random coefficients and any further terms of one numeric
+    column as variance components — so ``(x|g)`` and ``(1 + x || g)`` are fitted out of core.
+    θ then follows statsmodels' order (coefficients, then components)."""
+    from lmefast.model import mixedlm
+
+    response, fixed, random = parse_lmer(formula)
+    groups = list(dict.fromkeys(t.group for t in random))
+    if len(groups) != 1 or ":" in groups[0]:
+        raise SpecificationError(
+            f"lmer on Parquet or Dask data supports one grouping factor that is a column; "
+            f"{formula!r} has {groups}")
+    vc = {}
+    for t in random[1:]:
+        parts = [p.strip() for p in t.expr.split("+")]
+        if len(parts) != 2 or parts[0] != "0" or not parts[1].isidentifier():
+            raise SpecificationError(
+                f"lmer on Parquet or Dask data: the term ({t.expr} | {t.group}) after the first "
+                "must be a single uncorrelated column like (0 + x | g)")
+        vc[parts[1]] = t.expr
+    return mixedlm(f"{response} ~ {fixed}", data, groups=groups[0], re_formula=random[0].expr,
+                   vc_formula=vc or None, missing=missing, **options)
+
+
+def lmer(formula: str, data: Any, reml: bool = True, missing: str = "raise", **kwargs: Any):
     """Fit an lme4-style formula, e.g. ``lmer("y ~ x + (1 + x | g) + (1 | h)", data)``.
 
     Terms: ``(1|g)``, ``(x|g)`` (intercept and slope, correlated), ``(0 + x|g)``,
     ``(1 + x || g)`` (uncorrelated), ``(1|a/b)`` (a and a:b), ``(1|a:b)``, several terms on a
-    factor, crossed factors. Returns the same results type as ``mixedlm(...).fit()``."""
-    return lmer_model(formula, data, missing).fit(reml=reml, **fit_kwargs)
+    factor, crossed factors. Returns the same results type as ``mixedlm(...).fit()``.
+
+    ``data`` may also be a Parquet path or a Dask DataFrame, for one grouping factor
+    (scale_out_lmer_model); ``progress``, ``client``, ``batch_rows``, ``split_every`` then go to
+    the data pass, the other keywords to ``fit``."""
+    if _is_scale_out(data):
+        options = {k: kwargs.pop(k) for k in SCALE_OUT_OPTIONS if k in kwargs}
+        return scale_out_lmer_model(formula, data, missing, **options).fit(reml=reml, **kwargs)
+    return lmer_model(formula, data, missing).fit(reml=reml, **kwargs)
