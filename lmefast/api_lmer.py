@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import numpy as np
@@ -10,7 +9,7 @@ import pandas as pd
 
 from lmefast.formula import design_matrix
 from lmefast.lmer import build_terms, lmer_frame, parse_lmer
-from lmefast.model import MixedLM, _full_rank_columns
+from lmefast.model import MixedLM, checked_response_and_design
 from lmefast.multi import MultiLM
 from lmefast.spec import SpecificationError
 
@@ -30,16 +29,7 @@ def lmer_model(formula: str, data: Any, missing: str = "raise") -> MixedLM | Mul
         return MixedLM(y, X, pd.Series(t.labels[t.codes]), exog_re=t.Z, endog_name=response,
                        exog_names=xnames, exog_re_names=list(t.coef_names), group_name=t.name,
                        re_pattern=t.pattern, lme4_names=True)
-    if np.ptp(y) == 0.0:
-        raise SpecificationError(f"the response '{response}' is constant: there is no variance "
-                                 "to model")
-    keep = _full_rank_columns(X)
-    dropped = tuple(xnames[j] for j in range(X.shape[1]) if j not in set(keep.tolist()))
-    if dropped:
-        warnings.warn(f"fixed-effects design is rank deficient: dropping column(s) "
-                      f"{list(dropped)}", stacklevel=3)
-        X = np.ascontiguousarray(X[:, keep])
-        xnames = [xnames[j] for j in keep]
+    X, xnames, dropped = checked_response_and_design(y, response, X, xnames, stacklevel=4)
     return MultiLM(y, X, terms, endog_name=response, exog_names=xnames, dropped_exog=dropped)
 
 

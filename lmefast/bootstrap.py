@@ -133,6 +133,23 @@ def _single_threaded_blas():
             put(n)
 
 
+def _store_refit(obj, theta0: np.ndarray, r: int, out_theta: np.ndarray, out_beta: np.ndarray,
+                 out_s2: np.ndarray, out_f: np.ndarray, out_conv: np.ndarray) -> None:
+    """Refit one replicate from θ0 and store it in row r (NaN and not converged on failure)."""
+    try:
+        sol, opt = fit_theta(obj, theta0)
+    except (ObjectiveError, FloatingPointError):
+        out_conv[r] = False
+        for out in (out_theta, out_beta, out_s2, out_f):
+            out[r] = np.nan
+        return
+    out_theta[r] = sol.theta
+    out_beta[r] = sol.beta
+    out_s2[r] = sol.sigma2
+    out_f[r] = sol.objective
+    out_conv[r] = opt.converged
+
+
 def _refit_multi(sim: MultiSimulator, seeds: np.ndarray, rows: range, theta0: np.ndarray, reml: bool,
                  out_theta: np.ndarray, out_beta: np.ndarray, out_s2: np.ndarray, out_f: np.ndarray,
                  out_conv: np.ndarray) -> None:
@@ -141,20 +158,8 @@ def _refit_multi(sim: MultiSimulator, seeds: np.ndarray, rows: range, theta0: np
     tm = sim.model.theta_map
     for r in rows:
         cp = sim.crossprods(sim.response(np.random.default_rng(seeds[r])))
-        try:
-            sol, opt = fit_theta(MultiObjective(cp, tm, reml, n_threads=1), theta0)
-        except (ObjectiveError, FloatingPointError):
-            out_conv[r] = False
-            out_theta[r] = np.nan
-            out_beta[r] = np.nan
-            out_s2[r] = np.nan
-            out_f[r] = np.nan
-            continue
-        out_theta[r] = sol.theta
-        out_beta[r] = sol.beta
-        out_s2[r] = sol.sigma2
-        out_f[r] = sol.objective
-        out_conv[r] = opt.converged
+        _store_refit(MultiObjective(cp, tm, reml, n_threads=1), theta0, r, out_theta, out_beta,
+                     out_s2, out_f, out_conv)
 
 
 def _one_factor(res: MixedLMResults):
@@ -359,21 +364,8 @@ def _refit_chunk(sim: YPartSimulator, d: Draw, rows: range, theta0: np.ndarray, 
     tm = sim.res.model.spec.theta_map
     for r in rows:
         cp = sim.crossprods(d, r)
-        obj = ProfiledObjective(cp, tm, reml, n_threads=1)
-        try:
-            sol, opt = fit_theta(obj, theta0)
-        except (ObjectiveError, FloatingPointError):
-            out_conv[r] = False
-            out_theta[r] = np.nan
-            out_beta[r] = np.nan
-            out_s2[r] = np.nan
-            out_f[r] = np.nan
-            continue
-        out_theta[r] = sol.theta
-        out_beta[r] = sol.beta
-        out_s2[r] = sol.sigma2
-        out_f[r] = sol.objective
-        out_conv[r] = opt.converged
+        _store_refit(ProfiledObjective(cp, tm, reml, n_threads=1), theta0, r, out_theta, out_beta,
+                     out_s2, out_f, out_conv)
 
 
 def sdcor_names_values(res: MixedLMResults, theta: np.ndarray, sigma: float

@@ -85,6 +85,22 @@ def _full_rank_columns(X: np.ndarray) -> np.ndarray:
     return np.sort(piv[:rank])
 
 
+def checked_response_and_design(y: np.ndarray, yname: str, X: np.ndarray, xnames: list[str],
+                                stacklevel: int = 2) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
+    """Refuse a constant response; drop linearly dependent fixed-effects columns with a warning
+    naming them (lme4's behaviour). Returns (X, names, dropped names)."""
+    if np.ptp(y) == 0.0:
+        raise SpecificationError(f"the response '{yname}' is constant: there is no variance to model")
+    keep = _full_rank_columns(X)
+    dropped = tuple(xnames[j] for j in range(X.shape[1]) if j not in set(keep.tolist()))
+    if dropped:
+        warnings.warn(f"fixed-effects design is rank deficient: dropping column(s) "
+                      f"{list(dropped)}", stacklevel=stacklevel)
+        X = np.ascontiguousarray(X[:, keep])
+        xnames = [xnames[j] for j in keep]
+    return X, list(xnames), dropped
+
+
 def factorize_groups(groups: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Group codes 0..m−1 (int64) in sorted label order, and the labels.
 
@@ -231,15 +247,7 @@ class MixedLM:
         else:
             vnames, vmats, vcols = [], [], []
 
-        if np.ptp(y) == 0.0:
-            raise SpecificationError(f"the response '{yname}' is constant: there is no variance to model")
-        keep_cols = _full_rank_columns(X)
-        dropped = tuple(xnames[j] for j in range(X.shape[1]) if j not in set(keep_cols.tolist()))
-        if dropped:
-            warnings.warn(f"fixed-effects design is rank deficient: dropping column(s) "
-                          f"{list(dropped)}", stacklevel=2)
-            X = np.ascontiguousarray(X[:, keep_cols])
-            xnames = [xnames[j] for j in keep_cols]
+        X, xnames, dropped = checked_response_and_design(y, yname, X, xnames, stacklevel=3)
         k = Zre.shape[1]
         if k and not np.any(Zre):
             raise SpecificationError("exog_re is all zero")
