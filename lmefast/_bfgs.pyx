@@ -38,10 +38,12 @@ cdef inline double dmin(double a, double b) noexcept nogil:
 
 cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lower,
                       double gtol, int maxiter, double* f_out, double* g_out, double* f0_out,
-                      double* H_out, int* n_iter, object on_iter) noexcept:
+                      double* H_out, int* n_iter, object on_iter, bint lazy_grad=False) noexcept:
     """Minimise; x holds the start and receives the result, f0_out the objective at the
     start, H_out (d × d) the final inverse-Hessian approximation. Returns a RETURN_MESSAGES
-    code."""
+    code. With lazy_grad, line-search trial points are evaluated without the gradient, which
+    is asked for (fg with the same x again) only once a point is accepted: for objectives
+    whose gradient costs more than the objective and that keep their factorisation."""
     cdef double* H = <double*>malloc((d * d + 6 * d + 1) * sizeof(double))
     cdef double* g
     cdef double* step
@@ -128,12 +130,14 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
             for ls in range(60):
                 for i in range(d):
                     xn[i] = dmax(x[i] + t * step[i], lower[i])
-                ok = fg(ctx, xn, &fn, gn)
+                ok = fg(ctx, xn, &fn, NULL if lazy_grad else gn)
                 if ok == 0 and isfinite(fn):
                     tmp = 0.0
                     for i in range(d):
                         tmp += g[i] * (xn[i] - x[i])
                     if fn <= f + 1e-4 * tmp:
+                        if lazy_grad and fg(ctx, xn, &fn, gn) != 0:
+                            break
                         code = 3
                         break
                     ratio = 0.5 * (-slope) * t / dmax(fn - f - slope * t, 1e-300)

@@ -114,6 +114,11 @@ cdef struct MultiCtx:
     double* tbuf          # per thread: [logdet, rr, Lx (p²), Rzxrzy (p), R2x (q2 p), r2y (q2),
     i64 tstride           #              G1 (k1²), G2 (q2 kmax), Z, Q (width k1 + 1 each), Mi]
     i64* tstat
+    # the last θ whose factorisation (L11, L21, L22 in M22, β, r²) is still in the buffers:
+    # a gradient asked for at that θ starts from it (the optimiser's line search asks so)
+    double* last_theta
+    double last_obj
+    bint factored
 
 
 cdef inline double lam(MultiCtx* c, i64 r, int a2) noexcept nogil:
@@ -556,7 +561,15 @@ cdef int multi_eval(void* vctx, const double* theta, double* f, double* grad) no
     cdef int l, j, p = c.p, q2 = c.q2, info
     cdef double logdet = 0.0, rr = 0.0, obj = 0.0, acc
     cdef i64 status, r
+    cdef bint same = c.factored and grad != NULL
+    for l in range(c.nt):
+        if theta[l] != c.last_theta[l]:
+            same = False
+    if same:
+        f[0] = c.last_obj
+        return gradient_part(c, grad)
     c.n_evals += 1
+    c.factored = False
     memset(c.Tall, 0, c.t_off[c.nterms] * sizeof(double))
     for l in range(c.nt):
         j = c.th_term[l]
@@ -588,8 +601,19 @@ cdef int multi_eval(void* vctx, const double* theta, double* f, double* grad) no
     if status != 0:
         return 1
     f[0] = obj
+    for l in range(c.nt):
+        c.last_theta[l] = theta[l]
+    c.last_obj = obj
+    c.factored = True
     if grad == NULL:
         return 0
+    return gradient_part(c, grad)
+
+
+cdef int gradient_part(MultiCtx* c, double* grad) noexcept nogil:
+    """∂/∂θ from the factorisation in the buffers (which it consumes: M22 becomes P22)."""
+    cdef int p = c.p, q2 = c.q2
+    c.factored = False
     if p > 0:
         minv_from_chol(p, c.Lx, c.Cinv, c.Mi)
     backsolve_all(c)
@@ -718,7 +742,7 @@ cdef class MultiKernel:
                  + 3 * pp + 2 * <size_t>pp * pp
                  + 3 * (<size_t>m1 * k1 * nc + <size_t>q2 * nc)
                  + k1 * k1 + <size_t>q2 * kmax + 2 * (<size_t>width * k1 + 1)
-                 + 3 * <size_t>(k1 if k1 > pp else pp) ** 2 + 64)
+                 + 3 * <size_t>(k1 if k1 > pp else pp) ** 2 + th_term.shape[0] + 64)
         self.buf = <double*>malloc(total * sizeof(double))
         if self.buf == NULL:
             raise MemoryError()
@@ -747,6 +771,8 @@ cdef class MultiKernel:
         c.Zb = c.G2 + <size_t>q2 * kmax
         c.Qb = c.Zb + width * k1 + 1
         c.Mi = c.Qb + width * k1 + 1
+        c.last_theta = c.Mi + 3 * (k1 if k1 > pp else pp) ** 2
+        c.factored = False
 
     def __dealloc__(self):
         cdef int t
@@ -789,7 +815,7 @@ cdef class MultiKernel:
         cdef double[:, ::1] H = np.zeros((d, d))
         cdef int n_iter = 0, code
         code = bfgs_bounded(multi_eval, &self.c, d, &x[0], &lo[0], gtol, maxiter, &f, &g[0],
-                            &f0, &H[0, 0], &n_iter, on_iter)
+                            &f0, &H[0, 0], &n_iter, on_iter, True)
         return np.asarray(x), f, np.asarray(g), f0, np.asarray(H), n_iter, code
 
     def modes(self, theta):
