@@ -223,14 +223,12 @@ class MultiLM:
         self.statsmodels_group = statsmodels_group
         self.vc_order = tuple(vc_order)
         self.theta_map = MultiThetaMap(self.terms)
-        n_re = sum(t.m * t.k for t in terms)
         for t in terms:
             if t.m * t.k >= y.shape[0]:
                 raise SpecificationError(
                     f"number of observations ({y.shape[0]}) <= number of random effects "
                     f"({t.m * t.k}) for term (... | {t.name}): the random-effects parameters "
                     "and the residual variance are unidentifiable")
-        self.n_random_effects = n_re
 
     @cached_property
     def crossprods(self) -> MultiCrossProducts:

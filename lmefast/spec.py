@@ -83,23 +83,9 @@ class ThetaMap:
         T[self.tril] = theta[:nt]
         return T, np.ascontiguousarray(theta[nt:], dtype=float)
 
-    def gather_grad(self, gT: np.ndarray, gvc: np.ndarray) -> np.ndarray:
-        """∂/∂T (lower triangle) and ∂/∂θ_vc → ∂/∂θ in θ's order."""
-        return np.concatenate([gT[self.tril], gvc])
-
     def diagonal_mask(self) -> np.ndarray:
         rows, cols = self.tril
         return np.concatenate([rows == cols, np.ones(self.n_vc, dtype=bool)])
-
-    def names(self) -> list[str]:
-        rows, cols = self.tril
-        out = []
-        for r, c in zip(rows, cols, strict=True):
-            if r == c:
-                out.append(f"{self.re_names[r]}")
-            else:
-                out.append(f"{self.re_names[r]}.{self.re_names[c]}")
-        return out + list(self.vc_names)
 
 
 @dataclass(frozen=True)
