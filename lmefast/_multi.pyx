@@ -388,6 +388,52 @@ cdef inline double P22at(MultiCtx* c, i64 r1, i64 r2) noexcept nogil:
     return c.M22[r1 * c.q2 + r2] if r1 >= r2 else c.M22[r2 * c.q2 + r1]
 
 
+cdef void level_inverse_block(MultiCtx* c, i64 i, double* Z, double* Q, double* Mi,
+                              double* tmp) noexcept nogil:
+    """Level i of the first factor: Z_P = L21_P L11_i⁻¹, Q_P = Σ_P2 P22[P, P2] Z_P2 (so that
+    (M⁻¹)21_P = −Q_P) and Mi = (M⁻¹)11_ii = L11_i⁻ᵀL11_i⁻¹ + Σ_P Z_P'Q_P. M22 holds P22."""
+    cdef int k1 = c.k1, a, b, d, kj, kj2, row, row2
+    cdef i64 P, P2
+    cdef double acc, wv
+    cdef const double* L = &c.L11c[i * k1 * k1]
+    row = 0
+    for P in range(c.ptr[i], c.ptr[i + 1]):       # Z_P = L21_P L11⁻¹
+        kj = c.pair_k[P]
+        for a in range(kj):
+            for b in range(k1 - 1, -1, -1):
+                acc = c.L21c[c.pair_voff[P] + a * k1 + b]
+                for d in range(b + 1, k1):
+                    acc = acc - Z[(row + a) * k1 + d] * L[d * k1 + b]
+                Z[(row + a) * k1 + b] = acc / L[b * k1 + b]
+        row = row + kj
+    row = 0
+    for P in range(c.ptr[i], c.ptr[i + 1]):       # Q_P = Σ_P2 P22[P, P2] Z_P2
+        kj = c.pair_k[P]
+        for a in range(kj):
+            for b in range(k1):
+                Q[(row + a) * k1 + b] = 0.0
+            row2 = 0
+            for P2 in range(c.ptr[i], c.ptr[i + 1]):
+                kj2 = c.pair_k[P2]
+                for d in range(kj2):
+                    wv = P22at(c, c.pair_c0[P] + a, c.pair_c0[P2] + d)
+                    for b in range(k1):
+                        Q[(row + a) * k1 + b] += wv * Z[(row2 + d) * k1 + b]
+                row2 = row2 + kj2
+        row = row + kj
+    minv_from_chol(k1, L, Mi, tmp)
+    row = 0
+    for P in range(c.ptr[i], c.ptr[i + 1]):       # (M⁻¹)11_ii += Σ Z_P'Q_P
+        kj = c.pair_k[P]
+        for a in range(k1):
+            for b in range(k1):
+                acc = 0.0
+                for d in range(kj):
+                    acc = acc + Z[(row + d) * k1 + a] * Q[(row + d) * k1 + b]
+                Mi[a * k1 + b] += acc
+        row = row + kj
+
+
 cdef void grad_blocks_range(MultiCtx* c, int t, i64 i0, i64 i1) noexcept nogil:
     """Levels i0..i1: their parts of the diagonal blocks of Z'ZΛM⁻¹ (G1 for the first factor,
     G2 at row r, column b of r's block for the trailing ones) into thread t's G1, G2.
@@ -409,44 +455,8 @@ cdef void grad_blocks_range(MultiCtx* c, int t, i64 i0, i64 i1) noexcept nogil:
     cdef const double* T1 = c.Tall
     memset(G1, 0, (k1 * k1 + <i64>c.q2 * kmax) * sizeof(double))
     for i in range(i0, i1):
-        L = &c.L11c[i * k1 * k1]
         A11 = &c.S1[i * rec]
-        row = 0
-        for P in range(c.ptr[i], c.ptr[i + 1]):       # Z_P = L21_P L11⁻¹
-            kj = c.pair_k[P]
-            for a in range(kj):
-                for b in range(k1 - 1, -1, -1):
-                    acc = c.L21c[c.pair_voff[P] + a * k1 + b]
-                    for d in range(b + 1, k1):
-                        acc = acc - Z[(row + a) * k1 + d] * L[d * k1 + b]
-                    Z[(row + a) * k1 + b] = acc / L[b * k1 + b]
-            row = row + kj
-        row = 0
-        for P in range(c.ptr[i], c.ptr[i + 1]):       # Q_P = Σ_P2 P22[P, P2] Z_P2
-            kj = c.pair_k[P]
-            for a in range(kj):
-                for b in range(k1):
-                    Q[(row + a) * k1 + b] = 0.0
-                row2 = 0
-                for P2 in range(c.ptr[i], c.ptr[i + 1]):
-                    kj2 = c.pair_k[P2]
-                    for d in range(kj2):
-                        wv = P22at(c, c.pair_c0[P] + a, c.pair_c0[P2] + d)
-                        for b in range(k1):
-                            Q[(row + a) * k1 + b] += wv * Z[(row2 + d) * k1 + b]
-                    row2 = row2 + kj2
-            row = row + kj
-        minv_from_chol(k1, L, Mi, tmp)
-        row = 0
-        for P in range(c.ptr[i], c.ptr[i + 1]):       # (M⁻¹)11_ii += Σ Z_P'Q_P
-            kj = c.pair_k[P]
-            for a in range(k1):
-                for b in range(k1):
-                    acc = 0.0
-                    for d in range(kj):
-                        acc = acc + Z[(row + d) * k1 + a] * Q[(row + d) * k1 + b]
-                    Mi[a * k1 + b] += acc
-            row = row + kj
+        level_inverse_block(c, i, Z, Q, Mi, tmp)
         for a in range(k1):                           # G1 += A11 T1 (M⁻¹)11_ii
             for b in range(k1):
                 acc = 0.0
@@ -817,6 +827,36 @@ cdef class MultiKernel:
         code = bfgs_bounded(multi_eval, &self.c, d, &x[0], &lo[0], gtol, maxiter, &f, &g[0],
                             &f0, &H[0, 0], &n_iter, on_iter, True)
         return np.asarray(x), f, np.asarray(g), f0, np.asarray(H), n_iter, code
+
+    def conditional_variances(self, theta):
+        """Diagonal level blocks of M⁻¹ at θ: the first factor's (m1 × k1 × k1) and, for every
+        trailing coordinate r, row r of its level's block of P22 (q2 × kmax, first k columns).
+        The caller scales by σ² and multiplies by Λ: condVar = σ² Λ M⁻¹ Λ'."""
+        cdef double[::1] th = np.ascontiguousarray(theta, dtype=np.float64)
+        cdef double f = 0.0
+        cdef int k1 = self.c.k1, b, kmax = self.c.kmax
+        cdef i64 i, r, m1 = self.c.m1, q2 = self.c.q2
+        cdef double[:, :, ::1] M1 = np.empty((m1, k1, k1))
+        cdef double[:, ::1] B2 = np.zeros((q2, kmax))
+        cdef double* Z = tb(&self.c, 0) + 2 + self.c.p * self.c.p + self.c.p \
+            + q2 * (self.c.p + 1) + k1 * k1 + q2 * kmax
+        cdef double* Q = Z + self.c.width * k1 + 1
+        cdef double* Mi = Q + self.c.width * k1 + 1
+        with nogil:
+            multi_eval(&self.c, &th[0], &f, NULL)
+        if self.c.status != 0:
+            raise FloatingPointError("the objective cannot be evaluated at this θ")
+        with nogil:
+            self.c.factored = False
+            inverse_from_chol_rowmajor(self.c.M22, <int>q2)
+            for i in range(m1):
+                level_inverse_block(&self.c, i, Z, Q, Mi, Mi + k1 * k1)
+                for b in range(k1 * k1):
+                    M1[i, b // k1, b % k1] = Mi[b]
+            for r in range(q2):
+                for b in range(self.c.bk[r]):
+                    B2[r, b] = P22at(&self.c, r, self.c.bstart[r] + b)
+        return np.asarray(M1), np.asarray(B2)
 
     def modes(self, theta):
         """Conditional modes at θ: (b1 as m1 × k1, b2 as q2)."""

@@ -192,6 +192,22 @@ class MultiObjective(KernelObjective):
             th_term, th_row, th_col, t_off, np.array([t.k for t in terms], dtype=np.int32),
             reml, default_threads(terms[0].m) if n_threads is None else n_threads)
 
+    def conditional_variances(self, sol: Solution) -> list[np.ndarray]:
+        """Conditional covariances σ²Λ_j (M⁻¹)_ℓℓ Λ_j' of every level ℓ of every term j
+        (lme4's condVar): one (m_j, k_j, k_j) array per term."""
+        try:
+            M1, B2 = self.kernel.conditional_variances(sol.theta)
+        except FloatingPointError as exc:
+            raise ObjectiveError(str(exc)) from None
+        Ts = self.theta_map.Ts(sol.theta)
+        out = [sol.sigma2 * np.einsum("ab,ibc,dc->iad", Ts[0], M1, Ts[0])]
+        for j, t in enumerate(self.theta_map.terms[1:]):
+            c0 = self.cp.trail_c0[j]
+            blocks = B2[c0:c0 + t.m * t.k, :t.k].reshape(t.m, t.k, t.k)
+            T = Ts[j + 1]
+            out.append(sol.sigma2 * np.einsum("ab,ibc,dc->iad", T, blocks, T))
+        return out
+
     def modes(self, sol: Solution) -> list[np.ndarray]:
         """Conditional modes b_j (m_j × k_j) of every term, at the solution."""
         try:

@@ -127,10 +127,12 @@ class MultiResults(MixedLMResults):
     def random_effects_frame(self) -> dict[str, pd.DataFrame]:
         return self.random_effects
 
-    @property
-    def random_effects_cov(self) -> dict:
-        raise NotImplementedError("conditional variances of the random effects are not yet "
-                                  "available for models with several grouping factors")
+    @cached_property
+    def random_effects_cov(self) -> dict[str, np.ndarray]:
+        """Conditional covariances of the random effects (lme4's condVar): per grouping factor
+        an array (levels × k × k) in the order of ``random_effects[factor].index``."""
+        cvs = self._objective.conditional_variances(self._sol)
+        return {t.name: cv for t, cv in zip(self.model.terms, cvs, strict=True)}
 
     @cached_property
     def fittedvalues(self) -> np.ndarray:
