@@ -50,3 +50,16 @@ def test_errors_are_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["fit", "missing.csv", "y ~ x", "--groups", "g"]) == 2
     assert main(["fit", str(DATA / "Pastes.csv"), "strength ~ 1", "--groups", "batch",
                  "--vc", "no-equals-sign"]) == 2
+
+
+def test_fit_with_an_lme4_formula(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["fit", str(DATA / "Penicillin.csv"), "diameter ~ 1 + (1|plate) + (1|sample)", "--ml"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "plate (Intercept) Var" in out and "sample (Intercept) Var" in out
+    assert "-166.0942" in out  # lme4's ML log-likelihood for this model
+
+
+def test_fit_without_groups_or_random_terms_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit", str(DATA / "sleepstudy.csv"), "Reaction ~ Days"]) == 2
+    assert "random-effects term" in capsys.readouterr().err
