@@ -170,60 +170,47 @@ class MixedLMResults:
                for i, j in self._re_pairs()]
         return out + [f"{v} Var" for v in self.model.spec.theta_map.vc_names]
 
-    @cached_property
-    def _psi(self) -> np.ndarray:
-        """statsmodels' variance parameters: the free entries of cov_re/scale by rows, then
-        vcomp/scale."""
-        T, tvc = self._T_tvc
+    def _psi_at(self, theta: np.ndarray) -> np.ndarray:
+        """statsmodels' variance parameters at θ: the free entries of cov_re/scale by rows,
+        then vcomp/scale."""
+        T, tvc = self.model.spec.theta_map.split(np.asarray(theta, dtype=float))
         S = T @ T.T
         return np.concatenate([[S[i, j] for i, j in self._re_pairs()], tvc**2])
 
-    def _theta_from_psi(self, psi: np.ndarray) -> np.ndarray | None:
-        tm = self.model.spec.theta_map
-        pairs = self._re_pairs()
-        nk = len(pairs)
-        S = np.zeros((tm.k, tm.k))
-        for (i, j), v in zip(pairs, psi[:nk], strict=True):
-            S[i, j] = S[j, i] = v
-        try:
-            T = np.linalg.cholesky(S) if tm.k else np.zeros((0, 0))
-        except np.linalg.LinAlgError:
-            return None
-        if np.any(psi[nk:] < 0):
-            return None
-        return np.concatenate([T[tm.tril], np.sqrt(psi[nk:])])
+    @cached_property
+    def _psi(self) -> np.ndarray:
+        return self._psi_at(self._sol.theta)
 
     @cached_property
     def _cov_psi(self) -> np.ndarray:
-        """Inverse observed information of ψ (statsmodels' scaled variance parameters)."""
-        psi = self._psi
-        d = psi.shape[0]
+        """Inverse observed information of ψ (statsmodels' scaled variance parameters), by the
+        delta method from θ: cov ψ = J (½ H_θ)⁻¹ J' with H_θ the Hessian of the profiled
+        objective (central differences of the analytic gradient) and J = ∂ψ/∂θ (ψ is quadratic
+        in θ, so central differences give it exactly). NaN at a boundary."""
+        theta = self._sol.theta
+        d = theta.shape[0]
         if d == 0:
             return np.zeros((0, 0))
         if self.singular:
             return np.full((d, d), np.nan)
         obj = self._objective
-
-        def f(x: np.ndarray) -> float:
-            th = self._theta_from_psi(x)
-            return np.nan if th is None else obj(th)
-
-        h = 1e-4 * np.maximum(np.abs(psi), 1e-2)
+        lower = self.model.theta_map.lower_bounds()
         H = np.empty((d, d))
-        f0 = f(psi)
-        for i in range(d):
-            ei = np.zeros(d)
-            ei[i] = h[i]
-            H[i, i] = (f(psi + ei) - 2 * f0 + f(psi - ei)) / h[i] ** 2
-            for j in range(i):
-                ej = np.zeros(d)
-                ej[j] = h[j]
-                H[i, j] = H[j, i] = (f(psi + ei + ej) - f(psi + ei - ej) - f(psi - ei + ej)
-                                     + f(psi - ei - ej)) / (4 * h[i] * h[j])
+        J = np.empty((self._psi.shape[0], d))
         try:
-            return np.linalg.inv(0.5 * H)
-        except np.linalg.LinAlgError:
+            for j in range(d):
+                h = 1e-5 * max(abs(theta[j]), 1e-2)
+                up, dn = theta.copy(), theta.copy()
+                up[j] += h
+                dn[j] = max(theta[j] - h, lower[j])
+                step = up[j] - dn[j]
+                H[:, j] = (obj.solve(up, want_grad=True).grad
+                           - obj.solve(dn, want_grad=True).grad) / step
+                J[:, j] = (self._psi_at(up) - self._psi_at(dn)) / step
+            cov_theta = np.linalg.inv(0.25 * (H + H.T))
+        except (np.linalg.LinAlgError, FloatingPointError):
             return np.full((d, d), np.nan)
+        return J @ cov_theta @ J.T
 
     @cached_property
     def params(self) -> pd.Series:

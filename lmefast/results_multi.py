@@ -79,25 +79,13 @@ class MultiResults(MixedLMResults):
                 out.append(f"{t.name} {a} Var" if r == c else f"{t.name} {b} x {a} Cov")
         return out
 
-    @cached_property
-    def _psi(self) -> np.ndarray:
-        return np.array([(T @ T.T)[r, c] for _, T, r, c in self._free_pairs()])
-
-    def _theta_from_psi(self, psi: np.ndarray) -> np.ndarray | None:
-        theta = []
-        pos = 0
-        for t in self.model.terms:
-            n = t.pattern[0].shape[0]
-            S = np.zeros((t.k, t.k))
-            S[t.pattern] = psi[pos:pos + n]
-            S = S + np.tril(S, -1).T
-            pos += n
-            try:
-                T = np.linalg.cholesky(S)
-            except np.linalg.LinAlgError:
-                return None
-            theta.append(T[t.pattern])
-        return np.concatenate(theta)
+    def _psi_at(self, theta: np.ndarray) -> np.ndarray:
+        out = []
+        for t, T in zip(self.model.terms, self.model.theta_map.Ts(np.asarray(theta, float)),
+                        strict=True):
+            S = T @ T.T
+            out.extend(S[r, c] for r, c in zip(*t.pattern, strict=True))
+        return np.array(out)
 
     def _variance_rows(self) -> list[tuple[str, float, float]]:
         se = self.bse_re.to_numpy()
