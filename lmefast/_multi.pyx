@@ -98,10 +98,7 @@ cdef struct MultiCtx:
     double* out2
     double* G1
     double* G2
-    double* Zb
-    double* Qb
     double* Mi
-    Work w
     double r2
     double logdet
     i64 status
@@ -672,7 +669,6 @@ cdef class MultiKernel:
         cdef size_t ttot = <size_t>t_off[t_off.shape[0] - 1], total
         cdef int t, nth
         self.buf = NULL
-        self.c.w.block = NULL
         self.c.ws = NULL
         self.c.tbuf = NULL
         self.c.tstat = NULL
@@ -716,8 +712,6 @@ cdef class MultiKernel:
         c.t_off = &t_off[0]
         c.t_k = &t_k[0]
         c.n_evals = 0
-        if work_alloc(&c.w, k1 if k1 > kmax else kmax, p) != 0:
-            raise MemoryError()
         # threads: balanced level ranges (by levels + pairs) and row ranges of the lower
         # triangle of M22 (row r holds r + 1 entries: split at q2 √(t/nth))
         nth = max(1, min(n_threads, m1))
@@ -751,7 +745,7 @@ cdef class MultiKernel:
                  + m1 * (<size_t>k1 * k1 + <size_t>k1 * pp + k1) + A21.shape[0]
                  + 3 * pp + 2 * <size_t>pp * pp
                  + 3 * (<size_t>m1 * k1 * nc + <size_t>q2 * nc)
-                 + k1 * k1 + <size_t>q2 * kmax + 2 * (<size_t>width * k1 + 1)
+                 + k1 * k1 + <size_t>q2 * kmax
                  + 3 * <size_t>(k1 if k1 > pp else pp) ** 2 + th_term.shape[0] + 64)
         self.buf = <double*>malloc(total * sizeof(double))
         if self.buf == NULL:
@@ -778,16 +772,12 @@ cdef class MultiKernel:
         c.out2 = c.V2 + <size_t>q2 * nc
         c.G1 = c.out2 + <size_t>q2 * nc
         c.G2 = c.G1 + k1 * k1
-        c.Zb = c.G2 + <size_t>q2 * kmax
-        c.Qb = c.Zb + width * k1 + 1
-        c.Mi = c.Qb + width * k1 + 1
+        c.Mi = c.G2 + <size_t>q2 * kmax
         c.last_theta = c.Mi + 3 * (k1 if k1 > pp else pp) ** 2
         c.factored = False
 
     def __dealloc__(self):
         cdef int t
-        if self.c.w.block != NULL:
-            work_free(&self.c.w)
         if self.c.ws != NULL:
             for t in range(self.c.nth):
                 work_free(&self.c.ws[t])
