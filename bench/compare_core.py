@@ -86,6 +86,20 @@ def lmefast_big(df: pd.DataFrame, reps: int) -> dict:
             "data_bytes": data_bytes, "peak_over_data": peak / data_bytes}
 
 
+def run_record() -> dict:
+    """Machine and date for a benchmark's JSON output."""
+    return {"machine": {"platform": platform.platform(), "python": sys.version.split()[0],
+                        "cores": os.cpu_count(), "lmefast": lmefast.__version__,
+                        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")},
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_output(out: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1, default=str))
+    print(f"wrote {path}")
+
+
 def run_small(reps: int) -> list[dict]:
     rows = []
     for name, csv, formula, groups, re_formula, lme4_formula in SMALL:
@@ -137,10 +151,7 @@ def main() -> int:
     args = ap.parse_args()
     if not (args.small or args.big or args.huge):
         args.small = args.big = True
-    out: dict = {"machine": {"platform": platform.platform(), "python": sys.version.split()[0],
-                             "cores": os.cpu_count(), "lmefast": lmefast.__version__,
-                             "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")},
-                 "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = run_record()
     if args.small:
         out["small"] = run_small(args.reps)
     if args.big:
@@ -165,9 +176,7 @@ def main() -> int:
         df = synthetic(10_000_000, 1_000_000)
         out["huge"] = {"lmefast": lmefast_big(df, max(1, args.reps // 2))}
         print(json.dumps(out["huge"]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1, default=str))
-    print(f"wrote {args.out}")
+    write_output(out, args.out)
     return 0
 
 

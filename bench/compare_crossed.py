@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -32,7 +29,7 @@ import lmefast
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 import peers  # noqa: E402
-from compare_core import median_time  # noqa: E402
+from compare_core import median_time, run_record, write_output  # noqa: E402
 
 DATA = HERE.parent / "tests" / "data"
 
@@ -133,19 +130,14 @@ def main() -> int:
     args = ap.parse_args()
     if not (args.small or args.insteval or args.big):
         args.small = args.insteval = True
-    out: dict = {"machine": {"platform": platform.platform(), "cores": os.cpu_count(),
-                             "lmefast": lmefast.__version__,
-                             "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")},
-                 "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = run_record()
     if args.small:
         out["small"] = small(args.reps)
     if args.insteval:
         out["insteval"] = insteval(args.reps)
     if args.big:
         out["big"] = big(max(1, args.reps // 2), args.lme4_big)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1, default=str))
-    print(f"wrote {args.out}")
+    write_output(out, args.out)
     return 0
 
 
