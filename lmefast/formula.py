@@ -7,12 +7,14 @@ formulaic.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from formulaic import Formula, model_matrix
 from formulaic.parser.types.factor import Factor
 
@@ -56,9 +58,45 @@ def _plain_columns(formula: Formula, df: pd.DataFrame) -> list[str | None] | Non
     return out
 
 
+_C_OF_COLUMN = re.compile(r"C\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*\)")
+
+
+def _indicator_column(formula: Formula, data: pd.DataFrame) -> tuple[Any, list[str]] | None:
+    """`0 + C(x)` (or `0 + x` for a string column): the indicator matrix of x's levels (sorted),
+    built directly — statsmodels' variance-component idiom, where formulaic costs most of a
+    small fit. None for anything else."""
+    terms = list(formula)
+    if len(terms) != 1 or len(terms[0].factors) != 1:
+        return None
+    factor = terms[0].factors[0]
+    match = _C_OF_COLUMN.fullmatch(factor.expr)
+    if match is not None and factor.eval_method == Factor.EvalMethod.PYTHON:
+        col = match.group(1)
+    elif factor.eval_method == Factor.EvalMethod.LOOKUP:
+        col = factor.expr
+    else:
+        return None
+    if col not in data.columns:
+        return None
+    values = data[col]
+    text = pd.api.types.is_string_dtype(values) or values.dtype.kind in "OUS"
+    if isinstance(values.dtype, pd.CategoricalDtype) or values.isna().any():
+        return None                    # formulaic keeps the categories' order and missing levels
+    if not text and (match is None or values.dtype.kind not in "iub"):
+        return None                    # a number without C() is a regressor; floats go to formulaic
+    codes, levels = pd.factorize(values, sort=True)
+    n = len(values)
+    matrix = sp.csr_matrix((np.ones(n), codes, np.arange(n + 1)), shape=(n, len(levels)))
+    return matrix, [f"{factor.expr}[{lev}]" for lev in levels]
+
+
 def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False) -> tuple[Any, list[str]]:
     """Evaluate a one-sided formula: (n × p matrix, column names); scipy CSR when sparse."""
     parsed = _parse(_rhs(formula))
+    if sparse:
+        indicator = _indicator_column(parsed, data)
+        if indicator is not None:
+            return indicator
     plain = None if sparse else _plain_columns(parsed, data)
     if plain is not None:
         X = np.empty((len(data), len(plain)))
