@@ -89,18 +89,30 @@ def _is_scale_out(data: Any) -> bool:
 
 
 def scale_out_lmer_model(formula: str, data: Any, missing: str, **options: Any):
-    """An lme4 formula on a Parquet path or a Dask DataFrame: one grouping factor (a plain
-    column), its first term as the random coefficients and any further terms of one numeric
-    column as variance components — so ``(x|g)`` and ``(1 + x || g)`` are fitted out of core.
-    θ then follows statsmodels' order (coefficients, then components)."""
+    """An lme4 formula on a Parquet path or a Dask DataFrame. One grouping factor (a plain
+    column): its first term as the random coefficients and any further terms of one numeric
+    column as variance components — so ``(x|g)`` and ``(1 + x || g)`` are fitted out of core,
+    θ in statsmodels' order (coefficients, then components). Several factors (or a:b): the
+    blocked cross-products summed over the chunks (lmefast.chunked_multi)."""
     from lmefast.model import mixedlm
 
     response, fixed, random = parse_lmer(formula)
     groups = list(dict.fromkeys(t.group for t in random))
     if len(groups) != 1 or ":" in groups[0]:
-        raise SpecificationError(
-            f"lmer on Parquet or Dask data supports one grouping factor that is a column; "
-            f"{formula!r} has {groups}")
+        from lmefast.chunked_multi import (
+            dask_chunks,
+            multi_model_from_chunks,
+            parquet_chunks,
+            used_columns,
+        )
+
+        if options:
+            raise SpecificationError(f"options {sorted(options)} are not supported for several "
+                                     "grouping factors on Parquet or Dask data")
+        used = used_columns(response, fixed, random)
+        chunks = (parquet_chunks(data, used) if isinstance(data, str | os.PathLike)
+                  else dask_chunks(data, used))
+        return multi_model_from_chunks(response, fixed, random, used, chunks, missing)
     vc = {}
     for t in random[1:]:
         parts = [p.strip() for p in t.expr.split("+")]

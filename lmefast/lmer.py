@@ -8,6 +8,7 @@ uncorrelated term ``(1 + x || g)`` is ``(1 | g) + (0 + x | g)``, as in lme4.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,29 +131,38 @@ class Term:
         return int(self.Z.shape[1])
 
 
-def _factor(df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
+def factor_key(df: pd.DataFrame, group: str) -> pd.Series:
+    """The grouping factor's label of each row: a column, or "a:b" labels for an interaction."""
     cols = group.split(":")
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise SpecificationError(f"grouping factor {group!r}: column(s) {missing} not found in data")
     if len(cols) == 1:
-        key = df[cols[0]]
-    else:
-        key = df[cols[0]].astype(str)
-        for c in cols[1:]:
-            key = key + ":" + df[c].astype(str)
+        return df[cols[0]].reset_index(drop=True)
+    key = df[cols[0]].astype(str)
+    for c in cols[1:]:
+        key = key + ":" + df[c].astype(str)
+    return key.reset_index(drop=True)
+
+
+def _factor(df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
     from lmefast.model import factorize_groups
 
-    return factorize_groups(key.reset_index(drop=True))
+    return factorize_groups(factor_key(df, group))
 
 
-def build_terms(random: list[RandomTerm], df: pd.DataFrame) -> list[Term]:
+def build_terms(random: list[RandomTerm], df: pd.DataFrame,
+                factor: Callable[[pd.DataFrame, str], tuple[np.ndarray, np.ndarray]] | None = None
+                ) -> list[Term]:
     """Evaluate the random terms and merge those on the same factor, in lme4's order.
 
     lme4 orders the terms by number of levels when they are not already in decreasing order
     (`rev(order(nl))`: ties then come in reverse formula order); θ follows that order. Terms on
     one factor are merged into one Term (columns in formula order) whose pattern lists θ's
-    entries in lme4's order; the merged terms come largest first, as the engines need."""
+    entries in lme4's order; the merged terms come largest first, as the engines need.
+    `factor(df, group)` gives a grouping factor's codes and labels (default: from these rows;
+    data in chunks pass one with labels fixed across chunks)."""
+    factor = factor or _factor
     evaluated = []
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for t in random:
@@ -160,7 +170,7 @@ def build_terms(random: list[RandomTerm], df: pd.DataFrame) -> list[Term]:
         if Z.shape[1] == 0:
             raise SpecificationError(f"random-effects term ({t.expr} | {t.group}) has no columns")
         if t.group not in factors:
-            factors[t.group] = _factor(df, t.group)
+            factors[t.group] = factor(df, t.group)
             if factors[t.group][1].shape[0] < 2:
                 raise SpecificationError(f"grouping factor {t.group!r} has a single level: a "
                                          "random effect needs at least two levels")

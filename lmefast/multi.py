@@ -90,8 +90,63 @@ class MultiCrossProducts:
         return int(self.c2.shape[0])
 
 
-def compute_multi_crossprods(y: np.ndarray, X: np.ndarray, terms: list[Term]) -> MultiCrossProducts:
-    """All cross-products from the rows (bincount sums over each term's level codes)."""
+def pair_keys(terms: list[Term]) -> np.ndarray:
+    """The (level of the first factor, level of a trailing factor) pairs that share a row, as
+    sorted unique keys i · L + (offset of the factor's levels) + level, L = all trailing levels."""
+    trail = terms[1:]
+    level_off = np.concatenate([[0], np.cumsum([t.m for t in trail])]).astype(np.int64)
+    n_tl = int(level_off[-1])
+    return np.unique(np.concatenate([terms[0].codes * n_tl + level_off[j] + t.codes
+                                     for j, t in enumerate(trail)]))
+
+
+@dataclass
+class MultiSums:
+    """The additive part of the cross-products for given pairs: sums over rows, so chunks of
+    rows (Parquet row groups, Dask partitions) are added with `+`."""
+
+    S1: np.ndarray
+    A21: np.ndarray
+    a22_keys: np.ndarray
+    a22_vals: np.ndarray
+    B2: np.ndarray
+    c2: np.ndarray
+    XtX: np.ndarray
+    Xty: np.ndarray
+    yty: float
+    n: int
+
+    def __add__(self, other: MultiSums) -> MultiSums:
+        keys, inv = np.unique(np.concatenate([self.a22_keys, other.a22_keys]), return_inverse=True)
+        vals = np.bincount(inv, np.concatenate([self.a22_vals, other.a22_vals]), keys.shape[0])
+        return MultiSums(self.S1 + other.S1, self.A21 + other.A21, keys, vals,
+                         self.B2 + other.B2, self.c2 + other.c2, self.XtX + other.XtX,
+                         self.Xty + other.Xty, self.yty + other.yty, self.n + other.n)
+
+
+def trailing_offsets(terms: list[Term]) -> tuple[np.ndarray, int]:
+    sizes = np.array([t.m * t.k for t in terms[1:]], dtype=np.int64)
+    q2 = int(sizes.sum())
+    if q2 > MAX_DENSE_TRAILING:
+        names = [t.name for t in terms[1:]]
+        raise SpecificationError(
+            f"the grouping factors after the largest ({names}) have {q2} random effects in all; "
+            f"the dense trailing block is limited to {MAX_DENSE_TRAILING} (a sparse "
+            "factorisation for larger crossed designs is not implemented yet)")
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64), q2
+
+
+def _pair_voff(keys: np.ndarray, terms: list[Term]) -> np.ndarray:
+    trail = terms[1:]
+    level_off = np.concatenate([[0], np.cumsum([t.m for t in trail])]).astype(np.int64)
+    tl = keys % int(level_off[-1])
+    ks = np.array([t.k for t in trail], dtype=np.int64)[np.searchsorted(level_off, tl, side="right") - 1]
+    return np.concatenate([[0], np.cumsum(ks * terms[0].k)]).astype(np.int64)
+
+
+def multi_sums(y: np.ndarray, X: np.ndarray, terms: list[Term], keys: np.ndarray) -> MultiSums:
+    """The sums over these rows (terms' codes are global; `keys` are all pairs, from pair_keys
+    of every chunk): bincounts over each term's level codes."""
     n, p = X.shape
     t1, trail = terms[0], terms[1:]
     k1, m1 = t1.k, t1.m
@@ -104,15 +159,7 @@ def compute_multi_crossprods(y: np.ndarray, X: np.ndarray, terms: list[Term]) ->
         for col in range(p):
             S1[:, k1 * k1 + a * p + col] = np.bincount(c1, Z1[:, a] * X[:, col], m1)
         S1[:, k1 * k1 + k1 * p + a] = np.bincount(c1, Z1[:, a] * y, m1)
-    sizes = np.array([t.m * t.k for t in trail], dtype=np.int64)
-    trail_c0 = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    q2 = int(sizes.sum())
-    if q2 > MAX_DENSE_TRAILING:
-        names = [t.name for t in trail]
-        raise SpecificationError(
-            f"the grouping factors after the largest ({names}) have {q2} random effects in all; "
-            f"the dense trailing block is limited to {MAX_DENSE_TRAILING} (a sparse "
-            "factorisation for larger crossed designs is not implemented yet)")
+    trail_c0, q2 = trailing_offsets(terms)
     coords = [trail_c0[j] + t.codes * t.k for j, t in enumerate(trail)]
     a22_keys, a22_vals = [], []
     B2 = np.zeros((q2, p))
@@ -129,31 +176,42 @@ def compute_multi_crossprods(y: np.ndarray, X: np.ndarray, terms: list[Term]) ->
                     a22_vals.append(t.Z[:, a] * t2.Z[:, b])
     keys22, inv22 = np.unique(np.concatenate(a22_keys), return_inverse=True)
     vals22 = np.bincount(inv22, np.concatenate(a22_vals), keys22.shape[0])
-    A22 = sp.csr_matrix((vals22, (keys22 // q2, keys22 % q2)), shape=(q2, q2))
-    # pairs: (level of the first factor, level of a trailing factor) that share a row
     level_off = np.concatenate([[0], np.cumsum([t.m for t in trail])]).astype(np.int64)
     n_tl = int(level_off[-1])
-    keys = np.concatenate([c1 * n_tl + level_off[j] + t.codes for j, t in enumerate(trail)])
-    uniq, inv = np.unique(keys, return_inverse=True)
-    pair_i = uniq // n_tl
-    tl = uniq % n_tl
-    pair_term = np.searchsorted(level_off, tl, side="right") - 1
-    ks = np.array([t.k for t in trail], dtype=np.int32)
-    pair_k = ks[pair_term]
-    pair_c0 = trail_c0[pair_term] + (tl - level_off[pair_term]) * pair_k
-    pair_voff = np.concatenate([[0], np.cumsum(pair_k.astype(np.int64) * k1)]).astype(np.int64)
-    A21 = np.zeros(int(pair_voff[-1]))
+    voff = _pair_voff(keys, terms)
+    A21 = np.zeros(int(voff[-1]))
     for j, t in enumerate(trail):
-        base = pair_voff[inv[j * n:(j + 1) * n]]
+        base = voff[np.searchsorted(keys, c1 * n_tl + level_off[j] + t.codes)]
         for a in range(t.k):
             for b in range(k1):
                 A21 += np.bincount(base + a * k1 + b, t.Z[:, a] * Z1[:, b], A21.shape[0])
-    ptr = np.searchsorted(pair_i, np.arange(m1 + 1)).astype(np.int64)
+    return MultiSums(S1, A21, keys22, vals22, B2, c2, X.T @ X, X.T @ y, float(y @ y), n)
+
+
+def assemble_crossprods(sums: MultiSums, terms: list[Term], keys: np.ndarray) -> MultiCrossProducts:
+    """The blocked layout (pairs grouped by first-factor level) around the sums."""
+    trail = terms[1:]
+    trail_c0, q2 = trailing_offsets(terms)
+    level_off = np.concatenate([[0], np.cumsum([t.m for t in trail])]).astype(np.int64)
+    n_tl = int(level_off[-1])
+    pair_i, tl = keys // n_tl, keys % n_tl
+    pair_term = np.searchsorted(level_off, tl, side="right") - 1
+    pair_k = np.array([t.k for t in trail], dtype=np.int32)[pair_term]
+    pair_c0 = trail_c0[pair_term] + (tl - level_off[pair_term]) * pair_k
+    voff = _pair_voff(keys, terms)
+    A22 = sp.csr_matrix((sums.a22_vals, (sums.a22_keys // q2, sums.a22_keys % q2)), shape=(q2, q2))
     return MultiCrossProducts(
-        S1=np.ascontiguousarray(S1.ravel()), ptr=ptr, pair_c0=pair_c0.astype(np.int64),
-        pair_k=pair_k, pair_term=pair_term.astype(np.int64), pair_voff=pair_voff[:-1].copy(),
-        A21=A21, A22=A22, B2=B2, c2=c2, XtX=X.T @ X, Xty=X.T @ y,
-        yty=float(y @ y), n=n, trail_c0=trail_c0)
+        S1=np.ascontiguousarray(sums.S1.ravel()),
+        ptr=np.searchsorted(pair_i, np.arange(terms[0].m + 1)).astype(np.int64),
+        pair_c0=pair_c0.astype(np.int64), pair_k=pair_k, pair_term=pair_term.astype(np.int64),
+        pair_voff=voff[:-1].copy(), A21=sums.A21, A22=A22, B2=sums.B2, c2=sums.c2,
+        XtX=sums.XtX, Xty=sums.Xty, yty=sums.yty, n=sums.n, trail_c0=trail_c0)
+
+
+def compute_multi_crossprods(y: np.ndarray, X: np.ndarray, terms: list[Term]) -> MultiCrossProducts:
+    """All cross-products from the rows (in memory: the rows are one chunk)."""
+    keys = pair_keys(terms)
+    return assemble_crossprods(multi_sums(y, X, terms, keys), terms, keys)
 
 
 class MultiObjective(KernelObjective):
@@ -281,6 +339,10 @@ class MultiLM:
         if not opt.converged:
             warnings.warn(f"the optimiser did not converge: {opt.return_code}", stacklevel=2)
         return MultiResults(self, obj, sol, opt)
+
+    def group_sizes(self) -> dict[str, np.ndarray]:
+        """Rows per level of every grouping factor."""
+        return {t.name: np.bincount(t.codes, minlength=t.m) for t in self.terms}
 
     def covariance_terms(self, theta: np.ndarray
                          ) -> list[tuple[str, list[str], np.ndarray, np.ndarray]]:

@@ -93,7 +93,7 @@ class MultiResults(MixedLMResults):
                 for name, psi, s in zip(self._re_param_names, self._psi, se, strict=True)]
 
     def _group_sizes(self) -> dict[str, np.ndarray]:
-        return {t.name: np.bincount(t.codes, minlength=t.m) for t in self.model.terms}
+        return self.model.group_sizes()
 
     @cached_property
     def _modes_list(self) -> list[np.ndarray]:
@@ -128,4 +128,5 @@ class MultiResults(MixedLMResults):
 
     @cached_property
     def resid(self) -> np.ndarray:
-        return self.model.y - self.fittedvalues
+        fitted = self.fittedvalues   # first: a model without rows says so here
+        return self.model.y - fitted
