@@ -19,7 +19,14 @@ import pandas as pd
 from lmefast.chunked import RowsUnavailableError
 from lmefast.formula import _not_finite, _parse, _plain_columns, _rhs, design_matrix
 from lmefast.lmer import RandomTerm, Term, build_terms, factor_key
-from lmefast.multi import MultiLM, MultiThetaMap, assemble_crossprods, multi_sums, pair_keys
+from lmefast.multi import (
+    MultiLM,
+    MultiThetaMap,
+    assemble_crossprods,
+    multi_sums,
+    pair_keys,
+    sorted_unique,
+)
 from lmefast.spec import SpecificationError
 
 Chunks = Callable[[Callable[[pd.DataFrame], Any]], list[Any]]   # map a function over the chunks
@@ -115,7 +122,7 @@ def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm],
         df = _clean(df, used, missing)
         return pair_keys(chunk_terms(df)) if len(df) else np.zeros(0, dtype=np.int64)
 
-    keys = np.unique(np.concatenate(map_chunks(second)))
+    keys = sorted_unique(np.concatenate(map_chunks(second)))
 
     def third(df: pd.DataFrame):
         df = _clean(df, used, missing)
