@@ -60,15 +60,7 @@ def median_time(fn, reps: int, budget_s: float = 20.0) -> tuple[float, int]:
 
 def synthetic(n_rows: int, n_groups: int, seed: int = 1) -> pd.DataFrame:
     """y ~ x1 + x2 + (1 + x1 | g), rows in random group order, integer group keys."""
-    rng = np.random.default_rng(seed)
-    g = np.arange(n_rows) % n_groups
-    rng.shuffle(g)
-    x1 = rng.standard_normal(n_rows)
-    x2 = rng.standard_normal(n_rows)
-    b0 = rng.normal(0.0, 1.0, n_groups)
-    b1 = rng.normal(0.0, 0.5, n_groups)
-    y = (1.0 + b0[g]) + (2.0 + b1[g]) * x1 - 0.5 * x2 + rng.standard_normal(n_rows)
-    return pd.DataFrame({"y": y, "x1": x1, "x2": x2, "g": g})
+    return peers.synthetic_random_slopes(n_rows, n_groups, seed, string_keys=False)
 
 
 def lmefast_big(df: pd.DataFrame, reps: int) -> dict:
