@@ -43,7 +43,14 @@ from lmefast.formula import _not_finite, _rhs, _variables, _vc_column_label, des
 from lmefast.model import RANK_TOL, MixedLM
 from lmefast.parallel import default_threads
 from lmefast.results import MixedLMResults
-from lmefast.spec import BlockLayout, ModelSpec, SpecificationError, ThetaMap, build_layout
+from lmefast.spec import (
+    BlockLayout,
+    ModelSpec,
+    SpecificationError,
+    ThetaMap,
+    build_layout,
+    row_entries,
+)
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -561,20 +568,10 @@ class VCMap:
             rows_all.append(rows)
             coord_all.append(self.coord[j][pos_c])
             val_all.append(coo.data[nz].astype(float))
-        rows = np.concatenate(rows_all) if rows_all else np.zeros(0, dtype=np.int64)
-        order = np.argsort(rows, kind="stable")
-        rows_s = rows[order]
-        per_row = np.bincount(rows_s, minlength=n)
-        first = np.concatenate([[0], np.cumsum(per_row)[:-1]])
-        slot = np.empty_like(rows)
-        slot[order] = np.arange(rows_s.shape[0]) - first[rows_s]
-        ne = int(per_row.max(initial=0))
-        vc_coord = np.zeros((ne, n), dtype=np.int64)
-        vc_val = np.zeros((ne, n))
-        if rows.size:
-            vc_coord[slot, rows] = np.concatenate(coord_all)
-            vc_val[slot, rows] = np.concatenate(val_all)
-        return vc_coord, vc_val
+        if not rows_all:
+            return np.zeros((0, n), dtype=np.int64), np.zeros((0, n))
+        return row_entries(np.concatenate(rows_all), np.concatenate(coord_all),
+                           np.concatenate(val_all), n)
 
 
 def merge_keys(*parts: list[np.ndarray]) -> list[np.ndarray]:

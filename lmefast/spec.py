@@ -132,6 +132,24 @@ class ModelSpec:
         return names
 
 
+def row_entries(rows: np.ndarray, coords: np.ndarray, vals: np.ndarray, n: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse per-row entries (row, coordinate, value) as the (ne × n) arrays vc_coord, vc_val
+    of BlockLayout: entry e of row r in slot e (value 0 where a row has fewer entries)."""
+    order = np.argsort(rows, kind="stable")
+    rows_s = rows[order]
+    per_row = np.bincount(rows_s, minlength=n)
+    start = np.concatenate([[0], np.cumsum(per_row)[:-1]])
+    slot = np.empty_like(rows)
+    slot[order] = np.arange(rows_s.shape[0]) - start[rows_s]
+    ne = int(per_row.max(initial=0))
+    coord = np.zeros((ne, n), dtype=np.int64)
+    value = np.zeros((ne, n))
+    coord[slot, rows] = coords
+    value[slot, rows] = vals
+    return coord, value
+
+
 def build_layout(codes: np.ndarray, m: int, k: int, vc_designs: list) -> BlockLayout:
     """Per-group coordinates from the non-zero columns of each variance component in each group.
 
@@ -175,19 +193,7 @@ def build_layout(codes: np.ndarray, m: int, k: int, vc_designs: list) -> BlockLa
         pos = q_off[ug] + bases[j][ug] + rank
         comp[pos] = j
         col[pos] = ucol
-        # slot of each entry within its row (rows arrive sorted from the COO of a CSR)
-        order = np.argsort(rows, kind="stable")
-        rows_s = rows[order]
-        per_row = np.bincount(rows_s, minlength=n)
-        start = np.concatenate([[0], np.cumsum(per_row)[:-1]])
-        slot = np.empty_like(rows)
-        slot[order] = np.arange(rows_s.shape[0]) - start[rows_s]
-        ne = int(per_row.max(initial=0))
-        coord = np.zeros((ne, n), dtype=np.int64)
-        value = np.zeros((ne, n))
-        coord[slot, rows] = bases[j][codes[rows]] + local
-        value[slot, rows] = vals
-        slots.append((coord, value))
+        slots.append(row_entries(rows, bases[j][codes[rows]] + local, vals, n))
     if slots:
         vc_coord = np.ascontiguousarray(np.concatenate([s[0] for s in slots]))
         vc_val = np.ascontiguousarray(np.concatenate([s[1] for s in slots]))
