@@ -434,6 +434,16 @@ def conf_int(res: MixedLMResults, method: str = "profile", level: float = 0.95, 
     return out
 
 
+def profile_grid(lo: float, hi: float, estimate: float, n_points: int) -> np.ndarray:
+    """n_points evenly from lo to hi, with the estimate added: a grid point within a
+    millionth of the spacing of the estimate is the estimate (endpoints that land on it,
+    e.g. at a boundary, would otherwise appear twice, differing in the last bits)."""
+    grid = np.linspace(lo, hi, n_points)
+    spacing = (hi - lo) / max(n_points - 1, 1)
+    grid = grid[np.abs(grid - estimate) > 1e-6 * max(spacing, abs(estimate) * 1e-12)]
+    return np.sort(np.append(grid, estimate))
+
+
 def profile(res: MixedLMResults, parm=None, alphamax: float = 0.01, n_points: int = 21) -> pd.DataFrame:
     """Profile traces (long format: parameter, value, ζ, deviance) on a grid spanning the
     (1 − alphamax) profile interval of each parameter, as lme4's profile()."""
@@ -442,7 +452,7 @@ def profile(res: MixedLMResults, parm=None, alphamax: float = 0.01, n_points: in
     rows = []
     for j in _which(prof, parm):
         lo, hi = prof.endpoint(j, -cut), prof.endpoint(j, cut)
-        grid = np.unique(np.concatenate([np.linspace(lo, hi, n_points), [prof.estimate[j]]]))
+        grid = profile_grid(lo, hi, prof.estimate[j], n_points)
         prof._warm.pop(j, None)
         for v in grid:
             d = prof.deviance(j, float(v))
