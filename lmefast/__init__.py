@@ -9,11 +9,11 @@ import os
 # the OpenMP runtime starts: a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lmefast.api_lmer import lmer, lmer_model
+from lmefast.api import lmer, lmer_model, mixedlm
+from lmefast.errors import SpecificationError
 from lmefast.inference import lrtest
-from lmefast.model import MixedLM, mixedlm
+from lmefast.model import MixedLM
 from lmefast.results import MixedLMResults
-from lmefast.spec import SpecificationError
 
 __all__ = ["MixedLM", "MixedLMResults", "SpecificationError", "lmer", "lmer_model", "lrtest", "mixedlm"]
 __version__ = "0.1.0"

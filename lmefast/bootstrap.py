@@ -28,80 +28,17 @@ import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from lmefast.objective import ObjectiveError, ProfiledObjective
+from lmefast.errors import BootstrapError, ObjectiveError
 from lmefast.optimize import fit_theta
 
 if TYPE_CHECKING:
     from lmefast.results import MixedLMResults
-
-
-class BootstrapError(ValueError):
-    """The bootstrap or simulation cannot be run as asked."""
-
-
-def _is_multi(res: MixedLMResults) -> bool:
-    """A model with several grouping factors (lmefast.multi.MultiLM)."""
-    return hasattr(res.model, "terms") and not hasattr(res.model, "spec")
-
-
-class MultiSimulator:
-    """Responses simulated from a fit with several grouping factors, and their
-    cross-products (see the module docstring)."""
-
-    def __init__(self, res: MixedLMResults) -> None:
-        model = res.model
-        self.res = res
-        self.model = model
-        self.cp = model.crossprods
-        self.terms = model.terms
-        self.Ts = model.theta_map.Ts(res.theta)
-        self.beta = res._sol.beta.copy()
-        self.sigma = res.sigma
-        self.fixed = model.X @ self.beta
-        t1 = self.terms[0]
-        p = self.cp.p
-        self.k1, self.m1 = t1.k, t1.m
-        self.rec = t1.k * t1.k + t1.k * p + t1.k
-        self.q2 = self.cp.q2
-        self.coords = [int(c0) + t.codes * t.k for c0, t in zip(self.cp.trail_c0, self.terms[1:], strict=True)]
-
-    @staticmethod
-    def seeds(seed: int | np.random.Generator | None, n: int) -> np.ndarray:
-        """The per-replicate seeds of a bootstrap of n replicates."""
-        return np.random.default_rng(seed).integers(0, 2**63 - 1, size=n)
-
-    def random_part(self, rng: np.random.Generator) -> np.ndarray:
-        """Σ_j Z_j b_j*, b_j* ~ N(0, σ̂² T_j T_j') per level (rows in the data's order)."""
-        out = np.zeros(self.model.nobs)
-        for t, T in zip(self.terms, self.Ts, strict=True):
-            b = self.sigma * rng.standard_normal((t.m, t.k)) @ T.T
-            out += np.einsum("ij,ij->i", t.Z, b[t.codes])
-        return out
-
-    def response(self, rng: np.random.Generator) -> np.ndarray:
-        """One simulated response y* = Xβ̂ + Zb* + ε* (new random effects, as lme4's simulate)."""
-        mu = self.fixed + self.random_part(rng)
-        return mu + self.sigma * rng.standard_normal(mu.shape[0])
-
-    def crossprods(self, y: np.ndarray):
-        """The model's cross-products with the response replaced by y (only the y-parts are
-        recomputed)."""
-        cp, k1, m1, rec = self.cp, self.k1, self.m1, self.rec
-        t1 = self.terms[0]
-        S1 = cp.S1.reshape(m1, rec).copy()
-        for a in range(k1):
-            S1[:, rec - k1 + a] = np.bincount(t1.codes, t1.Z[:, a] * y, m1)
-        c2 = np.zeros(self.q2)
-        for c0, t in zip(self.coords, self.terms[1:], strict=True):
-            for a in range(t.k):
-                c2 += np.bincount(c0 + a, t.Z[:, a] * y, self.q2)
-        return replace(cp, S1=S1.ravel(), c2=c2, Xty=self.model.X.T @ y, yty=float(y @ y))
 
 
 @contextmanager
@@ -150,175 +87,6 @@ def _store_refit(obj, theta0: np.ndarray, r: int, out_theta: np.ndarray, out_bet
     out_conv[r] = opt.converged
 
 
-def _refit_multi(sim: MultiSimulator, seeds: np.ndarray, rows: range, theta0: np.ndarray, reml: bool,
-                 out_theta: np.ndarray, out_beta: np.ndarray, out_s2: np.ndarray, out_f: np.ndarray,
-                 out_conv: np.ndarray) -> None:
-    from lmefast.multi import MultiObjective
-
-    tm = sim.model.theta_map
-    for r in rows:
-        cp = sim.crossprods(sim.response(np.random.default_rng(seeds[r])))
-        _store_refit(MultiObjective(cp, tm, reml, n_threads=1), theta0, r, out_theta, out_beta,
-                     out_s2, out_f, out_conv)
-
-
-def _one_factor(res: MixedLMResults):
-    spec = res.model.spec
-    if not all(hasattr(spec, a) for a in ("Zre", "group_codes", "layout")):
-        raise BootstrapError("the cross-product bootstrap is implemented for one grouping factor")
-    return spec
-
-
-def design_blocks(res: MixedLMResults) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Rows sorted by group: (order, position in group, Z padded per row (n × qmax), sizes)."""
-    spec = _one_factor(res)
-    lay, codes = spec.layout, spec.group_codes
-    n, m, k = spec.nobs, spec.n_groups, spec.k_re
-    qmax = lay.qmax
-    Z = np.zeros((n, qmax))
-    Z[:, :k] = spec.Zre
-    for e in range(lay.vc_val.shape[0]):
-        val = lay.vc_val[e]
-        nz = val != 0
-        Z[np.nonzero(nz)[0], lay.vc_coord[e, nz]] += val[nz]
-    sizes = np.bincount(codes, minlength=m)
-    order = np.argsort(codes, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    pos = np.empty(n, dtype=np.int64)
-    pos[order] = np.arange(n) - starts[codes[order]]
-    return order, pos, Z, sizes
-
-
-@dataclass
-class Draw:
-    """One batch of simulated y-parts (R replicates)."""
-
-    b: np.ndarray        # R × m × qmax, random effects (0 in padded coordinates)
-    z: np.ndarray        # R × m × D, standard normals (0 where G_i has no rank)
-    chi2: np.ndarray     # R, the χ²_{n − Σr_i} draws
-    c: np.ndarray        # R × m × qmax, Z_i'y*
-    Xty: np.ndarray      # R × p
-    yty: np.ndarray      # R
-
-
-class YPartSimulator:
-    """Draws (Z'y*, X'y*, y*'y*) for responses simulated from a fit, exactly in distribution."""
-
-    def __init__(self, res: MixedLMResults) -> None:
-        spec = _one_factor(res)
-        self.res = res
-        cp = res.model.crossprods
-        self.cp = cp
-        lay = cp.layout
-        m, p, k = spec.n_groups, spec.k_fe, spec.k_re
-        q = np.diff(lay.q_off)
-        qmax = lay.qmax
-        self.m, self.p, self.qmax, self.q = m, p, qmax, q
-        D = qmax + p
-        self.D = D
-        # c positions in S, padded (m × qmax; −1 where q_i < qmax)
-        loc = np.arange(qmax)
-        valid = loc[None, :] < q[:, None]
-        self.valid = valid
-        cstart = cp.s_off[:-1] + q * q + q * p
-        self.cpos = np.where(valid, cstart[:, None] + loc[None, :], -1)
-        # per-group A_i (padded) and B_i
-        A = np.zeros((m, qmax, qmax))
-        B = np.zeros((m, qmax, p))
-        S, s_off = cp.S, cp.s_off
-        for qi in np.unique(q):
-            gs = np.nonzero(q == qi)[0]
-            qi = int(qi)
-            idxA = s_off[gs][:, None] + np.arange(qi * qi)[None, :]
-            A[gs, :qi, :qi] = S[idxA].reshape(-1, qi, qi)
-            idxB = s_off[gs][:, None] + qi * qi + np.arange(qi * p)[None, :]
-            B[gs, :qi, :] = S[idxB].reshape(-1, qi, p)
-        self.A, self.B = A, B
-        # X_i'X_i per group: one pass over the rows
-        codes = spec.group_codes
-        order = np.argsort(codes, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=m))])[:-1]
-        Xs = spec.X[order]
-        XX = np.add.reduceat(Xs[:, :, None] * Xs[:, None, :], starts, axis=0) if p else np.zeros((m, 0, 0))
-        G = np.zeros((m, D, D))
-        G[:, :qmax, :qmax] = A
-        G[:, :qmax, qmax:] = B
-        G[:, qmax:, :qmax] = B.transpose(0, 2, 1)
-        G[:, qmax:, qmax:] = XX
-        self.G = G
-        lam, U = np.linalg.eigh(G)
-        tol = np.finfo(float).eps * D * 100 * np.maximum(lam.max(axis=1, keepdims=True), 1e-300)
-        keep = lam > tol
-        self.keep = keep
-        self.U = U * keep[:, None, :]
-        self.sqrt_lam = np.where(keep, np.sqrt(np.where(keep, lam, 1.0)), 0.0)
-        self.F = self.U * self.sqrt_lam[:, None, :]
-        self.chi_df = int(spec.nobs - keep.sum())
-        # the fit: β̂, σ̂, Λ_i
-        self.beta = res._sol.beta.copy()
-        self.sigma = res.sigma
-        T, tvc = spec.theta_map.split(res.theta)
-        Lam = np.zeros((m, qmax, qmax))
-        Lam[:, :k, :k] = T
-        comp = np.where(valid & (loc[None, :] >= k),
-                        lay.comp[np.minimum(lay.q_off[:-1, None] + loc[None, :], lay.comp.shape[0] - 1)], -1)
-        dvc = np.where(comp >= 0, np.concatenate([tvc, [0.0]])[comp], 0.0)
-        Lam[:, loc, loc] += dvc
-        self.Lam = Lam
-        self.Bbeta = B @ self.beta if p else np.zeros((m, qmax))
-
-    def draw(self, rng: np.random.Generator, R: int) -> Draw:
-        m, qmax, D, p = self.m, self.qmax, self.D, self.p
-        s = self.sigma
-        u = rng.standard_normal((R, m, qmax)) * self.valid
-        b = s * np.einsum("gij,rgj->rgi", self.Lam, u)
-        z = rng.standard_normal((R, m, D)) * self.keep
-        w = s * np.einsum("gij,rgj->rgi", self.F, z)
-        chi2 = rng.chisquare(self.chi_df, R) if self.chi_df > 0 else np.zeros(R)
-        c = self.Bbeta[None] + np.einsum("gij,rgj->rgi", self.A, b) + w[:, :, :qmax]
-        c *= self.valid
-        XtXb = self.cp.XtX @ self.beta
-        Xty = XtXb[None, :] + np.einsum("gia,rgi->ra", self.B, b) + w[:, :, qmax:].sum(axis=1)
-        v = np.concatenate([b, np.broadcast_to(self.beta, (R, m, p))], axis=2)
-        mumu = np.einsum("rgi,gij,rgj->r", v, self.G, v)
-        yty = mumu + 2 * np.einsum("rgi,rgi->r", v, w) + s * s * (np.einsum("rgi,rgi->r", z, z) + chi2)
-        return Draw(b=b, z=z, chi2=chi2, c=c, Xty=Xty, yty=yty)
-
-    def crossprods(self, d: Draw, r: int):
-        """The cross-products of replicate r of a draw."""
-        S = self.cp.S.copy()
-        S[self.cpos[self.valid]] = d.c[r][self.valid]
-        return replace(self.cp, S=S, Xty=d.Xty[r].copy(), yty=float(d.yty[r]))
-
-    def response(self, d: Draw, r: int, rng: np.random.Generator) -> np.ndarray:
-        """A response vector (original row order) whose cross-products are exactly those of
-        replicate r: y* = Xβ̂ + Zb* + ε*, with ε* = σ M_i U_i λ_i^{-1/2} z_i plus a part
-        orthogonal to the columns of M_i carrying the χ² draw. For tests and inspection."""
-        res = self.res
-        spec = res.model.spec
-        order, pos, Z, sizes = design_blocks(res)
-        codes = spec.group_codes
-        n = spec.nobs
-        M = np.concatenate([Z, spec.X], axis=1)                        # n × D
-        inv_sqrt = np.where(self.keep, 1.0 / np.where(self.keep, self.sqrt_lam, 1.0), 0.0)
-        coef = np.einsum("gij,gj->gi", self.U, inv_sqrt * d.z[r])  # m × D: U λ^{-1/2} z
-        eps = self.sigma * np.einsum("ij,ij->i", M, coef[codes])
-        xi = rng.standard_normal(n)
-        # project xi off the columns of M_i, group by group
-        Mxi = np.zeros((self.m, self.D))
-        np.add.at(Mxi, codes, M * xi[:, None])
-        Gp = np.einsum("gij,gj,gkj->gik", self.U, inv_sqrt ** 2, self.U)
-        proj = np.einsum("ij,ij->i", M, np.einsum("gij,gj->gi", Gp, Mxi)[codes])
-        u = xi - proj
-        nu = float(u @ u)
-        if self.chi_df > 0 and nu > 0:
-            u *= self.sigma * np.sqrt(d.chi2[r] / nu)
-        else:
-            u[:] = 0.0
-        mu = spec.X @ self.beta + np.einsum("ij,ij->i", Z, d.b[r][codes])
-        return mu + eps + u
-
-
 @dataclass
 class BootstrapResult:
     """Replicates of a parametric bootstrap (one row per replicate) and their intervals."""
@@ -358,14 +126,14 @@ class BootstrapResult:
         return pd.DataFrame({pct[0]: lo, pct[1]: hi}, index=self.replicates.columns)
 
 
-def _refit_chunk(sim: YPartSimulator, d: Draw, rows: range, theta0: np.ndarray, reml: bool,
-                 out_theta: np.ndarray, out_beta: np.ndarray, out_s2: np.ndarray, out_f: np.ndarray,
-                 out_conv: np.ndarray) -> None:
-    tm = sim.res.model.spec.theta_map
+def _refit(res: MixedLMResults, sim, draws, rows: range, theta0: np.ndarray,
+           out_theta: np.ndarray, out_beta: np.ndarray, out_s2: np.ndarray, out_f: np.ndarray,
+           out_conv: np.ndarray) -> None:
+    """Refit replicates `rows` of a draw, each on its own cross-products (one thread each)."""
+    engine = res.engine
     for r in rows:
-        cp = sim.crossprods(d, r)
-        _store_refit(ProfiledObjective(cp, tm, reml, n_threads=1), theta0, r, out_theta, out_beta,
-                     out_s2, out_f, out_conv)
+        obj = engine.objective(res.reml, n_threads=1, crossprods=sim.crossprods(draws, r))
+        _store_refit(obj, theta0, r, out_theta, out_beta, out_s2, out_f, out_conv)
 
 
 def sdcor_names_values(res: MixedLMResults, theta: np.ndarray, sigma: float
@@ -389,16 +157,9 @@ def bootstrap(res: MixedLMResults, n: int, seed: int | np.random.Generator | Non
     if not isinstance(n, int | np.integer) or n < 1:
         raise BootstrapError(f"n must be a positive integer, got {n!r}")
     t0 = time.perf_counter()
-    cache = res.__dict__.setdefault("_inference_cache", {})
-    multi = _is_multi(res)
-    sim = cache.get("ysim")
-    if sim is None:
-        sim = cache["ysim"] = MultiSimulator(res) if multi else YPartSimulator(res)
-    if multi:
-        refit, draws = _refit_multi, MultiSimulator.seeds(seed, int(n))
-    else:
-        refit, draws = _refit_chunk, sim.draw(np.random.default_rng(seed), int(n))
-    nt = res.model.theta_map.n_theta
+    sim = res.derived("simulator", lambda: res.engine.simulator(res.theta, res._sol.beta, res.sigma))
+    draws = sim.draws(seed, int(n))
+    nt = res.engine.theta_map.n_theta
     th = np.empty((n, nt))
     beta = np.empty((n, res.k_fe))
     s2 = np.empty(n)
@@ -406,13 +167,13 @@ def bootstrap(res: MixedLMResults, n: int, seed: int | np.random.Generator | Non
     conv = np.ones(n, dtype=bool)
     jobs = max(1, min(int(n_jobs or os.cpu_count() or 1), n))
     theta0 = res.theta
-    with _single_threaded_blas() if multi else nullcontext():
+    with _single_threaded_blas() if jobs > 1 else nullcontext():
         if jobs == 1:
-            refit(sim, draws, range(n), theta0, res.reml, th, beta, s2, f, conv)
+            _refit(res, sim, draws, range(n), theta0, th, beta, s2, f, conv)
         else:
             bounds = np.linspace(0, n, jobs + 1).astype(int)
             with ThreadPoolExecutor(jobs) as ex:
-                futs = [ex.submit(refit, sim, draws, range(bounds[i], bounds[i + 1]), theta0, res.reml,
+                futs = [ex.submit(_refit, res, sim, draws, range(bounds[i], bounds[i + 1]), theta0,
                                   th, beta, s2, f, conv) for i in range(jobs)]
                 for fu in futs:
                     fu.result()
@@ -434,28 +195,11 @@ def simulate(res: MixedLMResults, n: int = 1, seed: int | np.random.Generator | 
     conditional on the estimated modes b̂ (include_random=False: Xβ̂ + Zb̂ + ε*)."""
     if not isinstance(n, int | np.integer) or n < 1:
         raise BootstrapError(f"n must be a positive integer, got {n!r}")
-    if _is_multi(res):
-        rng = np.random.default_rng(seed)
-        msim = MultiSimulator(res)
-        out = np.empty((n, res.nobs))
-        for r in range(n):
-            out[r] = msim.fixed + msim.random_part(rng) if include_random else res.fittedvalues
-        out += res.sigma * rng.standard_normal(out.shape)
-        return out
-    spec = _one_factor(res)
     rng = np.random.default_rng(seed)
-    order, pos, Z, sizes = design_blocks(res)
-    codes = spec.group_codes
-    fixed = spec.X @ res._sol.beta
-    s = res.sigma
-    out = np.empty((n, spec.nobs))
     if include_random:
-        sim = YPartSimulator(res)
-        u = rng.standard_normal((n, spec.n_groups, sim.qmax)) * sim.valid
-        b = s * np.einsum("gij,rgj->rgi", sim.Lam, u)
-        for r in range(n):
-            out[r] = fixed + np.einsum("ij,ij->i", Z, b[r][codes])
+        sim = res.engine.simulator(res.theta, res._sol.beta, res.sigma)
+        out = res.engine.fixed_part(res._sol.beta)[None, :] + sim.random_part(rng, int(n))
     else:
-        out[:] = res.fittedvalues
-    out += s * rng.standard_normal(out.shape)
+        out = np.tile(np.asarray(res.fittedvalues, dtype=float), (int(n), 1))
+    out += res.sigma * rng.standard_normal(out.shape)
     return out

@@ -24,10 +24,8 @@ supported here.
 from __future__ import annotations
 
 import re
-import sys
-import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -39,62 +37,49 @@ import scipy.sparse as sp
 
 from lmefast._crossprods import accumulate
 from lmefast.crossprods import CrossProducts, record_offsets
+from lmefast.errors import RowsUnavailableError, SpecificationError
 from lmefast.formula import _not_finite, _rhs, _variables, _vc_column_label, design_matrix
 from lmefast.model import RANK_TOL, MixedLM
+from lmefast.onefactor import OneFactorEngine
 from lmefast.parallel import default_threads
+from lmefast.progress import ProgressFn, progress_function
 from lmefast.results import MixedLMResults
 from lmefast.spec import (
     BlockLayout,
+    GroupThetaMap,
     ModelSpec,
-    SpecificationError,
-    ThetaMap,
     build_layout,
     row_entries,
 )
 
-ProgressFn = Callable[[str, int, int], None]
+__all__ = ["ChunkSource", "ProgressFn", "RowsUnavailableError", "build_model", "progress_function"]
 
 
-class RowsUnavailableError(RuntimeError):
-    """The fit kept only the cross-products: the rows are not in memory."""
+class ChunkSource:
+    """A data source that arrives in chunks (Parquet files, a Dask DataFrame): it makes the
+    passes over the rows that a fit from cross-products cannot (fitted values, residuals,
+    predictions). ``plan`` and ``coder`` (the design rules and group labels fixed by the
+    fit) are set when the model is built."""
+
+    kind = "chunked data"
+    predicts = True
+    plan: Any = None
+    coder: Any = None
+
+    def fitted(self, res: MixedLMResults, resid: bool) -> Any:
+        raise NotImplementedError
+
+    def fitted_chunks(self, res: MixedLMResults, progress: ProgressFn | None) -> Any:
+        raise NotImplementedError
+
+    def predict(self, res: MixedLMResults, newdata: Any, include_random: bool, new_levels: str) -> Any:
+        raise NotImplementedError
+
+    def write_fitted(self, res: MixedLMResults, path: Any, progress: ProgressFn | None) -> int:
+        raise SpecificationError(f"write_fitted writes fitted values of Parquet fits; for {self.kind} "
+                                 "use res.fittedvalues.to_frame().to_parquet(...)")
 
 
-# -- progress ---------------------------------------------------------------------------------
-class PrintProgress:
-    """``progress=True``: progress on stderr, at most every ``every`` s and at the end of each
-    stage (one line per stage, rewritten in place, on a terminal)."""
-
-    def __init__(self, every: float = 1.0, stream: Any = None) -> None:
-        self.every = every
-        self.stream = stream
-        self._last = 0.0
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done < total and now - self._last < self.every:
-            return
-        self._last = now
-        pct = 100.0 * done / total if total else 100.0
-        out = self.stream or sys.stderr
-        tty = getattr(out, "isatty", lambda: False)()
-        end = "\n" if done >= total or not tty else ""
-        start = "\r" if tty else ""
-        print(f"{start}lmefast {stage}: {done:,}/{total:,} ({pct:.0f}%)", end=end, file=out, flush=True)
-
-
-def progress_function(progress: bool | ProgressFn | None) -> ProgressFn | None:
-    """None/False: silent; True: print to stderr; a callable: called as (stage, done, total)."""
-    if progress is None or progress is False:
-        return None
-    if progress is True:
-        return PrintProgress()
-    if callable(progress):
-        return progress
-    raise SpecificationError(f"progress must be True, False or a callable(stage, done, total), "
-                             f"not {type(progress).__name__}")
-
-
-# -- labels -----------------------------------------------------------------------------------
 def label_kind(values: pd.Series, what: str, where: str) -> str | None:
     """'numeric', 'string', 'boolean', 'datetime' ... for the non-missing values of a column
     (None when there are none); an error for a column mixing kinds (e.g. 1 and "1")."""
@@ -677,7 +662,7 @@ class StatsSpec:
 
     group_labels: np.ndarray
     layout: BlockLayout
-    theta_map: ThetaMap
+    theta_map: GroupThetaMap
     endog_name: str
     exog_names: tuple[str, ...]
     group_name: str
@@ -761,33 +746,6 @@ def _keep_columns_from_xtx(XtX: np.ndarray, n: int) -> np.ndarray:
     return np.sort(piv[:int(np.sum(d > RANK_TOL * d[0]))])
 
 
-class ChunkedMixedLM(MixedLM):
-    """A ``MixedLM`` built from the cross-products of chunked data (no rows in memory).
-
-    ``fit()`` (REML/ML, ``start_params``, ``verbose``, ``callback``, ``n_threads``) is
-    ``MixedLM.fit``; the results are ``ChunkedMixedLMResults``. ``source`` is the data source
-    that computes fitted values and predictions by another pass."""
-
-    lme4_names = False  # attributes MixedLM.__init__ sets (it is not called here)
-
-    def __init__(self, spec: StatsSpec, crossprods: CrossProducts, group_sizes: np.ndarray,
-                 plan: ChunkPlan, coder: LabelCoder, source: Any) -> None:
-        self.spec = spec
-        self.__dict__["crossprods"] = crossprods
-        self.group_sizes = group_sizes
-        self.plan = plan
-        self.coder = coder
-        self.source = source
-
-    @classmethod
-    def from_formula(cls, *args: Any, **kwargs: Any) -> MixedLM:
-        raise SpecificationError("use lmefast.outofcore.mixedlm_parquet or lmefast.dask.mixedlm")
-
-    def fit(self, *args: Any, **kwargs: Any) -> ChunkedMixedLMResults:
-        res = super().fit(*args, **kwargs)
-        return ChunkedMixedLMResults(self, res._objective, res._sol, res.optsummary)
-
-
 def _drop_fe_columns(S: np.ndarray, layout: BlockLayout, p: int, keep: np.ndarray) -> np.ndarray:
     """Per-group records [A | B | c] with only the ``keep`` columns of B."""
     q = np.diff(layout.q_off)
@@ -802,8 +760,8 @@ def _drop_fe_columns(S: np.ndarray, layout: BlockLayout, p: int, keep: np.ndarra
     return out
 
 
-def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None, source: Any,
-                source_kind: str) -> ChunkedMixedLM:
+def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None,
+                source: ChunkSource) -> MixedLM:
     """The checks ``MixedLM`` makes, then the model from the statistics."""
     if stats is None or stats.n == 0:
         raise SpecificationError("the data are empty: no rows to fit"
@@ -854,11 +812,13 @@ def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None, s
     cp = CrossProducts(S=np.ascontiguousarray(S), s_off=s_off, XtX=XtX, Xty=Xty, yty=stats.yty,
                        n=stats.n, layout=layout)
     spec = StatsSpec(group_labels=labels, layout=layout,
-                     theta_map=ThetaMap(k, len(plan.vc_names), tuple(znames), plan.vc_names),
+                     theta_map=GroupThetaMap(k, len(plan.vc_names), tuple(znames), plan.vc_names),
                      endog_name=yname, exog_names=tuple(xnames), group_name=gname, n=stats.n,
-                     vc_col_names=tuple(vnames), dropped_exog=dropped, source_kind=source_kind)
-    coder = LabelCoder(labels)
-    return ChunkedMixedLM(spec, cp, counts, plan, coder, source)
+                     vc_col_names=tuple(vnames), dropped_exog=dropped, source_kind=source.kind)
+    source.plan, source.coder = plan, LabelCoder(labels)
+    engine = OneFactorEngine(spec, crossprods=cp, group_sizes=counts, source=source)
+    return MixedLM.from_engine(engine, api="statsmodels", endog_name=yname, exog_names=xnames,
+                               dropped_exog=dropped)
 
 
 # -- results --------------------------------------------------------------------------------
@@ -905,78 +865,27 @@ def predict_chunk(payload: PredictPayload, df: pd.DataFrame, where: str, *, incl
     return out
 
 
-class ChunkedMixedLMResults(MixedLMResults):
-    """``MixedLMResults`` of a model fitted from chunked data.
-
-    Everything that comes from the cross-products is as in memory (params, bse, llf, θ,
-    cov_re, random_effects, summary, ...). ``fittedvalues``, ``resid`` and ``predict`` are a
-    pass over the data, by the source: lazy Dask Series for Dask data; for Parquet they raise
-    ``RowsUnavailableError`` and ``fitted_chunks()`` / ``write_fitted(path)`` stream them."""
-
-    def _group_sizes(self) -> dict[str, np.ndarray]:
-        return {self.model.spec.group_name: self.model.group_sizes}
-
-    @cached_property
-    def predict_payload(self) -> PredictPayload:
-        spec = self.model.spec
-        plan = self.model.plan
+def predict_payload(res: MixedLMResults) -> PredictPayload:
+    """What a chunk needs to predict from a fit (made once, kept with the results)."""
+    def make() -> PredictPayload:
+        source = res.model.source
+        plan = source.plan
         beta = np.zeros(len(plan.xnames or []))
         pos = {n: j for j, n in enumerate(plan.xnames or [])}
-        for name, b in zip(spec.exog_names, self._sol.beta, strict=True):
+        for name, b in zip(res.model.exog_names, res._sol.beta, strict=True):
             beta[pos[name]] = b
-        modes = self.random_effects_frame.to_numpy()
-        b = self._modes[0] if plan.vcmap is not None else np.zeros(0)
-        return PredictPayload(beta, np.ascontiguousarray(modes), b, self.model.coder, plan)
+        modes = res.engine.coefficient_modes(res._objective, res._sol).to_numpy()
+        b = res.engine._modes(res._objective, res._sol)[0] if plan.vcmap is not None else np.zeros(0)
+        return PredictPayload(beta, np.ascontiguousarray(modes), b, source.coder, plan)
 
-    @property
-    def fittedvalues(self):
-        """Xβ̂ + Zb̂ for the fitted rows (a lazy Dask Series for Dask data)."""
-        return self.model.source.fitted(self, resid=False)
-
-    @property
-    def resid(self):
-        """y − Xβ̂ − Zb̂ for the fitted rows (a lazy Dask Series for Dask data)."""
-        return self.model.source.fitted(self, resid=True)
-
-    def fitted_chunks(self, progress: bool | ProgressFn | None = None):
-        """Another pass over the data: one DataFrame (fittedvalues, resid) per chunk."""
-        return self.model.source.fitted_chunks(self, progress_function(progress))
-
-    def write_fitted(self, path: Any, progress: bool | ProgressFn | None = None) -> int:
-        """Fitted values and residuals written to a Parquet file by another pass over the data
-        (Parquet fits; for Dask use ``res.fittedvalues.to_frame().to_parquet(...)``)."""
-        from lmefast.outofcore import write_fitted
-
-        return write_fitted(self, path, progress)
-
-    def predict(self, newdata: Any = None, include_random: bool = True,
-                new_levels: str = "population", **kwargs: Any):
-        """Predictions for new data (a pandas or Dask DataFrame, a Parquet path) with the
-        design of the fit (same categorical levels); ``newdata=None``: the fitted rows."""
-        if new_levels not in ("population", "error"):
-            raise SpecificationError(f"new_levels must be 'population' or 'error', not {new_levels!r}")
-        if kwargs:
-            raise SpecificationError(f"predict from chunked data takes newdata only, not {sorted(kwargs)}")
-        return self.model.source.predict(self, newdata, include_random, new_levels)
+    return res.derived("predict_payload", make)
 
 
-def predict_pandas(res: ChunkedMixedLMResults, newdata: pd.DataFrame, include_random: bool,
+def predict_pandas(res: MixedLMResults, newdata: pd.DataFrame, include_random: bool,
                    new_levels: str) -> np.ndarray:
-    return predict_chunk(res.predict_payload, newdata, "newdata", include_random=include_random,
+    return predict_chunk(predict_payload(res), newdata, "newdata", include_random=include_random,
                          new_levels=new_levels)
 
 
 def n_threads_for(m: int, n_threads: int | None) -> int:
     return default_threads(m) if n_threads is None else int(n_threads)
-
-
-def scale_out_model(formula: str, data: Any, groups: Any, re_formula: str | None, vc_formula: Any,
-                    missing: str, **options: Any) -> MixedLM:
-    """``lmefast.mixedlm`` with a Parquet path or a Dask DataFrame: dispatch."""
-    if type(data).__module__.startswith("dask."):
-        from lmefast.dask import mixedlm as dask_mixedlm
-
-        return dask_mixedlm(formula, data, groups, re_formula, vc_formula, missing, **options)
-    from lmefast.outofcore import mixedlm_parquet
-
-    return mixedlm_parquet(formula, data, groups, re_formula, vc_formula, missing, **options)

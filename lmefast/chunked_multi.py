@@ -16,18 +16,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmefast.chunked import RowsUnavailableError
+from lmefast.chunked import ChunkSource
+from lmefast.errors import RowsUnavailableError, SpecificationError
 from lmefast.formula import _not_finite, _parse, _plain_columns, _rhs, design_matrix
-from lmefast.lmer import RandomTerm, Term, build_terms, factor_key
+from lmefast.lmer import RandomTerm, build_terms, factor_key
+from lmefast.model import MixedLM
 from lmefast.multi import (
-    MultiLM,
-    MultiThetaMap,
+    BlockedEngine,
     assemble_crossprods,
     multi_sums,
     pair_keys,
     sorted_unique,
 )
-from lmefast.spec import SpecificationError
+from lmefast.structure import Term
 
 Chunks = Callable[[Callable[[pd.DataFrame], Any]], list[Any]]   # map a function over the chunks
 
@@ -52,41 +53,27 @@ def _labels(df: pd.DataFrame, groups: list[str]) -> dict[str, np.ndarray]:
     return {g: pd.unique(factor_key(df, g)) for g in groups}
 
 
-class ChunkedMultiLM(MultiLM):
-    """A MultiLM built from cross-products summed over chunks: no rows in memory."""
+class CrossProductsOnly(ChunkSource):
+    """The source of a fit with several grouping factors from chunks: only the cross-products
+    were kept, so fitted values need another pass the model cannot make; predictions for new
+    rows are made in memory (``res.predict(df)``)."""
 
-    def __init__(self, crossprods, terms: list[Term], group_sizes: dict[str, np.ndarray], *,
-                 endog_name: str, exog_names: list[str], nobs: int) -> None:
-        self.terms = tuple(terms)
-        self.endog_name = endog_name
-        self._exog_names = list(exog_names)
-        self.dropped_exog = ()
-        self.statsmodels_group = None
-        self.vc_order = ()
-        self.theta_map = MultiThetaMap(self.terms)
-        self.__dict__["crossprods"] = crossprods
-        self._group_sizes = group_sizes
-        self._nobs = nobs
+    predicts = False
 
-    @property
-    def nobs(self) -> int:
-        return self._nobs
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
 
-    @property
-    def k_fe(self) -> int:
-        return int(self.crossprods.XtX.shape[0])
-
-    def group_sizes(self) -> dict[str, np.ndarray]:
-        return self._group_sizes
-
-    def fitted(self, beta: np.ndarray, modes: list[np.ndarray]) -> np.ndarray:
+    def fitted(self, res: Any, resid: bool) -> Any:
         raise RowsUnavailableError(
             "the model was fitted from cross-products summed over chunks: the rows are not in "
             "memory; use res.predict(df) on the rows you need")
 
+    def fitted_chunks(self, res: Any, progress: Any) -> Any:
+        self.fitted(res, resid=False)
+
 
 def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm], used: list[str],
-                            map_chunks: Chunks, missing: str) -> ChunkedMultiLM:
+                            map_chunks: Chunks, missing: str, kind: str = "chunked data") -> MixedLM:
     """The three passes over the chunks (module docstring)."""
     groups = list(dict.fromkeys(t.group for t in random))
 
@@ -155,8 +142,9 @@ def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm],
         raise SpecificationError(
             f"the fixed-effects design {xnames} is rank deficient: for data in chunks drop the "
             "dependent columns from the formula")
-    return ChunkedMultiLM(assemble_crossprods(sums, terms, keys), terms, sizes, endog_name=response,
-                          exog_names=xnames, nobs=sums.n)
+    engine = BlockedEngine(None, None, terms, crossprods=assemble_crossprods(sums, terms, keys),
+                           group_sizes=sizes, nobs=sums.n, source=CrossProductsOnly(kind))
+    return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames)
 
 
 def parquet_chunks(path: Any, used: list[str]) -> Chunks:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmefast.api_lmer import lmer
-from lmefast.model import mixedlm
-from lmefast.spec import SpecificationError
+from lmefast.api import lmer, mixedlm
+from lmefast.errors import SpecificationError
 
 
 def _read(path: str) -> pd.DataFrame:

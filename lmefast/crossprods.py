@@ -28,6 +28,58 @@ class CrossProducts:
     def p(self) -> int:
         return int(self.XtX.shape[0])
 
+    def records(self, q: int, groups: np.ndarray) -> np.ndarray:
+        """The records of these groups (all with q coordinates), one row each."""
+        return self.S[self.s_off[groups][:, None] + np.arange(q * (q + self.p + 1))[None, :]]
+
+    def padded_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """A_i (m × qmax × qmax) and B_i (m × qmax × p), zero-padded."""
+        q = np.diff(self.layout.q_off)
+        m, qmax, p = q.shape[0], self.layout.qmax, self.p
+        A = np.zeros((m, qmax, qmax))
+        B = np.zeros((m, qmax, p))
+        for qi in np.unique(q):
+            gs = np.nonzero(q == qi)[0]
+            qi = int(qi)
+            rec = self.records(qi, gs)
+            A[gs, :qi, :qi] = rec[:, :qi * qi].reshape(-1, qi, qi)
+            B[gs, :qi, :] = rec[:, qi * qi:qi * qi + qi * p].reshape(-1, qi, p)
+        return A, B
+
+    def keep_fixed(self, keep: np.ndarray) -> CrossProducts:
+        """The cross-products with only the ``keep`` columns of X (a dropped column, a
+        rank-deficient design)."""
+        return self._with_columns(np.asarray(keep, dtype=np.int64), None, 0.0)
+
+    def without_fixed(self, j: int, value: float) -> CrossProducts:
+        """β_j held at value: column j of X removed and value · x_j taken from the response
+        (Z'y − value Z'x_j, X'y − value X'x_j, y'y − 2 value x_j'y + value² x_j'x_j)."""
+        keep = np.array([c for c in range(self.p) if c != j], dtype=np.int64)
+        return self._with_columns(keep, j, float(value))
+
+    def _with_columns(self, keep: np.ndarray, j: int | None, value: float) -> CrossProducts:
+        lay, p = self.layout, self.p
+        q = np.diff(lay.q_off)
+        s_new = record_offsets(lay, keep.shape[0])
+        S = np.empty(int(s_new[-1]))
+        for qi in np.unique(q):
+            gs = np.nonzero(q == qi)[0]
+            qi = int(qi)
+            rec = self.records(qi, gs)
+            B = rec[:, qi * qi:qi * qi + qi * p].reshape(-1, qi, p)
+            c = rec[:, qi * qi + qi * p:]
+            if j is not None:
+                c = c - value * B[:, :, j]
+            new = np.concatenate([rec[:, :qi * qi], B[:, :, keep].reshape(gs.shape[0], -1), c], axis=1)
+            S[s_new[gs][:, None] + np.arange(new.shape[1])[None, :]] = new
+        XtX, Xty, yty = self.XtX, self.Xty, self.yty
+        if j is not None:
+            Xty = Xty - value * XtX[:, j]
+            yty = yty - 2 * value * self.Xty[j] + value * value * XtX[j, j]
+        return CrossProducts(S=S, s_off=s_new, XtX=np.ascontiguousarray(XtX[np.ix_(keep, keep)]),
+                             Xty=np.ascontiguousarray(Xty[keep]), yty=float(yty), n=self.n,
+                             layout=lay)
+
 
 def compute_crossprods(spec: ModelSpec, n_threads: int | None = None) -> CrossProducts:
     """One pass over the rows for the per-group blocks; X'X, X'y, y'y by BLAS."""

@@ -28,22 +28,23 @@ import numpy as np
 import pandas as pd
 
 from lmefast.chunked import (
-    ChunkedMixedLM,
-    ChunkedMixedLMResults,
     ChunkPlan,
+    ChunkSource,
     ChunkStats,
     LabelCoder,
     LabelSet,
     PredictPayload,
-    ProgressFn,
     build_model,
     chunk_stats,
     merge_keys,
     predict_chunk,
     predict_pandas,
-    progress_function,
+    predict_payload,
 )
-from lmefast.spec import SpecificationError
+from lmefast.errors import SpecificationError
+from lmefast.model import MixedLM
+from lmefast.progress import ProgressFn, progress_function
+from lmefast.results import MixedLMResults
 
 _token = itertools.count()
 
@@ -235,7 +236,7 @@ def mixedlm(
     progress: bool | ProgressFn | None = None,
     n_threads: int = 1,
     split_every: int = 8,
-) -> ChunkedMixedLM:
+) -> MixedLM:
     """statsmodels' ``mixedlm`` on a Dask DataFrame: reads the data (two passes on the cluster)
     and returns a model whose ``fit()`` runs on the client from the cross-products.
 
@@ -268,25 +269,27 @@ def mixedlm(
         plan.set_vc_layout(keys, labels.shape[0])
     stats = _map_reduce(data, plan.used, _stats_part, (_shared((plan, coder), client), int(n_threads)),
                         _merge_stats, stage=f"pass {n_pass}/{n_pass} (cross-products), partitions", **kw)
-    return build_model(plan, labels, stats, DaskSource(data), "a Dask DataFrame")
+    return build_model(plan, labels, stats, DaskSource(data))
 
 
-class DaskSource:
+class DaskSource(ChunkSource):
     """Passes over the Dask DataFrame for a fitted model: lazy fitted values and predictions."""
+
+    kind = "a Dask DataFrame"
 
     def __init__(self, data: Any) -> None:
         self.data = data
 
-    def fitted(self, res: ChunkedMixedLMResults, resid: bool):
-        plan = res.model.plan
+    def fitted(self, res: MixedLMResults, resid: bool):
+        plan = self.plan
         return _lazy(res, self.data[plan.used], resid=resid, fitted_rows=True, include_random=True,
                      new_levels="population", name="resid" if resid else "fittedvalues")
 
-    def fitted_chunks(self, res: ChunkedMixedLMResults, progress: Any):
+    def fitted_chunks(self, res: MixedLMResults, progress: Any):
         raise SpecificationError("for a Dask fit, res.fittedvalues and res.resid are lazy Dask Series: "
                                  "compute them, iterate their partitions or write them with to_parquet")
 
-    def predict(self, res: ChunkedMixedLMResults, newdata: Any, include_random: bool, new_levels: str):
+    def predict(self, res: MixedLMResults, newdata: Any, include_random: bool, new_levels: str):
         if newdata is None:
             if include_random:
                 return self.fitted(res, resid=False)
@@ -298,19 +301,19 @@ class DaskSource:
         raise SpecificationError(f"newdata must be a pandas or Dask DataFrame, not {type(newdata).__name__}")
 
 
-def _lazy(res: ChunkedMixedLMResults, ddf: Any, *, resid: bool, fitted_rows: bool, include_random: bool,
+def _lazy(res: MixedLMResults, ddf: Any, *, resid: bool, fitted_rows: bool, include_random: bool,
           new_levels: str, name: str):
     import dask
 
-    payload = dask.delayed(res.predict_payload, pure=True)
+    payload = dask.delayed(predict_payload(res), pure=True)
     meta = pd.Series(np.zeros(0), name=name, dtype=float)
     return ddf.map_partitions(_fitted_part, payload, resid, fitted_rows, include_random, new_levels, name,
                               meta=meta)
 
 
-def predict_lazy(res: ChunkedMixedLMResults, newdata: Any, include_random: bool, new_levels: str):
+def predict_lazy(res: MixedLMResults, newdata: Any, include_random: bool, new_levels: str):
     """Predictions for a Dask DataFrame: a lazy Dask Series (partitions as newdata's)."""
-    plan = res.model.plan
+    plan = res.model.source.plan
     cols = [c for c in plan.used if c != plan.yname and (include_random or c != plan.group)]
     absent = sorted(c for c in cols if c not in newdata.columns)
     if absent:

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from formulaic import Formula, model_matrix
 from formulaic.parser.types.factor import Factor
 
-from lmefast.spec import SpecificationError
+from lmefast.errors import SpecificationError
 
 
 @lru_cache(maxsize=512)

@@ -19,7 +19,7 @@ the random-effects terms and σ², V = Σ_r γ_r G_r. For one grouping factor V 
 so every quantity pbkrtest forms (the traces tr(G_r V⁻¹ G_s V⁻¹), P_r = −X'V⁻¹G_rV⁻¹X,
 Q_rs = X'V⁻¹G_rV⁻¹G_sV⁻¹X) is a sum over groups of n_i × n_i products. Cost:
 O(Σ_i n_i³ + R² Σ_i n_i² (n_i + p)) time for R covariance parameters, memory for a chunk of
-groups at a time; refused above KR_MAX_GROUP_ROWS rows in one group or KR_MAX_FLOPS work.
+groups at a time; refused above lmefast.onefactor.KR_MAX_GROUP_ROWS rows in one group or KR_MAX_FLOPS work.
 
 Kenward-Roger with several grouping factors (crossed or nested, lmefast.multi.MultiLM): V is
 not block-diagonal, but V = σ²(I + ZΛΛ'Z') so every quantity above is a product of the q × q
@@ -28,7 +28,8 @@ of random effects: W = Z'V⁻¹Z = σ⁻²(Z'Z − Z'Z S Z'Z), Z'V⁻¹X, Z'V⁻
 parameter's G_r = Z D_r Z' only selects rows and columns of them. No n × n matrix is formed.
 Cost: one pass over the rows for Z'Z (O(n (Σk_j)²)), then O(q³) for S and the q × q products
 and O(R² (m² + m p + p²)) for the traces (m the levels of the factors involved); memory about
-eight dense q × q matrices (q = 2,000: 2.6 s on 2 cores). Refused above KR_MAX_RANDOM_EFFECTS (q).
+eight dense q × q matrices (q = 2,000: 2.6 s on 2 cores). Refused above lmefast.multi.KR_MAX_RANDOM_EFFECTS (q).
+The traces are the engines' (Engine.kenward_roger_traces); the adjustment is here.
 """
 from __future__ import annotations
 
@@ -40,22 +41,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from lmefast.errors import InferenceError
+
 if TYPE_CHECKING:
     from lmefast.results import MixedLMResults
 
 DDF_METHODS = ("satterthwaite", "kenward-roger", "residual", None)
-KR_MAX_GROUP_ROWS = 5_000          # rows in one group (an n_i × n_i inverse per group)
-KR_MAX_FLOPS = 2e11                # estimated floating-point work of the Kenward-Roger pass
-_KR_CHUNK_ELEMENTS = 4_000_000     # n_i × n_i entries held per chunk of groups and matrix
-KR_MAX_RANDOM_EFFECTS = 4_000      # several factors: q = Σ m_j k_j (dense q × q matrices)
-
-
-class InferenceError(ValueError):
-    """A test or interval that cannot be computed as asked (the message says why)."""
-
-
-def _cache(res: MixedLMResults) -> dict:
-    return res.__dict__.setdefault("_inference_cache", {})
 
 
 def normalize_ddf(ddf: str | None) -> str | None:
@@ -133,8 +124,7 @@ def _vcov_beta_at(obj: Any, varpar: np.ndarray) -> np.ndarray:
 def satterthwaite_parts(res: MixedLMResults) -> tuple[np.ndarray, np.ndarray]:
     """(A, J): A = 2 H⁻¹ the covariance of varpar = (θ, σ); J (p × p × len(varpar)) the
     derivatives of vcov(β̂) with respect to varpar. Cached on the results object."""
-    cache = _cache(res)
-    if "satt" not in cache:
+    def make():
         obj = res._objective
         varpar = np.concatenate([res.theta, [res.sigma]])
         h = _steps(varpar, 1e-2, 0.05)
@@ -145,8 +135,9 @@ def satterthwaite_parts(res: MixedLMResults) -> tuple[np.ndarray, np.ndarray]:
             A = 2.0 * np.linalg.pinv(H)
         p = res.k_fe
         J = jacobian(lambda v: _vcov_beta_at(obj, v).ravel(), varpar, h).reshape(p, p, -1)
-        cache["satt"] = (A, J)
-    return cache["satt"]
+        return A, J
+
+    return res.derived("satt", make)
 
 
 def satterthwaite_df(res: MixedLMResults, L: np.ndarray) -> float:
@@ -162,130 +153,19 @@ def satterthwaite_df(res: MixedLMResults, L: np.ndarray) -> float:
 
 
 # -- Kenward-Roger ------------------------------------------------------------------------------
-def _is_multi(res: MixedLMResults) -> bool:
-    """A model with several grouping factors (lmefast.multi.MultiLM)."""
-    return hasattr(res.model, "terms") and not hasattr(res.model, "spec")
-
-
-def _kr_spec(res: MixedLMResults):
-    """The one-grouping-factor ModelSpec (rows, Zre, layout) Kenward-Roger needs."""
-    spec = res.model.spec
-    if not all(hasattr(spec, a) for a in ("Zre", "group_codes", "layout")):
-        raise InferenceError("Kenward-Roger is implemented for one grouping factor only; "
-                             "use ddf='satterthwaite'")
-    return spec
-
-
-def _kr_params(res: MixedLMResults) -> tuple[list[np.ndarray], np.ndarray, int]:
-    """The covariance parameters γ (pbkrtest's order does not matter): per parameter the
-    (qmax × qmax) pattern D_r of the term's covariance, as a function of the coordinate's
-    component, and the current values. Returns (patterns for the k×k block, vc list, R)."""
-    k = res.k_re
-    rows, cols = np.tril_indices(k)
-    pats = []
-    for r, c in zip(rows, cols, strict=True):
-        D = np.zeros((k, k))
-        D[r, c] = D[c, r] = 1.0
-        pats.append(D)
-    return pats, np.arange(res.k_vc), len(pats) + res.k_vc + 1
-
-
 def kenward_roger_parts(res: MixedLMResults) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """(PhiA, P, W) of pbkrtest's vcovAdj: the adjusted covariance of β̂, the P_r matrices and
-    W = 2 IE2⁻¹ (IE2 the expected REML information of γ). Cached on the results object."""
-    cache = _cache(res)
-    if "kr" in cache:
-        return cache["kr"]
+    W = 2 IE2⁻¹ (IE2 the expected REML information of γ), from the engine's traces. Kept with
+    the results."""
     if not res.reml:
         raise InferenceError("Kenward-Roger's method is only available for REML fits "
                              "(as in pbkrtest/lmerTest): refit with reml=True")
-    if _is_multi(res):
-        cache["kr"] = _kr_multi(res)
-        return cache["kr"]
-    spec = _kr_spec(res)
-    lay = spec.layout
-    codes = spec.group_codes
-    m, n, p, k = spec.n_groups, spec.nobs, spec.k_fe, res.k_re
-    sizes = np.bincount(codes, minlength=m)
-    nmax = int(sizes.max())
-    pats, vcs, R = _kr_params(res)
-    flops = float(np.sum(sizes.astype(float) ** 3)) * 4 + R * R * float(
-        np.sum(sizes.astype(float) ** 2 * (sizes + p)))
-    if nmax > KR_MAX_GROUP_ROWS or flops > KR_MAX_FLOPS:
-        raise InferenceError(
-            f"Kenward-Roger needs per-group {nmax} × {nmax} inverses and about {flops:.2g} "
-            f"floating-point operations (O(Σ n_i³ + R² Σ n_i²(n_i + p)), R = {R} covariance "
-            f"parameters); the limits are {KR_MAX_GROUP_ROWS} rows per group and {KR_MAX_FLOPS:.0e} "
-            "operations: use ddf='satterthwaite' (cost independent of the number of rows)")
-    sigma2 = res.scale
-    T, tvc = res.model.spec.theta_map.split(res.theta)
-    cov_k = sigma2 * (T @ T.T)
-    order = np.argsort(codes, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    pos = np.empty(n, dtype=np.int64)
-    pos[order] = np.arange(n) - starts[codes[order]]
-    q = np.diff(lay.q_off)
-    qmax = int(q.max())
-    ne = lay.vc_val.shape[0]
-    Ktr = np.zeros((R, R))
-    P = [np.zeros((p, p)) for _ in range(R)]
-    Q = {(r, s): np.zeros((p, p)) for r in range(R) for s in range(r, R)}
-    per_group = nmax * nmax * (R + 4) + nmax * qmax
-    chunk = max(1, _KR_CHUNK_ELEMENTS // max(per_group, 1))
-    for g0 in range(0, m, chunk):
-        g1 = min(m, g0 + chunk)
-        mc = g1 - g0
-        rows_c = order[starts[g0]:starts[g1]]
-        gi = codes[rows_c] - g0
-        pi = pos[rows_c]
-        Z = np.zeros((mc, nmax, qmax))
-        X = np.zeros((mc, nmax, p))
-        mask = np.zeros((mc, nmax))
-        mask[gi, pi] = 1.0
-        X[gi, pi] = spec.X[rows_c]
-        if k:
-            Z[gi, pi, :k] = spec.Zre[rows_c]
-        for e in range(ne):
-            val = lay.vc_val[e, rows_c]
-            nz = val != 0
-            Z[gi[nz], pi[nz], lay.vc_coord[e, rows_c][nz]] = val[nz]
-        # the variance component of each (group, coordinate); −1 for the k coefficients/padding
-        local = np.arange(qmax)
-        valid = (local[None, :] >= k) & (local[None, :] < q[g0:g1, None])
-        gidx = np.minimum(lay.q_off[g0:g1, None] + local[None, :], lay.comp.shape[0] - 1)
-        comp = np.where(valid, lay.comp[gidx], -1)
-        # Ψ per group
-        Psi = np.zeros((mc, qmax, qmax))
-        Psi[:, :k, :k] = cov_k
-        diag_vc = np.where(comp >= 0, sigma2 * np.concatenate([tvc**2, [0.0]])[comp], 0.0)
-        idx = np.arange(qmax)
-        Psi[:, idx, idx] += diag_vc
-        V = Z @ Psi @ Z.transpose(0, 2, 1)
-        ii = np.arange(nmax)
-        V[:, ii, ii] += sigma2 * mask + (1.0 - mask)
-        Vi = np.linalg.inv(V)
-        Vi[:, ii, ii] -= (1.0 - mask)  # padded rows: no contribution
-        Vi *= mask[:, :, None] * mask[:, None, :]
-        G = []
-        for D in pats:
-            Dq = np.zeros((qmax, qmax))
-            Dq[:k, :k] = D
-            G.append(Z @ Dq @ Z.transpose(0, 2, 1))
-        for c in vcs:
-            w = (comp == c).astype(float)
-            G.append((Z * w[:, None, :]) @ Z.transpose(0, 2, 1))
-        G.append(None)  # residual: the identity on the group's rows
-        H = [Vi if Gr is None else Gr @ Vi for Gr in G]
-        TT = Vi @ X
-        HX = [Hr @ X for Hr in H]
-        ViHX = [Vi @ Or for Or in HX]
-        for r in range(R):
-            P[r] -= np.einsum("gia,gib->ab", HX[r], TT)
-            for s in range(r, R):
-                Ktr[r, s] += np.einsum("gij,gji->", H[r], H[s])
-                Q[(r, s)] += np.einsum("gia,gib->ab", HX[r], ViHX[s])
-    cache["kr"] = _kr_finish(res, Ktr, P, Q)
-    return cache["kr"]
+
+    def make():
+        Ktr, P, Q = res.engine.kenward_roger_traces(res.theta, res.scale)
+        return _kr_finish(res, Ktr, P, Q)
+
+    return res.derived("kr", make)
 
 
 def _kr_finish(res: MixedLMResults, Ktr: np.ndarray, P: list[np.ndarray], Q: dict
@@ -315,83 +195,6 @@ def _kr_finish(res: MixedLMResults, Ktr: np.ndarray, P: list[np.ndarray], Q: dic
         U += W[r, r] * (Q[(r, r)] - P[r] @ Phi @ P[r])
     PhiA = Phi + 2 * (Phi @ U @ Phi)
     return PhiA, P, W
-
-
-def _kr_multi(res: MixedLMResults) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-    """Kenward-Roger for several grouping factors, in the space of the q random effects (see
-    the module docstring)."""
-    import scipy.sparse as sp
-    from scipy.linalg import cho_factor, cho_solve
-
-    model = res.model
-    terms = model.terms
-    sizes = [t.m * t.k for t in terms]
-    q = int(sum(sizes))
-    if q > KR_MAX_RANDOM_EFFECTS:
-        raise InferenceError(
-            f"Kenward-Roger with several grouping factors uses dense q × q matrices of the q = {q} "
-            f"random effects (O(q³) time, about 8 q² doubles of memory); the limit is "
-            f"KR_MAX_RANDOM_EFFECTS = {KR_MAX_RANDOM_EFFECTS}: use ddf='satterthwaite' (cost "
-            "independent of the number of rows)")
-    n, p = model.nobs, model.k_fe
-    X = model.X
-    off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    rows, cols, vals = [], [], []
-    for j, t in enumerate(terms):
-        for a in range(t.k):
-            rows.append(np.arange(n))
-            cols.append(off[j] + t.codes * t.k + a)
-            vals.append(t.Z[:, a])
-    Z = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, q))
-    A = (Z.T @ Z).toarray()
-    B = np.asarray(Z.T @ X)
-    XtX = X.T @ X
-    Lam = sp.block_diag([sp.kron(sp.identity(t.m), T) for t, T in
-                         zip(terms, model.theta_map.Ts(res.theta), strict=True)], format="csr")
-    LtA = np.asarray(Lam.T @ A)                  # Λ'A
-    M = np.asarray(Lam.T @ LtA.T)                # Λ'AΛ (symmetric)
-    del LtA
-    M = 0.5 * (M + M.T)
-    M[np.diag_indices(q)] += 1.0
-    S = np.asarray(Lam @ cho_solve(cho_factor(M, lower=True), Lam.T.toarray()))
-    del M
-    S = 0.5 * (S + S.T)                          # Λ (Λ'AΛ + I)⁻¹ Λ'
-    s2 = res.scale
-    SA = S @ A
-    SB = S @ B
-    W = (A - A @ SA) / s2                        # Z'V⁻¹Z
-    W = 0.5 * (W + W.T)
-    E = (B - A @ SB) / s2                        # Z'V⁻¹X
-    K = (np.eye(q) - SA) / s2                    # V⁻¹Z = Z K
-    U = K.T @ A @ K                              # Z'V⁻²Z
-    F = K.T @ E                                  # Z'V⁻²X
-    XV2X = (XtX - 2 * B.T @ SB + SB.T @ A @ SB) / s2 ** 2
-    XV3X = (XV2X - E.T @ S @ E) / s2
-    trV2 = (n - 2 * np.trace(SA) + np.sum(SA * SA.T)) / s2 ** 2
-    # the covariance parameters: per term the free entries (a, b) of its covariance matrix;
-    # D_r = Σ_t e_{x_t} e_{y_t}' over the term's levels (both orders for a ≠ b)
-    idx = []
-    for j, t in enumerate(terms):
-        base = off[j] + np.arange(t.m) * t.k
-        for a, b in zip(t.pattern[0].tolist(), t.pattern[1].tolist(), strict=True):
-            xr, yr = base + a, base + b
-            idx.append((xr, yr) if a == b else (np.concatenate([xr, yr]), np.concatenate([yr, xr])))
-    R = len(idx) + 1
-    Ktr = np.zeros((R, R))
-    P = [np.zeros((p, p)) for _ in range(R)]
-    Q = {}
-    for r, (xr, yr) in enumerate(idx):
-        P[r] = -(E[xr].T @ E[yr])
-        for s_, (xs, ys) in enumerate(idx[r:], start=r):
-            Wrs = W[np.ix_(yr, xs)]
-            Ktr[r, s_] = np.sum(Wrs * W[np.ix_(ys, xr)].T)
-            Q[(r, s_)] = E[xr].T @ Wrs @ E[ys]
-        Ktr[r, R - 1] = np.sum(U[yr, xr])
-        Q[(r, R - 1)] = E[xr].T @ F[yr]
-    P[R - 1] = -XV2X
-    Ktr[R - 1, R - 1] = trV2
-    Q[(R - 1, R - 1)] = XV3X
-    return _kr_finish(res, Ktr, P, Q)
 
 
 def _kr_stats(res: MixedLMResults, L: np.ndarray) -> tuple[float, float, float]:
@@ -689,13 +492,8 @@ def anova(res: MixedLMResults, ddf: str | None = "satterthwaite", type: int = 3)
 
 
 # -- likelihood-ratio tests ----------------------------------------------------------------------
-def _data(res: MixedLMResults):
-    """The object holding the model's y and X: the spec (one factor) or the MultiLM itself."""
-    return getattr(res.model, "spec", res.model)
-
-
 def _same_fixed(a: MixedLMResults, b: MixedLMResults) -> bool:
-    Xa, Xb = _data(a).X, _data(b).X
+    Xa, Xb = a.model.exog, b.model.exog
     return Xa.shape == Xb.shape and bool(np.array_equal(Xa, Xb))
 
 
@@ -718,8 +516,8 @@ def lrtest(*results: MixedLMResults, refit: bool | str = "auto", names: Sequence
     n = {r.nobs for r in results}
     if len(n) > 1:
         raise InferenceError(f"models were not all fitted to the same number of rows: {sorted(n)}")
-    y0 = _data(results[0]).y
-    if not all(np.array_equal(_data(r).y, y0) for r in results[1:]):
+    y0 = results[0].model.endog
+    if not all(np.array_equal(r.model.endog, y0) for r in results[1:]):
         raise InferenceError("models were not all fitted to the same response")
     labels = list(names) if names is not None else [f"model{i + 1}" for i in range(len(results))]
     if len(labels) != len(results):

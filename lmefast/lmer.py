@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lmefast.errors import SpecificationError
 from lmefast.formula import _not_finite, _parse, _rhs, as_dataframe, design_matrix
-from lmefast.spec import SpecificationError
+from lmefast.structure import Term, factorize_groups
 
 
 @dataclass(frozen=True)
@@ -107,30 +108,6 @@ def parse_lmer(formula: str) -> tuple[str, str, list[RandomTerm]]:
     return response, " + ".join(fixed) if fixed else "1", random
 
 
-@dataclass(frozen=True)
-class Term:
-    """A grouping factor with its per-level design and the free entries of its T.
-
-    codes (n) level of each row; labels (m); Z (n × k); coef_names (k);
-    pattern: (rows, cols) of the free entries of the k × k lower-triangular T, ordered as
-    lme4 orders θ (by column, then row)."""
-
-    name: str
-    codes: np.ndarray
-    labels: np.ndarray
-    Z: np.ndarray
-    coef_names: tuple[str, ...]
-    pattern: tuple[np.ndarray, np.ndarray]
-
-    @property
-    def m(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def k(self) -> int:
-        return int(self.Z.shape[1])
-
-
 def factor_key(df: pd.DataFrame, group: str) -> pd.Series:
     """The grouping factor's label of each row: a column, or "a:b" labels for an interaction."""
     cols = group.split(":")
@@ -146,8 +123,6 @@ def factor_key(df: pd.DataFrame, group: str) -> pd.Series:
 
 
 def _factor(df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
-    from lmefast.model import factorize_groups
-
     return factorize_groups(factor_key(df, group))
 
 

@@ -1,26 +1,33 @@
-"""MixedLM: statsmodels' model for one grouping factor, fitted by the profiled objective.
+"""MixedLM: the one model class, whatever the front end, engine or data source.
 
     y = Xβ + Z b + ε,  b ~ N(0, σ²ΛΛ'),  ε ~ N(0, σ²I)
 
-with Z the random-coefficient design (exog_re, T full lower triangular) and variance
-components nested in the groups (exog_vc, one θ each).
+statsmodels' constructor takes arrays (one grouping factor: random coefficients exog_re with
+T full lower triangular, variance components nested in the groups exog_vc, one θ each);
+``MixedLM.from_engine`` takes a structure the other front ends built (lme4 formulas, chunked
+data). The engine follows from the structure in one place, ``select_engine``; everything
+after that asks the engine (lmefast.engine.Engine), never the type of the model.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Mapping
-from functools import cached_property
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.linalg as sla
+import scipy.sparse as sp
 
-from lmefast.crossprods import CrossProducts, compute_crossprods
-from lmefast.objective import ProfiledObjective
+from lmefast.engine import Engine
+from lmefast.errors import SpecificationError
+from lmefast.multi import BlockedEngine
+from lmefast.objective import KernelObjective
+from lmefast.onefactor import OneFactorEngine
 from lmefast.optimize import fit_theta
-from lmefast.spec import BlockLayout, ModelSpec, SpecificationError, ThetaMap, build_layout
+from lmefast.results import MixedLMResults
+from lmefast.spec import GroupThetaMap, ModelSpec, build_layout
+from lmefast.structure import Term, factorize_groups
 
 RANK_TOL = 1e-7
 
@@ -101,20 +108,6 @@ def checked_response_and_design(y: np.ndarray, yname: str, X: np.ndarray, xnames
     return X, list(xnames), dropped
 
 
-def factorize_groups(groups: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Group codes 0..m−1 (int64) in sorted label order, and the labels.
-
-    Non-negative integer keys not much larger than the number of rows are coded by counting
-    (O(n), no sort); anything else by pandas' hash factorisation."""
-    values = groups.to_numpy() if groups.dtype.kind in "iu" else None
-    if values is not None and values.size and values.min() >= 0 and values.max() < 4 * values.size + 1024:
-        present = np.bincount(values) > 0
-        code_of = np.cumsum(present, dtype=np.int64) - 1
-        return code_of[values], np.nonzero(present)[0].astype(values.dtype)
-    codes, labels = pd.factorize(groups, sort=True)
-    return codes.astype(np.int64), np.asarray(labels)
-
-
 def _vc_matrices(exog_vc: Mapping, codes: np.ndarray, labels: np.ndarray,
                  n: int) -> tuple[list[str], list[np.ndarray], list[tuple[str, ...]]]:
     """statsmodels' exog_vc[name][group] (n_g × K matrices, rows in data order) → n × K."""
@@ -174,11 +167,10 @@ class MixedLM:
         exog_re_names: list[str] | None = None,
         group_name: str | None = None,
         re_pattern: tuple[np.ndarray, np.ndarray] | None = None,
-        lme4_names: bool = False,
+        api: str = "statsmodels",
     ) -> None:
         if missing not in ("raise", "none", "drop"):
             raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
-        self.lme4_names = lme4_names  # parameter names carry the factor's name (lmer models)
         y_arr = endog.to_numpy() if isinstance(endog, pd.Series | pd.DataFrame) else np.asarray(endog)
         if y_arr.ndim == 2 and y_arr.shape[1] == 1:
             y_arr = y_arr[:, 0]
@@ -237,7 +229,7 @@ class MixedLM:
             vnames, vmats, vcols = list(vc_names or []), list(vc_designs), list(vc_col_names or [])
             for name, V in zip(vnames, vmats, strict=True):
                 if missing != "drop":
-                    dense_check = V.data if hasattr(V, "data") else np.asarray(V)
+                    dense_check = V.data if sp.issparse(V) else np.asarray(V)
                     if not np.all(np.isfinite(dense_check)):
                         raise SpecificationError(f"variance component '{name}' has NaN or infinite values")
         elif exog_vc is not None:
@@ -248,6 +240,12 @@ class MixedLM:
             vnames, vmats, vcols = [], [], []
 
         X, xnames, dropped = checked_response_and_design(y, yname, X, xnames, stacklevel=3)
+        crossed = single_group_as_crossed(y, X, Zre, m, vnames, vmats, vcols)
+        if crossed is not None:
+            engine: Engine = BlockedEngine(y, X, crossed, statsmodels_group=labels[0],
+                                           vc_order=tuple(vnames))
+            self._init(engine, api, yname, xnames, dropped)
+            return
         k = Zre.shape[1]
         if k and not np.any(Zre):
             raise SpecificationError("exog_re is all zero")
@@ -263,12 +261,31 @@ class MixedLM:
                 f"number of observations ({n}) <= number of random effects ({n_re}) for "
                 f"grouping factor '{gname}': the random-effects parameters and the residual "
                 "variance are unidentifiable")
-        self.spec = ModelSpec(
+        spec = ModelSpec(
             y=y, X=X, group_codes=codes, group_labels=labels, Zre=np.ascontiguousarray(Zre),
             layout=layout,
-            theta_map=ThetaMap(k, len(vnames), tuple(znames), tuple(vnames), re_pattern),
+            theta_map=GroupThetaMap(k, len(vnames), tuple(znames), tuple(vnames), re_pattern),
             endog_name=yname, exog_names=tuple(xnames), group_name=gname,
             vc_col_names=tuple(vcols), dropped_exog=dropped)
+        self._init(OneFactorEngine(spec, lme4_names=api == "lme4"), api, yname, xnames, dropped)
+
+    def _init(self, engine: Engine, api: str, endog_name: str, exog_names: list[str],
+              dropped_exog: tuple[str, ...]) -> None:
+        if api not in ("statsmodels", "lme4"):
+            raise ValueError(f"api must be 'statsmodels' or 'lme4', not {api!r}")
+        self.engine = engine
+        self.api = api
+        self.endog_name = endog_name
+        self._exog_names = list(exog_names)
+        self.dropped_exog = tuple(dropped_exog)
+
+    @classmethod
+    def from_engine(cls, engine: Engine, *, api: str, endog_name: str, exog_names: list[str],
+                    dropped_exog: tuple[str, ...] = ()) -> MixedLM:
+        """A model over a structure another front end built (lme4 formulas, chunked data)."""
+        model = cls.__new__(cls)
+        model._init(engine, api, endog_name, exog_names, dropped_exog)
+        return model
 
     @classmethod
     def from_formula(
@@ -280,83 +297,98 @@ class MixedLM:
         vc_formula: Mapping[str, str] | None = None,
         missing: str = "raise",
     ) -> MixedLM:
-        """statsmodels' ``MixedLM.from_formula``: formulas evaluated by formulaic.
-
-        statsmodels' spelling of crossed effects (a single group for all rows, one factor
-        variance component per crossed factor) is recognised and returns the equivalent
-        model with several grouping factors (``lmefast.multi.MultiLM``)."""
-        from lmefast.api_lmer import single_group_as_crossed
+        """statsmodels' ``MixedLM.from_formula``: formulas evaluated by formulaic (data in
+        memory; ``lmefast.mixedlm`` also takes Parquet paths and Dask DataFrames)."""
         from lmefast.formula import formula_arrays
 
-        kwargs = formula_arrays(formula, data, groups, re_formula, vc_formula, missing)
-        crossed = single_group_as_crossed(kwargs)
-        return cls(**kwargs) if crossed is None else crossed
+        return cls(**formula_arrays(formula, data, groups, re_formula, vc_formula, missing))
 
-    # -- data derived once ----------------------------------------------------------------
-    @cached_property
-    def crossprods(self) -> CrossProducts:
-        """Per-group and global cross-products: the one pass over the rows."""
-        return compute_crossprods(self.spec)
+    # -- the structure, from the engine ------------------------------------------------------
+    @property
+    def spec(self) -> ModelSpec:
+        """The one-grouping-factor structure (engines for one factor only)."""
+        return self.engine.spec
 
     @property
-    def theta_map(self) -> ThetaMap:
-        return self.spec.theta_map
+    def terms(self) -> tuple[Term, ...]:
+        """The grouping factors of a model with several (the blocked engine only)."""
+        return self.engine.terms
+
+    @property
+    def crossprods(self) -> Any:
+        """The cross-products: the one pass over the rows."""
+        return self.engine.crossprods
+
+    @property
+    def theta_map(self):
+        return self.engine.theta_map
+
+    @property
+    def endog(self) -> np.ndarray:
+        return self.engine.response()
+
+    @property
+    def exog(self) -> np.ndarray:
+        return self.engine.fixed_part(np.eye(self.k_fe)) if self.k_fe else np.zeros((self.nobs, 0))
+
+    y = endog
+    X = exog
 
     def covariance_terms(self, theta: np.ndarray
                          ) -> list[tuple[str, list[str], np.ndarray, np.ndarray]]:
-        """(group, coefficient names, T, free entries of T) per term: the random
-        coefficients, then each variance component as a one-coefficient term."""
-        tm = self.spec.theta_map
-        T, tvc = tm.split(np.asarray(theta, dtype=float))
-        out = []
-        if self.k_re:
-            free = np.zeros((tm.k, tm.k), dtype=bool)
-            free[tm.tril] = True
-            out.append((self.spec.group_name, self.exog_re_names, T, free))
-        for name, t in zip(tm.vc_names, tvc, strict=True):
-            out.append((f"{self.spec.group_name}:{name}", [name], np.array([[t]]),
-                        np.ones((1, 1), dtype=bool)))
-        return out
+        """(factor, coefficient names, T, free entries of T) per block of θ."""
+        Ts = self.engine.theta_map.Ts(np.asarray(theta, dtype=float))
+        return [(c.factor, list(c.coef_names), T, c.free)
+                for c, T in zip(self.engine.covariance_terms(), Ts, strict=True)]
+
+    def group_sizes(self) -> dict[str, np.ndarray]:
+        return self.engine.group_sizes()
 
     @property
-    def layout(self) -> BlockLayout:
-        return self.spec.layout
+    def source(self) -> Any:
+        """The data source of a model fitted from chunks (None for data in memory)."""
+        return self.engine.source
 
     @property
     def nobs(self) -> int:
-        return self.spec.nobs
+        return self.engine.nobs
 
     @property
-    def n_groups(self) -> int:
-        return self.spec.n_groups
+    def n_groups(self) -> int | dict[str, int]:
+        sizes = self.engine.group_sizes()
+        if self.api == "lme4":
+            return {name: len(v) for name, v in sizes.items()}
+        if isinstance(self.engine, BlockedEngine):
+            return 1
+        return len(next(iter(sizes.values())))
 
     @property
     def k_fe(self) -> int:
-        return self.spec.k_fe
+        return len(self._exog_names)
 
     @property
     def k_re(self) -> int:
-        return self.spec.k_re
+        return sum(len(c.coef_names) for c in self.engine.covariance_terms() if c.role == "coef")
 
     @property
     def k_vc(self) -> int:
-        return self.spec.theta_map.n_vc
+        return sum(1 for c in self.engine.covariance_terms() if c.role == "vc")
 
     @property
     def exog_names(self) -> list[str]:
-        return list(self.spec.exog_names)
+        return list(self._exog_names)
 
     @property
     def exog_re_names(self) -> list[str]:
-        return list(self.spec.theta_map.re_names)
+        return [n for c in self.engine.covariance_terms() if c.role == "coef" for n in c.coef_names]
 
     @property
     def endog_names(self) -> str:
-        return self.spec.endog_name
+        return self.endog_name
 
-    def objective(self, reml: bool = True, n_threads: int | None = None) -> ProfiledObjective:
+    def objective(self, reml: bool = True, n_threads: int | None = None) -> KernelObjective:
         """The profiled objective θ → −2 log-likelihood (ML) or REML criterion."""
-        return ProfiledObjective(self.crossprods, self.spec.theta_map, reml, n_threads)
+        return self.engine.objective(reml, n_threads)
 
     def loglike(self, theta: np.ndarray, reml: bool = True) -> float:
         """Profiled log-likelihood at θ (β̂ and σ̂² at their optimum for this θ)."""
@@ -371,7 +403,7 @@ class MixedLM:
         callback: Callable[[int, np.ndarray, float], None] | None = None,
         n_threads: int | None = None,
         **kwargs: Any,
-    ):
+    ) -> MixedLMResults:
         """Fit by REML (default) or ML. ``start_params`` is a starting θ.
 
         ``verbose`` prints the objective per iteration; ``callback(iteration, θ, objective)``
@@ -380,13 +412,12 @@ class MixedLM:
         (``method``, ``full_output``, ``niter_sa``...) are accepted and ignored: the
         optimiser is always the bounded quasi-Newton on θ.
         """
-        from lmefast.results import MixedLMResults
-
         obj = self.objective(reml, n_threads)
-        theta0 = self.spec.theta_map.start() if start_params is None else np.asarray(start_params, dtype=float)
-        if theta0.shape != (self.spec.theta_map.n_theta,):
+        tm = self.engine.theta_map
+        theta0 = tm.start() if start_params is None else np.asarray(start_params, dtype=float)
+        if theta0.shape != (tm.n_theta,):
             raise SpecificationError(
-                f"start_params must have {self.spec.theta_map.n_theta} entries (θ), got {theta0.shape}")
+                f"start_params must have {tm.n_theta} entries (θ), got {theta0.shape}")
         sol, opt = fit_theta(obj, theta0, maxiter=maxiter, verbose=verbose, callback=callback)
         if not opt.converged:
             warnings.warn(f"the optimiser did not converge: {opt.return_code}; max |gradient| "
@@ -394,24 +425,37 @@ class MixedLM:
         return MixedLMResults(self, obj, sol, opt)
 
 
-def mixedlm(
-    formula: str,
-    data: Any,
-    groups: Any = None,
-    re_formula: str | None = None,
-    vc_formula: Mapping[str, str] | None = None,
-    missing: str = "raise",
-    **scale_out: Any,
-) -> MixedLM:
-    """statsmodels' ``smf.mixedlm``: a MixedLM from formulas (call ``.fit()`` on it).
+def single_group_as_crossed(y: np.ndarray, X: np.ndarray, Zre: np.ndarray, m: int,
+                            vc_names: list[str], vc_designs: list, vc_col_names: list
+                            ) -> list[Term] | None:
+    """statsmodels' spelling of crossed effects — one group for all rows, one variance
+    component per crossed factor — as the equivalent terms of several grouping factors.
 
-    ``data`` may also be a path to Parquet data (lmefast.outofcore.mixedlm_parquet) or a Dask
-    DataFrame (lmefast.dask.mixedlm); ``scale_out`` keywords (progress=...) go to those."""
-    if isinstance(data, str | os.PathLike) or type(data).__module__.startswith("dask."):
-        from lmefast.chunked import scale_out_model
-
-        return scale_out_model(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
-    if scale_out:
-        raise TypeError(f"mixedlm() got unexpected keyword argument(s) {sorted(scale_out)}")
-    return MixedLM.from_formula(formula, data, groups=groups, re_formula=re_formula,
-                                vc_formula=vc_formula, missing=missing)
+    Returns None when the data have more than one group (then the variance components are
+    nested in the groups and the one-factor engine fits them) or no variance component."""
+    if m != 1 or not vc_designs:
+        return None
+    has_constant = bool(np.any(np.ptp(X, axis=0) == 0) and np.any(X != 0)) if X.size else False
+    if Zre.shape[1] > 1 or (Zre.shape[1] == 1 and not (np.ptp(Zre[:, 0]) == 0 and has_constant)):
+        raise SpecificationError(
+            "with a single group, random coefficients other than an intercept are not "
+            "identifiable; write crossed effects as variance components with re_formula='0'")
+    terms = []
+    for name, V, cols in zip(vc_names, vc_designs, vc_col_names, strict=True):
+        V = sp.csr_matrix(V)
+        V.eliminate_zeros()
+        if not (np.all(np.diff(V.indptr) == 1) and np.all(V.data == 1.0)):
+            raise SpecificationError(
+                f"variance component '{name}' is not a factor (each row needs exactly one "
+                "indicator): with a single group only factor variance components (crossed "
+                "effects, e.g. '0 + C(x)') can be fitted")
+        used = np.unique(V.indices)
+        code_of = np.full(V.shape[1], -1, dtype=np.int64)
+        code_of[used] = np.arange(used.shape[0])
+        labels = np.asarray(cols, dtype=object)[used]
+        if labels.shape[0] < 2:
+            raise SpecificationError(f"variance component '{name}' has a single level")
+        terms.append(Term(str(name), code_of[V.indices], labels, np.ones((len(y), 1)),
+                          ("(Intercept)",), (np.array([0]), np.array([0]))))
+    terms.sort(key=lambda t: -t.m)
+    return terms

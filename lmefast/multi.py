@@ -8,9 +8,7 @@ cross-products, computed once from the rows.
 """
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -19,46 +17,14 @@ import pandas as pd
 import scipy.sparse as sp
 
 from lmefast._multi import MultiKernel
-from lmefast.lmer import Term
-from lmefast.objective import KernelObjective, ObjectiveError, Solution
-from lmefast.optimize import fit_theta
+from lmefast.design import design, level_index
+from lmefast.engine import CovarianceTerm, Engine
+from lmefast.errors import InferenceError, ObjectiveError, PredictionError, SpecificationError
+from lmefast.objective import KernelObjective, Solution
 from lmefast.parallel import default_threads
-from lmefast.spec import SpecificationError
+from lmefast.structure import Term, ThetaMap
 
 MAX_DENSE_TRAILING = 12_000
-
-
-@dataclass(frozen=True)
-class MultiThetaMap:
-    """θ = the free entries of each term's T in turn (terms in sorted order)."""
-
-    terms: tuple[Term, ...]
-
-    @cached_property
-    def offsets(self) -> np.ndarray:
-        sizes = [t.pattern[0].shape[0] for t in self.terms]
-        return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-
-    @property
-    def n_theta(self) -> int:
-        return int(self.offsets[-1])
-
-    def diagonal_mask(self) -> np.ndarray:
-        return np.concatenate([t.pattern[0] == t.pattern[1] for t in self.terms])
-
-    def lower_bounds(self) -> np.ndarray:
-        return np.where(self.diagonal_mask(), 0.0, -np.inf)
-
-    def start(self) -> np.ndarray:
-        return self.diagonal_mask().astype(float)
-
-    def Ts(self, theta: np.ndarray) -> list[np.ndarray]:
-        out = []
-        for j, t in enumerate(self.terms):
-            T = np.zeros((t.k, t.k))
-            T[t.pattern] = theta[self.offsets[j]:self.offsets[j + 1]]
-            out.append(T)
-        return out
 
 
 @dataclass(frozen=True)
@@ -88,6 +54,32 @@ class MultiCrossProducts:
     @property
     def q2(self) -> int:
         return int(self.c2.shape[0])
+
+    def with_response(self, S1_y: np.ndarray, c2: np.ndarray, Xty: np.ndarray, yty: float,
+                      k1: int) -> MultiCrossProducts:
+        """The same design with another response: the first factor's Z_1'y (m1 × k1), the
+        trailing Z'y, X'y and y'y replaced."""
+        S1 = self.S1.reshape(S1_y.shape[0], -1).copy()
+        S1[:, -k1:] = S1_y
+        return replace(self, S1=S1.ravel(), c2=np.ascontiguousarray(c2),
+                       Xty=np.ascontiguousarray(Xty), yty=float(yty))
+
+    def without_fixed(self, j: int, value: float, k1: int) -> MultiCrossProducts:
+        """β_j held at value: column j of X removed, value · x_j taken from the response."""
+        p = self.p
+        rec = k1 * k1 + k1 * p + k1
+        S1 = self.S1.reshape(-1, rec)
+        B = S1[:, k1 * k1:k1 * k1 + k1 * p].reshape(-1, k1, p)
+        keep = [c for c in range(p) if c != j]
+        c1 = S1[:, k1 * k1 + k1 * p:] - value * B[:, :, j]
+        S0 = np.concatenate([S1[:, :k1 * k1], B[:, :, keep].reshape(S1.shape[0], -1), c1], axis=1)
+        XtX = self.XtX
+        return replace(self, S1=np.ascontiguousarray(S0.ravel()),
+                       B2=np.ascontiguousarray(self.B2[:, keep]),
+                       c2=np.ascontiguousarray(self.c2 - value * self.B2[:, j]),
+                       XtX=np.ascontiguousarray(XtX[np.ix_(keep, keep)]),
+                       Xty=np.ascontiguousarray(self.Xty[keep] - XtX[keep, j] * value),
+                       yty=float(self.yty - 2 * value * self.Xty[j] + value * value * XtX[j, j]))
 
 
 def sorted_unique(a: np.ndarray) -> np.ndarray:
@@ -227,13 +219,13 @@ class MultiObjective(KernelObjective):
 
     block_name = "level of the first factor"
 
-    def __init__(self, cp: MultiCrossProducts, theta_map: MultiThetaMap, reml: bool,
+    def __init__(self, cp: MultiCrossProducts, terms: tuple[Term, ...], reml: bool,
                  n_threads: int | None = None) -> None:
         self.cp = cp
-        self.theta_map = theta_map
+        self.terms = terms
+        self.theta_map = ThetaMap.of_terms(terms)
         self.reml = reml
         self.dof = cp.n - cp.p if reml else cp.n
-        terms = theta_map.terms
         trail = terms[1:]
         t_off = np.concatenate([[0], np.cumsum([t.k * t.k for t in terms])]).astype(np.int64)
         sizes = [t.m * t.k for t in trail]
@@ -265,7 +257,7 @@ class MultiObjective(KernelObjective):
             raise ObjectiveError(str(exc)) from None
         Ts = self.theta_map.Ts(sol.theta)
         out = [sol.sigma2 * np.einsum("ab,ibc,dc->iad", Ts[0], M1, Ts[0])]
-        for j, t in enumerate(self.theta_map.terms[1:]):
+        for j, t in enumerate(self.terms[1:]):
             c0 = self.cp.trail_c0[j]
             blocks = B2[c0:c0 + t.m * t.k, :t.k].reshape(t.m, t.k, t.k)
             T = Ts[j + 1]
@@ -279,94 +271,308 @@ class MultiObjective(KernelObjective):
         except FloatingPointError as exc:
             raise ObjectiveError(str(exc)) from None
         out = [b1]
-        for j, t in enumerate(self.theta_map.terms[1:]):
+        for j, t in enumerate(self.terms[1:]):
             c0 = self.cp.trail_c0[j]
             out.append(b2[c0:c0 + t.m * t.k].reshape(t.m, t.k))
         return out
 
 
-class MultiLM:
-    """A linear mixed model with several grouping factors (from ``lmer``)."""
 
-    def __init__(self, y: np.ndarray, X: np.ndarray, terms: list[Term], *, endog_name: str,
-                 exog_names: list[str], dropped_exog: tuple[str, ...] = (),
-                 statsmodels_group: Any = None, vc_order: tuple[str, ...] = ()) -> None:
-        """statsmodels_group / vc_order: set when the model came from statsmodels' one-group
-        spelling (the group's label and the variance components in the user's order), so that
-        results keep statsmodels' shapes (vcomp, random_effects of the one group)."""
+
+class BlockedEngine(Engine):
+    """Several grouping factors (the blocked Cholesky; module docstring).
+
+    ``statsmodels_group`` / ``vc_order``: set when the model came from statsmodels' one-group
+    spelling of crossed effects (the group's label and the variance components in the user's
+    order), so that statsmodels' shapes can be given (random_effects of the one group)."""
+
+    def __init__(self, y: np.ndarray | None, X: np.ndarray | None, terms: list[Term], *,
+                 crossprods: MultiCrossProducts | None = None,
+                 group_sizes: dict[str, np.ndarray] | None = None, nobs: int | None = None,
+                 source: Any = None, statsmodels_group: Any = None,
+                 vc_order: tuple[str, ...] = ()) -> None:
         self.y = y
         self.X = X
         self.terms = tuple(terms)
-        self.endog_name = endog_name
-        self._exog_names = list(exog_names)
-        self.dropped_exog = dropped_exog
+        self.theta_map = ThetaMap.of_terms(self.terms)
+        self.source = source
         self.statsmodels_group = statsmodels_group
         self.vc_order = tuple(vc_order)
-        self.theta_map = MultiThetaMap(self.terms)
-        for t in terms:
-            if t.m * t.k >= y.shape[0]:
+        self._nobs = int(y.shape[0]) if nobs is None else int(nobs)
+        self._group_sizes = group_sizes
+        if crossprods is not None:
+            self.__dict__["crossprods"] = crossprods
+        for t in self.terms:
+            if t.m * t.k >= self._nobs:
                 raise SpecificationError(
-                    f"number of observations ({y.shape[0]}) <= number of random effects "
+                    f"number of observations ({self._nobs}) <= number of random effects "
                     f"({t.m * t.k}) for term (... | {t.name}): the random-effects parameters "
                     "and the residual variance are unidentifiable")
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def nobs(self) -> int:
+        return self._nobs
+
+    @property
+    def k_fe(self) -> int:
+        return int(self.crossprods.XtX.shape[0]) if self.X is None else int(self.X.shape[1])
+
+    @property
+    def has_rows(self) -> bool:
+        return self.source is None
+
+    def covariance_terms(self) -> list[CovarianceTerm]:
+        out = []
+        for t, free in zip(self.terms, self.theta_map.free_masks(), strict=True):
+            role = "vc" if self.statsmodels_group is not None else "coef"
+            out.append(CovarianceTerm(t.name, tuple(t.coef_names), free, role,
+                                      t.name if role == "vc" else ""))
+        return out
+
+    def variance_params(self) -> list[tuple[int, int, int]]:
+        return [(j, int(r), int(c)) for j, t in enumerate(self.terms)
+                for r, c in zip(*t.pattern, strict=True)]
+
+    def group_sizes(self) -> dict[str, np.ndarray]:
+        if self._group_sizes is not None:
+            return self._group_sizes
+        return {t.name: np.bincount(t.codes, minlength=t.m) for t in self.terms}
 
     @cached_property
     def crossprods(self) -> MultiCrossProducts:
         return compute_multi_crossprods(self.y, self.X, list(self.terms))
 
-    @property
-    def nobs(self) -> int:
-        return int(self.y.shape[0])
+    def objective(self, reml: bool = True, n_threads: int | None = None,
+                  crossprods: MultiCrossProducts | None = None) -> MultiObjective:
+        return MultiObjective(self.crossprods if crossprods is None else crossprods, self.terms,
+                              reml, n_threads)
 
-    @property
-    def k_fe(self) -> int:
-        return int(self.X.shape[1])
+    # -- at a solution -----------------------------------------------------------------------
+    def _modes(self, obj: MultiObjective, sol: Solution) -> list[np.ndarray]:
+        key = (id(obj), sol.theta.tobytes())
+        cached = self.__dict__.get("_last_modes")
+        if cached is None or cached[0] != key:
+            cached = (key, obj.modes(sol))
+            self.__dict__["_last_modes"] = cached
+        return cached[1]
 
-    @property
-    def exog_names(self) -> list[str]:
-        return list(self._exog_names)
+    def modes_by_factor(self, obj: MultiObjective, sol: Solution) -> dict[str, pd.DataFrame]:
+        return {t.name: pd.DataFrame(b, index=pd.Index(t.labels, name=t.name),
+                                     columns=list(t.coef_names))
+                for t, b in zip(self.terms, self._modes(obj, sol), strict=True)}
 
-    @property
-    def endog_names(self) -> str:
-        return self.endog_name
+    def condvar_by_factor(self, obj: MultiObjective, sol: Solution) -> dict[str, np.ndarray]:
+        cvs = obj.conditional_variances(sol)
+        return {t.name: cv for t, cv in zip(self.terms, cvs, strict=True)}
 
-    def objective(self, reml: bool = True, n_threads: int | None = None) -> MultiObjective:
-        return MultiObjective(self.crossprods, self.theta_map, reml, n_threads)
+    def modes_by_group(self, obj: MultiObjective, sol: Solution) -> dict[Any, pd.Series]:
+        """statsmodels' one-group spelling: {group: Series indexed "name[level]"}; otherwise
+        every factor's levels under its own name."""
+        frames = self.modes_by_factor(obj, sol)
+        order = self.vc_order or tuple(frames)
+        parts = [pd.Series(frames[name].iloc[:, 0].to_numpy(),
+                           index=[f"{name}[{lab}]" for lab in frames[name].index])
+                 for name in order]
+        return {self.statsmodels_group: pd.concat(parts)}
 
-    def fit(self, reml: bool = True, start_params: np.ndarray | None = None, maxiter: int = 500,
-            verbose: bool = False, callback: Callable | None = None, **kwargs: Any):
-        from lmefast.results_multi import MultiResults
+    def condvar_by_group(self, obj: MultiObjective, sol: Solution) -> dict[Any, np.ndarray]:
+        return self.condvar_by_factor(obj, sol)
 
-        obj = self.objective(reml, kwargs.get("n_threads"))
-        theta0 = self.theta_map.start() if start_params is None else np.asarray(start_params, float)
-        if theta0.shape != (self.theta_map.n_theta,):
-            raise SpecificationError(f"start_params must have {self.theta_map.n_theta} entries")
-        sol, opt = fit_theta(obj, theta0, maxiter=maxiter, verbose=verbose, callback=callback)
-        if not opt.converged:
-            warnings.warn(f"the optimiser did not converge: {opt.return_code}", stacklevel=2)
-        return MultiResults(self, obj, sol, opt)
-
-    def group_sizes(self) -> dict[str, np.ndarray]:
-        """Rows per level of every grouping factor."""
-        return {t.name: np.bincount(t.codes, minlength=t.m) for t in self.terms}
-
-    def covariance_terms(self, theta: np.ndarray
-                         ) -> list[tuple[str, list[str], np.ndarray, np.ndarray]]:
-        """(group, coefficient names, T, free entries of T) per term."""
-        out = []
-        for t, T in zip(self.terms, self.theta_map.Ts(np.asarray(theta, float)), strict=True):
-            free = np.zeros((t.k, t.k), dtype=bool)
-            free[t.pattern] = True
-            out.append((t.name, list(t.coef_names), T, free))
-        return out
-
-    def fitted(self, beta: np.ndarray, modes: list[np.ndarray]) -> np.ndarray:
-        fit = self.X @ beta
-        for t, b in zip(self.terms, modes, strict=True):
+    def fitted(self, obj: MultiObjective, sol: Solution) -> np.ndarray:
+        if not self.has_rows:
+            raise self.no_rows("the fitted values (the rows)")
+        fit = self.X @ sol.beta
+        for t, b in zip(self.terms, self._modes(obj, sol), strict=True):
             fit += np.einsum("ij,ij->i", t.Z, b[t.codes])
         return fit
 
-    def random_effects_frames(self, modes: list[np.ndarray]) -> dict[str, pd.DataFrame]:
-        return {t.name: pd.DataFrame(b, index=pd.Index(t.labels, name=t.name),
-                                     columns=list(t.coef_names))
-                for t, b in zip(self.terms, modes, strict=True)}
+    def fixed_part(self, beta: np.ndarray) -> np.ndarray:
+        if not self.has_rows:
+            raise self.no_rows("the fixed-effects design")
+        return self.X @ beta
+
+    def response(self) -> np.ndarray:
+        if not self.has_rows:
+            raise self.no_rows("the response")
+        return self.y
+
+    # -- inference ---------------------------------------------------------------------------
+    def without_fixed(self, j: int, value: float) -> MultiCrossProducts:
+        return self.crossprods.without_fixed(j, value, self.terms[0].k)
+
+    def simulator(self, theta: np.ndarray, beta: np.ndarray, sigma: float) -> MultiSimulator:
+        if not self.has_rows:
+            raise self.no_rows("the design")
+        return MultiSimulator(self, theta, beta, sigma)
+
+    def kenward_roger_traces(self, theta: np.ndarray, sigma2: float
+                             ) -> tuple[np.ndarray, list[np.ndarray], dict]:
+        """In the space of the q random effects (lmefast.inference's module docstring):
+        V = σ²(I + ZΛΛ'Z'), every product from Z'Z, Z'X, X'X and S = Λ(Λ'Z'ZΛ + I)⁻¹Λ'."""
+        from scipy.linalg import cho_factor, cho_solve
+
+        if not self.has_rows:
+            raise self.no_rows("the design")
+        terms = self.terms
+        sizes = [t.m * t.k for t in terms]
+        q = int(sum(sizes))
+        if q > KR_MAX_RANDOM_EFFECTS:
+            raise InferenceError(
+                f"Kenward-Roger with several grouping factors uses dense q × q matrices of the q = {q} "
+                f"random effects (O(q³) time, about 8 q² doubles of memory); the limit is "
+                f"KR_MAX_RANDOM_EFFECTS = {KR_MAX_RANDOM_EFFECTS}: use ddf='satterthwaite' (cost "
+                "independent of the number of rows)")
+        n, p = self.nobs, self.k_fe
+        X = self.X
+        off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        rows, cols, vals = [], [], []
+        for j, t in enumerate(terms):
+            for a in range(t.k):
+                rows.append(np.arange(n))
+                cols.append(off[j] + t.codes * t.k + a)
+                vals.append(t.Z[:, a])
+        Z = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(n, q))
+        A = (Z.T @ Z).toarray()
+        B = np.asarray(Z.T @ X)
+        XtX = X.T @ X
+        Lam = sp.block_diag([sp.kron(sp.identity(t.m), T) for t, T in
+                             zip(terms, self.theta_map.Ts(theta), strict=True)], format="csr")
+        LtA = np.asarray(Lam.T @ A)                  # Λ'A
+        M = np.asarray(Lam.T @ LtA.T)                # Λ'AΛ (symmetric)
+        del LtA
+        M = 0.5 * (M + M.T)
+        M[np.diag_indices(q)] += 1.0
+        S = np.asarray(Lam @ cho_solve(cho_factor(M, lower=True), Lam.T.toarray()))
+        del M
+        S = 0.5 * (S + S.T)                          # Λ (Λ'AΛ + I)⁻¹ Λ'
+        s2 = sigma2
+        SA = S @ A
+        SB = S @ B
+        W = (A - A @ SA) / s2                        # Z'V⁻¹Z
+        W = 0.5 * (W + W.T)
+        E = (B - A @ SB) / s2                        # Z'V⁻¹X
+        K = (np.eye(q) - SA) / s2                    # V⁻¹Z = Z K
+        U = K.T @ A @ K                              # Z'V⁻²Z
+        F = K.T @ E                                  # Z'V⁻²X
+        XV2X = (XtX - 2 * B.T @ SB + SB.T @ A @ SB) / s2 ** 2
+        XV3X = (XV2X - E.T @ S @ E) / s2
+        trV2 = (n - 2 * np.trace(SA) + np.sum(SA * SA.T)) / s2 ** 2
+        # the covariance parameters: per term the free entries (a, b) of its covariance matrix;
+        # D_r = Σ_t e_{x_t} e_{y_t}' over the term's levels (both orders for a ≠ b)
+        idx = []
+        for j, t in enumerate(terms):
+            base = off[j] + np.arange(t.m) * t.k
+            for a, b in zip(t.pattern[0].tolist(), t.pattern[1].tolist(), strict=True):
+                xr, yr = base + a, base + b
+                idx.append((xr, yr) if a == b else (np.concatenate([xr, yr]), np.concatenate([yr, xr])))
+        R = len(idx) + 1
+        Ktr = np.zeros((R, R))
+        P = [np.zeros((p, p)) for _ in range(R)]
+        Q = {}
+        for r, (xr, yr) in enumerate(idx):
+            P[r] = -(E[xr].T @ E[yr])
+            for s_, (xs, ys) in enumerate(idx[r:], start=r):
+                Wrs = W[np.ix_(yr, xs)]
+                Ktr[r, s_] = np.sum(Wrs * W[np.ix_(ys, xr)].T)
+                Q[(r, s_)] = E[xr].T @ Wrs @ E[ys]
+            Ktr[r, R - 1] = np.sum(U[yr, xr])
+            Q[(r, R - 1)] = E[xr].T @ F[yr]
+        P[R - 1] = -XV2X
+        Ktr[R - 1, R - 1] = trV2
+        Q[(R - 1, R - 1)] = XV3X
+        return Ktr, P, Q
+
+    def random_prediction(self, modes: dict[str, pd.DataFrame], newdata: Any, exog_re: Any,
+                          groups: Any, new_levels: str) -> np.ndarray:
+        """Each factor contributes Z_j b̂_j of the row's level; a level not in the fit
+        contributes nothing for that factor only (lme4's allow.new.levels=TRUE)."""
+        if newdata is None:
+            raise PredictionError("with several grouping factors, conditional predictions need newdata "
+                                  "(a DataFrame with the grouping columns); use include_random=False "
+                                  "for population predictions from exog")
+        pred = np.zeros(len(newdata))
+        for t in self.terms:
+            b = modes[t.name].to_numpy()
+            cols = t.name.split(":")
+            missing = [c for c in cols if c not in newdata.columns]
+            if missing:
+                raise PredictionError(f"newdata is missing the grouping column(s) {missing} of the "
+                                      f"grouping factor {t.name!r}")
+            if len(cols) == 1:
+                key = newdata[cols[0]].to_numpy()
+            else:
+                key = newdata[cols[0]].astype(str)
+                for c in cols[1:]:
+                    key = key + ":" + newdata[c].astype(str)
+                key = key.to_numpy()
+            idx = level_index(np.asarray(t.labels), key)
+            new = idx < 0
+            if new.any() and new_levels == "error":
+                raise PredictionError(f"level(s) {sorted({str(v) for v in key[new]})[:10]} of {t.name!r} "
+                                      "were not in the fit (pass new_levels='population' for population "
+                                      "predictions)")
+            Z = design(newdata, list(t.coef_names), _INTERCEPTS, f"random effects of {t.name!r}")
+            pred = pred + np.where(new, 0.0, np.einsum("ij,ij->i", Z, b[np.where(new, 0, idx)]))
+        return pred
+
+
+KR_MAX_RANDOM_EFFECTS = 4_000      # several factors: q = Σ m_j k_j (dense q × q matrices)
+_INTERCEPTS = {"Intercept", "(Intercept)", "const"}
+
+
+class MultiSimulator:
+    """Responses simulated from a fit with several grouping factors, and their cross-products:
+    each replicate draws y* = Xβ̂ + Σ_j Z_j b_j* + ε* from its own seed and makes one pass over
+    the rows for its y-parts only (Z'Z, Z'X, X'X and the layout are reused)."""
+
+    def __init__(self, engine: BlockedEngine, theta: np.ndarray, beta: np.ndarray,
+                 sigma: float) -> None:
+        self.engine = engine
+        self.cp = engine.crossprods
+        self.terms = engine.terms
+        self.Ts = engine.theta_map.Ts(theta)
+        self.beta = np.asarray(beta, dtype=float).copy()
+        self.sigma = float(sigma)
+        self.fixed = engine.X @ self.beta
+        self.q2 = self.cp.q2
+        self.coords = [int(c0) + t.codes * t.k for c0, t in zip(self.cp.trail_c0, self.terms[1:], strict=True)]
+
+    @staticmethod
+    def seeds(seed: int | np.random.Generator | None, n: int) -> np.ndarray:
+        """The per-replicate seeds of a bootstrap of n replicates."""
+        return np.random.default_rng(seed).integers(0, 2**63 - 1, size=n)
+
+    def draws(self, seed: int | np.random.Generator | None, n: int) -> np.ndarray:
+        return self.seeds(seed, n)
+
+    def one_random_part(self, rng: np.random.Generator) -> np.ndarray:
+        """Σ_j Z_j b_j*, b_j* ~ N(0, σ̂² T_j T_j') per level (rows in the data's order)."""
+        out = np.zeros(self.engine.nobs)
+        for t, T in zip(self.terms, self.Ts, strict=True):
+            b = self.sigma * rng.standard_normal((t.m, t.k)) @ T.T
+            out += np.einsum("ij,ij->i", t.Z, b[t.codes])
+        return out
+
+    def random_part(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return np.stack([self.one_random_part(rng) for _ in range(n)])
+
+    def response(self, rng: np.random.Generator) -> np.ndarray:
+        """One simulated response y* = Xβ̂ + Zb* + ε* (new random effects, as lme4's simulate)."""
+        mu = self.fixed + self.one_random_part(rng)
+        return mu + self.sigma * rng.standard_normal(mu.shape[0])
+
+    def crossprods_of(self, y: np.ndarray) -> MultiCrossProducts:
+        """The model's cross-products with the response replaced by y (only the y-parts are
+        recomputed)."""
+        t1 = self.terms[0]
+        S1_y = np.column_stack([np.bincount(t1.codes, t1.Z[:, a] * y, t1.m) for a in range(t1.k)])
+        c2 = np.zeros(self.q2)
+        for c0, t in zip(self.coords, self.terms[1:], strict=True):
+            for a in range(t.k):
+                c2 += np.bincount(c0 + a, t.Z[:, a] * y, self.q2)
+        return self.cp.with_response(S1_y, c2, self.engine.X.T @ y, float(y @ y), t1.k)
+
+    def crossprods(self, seeds: np.ndarray, r: int) -> MultiCrossProducts:
+        return self.crossprods_of(self.response(np.random.default_rng(seeds[r])))

@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from lmefast._kernels import OneFactorKernel, modes_pass
-from lmefast.crossprods import CrossProducts
-from lmefast.parallel import default_threads
-from lmefast.spec import ThetaMap
+from lmefast.errors import ObjectiveError
+
+__all__ = ["KernelObjective", "ObjectiveError", "Solution"]
 
 
 @dataclass(frozen=True)
@@ -34,10 +33,6 @@ class Solution:
     logdet_L: float         # log|L|²
     sigma2: float
     grad: np.ndarray | None = None
-
-
-class ObjectiveError(FloatingPointError):
-    """The objective cannot be evaluated at this θ."""
 
 
 class KernelObjective:
@@ -95,38 +90,3 @@ class KernelObjective:
         """Projected BFGS (lmefast._bfgs) with the objective in C: (θ, f, g, f at θ0,
         inverse-Hessian approximation, iterations, return code)."""
         return self.kernel.minimize(theta0, lower, gtol, maxiter, on_iter)
-
-
-class ProfiledObjective(KernelObjective):
-    """The profiled objective of one grouping factor (lmefast._kernels.OneFactorKernel)."""
-
-    def __init__(self, cp: CrossProducts, theta_map: ThetaMap, reml: bool,
-                 n_threads: int | None = None) -> None:
-        self.cp = cp
-        self.theta_map = theta_map
-        self.reml = reml
-        self.dof = cp.n - cp.p if reml else cp.n
-        lay = cp.layout
-        rows, cols = theta_map.tril
-        self.kernel = OneFactorKernel(
-            cp.S, cp.s_off, lay.q_off, lay.comp, theta_map.k, cp.p, lay.qmax,
-            np.ascontiguousarray(cp.XtX).ravel(), np.ascontiguousarray(cp.Xty), cp.yty,
-            float(cp.n), reml, rows.astype(np.int64), cols.astype(np.int64), theta_map.n_vc,
-            default_threads(lay.q_off.shape[0] - 1) if n_threads is None else n_threads)
-
-    @property
-    def n_threads(self) -> int:
-        return int(self.kernel.n_threads)
-
-    def modes(self, sol: Solution) -> tuple[np.ndarray, np.ndarray]:
-        """Conditional modes b (one per coordinate, offsets q_off) and conditional covariances
-        σ²ΛM⁻¹Λ' (one q_i × q_i block per group, offsets a_off)."""
-        cp, lay, tm = self.cp, self.cp.layout, self.theta_map
-        T, tvc = tm.split(sol.theta)
-        b = np.zeros(int(lay.q_off[-1]))
-        cv = np.zeros(int(lay.a_off[-1]))
-        status = modes_pass(cp.S, cp.s_off, lay.q_off, lay.a_off, lay.comp, tm.k, cp.p,
-                            lay.qmax, T.ravel(), tvc, sol.beta, b, cv)
-        if status:
-            raise ObjectiveError(f"block of group {status - 1} is not positive definite")
-        return b, cv * sol.sigma2

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from lmefast._bfgs import RETURN_MESSAGES
-from lmefast.objective import ProfiledObjective, Solution
+from lmefast.objective import KernelObjective, Solution
 
 GRAD_TOL = 2e-3          # convergence check on max |projected gradient| (lme4 uses 2e-3, scaled)
 DECREMENT_TOL = 1e-6     # or: the Newton decrement g'H⁻¹g (objective units) below this
@@ -59,7 +59,7 @@ def projected_gradient(theta: np.ndarray, grad: np.ndarray, lower: np.ndarray) -
     return np.where(at_bound, 0.0, grad)
 
 
-def hessian_fd(obj: ProfiledObjective, theta: np.ndarray, grad: np.ndarray,
+def hessian_fd(obj: KernelObjective, theta: np.ndarray, grad: np.ndarray,
                free: np.ndarray) -> np.ndarray:
     """Hessian of the objective on the free coordinates by forward differences of the
     analytic gradient (one gradient per free coordinate), symmetrised."""
@@ -74,7 +74,7 @@ def hessian_fd(obj: ProfiledObjective, theta: np.ndarray, grad: np.ndarray,
     return 0.5 * (H + H.T)
 
 
-def newton_check(obj: ProfiledObjective, sol: Solution, lower: np.ndarray
+def newton_check(obj: KernelObjective, sol: Solution, lower: np.ndarray
                  ) -> tuple[Solution, float]:
     """The convergence test and a last Newton step on the free θ.
 
@@ -103,7 +103,7 @@ def newton_check(obj: ProfiledObjective, sol: Solution, lower: np.ndarray
 
 
 def fit_theta(
-    obj: ProfiledObjective,
+    obj: KernelObjective,
     theta0: np.ndarray,
     *,
     maxiter: int = 500,

@@ -28,21 +28,21 @@ from typing import Any
 import pandas as pd
 
 from lmefast.chunked import (
-    ChunkedMixedLM,
-    ChunkedMixedLMResults,
     ChunkPlan,
+    ChunkSource,
     LabelCoder,
-    ProgressFn,
-    RowsUnavailableError,
     build_model,
     chunk_stats,
     merge_keys,
     n_threads_for,
     predict_chunk,
     predict_pandas,
-    progress_function,
+    predict_payload,
 )
-from lmefast.spec import SpecificationError
+from lmefast.errors import RowsUnavailableError, SpecificationError
+from lmefast.model import MixedLM
+from lmefast.progress import ProgressFn, progress_function
+from lmefast.results import MixedLMResults
 
 DEFAULT_BATCH_ROWS = 1_000_000
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
@@ -70,8 +70,10 @@ def parquet_files(path: str | os.PathLike | list) -> list[Path]:
     return files
 
 
-class ParquetSource:
+class ParquetSource(ChunkSource):
     """Chunks of a set of Parquet files: (description, pandas DataFrame) per row group."""
+
+    kind = "Parquet files"
 
     def __init__(self, path: str | os.PathLike | list, batch_rows: int = DEFAULT_BATCH_ROWS) -> None:
         import pyarrow.parquet as pq
@@ -140,16 +142,16 @@ class ParquetSource:
                         progress(stage, done, self.total_rows)
 
     # -- passes over the rows for a fitted model ---------------------------------------------------
-    def fitted(self, res: ChunkedMixedLMResults, resid: bool):
+    def fitted(self, res: MixedLMResults, resid: bool):
         what = "resid" if resid else "fittedvalues"
         raise RowsUnavailableError(
             f"{what}: the model was fitted out of core from Parquet and the rows are not in memory; "
             "use res.fitted_chunks() to stream fitted values and residuals chunk by chunk, "
             "res.write_fitted(path) to write them to Parquet, or res.predict(newdata) for a DataFrame")
 
-    def fitted_chunks(self, res: ChunkedMixedLMResults, progress: ProgressFn | None
+    def fitted_chunks(self, res: MixedLMResults, progress: ProgressFn | None
                       ) -> Iterator[pd.DataFrame]:
-        payload = res.predict_payload
+        payload = predict_payload(res)
         plan = payload.plan
         cols = list(plan.used)
         for where, df in self.chunks(cols, progress, "fitted values"):
@@ -158,13 +160,33 @@ class ParquetSource:
             y = df[plan.yname].to_numpy(dtype=float)
             yield pd.DataFrame({"fittedvalues": fit, "resid": y - fit})
 
-    def predict(self, res: ChunkedMixedLMResults, newdata: Any, include_random: bool, new_levels: str):
+    def predict(self, res: MixedLMResults, newdata: Any, include_random: bool, new_levels: str):
         if newdata is None:
             self.fitted(res, resid=False)
         return predict_any(res, newdata, include_random, new_levels)
 
+    def write_fitted(self, res: MixedLMResults, path: Any, progress: ProgressFn | None) -> int:
+        """Fitted values and residuals written to one Parquet file (one row group per chunk, in
+        the order of the data); returns the number of rows."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-def predict_any(res: ChunkedMixedLMResults, newdata: Any, include_random: bool, new_levels: str):
+        writer = None
+        n = 0
+        try:
+            for df in self.fitted_chunks(res, progress):
+                table = pa.Table.from_pandas(df, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(str(path), table.schema)
+                writer.write_table(table)
+                n += len(df)
+        finally:
+            if writer is not None:
+                writer.close()
+        return n
+
+
+def predict_any(res: MixedLMResults, newdata: Any, include_random: bool, new_levels: str):
     """pandas → numpy array; Dask → lazy Dask Series."""
     if isinstance(newdata, pd.DataFrame):
         return predict_pandas(res, newdata, include_random, new_levels)
@@ -186,7 +208,7 @@ def mixedlm_parquet(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     progress: bool | ProgressFn | None = None,
     n_threads: int | None = None,
-) -> ChunkedMixedLM:
+) -> MixedLM:
     """statsmodels' ``mixedlm`` on Parquet data, out of core: reads the data (two passes) and
     returns a model whose ``fit()`` uses the cross-products only.
 
@@ -220,26 +242,10 @@ def mixedlm_parquet(
     stats = None
     for where, df in source.chunks(plan.used, report, f"pass {n_pass}/{n_pass} (cross-products), rows"):
         stats = chunk_stats(plan, coder, df, where, stats, nth)
-    return build_model(plan, labels, stats, source, "Parquet files")
+    return build_model(plan, labels, stats, source)
 
 
-def write_fitted(res: ChunkedMixedLMResults, path: str | os.PathLike,
+def write_fitted(res: MixedLMResults, path: str | os.PathLike,
                  progress: bool | ProgressFn | None = None) -> int:
-    """Fitted values and residuals of a Parquet fit, written to one Parquet file (one row group
-    per chunk, in the order of the data); returns the number of rows."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    writer = None
-    n = 0
-    try:
-        for df in res.fitted_chunks(progress):
-            table = pa.Table.from_pandas(df, preserve_index=False)
-            if writer is None:
-                writer = pq.ParquetWriter(str(path), table.schema)
-            writer.write_table(table)
-            n += len(df)
-    finally:
-        if writer is not None:
-            writer.close()
-    return n
+    """Fitted values and residuals of a Parquet fit, written to one Parquet file."""
+    return res.write_fitted(path, progress)

@@ -13,64 +13,16 @@ allow.new.levels=TRUE), or raises with new_levels='error'.
 """
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from lmefast.design import design
+from lmefast.errors import PredictionError
+
 if TYPE_CHECKING:
     from lmefast.results import MixedLMResults
-
-
-class PredictionError(ValueError):
-    """New data that cannot be used for prediction (the message names the column)."""
-
-
-_LEVEL = re.compile(r"^(?P<var>.+?)\[(?:T\.)?(?P<level>.+)\]$")
-
-
-def _column(df: pd.DataFrame, name: str, intercepts: set[str]) -> np.ndarray:
-    if name in intercepts:
-        return np.ones(len(df))
-    if name in df.columns:
-        col = df[name]
-        if not pd.api.types.is_numeric_dtype(col):
-            raise PredictionError(f"column {name!r} of newdata is not numeric")
-        return col.to_numpy(dtype=float)
-    m = _LEVEL.match(name)
-    if m and m["var"] in df.columns:
-        values = df[m["var"]].astype(str).to_numpy()
-        return (values == m["level"]).astype(float)
-    if ":" in name:
-        out = np.ones(len(df))
-        for part in name.split(":"):
-            out = out * _column(df, part, intercepts)
-        return out
-    raise PredictionError(f"newdata has no column for {name!r}")
-
-
-def _needed(names: list[str], intercepts: set[str]) -> set[str]:
-    out = set()
-    for name in names:
-        for part in name.split(":"):
-            if part in intercepts:
-                continue
-            m = _LEVEL.match(part)
-            out.add(m["var"] if m else part)
-    return out
-
-
-def design(df: pd.DataFrame, names: list[str], intercepts: set[str], what: str) -> np.ndarray:
-    missing = sorted(c for c in _needed(names, intercepts) if c not in df.columns)
-    if missing:
-        raise PredictionError(f"newdata is missing column(s) {missing} needed for the {what} "
-                              f"(columns {names})")
-    X = np.column_stack([_column(df, n, intercepts) for n in names]) if names else np.zeros((len(df), 0))
-    bad = ~np.isfinite(X).all(axis=0)
-    if bad.any():
-        raise PredictionError(f"newdata has NaN or infinite values in {[names[j] for j in np.nonzero(bad)[0]]}")
-    return X
 
 
 def predict(res: MixedLMResults, newdata: Any = None, include_random: bool = True,
@@ -80,13 +32,10 @@ def predict(res: MixedLMResults, newdata: Any = None, include_random: bool = Tru
     arrays exog (n × p) / exog_re (n × k) / groups (n labels)."""
     if new_levels not in ("population", "error"):
         raise PredictionError(f"new_levels must be 'population' or 'error', not {new_levels!r}")
-    if not hasattr(res.model, "spec"):
-        return _predict_multi(res, newdata, include_random, new_levels, exog)
-    spec = res.model.spec
     beta = res._sol.beta
+    engine = res.engine
     if newdata is None and exog is None:
-        return res.fittedvalues.copy() if include_random else spec.X @ beta
-    gname = spec.group_name
+        return res.fittedvalues.copy() if include_random else engine.fixed_part(beta)
     intercepts = {"Intercept", "(Intercept)", "const"}
     if newdata is not None:
         if not isinstance(newdata, pd.DataFrame):
@@ -99,87 +48,5 @@ def predict(res: MixedLMResults, newdata: Any = None, include_random: bool = Tru
     pred = X @ beta
     if not include_random:
         return pred
-    if getattr(spec, "theta_map", None) is not None and spec.theta_map.n_vc:
-        raise PredictionError("conditional predictions on new data are not implemented for models with "
-                              "variance components; use include_random=False")
-    re_names = list(res.model.exog_re_names)
-    if newdata is not None:
-        if gname not in newdata.columns:
-            raise PredictionError(f"newdata is missing the grouping column {gname!r}")
-        Z = design(newdata, re_names, intercepts | {gname}, "random effects")
-        g = newdata[gname].to_numpy()
-    else:
-        if groups is None:
-            raise PredictionError("groups is required with exog when include_random=True")
-        g = np.asarray(groups)
-        Z = np.ones((len(X), 1)) if exog_re is None else np.atleast_2d(np.asarray(exog_re, dtype=float))
-        if Z.shape[1] != res.k_re:
-            raise PredictionError(f"exog_re must have {res.k_re} columns {re_names}, got {Z.shape[1]}")
-    if len(g) != len(X):
-        raise PredictionError(f"groups has {len(g)} labels for {len(X)} rows")
-    re = res.random_effects_frame
-    labels = re.index
-    # match labels as the fit stored them, and by their string form
-    lookup = {lab: i for i, lab in enumerate(labels.tolist())}
-    slookup = {str(lab): i for i, lab in enumerate(labels.tolist())}
-    idx = np.array([lookup.get(v, slookup.get(str(v), -1)) for v in g], dtype=np.int64)
-    new = idx < 0
-    if new.any() and new_levels == "error":
-        raise PredictionError(f"group level(s) {sorted({str(v) for v in np.asarray(g)[new]})[:10]} were "
-                              "not in the fit (pass new_levels='population' for population predictions)")
-    B = re.to_numpy()
-    contrib = np.einsum("ij,ij->i", Z, B[np.where(new, 0, idx)])
-    return pred + np.where(new, 0.0, contrib)
-
-
-def _level_index(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Position of each value among the fit's labels (as stored, or by string form); −1 if new."""
-    lookup = {lab: i for i, lab in enumerate(labels.tolist())}
-    slookup = {str(lab): i for i, lab in enumerate(labels.tolist())}
-    return np.array([lookup.get(v, slookup.get(str(v), -1)) for v in values], dtype=np.int64)
-
-
-def _predict_multi(res: MixedLMResults, newdata: Any, include_random: bool, new_levels: str,
-                   exog: Any) -> np.ndarray:
-    """predict() for a fit with several grouping factors (see the module docstring)."""
-    model = res.model
-    beta = res._sol.beta
-    intercepts = {"Intercept", "(Intercept)", "const"}
-    if newdata is None and exog is None:
-        return res.fittedvalues.copy() if include_random else model.X @ beta
-    if newdata is None:
-        X = np.atleast_2d(np.asarray(exog, dtype=float))
-        if X.shape[1] != res.k_fe:
-            raise PredictionError(f"exog must have {res.k_fe} columns {res.model.exog_names}, got {X.shape[1]}")
-        if include_random:
-            raise PredictionError("with several grouping factors, conditional predictions need newdata "
-                                  "(a DataFrame with the grouping columns); use include_random=False "
-                                  "for population predictions from exog")
-        return X @ beta
-    if not isinstance(newdata, pd.DataFrame):
-        raise PredictionError(f"newdata must be a pandas DataFrame, not {type(newdata).__name__}")
-    pred = design(newdata, list(model.exog_names), intercepts, "fixed effects") @ beta
-    if not include_random:
-        return pred
-    for t, b in zip(model.terms, res._modes_list, strict=True):
-        cols = t.name.split(":")
-        missing = [c for c in cols if c not in newdata.columns]
-        if missing:
-            raise PredictionError(f"newdata is missing the grouping column(s) {missing} of the "
-                                  f"grouping factor {t.name!r}")
-        if len(cols) == 1:
-            key = newdata[cols[0]].to_numpy()
-        else:
-            key = newdata[cols[0]].astype(str)
-            for c in cols[1:]:
-                key = key + ":" + newdata[c].astype(str)
-            key = key.to_numpy()
-        idx = _level_index(np.asarray(t.labels), key)
-        new = idx < 0
-        if new.any() and new_levels == "error":
-            raise PredictionError(f"level(s) {sorted({str(v) for v in key[new]})[:10]} of {t.name!r} were "
-                                  "not in the fit (pass new_levels='population' for population "
-                                  "predictions)")
-        Z = design(newdata, list(t.coef_names), intercepts, f"random effects of {t.name!r}")
-        pred = pred + np.where(new, 0.0, np.einsum("ij,ij->i", Z, b[np.where(new, 0, idx)]))
-    return pred
+    modes = engine.modes_by_factor(res._objective, res._sol)
+    return pred + engine.random_prediction(modes, newdata, exog_re, groups, new_levels)

@@ -11,7 +11,7 @@ deviance d(θ, σ) = log|L|² + r²(θ)/σ² + n log(2πσ²) over the other sta
 correlations and σ. Where the deviance stays below the cut-off up to a boundary (a standard
 deviation at 0, a correlation at ±1), the interval ends at that boundary.
 
-Several grouping factors (lmer fits, MultiLM): the same, on the blocked objective; a fixed
+Several grouping factors (lmer fits, the blocked engine): the same, on the blocked objective; a fixed
 effect's profile moves its column into the first factor's per-level records and the trailing
 block's Z'y (MultiCrossProducts), no pass over the rows. Parameters are named by lmefast's
 grouping-factor names, which are lme4's except for nested factors: ``(1|batch/cask)`` gives
@@ -21,49 +21,30 @@ interaction factor in any order).
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from lmefast.crossprods import record_offsets
-from lmefast.objective import ProfiledObjective
+from lmefast.errors import ProfileError
 from lmefast.optimize import fit_theta
 
 if TYPE_CHECKING:
     from lmefast.results import MixedLMResults
 
 
-class ProfileError(ValueError):
-    """A profile or interval that cannot be computed as asked."""
-
-
 def _coef_label(name: str, group: str) -> str:
     return "(Intercept)" if name in (group, "Intercept", "Group") else name
-
-
-def _free_entries(free: np.ndarray) -> list[tuple[int, int]]:
-    """Free entries of T (lower triangle) in lme4's θ order: by column, then row."""
-    k = free.shape[0]
-    return [(i, j) for j in range(k) for i in range(j, k) if free[i, j]]
-
-
-def _is_multi(res: MixedLMResults) -> bool:
-    """A model with several grouping factors (lmefast.multi.MultiLM)."""
-    return hasattr(res.model, "terms") and not hasattr(res.model, "spec")
 
 
 def _term_entries(res: MixedLMResults, theta: np.ndarray
                   ) -> list[tuple[str, list[str], np.ndarray, list[tuple[int, int]]]]:
     """(group, coefficient names, T, free entries of T in θ's order) per term."""
     terms = res.model.covariance_terms(np.asarray(theta, dtype=float))
-    if _is_multi(res):
-        # θ follows each term's pattern (lme4's order, also for merged uncorrelated terms)
-        return [(g, c, T, list(zip(t.pattern[0].tolist(), t.pattern[1].tolist(), strict=True)))
-                for (g, c, T, _), t in zip(terms, res.model.terms, strict=True)]
-    return [(g, c, T, _free_entries(free)) for g, c, T, free in terms]
+    patterns = res.engine.theta_map.patterns
+    return [(g, c, T, list(zip(rows.tolist(), cols.tolist(), strict=True)))
+            for (g, c, T, _), (rows, cols) in zip(terms, patterns, strict=True)]
 
 
 def canonical_name(name: str) -> str:
@@ -153,7 +134,7 @@ class Profiler:
     def __init__(self, res: MixedLMResults) -> None:
         self.res = res
         if res.reml:
-            obj = res.model.objective(False)
+            obj = res.engine.objective(False)
             sol, _ = fit_theta(obj, res.theta)
         else:
             obj, sol = res._objective, res._sol
@@ -233,80 +214,11 @@ class Profiler:
         self._warm[j] = best.x * scale
         return float(best.fun)
 
-    def _beta_parts(self, jb: int):
-        key = ("beta", jb)
-        if key not in self._warm:
-            res = self.res
-            spec = res.model.spec
-            cp = self.obj.cp
-            if not hasattr(spec, "layout") or cp.S.shape[0] != cp.s_off[-1]:
-                raise ProfileError("profiles of fixed effects need one grouping factor")
-            lay = cp.layout
-            p = cp.p
-            q = np.diff(lay.q_off)
-            s_new = record_offsets(lay, p - 1)
-            keep = [c for c in range(p) if c != jb]
-            S0 = np.zeros(int(s_new[-1]))
-            delta = np.zeros_like(S0)
-            for qi in np.unique(q):
-                gs = np.nonzero(q == qi)[0]
-                qi = int(qi)
-                old = cp.S[cp.s_off[gs][:, None] + np.arange(qi * (qi + p + 1))[None, :]]
-                A = old[:, :qi * qi]
-                B = old[:, qi * qi:qi * qi + qi * p].reshape(-1, qi, p)
-                c = old[:, qi * qi + qi * p:]
-                new = np.concatenate([A, B[:, :, keep].reshape(len(gs), -1), c], axis=1)
-                S0[s_new[gs][:, None] + np.arange(new.shape[1])[None, :]] = new
-                dpos = s_new[gs][:, None] + qi * qi + qi * (p - 1) + np.arange(qi)[None, :]
-                delta[dpos] = -B[:, :, jb]
-            self._warm[key] = (S0, delta, s_new, keep)
-        return self._warm[key]
-
-    def _multi_beta_parts(self, jb: int):
-        """Several factors: the first factor's records without column jb (and the change of
-        their Z'y per unit of β_j), and the trailing block's B2 likewise."""
-        key = ("beta", jb)
-        if key not in self._warm:
-            cp = self.obj.cp
-            p = cp.p
-            k1 = self.res.model.terms[0].k
-            rec = k1 * k1 + k1 * p + k1
-            S1 = cp.S1.reshape(-1, rec)
-            B = S1[:, k1 * k1:k1 * k1 + k1 * p].reshape(-1, k1, p)
-            keep = [c for c in range(p) if c != jb]
-            S0 = np.concatenate([S1[:, :k1 * k1], B[:, :, keep].reshape(S1.shape[0], -1),
-                                 S1[:, k1 * k1 + k1 * p:]], axis=1)
-            delta = np.zeros_like(S0)
-            delta[:, -k1:] = -B[:, :, jb]
-            self._warm[key] = (S0.ravel(), delta.ravel(), keep)
-        return self._warm[key]
-
-    def _multi_beta_objective(self, jb: int, value: float):
-        from lmefast.multi import MultiObjective
-
-        S0, delta, keep = self._multi_beta_parts(jb)
-        cp = self.obj.cp
-        XtX = cp.XtX
-        cpj = replace(cp, S1=np.ascontiguousarray(S0 + value * delta),
-                      B2=np.ascontiguousarray(cp.B2[:, keep]),
-                      c2=np.ascontiguousarray(cp.c2 - value * cp.B2[:, jb]),
-                      XtX=np.ascontiguousarray(XtX[np.ix_(keep, keep)]),
-                      Xty=np.ascontiguousarray(cp.Xty[keep] - XtX[keep, jb] * value),
-                      yty=float(cp.yty - 2 * value * cp.Xty[jb] + value * value * XtX[jb, jb]))
-        return MultiObjective(cpj, self.obj.theta_map, False, n_threads=1)
-
     def _deviance_beta(self, jb: int, value: float) -> float:
-        if _is_multi(self.res):
-            obj = self._multi_beta_objective(jb, value)
-        else:
-            S0, delta, s_new, keep = self._beta_parts(jb)
-            cp = self.obj.cp
-            XtX = cp.XtX
-            cpj = replace(cp, S=S0 + value * delta, s_off=s_new,
-                          XtX=np.ascontiguousarray(XtX[np.ix_(keep, keep)]),
-                          Xty=np.ascontiguousarray(cp.Xty[keep] - XtX[keep, jb] * value),
-                          yty=float(cp.yty - 2 * value * cp.Xty[jb] + value * value * XtX[jb, jb]))
-            obj = ProfiledObjective(cpj, self.obj.theta_map, False, n_threads=1)
+        """Minimum ML deviance with β_jb held at value: θ refitted on the cross-products with
+        that column moved to the response (the engine's ``without_fixed``)."""
+        obj = self.res.engine.objective(False, n_threads=1,
+                                        crossprods=self.res.engine.without_fixed(jb, value))
         # the warm start, the estimate and the default start: a θ near a boundary can leave
         # the optimiser at a saddle, so keep the best of the three
         starts = [self._warm.get(("theta", jb), self.sol.theta), self.sol.theta, obj.theta_map.start()]
@@ -376,10 +288,7 @@ def _which(prof: Profiler, parm) -> list[int]:
 
 
 def _profiler(res: MixedLMResults) -> Profiler:
-    cache = res.__dict__.setdefault("_inference_cache", {})
-    if "profiler" not in cache:
-        cache["profiler"] = Profiler(res)
-    return cache["profiler"]
+    return res.derived("profiler", lambda: Profiler(res))
 
 
 def _labels(level: float) -> list[str]:

@@ -1,22 +1,31 @@
-"""Results of a fit: statsmodels' names and meanings, lme4's numbers.
+"""Results of a fit: statsmodels' names and meanings, lme4's numbers — one class for every
+model, whose shapes follow the API the model was written in (``model.api``), not its engine.
 
-Immutable: everything is derived from (model, θ̂, the solution at θ̂) when first asked for.
-Variances: cov_re = σ̂² T T', vcomp = σ̂² θ_vc². Fixed-effect standard errors are lme4's,
-vcov(β̂) = σ̂² (Rx'Rx)⁻¹, conditional on θ̂. Variance parameters' standard errors come from
-the observed information of the profiled objective in statsmodels' parametrisation
-(cov_re/scale, vcomp/scale), by central differences; NaN at a boundary.
+Immutable: everything is derived from (model, θ̂, the solution at θ̂) when first asked for,
+by asking the model's engine (lmefast.engine.Engine). Variances: cov_re = σ̂² T T',
+vcomp = σ̂² θ_vc². Fixed-effect standard errors are lme4's, vcov(β̂) = σ̂² (Rx'Rx)⁻¹,
+conditional on θ̂. Variance parameters' standard errors come from the observed information of
+the profiled objective in statsmodels' parametrisation (cov_re/scale, vcomp/scale), by central
+differences; NaN at a boundary.
+
+Shapes: statsmodels' API (``MixedLM``, ``mixedlm``): ``cov_re`` one DataFrame, ``vcomp`` an
+array, ``random_effects`` {group label: Series}; lme4's (``lmer``): ``cov_re`` and
+``random_effects`` dicts keyed by grouping factor, ``random_effects_cov`` levels × k × k arrays.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from lmefast.objective import ProfiledObjective, Solution
+from lmefast.errors import SpecificationError
+from lmefast.objective import KernelObjective, Solution
 from lmefast.optimize import OptSummary
+from lmefast.progress import progress_function
 
 if TYPE_CHECKING:
     from lmefast.model import MixedLM
@@ -25,12 +34,28 @@ if TYPE_CHECKING:
 class MixedLMResults:
     """A fitted linear mixed model (``MixedLM.fit()``)."""
 
-    def __init__(self, model: MixedLM, objective: ProfiledObjective, solution: Solution,
+    def __init__(self, model: MixedLM, objective: KernelObjective, solution: Solution,
                  optsummary: OptSummary) -> None:
         self.model = model
         self._objective = objective
         self._sol = solution
         self.optsummary = optsummary
+        self._derived: dict[str, Any] = {}
+
+    def derived(self, key: str, make: Callable[[], Any]) -> Any:
+        """A quantity derived from the fit (e.g. the Kenward-Roger parts, a profiler), made
+        once by ``make`` and kept with the results."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
+    @property
+    def engine(self):
+        return self.model.engine
+
+    @property
+    def _lme4_api(self) -> bool:
+        return self.model.api == "lme4"
 
     # -- the fit ---------------------------------------------------------------------------
     @property
@@ -70,7 +95,8 @@ class MixedLMResults:
     @property
     def k_re2(self) -> int:
         """Number of free entries of cov_re (statsmodels' k_re2)."""
-        return len(self._re_pairs())
+        return sum(1 for j, _, _ in self.engine.variance_params()
+                   if self.engine.covariance_terms()[j].role == "coef")
 
     @property
     def k_vc(self) -> int:
@@ -138,44 +164,58 @@ class MixedLMResults:
 
     # -- variance parameters ----------------------------------------------------------------
     @cached_property
-    def _T_tvc(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.model.spec.theta_map.split(self._sol.theta)
+    def _Ts(self) -> list[np.ndarray]:
+        return self.engine.theta_map.Ts(self._sol.theta)
+
+    def _cov_of(self, j: int) -> np.ndarray:
+        T = self._Ts[j]
+        return self.scale * (T @ T.T)
 
     @cached_property
-    def cov_re(self) -> pd.DataFrame:
-        """Covariance of the random coefficients, σ̂² T T'."""
-        T, _ = self._T_tvc
-        names = self.model.exog_re_names
-        return pd.DataFrame(self.scale * (T @ T.T), index=names, columns=names)
+    def cov_re(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
+        """Covariance of the random coefficients, σ̂² T T': one DataFrame (statsmodels' API:
+        the group's coefficients; empty for the one-group spelling of crossed effects), or per
+        grouping factor (lme4's API)."""
+        terms = self.engine.covariance_terms()
+        if self._lme4_api:
+            return {c.factor: pd.DataFrame(self._cov_of(j), index=list(c.coef_names),
+                                           columns=list(c.coef_names))
+                    for j, c in enumerate(terms) if c.role == "coef"}
+        for j, c in enumerate(terms):
+            if c.role == "coef":
+                return pd.DataFrame(self._cov_of(j), index=list(c.coef_names), columns=list(c.coef_names))
+        return pd.DataFrame(np.zeros((0, 0)))
 
     @cached_property
     def vcomp(self) -> np.ndarray:
-        """Variances of the variance components, σ̂² θ_vc²."""
-        _, tvc = self._T_tvc
-        return self.scale * tvc**2
-
-    def _re_pairs(self) -> list[tuple[int, int]]:
-        """The free entries (i ≥ j) of the random coefficients' covariance, by rows (statsmodels'
-        order): the whole lower triangle, or its blocks for uncorrelated terms."""
-        rows, cols = self.model.spec.theta_map.tril
-        return sorted(zip(rows.tolist(), cols.tolist(), strict=True))
+        """Variances of the variance components, σ̂² θ_vc², in the order they were given."""
+        terms = self.engine.covariance_terms()
+        var = {c.vc_name: float(self._cov_of(j)[0, 0]) for j, c in enumerate(terms) if c.role == "vc"}
+        order = getattr(self.engine, "vc_order", ()) or tuple(var)
+        return np.array([var[name] for name in order])
 
     @cached_property
     def _re_param_names(self) -> list[str]:
-        """statsmodels' names ("Pig Var", "Pig x Time Cov"); lme4-style models (lmer) carry the
+        """statsmodels' names ("Pig Var", "Pig x Time Cov", "cask Var"); lme4's API carries the
         grouping factor's name in front ("Pig (Intercept) Var")."""
-        names = self.model.exog_re_names
-        prefix = f"{self.model.spec.group_name} " if self.model.lme4_names else ""
-        out = [f"{prefix}{names[i]} Var" if i == j else f"{prefix}{names[j]} x {names[i]} Cov"
-               for i, j in self._re_pairs()]
-        return out + [f"{v} Var" for v in self.model.spec.theta_map.vc_names]
+        terms = self.engine.covariance_terms()
+        out = []
+        for j, r, c in self.engine.variance_params():
+            term = terms[j]
+            if term.role == "vc":
+                out.append(f"{term.vc_name} Var")
+                continue
+            prefix = f"{term.factor} " if self._lme4_api else ""
+            a, b = term.coef_names[r], term.coef_names[c]
+            out.append(f"{prefix}{a} Var" if r == c else f"{prefix}{b} x {a} Cov")
+        return out
 
     def _psi_at(self, theta: np.ndarray) -> np.ndarray:
-        """statsmodels' variance parameters at θ: the free entries of cov_re/scale by rows,
-        then vcomp/scale."""
-        T, tvc = self.model.spec.theta_map.split(np.asarray(theta, dtype=float))
-        S = T @ T.T
-        return np.concatenate([[S[i, j] for i, j in self._re_pairs()], tvc**2])
+        """statsmodels' variance parameters at θ: the entries of T_j T_j' (= covariance /
+        scale) in the engine's order of params."""
+        Ts = self.engine.theta_map.Ts(np.asarray(theta, dtype=float))
+        S = [T @ T.T for T in Ts]
+        return np.array([S[j][r, c] for j, r, c in self.engine.variance_params()], dtype=float)
 
     @cached_property
     def _psi(self) -> np.ndarray:
@@ -194,7 +234,7 @@ class MixedLMResults:
         if self.singular:
             return np.full((d, d), np.nan)
         obj = self._objective
-        lower = self.model.theta_map.lower_bounds()
+        lower = self.engine.theta_map.lower_bounds()
         H = np.empty((d, d))
         J = np.empty((self._psi.shape[0], d))
         try:
@@ -264,62 +304,49 @@ class MixedLMResults:
 
     # -- random effects and fitted values ---------------------------------------------------
     @cached_property
-    def _modes(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._objective.modes(self._sol)
-
-    @cached_property
-    def random_effects_frame(self) -> pd.DataFrame:
-        """Conditional modes of the random coefficients, one row per group (k columns).
-
-        Variance-component effects (ragged across groups) are in ``random_effects``."""
-        lay = self.model.layout
-        k = self.k_re
-        b, _ = self._modes
-        idx = lay.q_off[:-1, None] + np.arange(k)
-        return pd.DataFrame(b[idx], index=pd.Index(self.model.spec.group_labels,
-                                                   name=self.model.spec.group_name),
-                            columns=self.model.exog_re_names)
-
-    @cached_property
     def random_effects(self) -> dict:
-        """statsmodels' random_effects: group label → Series of its conditional modes."""
-        b, _ = self._modes
-        lay, spec = self.model.layout, self.model.spec
-        return {lab: pd.Series(b[lay.q_off[g]:lay.q_off[g + 1]], index=spec.coord_names(g))
-                for g, lab in enumerate(spec.group_labels.tolist())}
+        """Conditional modes: statsmodels' API {group label: Series of its modes}; lme4's API
+        {grouping factor: DataFrame levels × coefficients} (lme4's ranef)."""
+        if self._lme4_api:
+            return self.engine.modes_by_factor(self._objective, self._sol)
+        return self.engine.modes_by_group(self._objective, self._sol)
+
+    @cached_property
+    def random_effects_frame(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
+        """Conditional modes of the random coefficients as a table: one row per group
+        (one grouping factor), or a dict of such tables per grouping factor."""
+        frames = self.engine.modes_by_factor(self._objective, self._sol)
+        if len(frames) == 1 and not self._lme4_api:
+            frame = next(iter(frames.values()))
+            return frame[self.model.exog_re_names]
+        return frames
 
     @cached_property
     def random_effects_cov(self) -> dict:
-        """group label → conditional covariance σ̂²Λ_iM_i⁻¹Λ_i' of its random effects (lme4's
-        condVar, conditional on β̂)."""
-        _, cv = self._modes
-        lay, spec = self.model.layout, self.model.spec
-        out = {}
-        for g, lab in enumerate(spec.group_labels.tolist()):
-            q = int(lay.q_off[g + 1] - lay.q_off[g])
-            names = spec.coord_names(g)
-            out[lab] = pd.DataFrame(cv[lay.a_off[g]:lay.a_off[g + 1]].reshape(q, q),
-                                    index=names, columns=names)
-        return out
+        """Conditional covariances of the random effects (lme4's condVar, conditional on β̂):
+        statsmodels' API {group label: DataFrame}; lme4's API {factor: levels × k × k}."""
+        if self._lme4_api:
+            return self.engine.condvar_by_factor(self._objective, self._sol)
+        return self.engine.condvar_by_group(self._objective, self._sol)
+
+    @property
+    def fittedvalues(self) -> Any:
+        """Conditional fitted values Xβ̂ + Zb̂ (for chunked data another pass over the data,
+        by its source: a lazy Dask Series for Dask data)."""
+        if self.model.source is not None:
+            return self.model.source.fitted(self, resid=False)
+        return self._fitted
 
     @cached_property
-    def fittedvalues(self) -> np.ndarray:
-        """Conditional fitted values Xβ̂ + Zb̂."""
-        spec, lay = self.model.spec, self.model.layout
-        b, _ = self._modes
-        codes = spec.group_codes
-        fit = spec.X @ self._sol.beta
-        k = self.k_re
-        if k:
-            fit += np.einsum("ij,ij->i", spec.Zre, b[lay.q_off[codes][:, None] + np.arange(k)])
-        if lay.vc_val.shape[0]:
-            base = lay.q_off[codes]
-            fit += np.sum(lay.vc_val * b[base[None, :] + lay.vc_coord], axis=0)
-        return fit
+    def _fitted(self) -> np.ndarray:
+        return self.engine.fitted(self._objective, self._sol)
 
-    @cached_property
-    def resid(self) -> np.ndarray:
-        return self.model.spec.y - self.fittedvalues
+    @property
+    def resid(self) -> Any:
+        if self.model.source is not None:
+            return self.model.source.fitted(self, resid=True)
+        fitted = self._fitted   # first: a model without rows says so here
+        return self.engine.response() - fitted
 
     def varcorr(self) -> pd.DataFrame:
         """lme4's ``as.data.frame(VarCorr(fit))``: per term, variances and covariances
@@ -340,16 +367,14 @@ class MixedLMResults:
 
     def _variance_rows(self) -> list[tuple[str, float, float]]:
         """(name, estimate, std. error) of the variance parameters for the summary table:
-        cov_re entries and vcomp on the absolute scale, std. errors by the delta method
-        with σ̂² held fixed."""
-        psi_se = self.bse_re.to_numpy()
-        cov = self.cov_re.to_numpy()
-        values = [cov[i, j] for i, j in self._re_pairs()] + list(self.vcomp)
-        return [(name, val, self.scale * se) for name, val, se in
-                zip(self._re_param_names, values, psi_se, strict=True)]
+        covariance entries on the absolute scale, std. errors by the delta method with σ̂²
+        held fixed."""
+        se = self.bse_re.to_numpy()
+        return [(name, self.scale * psi, self.scale * s)
+                for name, psi, s in zip(self._re_param_names, self._psi, se, strict=True)]
 
     def _group_sizes(self) -> dict[str, np.ndarray]:
-        return {self.model.spec.group_name: np.bincount(self.model.spec.group_codes)}
+        return self.engine.group_sizes()
 
     def summary(self, alpha: float = 0.05, ddf: str | None = None):
         """statsmodels' summary table; ``ddf`` ('satterthwaite', 'kenward-roger', 'residual')
@@ -401,8 +426,31 @@ class MixedLMResults:
         return simulate(self, n, seed, include_random)
 
     def predict(self, newdata=None, include_random: bool = True, new_levels: str = "population",
-                **kwargs) -> np.ndarray:
-        """Conditional or population predictions (lmefast.predict.predict)."""
+                **kwargs) -> Any:
+        """Conditional or population predictions (lmefast.predict.predict); for chunked data,
+        another pass by the data source (a pandas or Dask DataFrame, a Parquet path)."""
+        source = self.model.source
+        if source is not None and source.predicts:
+            if new_levels not in ("population", "error"):
+                raise SpecificationError(f"new_levels must be 'population' or 'error', not {new_levels!r}")
+            if kwargs:
+                raise SpecificationError(f"predict from chunked data takes newdata only, not {sorted(kwargs)}")
+            return source.predict(self, newdata, include_random, new_levels)
         from lmefast.predict import predict
 
         return predict(self, newdata, include_random, new_levels, **kwargs)
+
+    # -- chunked data: what needs the rows is another pass by the data source -----------------
+    def fitted_chunks(self, progress: Any = None):
+        """Another pass over chunked data: one DataFrame (fittedvalues, resid) per chunk."""
+        if self.model.source is None:
+            raise TypeError("fitted_chunks() is for models fitted from chunked data; use fittedvalues")
+        return self.model.source.fitted_chunks(self, progress_function(progress))
+
+    def write_fitted(self, path: Any, progress: Any = None) -> int:
+        """Fitted values and residuals written to a Parquet file by another pass over the data
+        (Parquet fits; for Dask use ``res.fittedvalues.to_frame().to_parquet(...)``)."""
+        if self.model.source is None:
+            raise TypeError("write_fitted() is for models fitted from chunked data")
+        return self.model.source.write_fitted(self, path, progress_function(progress))
+

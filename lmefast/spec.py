@@ -7,14 +7,15 @@ lower triangle, as lme4 orders θ), then one θ per variance component.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
+from lmefast.errors import SpecificationError
+from lmefast.structure import SCALAR_PATTERN, ThetaMap, full_pattern
 
-class SpecificationError(ValueError):
-    """Bad input to a model: the message names the column, term or group at fault."""
+__all__ = ["BlockLayout", "GroupThetaMap", "ModelSpec", "SpecificationError", "build_layout", "row_entries"]
 
 
 @dataclass(frozen=True)
@@ -42,50 +43,29 @@ class BlockLayout:
         return int(np.diff(self.q_off).max(initial=0))
 
 
-@dataclass(frozen=True)
-class ThetaMap:
-    """θ = [lower triangle of T by columns] + [one θ per variance component]."""
+class GroupThetaMap(ThetaMap):
+    """The θ map of one grouping factor: θ = [the free entries of T, by column then row
+    (lme4's order)] + [one θ per variance component]. A ThetaMap over the terms
+    [random coefficients (when k > 0), then one scalar term per variance component]."""
 
-    k: int
-    n_vc: int
-    re_names: tuple[str, ...]
-    vc_names: tuple[str, ...]
-    pattern: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False,
-                                                          compare=False)
-    tril: tuple[np.ndarray, np.ndarray] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        """tril: the free entries of T, by column then row (lme4's θ order): the whole lower
-        triangle unless a pattern (e.g. block-diagonal for uncorrelated terms) is given."""
-        if self.pattern is None:
-            cols, rows = np.triu_indices(self.k)  # column-major lower triangle: (row ≥ col)
-        else:
-            rows, cols = (np.asarray(a, dtype=np.int64) for a in self.pattern)
-        object.__setattr__(self, "tril", (rows, cols))
-
-    @property
-    def n_theta(self) -> int:
-        return int(self.tril[0].shape[0]) + self.n_vc
-
-    def lower_bounds(self) -> np.ndarray:
-        rows, cols = self.tril
-        lb = np.where(rows == cols, 0.0, -np.inf)
-        return np.concatenate([lb, np.zeros(self.n_vc)])
-
-    def start(self) -> np.ndarray:
-        rows, cols = self.tril
-        return np.concatenate([(rows == cols).astype(float), np.ones(self.n_vc)])
+    def __init__(self, k: int, n_vc: int, re_names: tuple[str, ...], vc_names: tuple[str, ...],
+                 pattern: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        tril = full_pattern(k) if pattern is None else tuple(np.asarray(a, dtype=np.int64) for a in pattern)
+        coef = ((k,), (tril,)) if k else ((), ())
+        super().__init__(coef[0] + (1,) * n_vc, coef[1] + (SCALAR_PATTERN,) * n_vc)
+        object.__setattr__(self, "k", k)
+        object.__setattr__(self, "n_vc", n_vc)
+        object.__setattr__(self, "re_names", tuple(re_names))
+        object.__setattr__(self, "vc_names", tuple(vc_names))
+        object.__setattr__(self, "tril", tril)
 
     def split(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """θ → (T as k × k row-major lower triangular, θ of the variance components)."""
+        """θ → (T as k × k lower triangular, θ of the variance components)."""
+        theta = np.asarray(theta, dtype=float)
         T = np.zeros((self.k, self.k))
         nt = self.n_theta - self.n_vc
         T[self.tril] = theta[:nt]
         return T, np.ascontiguousarray(theta[nt:], dtype=float)
-
-    def diagonal_mask(self) -> np.ndarray:
-        rows, cols = self.tril
-        return np.concatenate([rows == cols, np.ones(self.n_vc, dtype=bool)])
 
 
 @dataclass(frozen=True)
@@ -98,7 +78,7 @@ class ModelSpec:
     group_labels: np.ndarray
     Zre: np.ndarray
     layout: BlockLayout
-    theta_map: ThetaMap
+    theta_map: GroupThetaMap
     endog_name: str
     exog_names: tuple[str, ...]
     group_name: str

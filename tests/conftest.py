@@ -163,7 +163,7 @@ def polish_theta(model: lmefast.MixedLM, reml: bool, theta: np.ndarray, max_step
     bound by a gradient pushing outwards), with the Hessian from central differences of the analytic
     gradient. A step is kept while it reduces the (projected) gradient."""
     obj = model.objective(reml)
-    lower = model.theta_map.lower_bounds()  # MixedLM (= spec.theta_map) and MultiLM alike
+    lower = model.theta_map.lower_bounds()  # every engine's θ map
     th = np.array(theta, dtype=float)
     d = th.size
 
@@ -206,7 +206,7 @@ def polish_theta(model: lmefast.MixedLM, reml: bool, theta: np.ndarray, max_step
 
 
 def polish_results(model: Any, res: lmefast.MixedLMResults) -> lmefast.MixedLMResults:
-    """A results object of the same type as `res` (MixedLMResults or MultiResults), at the polished
+    """A results object of the same type as `res` (MixedLMResults), at the polished
     optimum near res.theta (same model and optimiser record). Its objective is fresh and was last
     solved at the polished θ without the gradient (results need no gradient)."""
     th = polish_theta(model, res.reml, res.theta)
@@ -236,7 +236,7 @@ def _lmer_fit(case_id: str, reml: bool) -> tuple[Any, lmefast.MixedLMResults]:
 def fit_lmer_case(case_id: str, reml: bool) -> tuple[Any, lmefast.MixedLMResults]:
     """(model, results) of a case fitted from its lme4 formula ("lme4" field) by lmefast.lmer_model,
     cached for the session: do not mutate them. The model is a MixedLM (one grouping factor after
-    merging terms) or a lmefast.multi.MultiLM."""
+    merging terms) or a MixedLM on the blocked engine."""
     return _lmer_fit(case_id, reml)
 
 

@@ -48,7 +48,7 @@ def _assert_same(a: Any, b: Any, path: str = "") -> None:
         assert a.keys() == b.keys(), path
         for k in a:
             _assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, tuple | list) and a and isinstance(a[0], np.ndarray):
+    elif isinstance(a, tuple | list) and a and isinstance(a[0], np.ndarray | tuple):
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _assert_same(x, y, f"{path}[{i}]")
     elif hasattr(a, "__dataclass_fields__"):

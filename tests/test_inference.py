@@ -9,7 +9,7 @@ from conftest import ONE_FACTOR_IDS, fit_case, load_reference, polished_fit, rea
 from test_reference import fe_name
 
 import lmefast
-from lmefast import inference
+from lmefast import onefactor
 from lmefast.inference import InferenceError
 
 RTOL_DF = 1e-3
@@ -72,7 +72,7 @@ def test_kenward_roger_needs_reml_and_states_its_limit(monkeypatch: pytest.Monke
         ml.coef_table(ddf="kenward-roger")
     model = fit_case("dietox_rs", True)[0]
     res = model.fit()
-    monkeypatch.setattr(inference, "KR_MAX_FLOPS", 1e3)
+    monkeypatch.setattr(onefactor, "KR_MAX_FLOPS", 1e3)
     with pytest.raises(InferenceError, match="limits are .* use ddf='satterthwaite'"):
         res.coef_table(ddf="kenward-roger")
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import fit_case, read_data
 
 import lmefast
-from lmefast.bootstrap import BootstrapError, YPartSimulator
+from lmefast.bootstrap import BootstrapError
 from lmefast.crossprods import compute_crossprods
 from lmefast.predict import PredictionError
 
@@ -17,7 +17,7 @@ from lmefast.predict import PredictionError
 @pytest.mark.parametrize("case_id", ["sleep_rs", "pastes_nested", "dietox_cat"])
 def test_drawn_crossproducts_are_those_of_a_response(case_id: str) -> None:
     model, res = fit_case(case_id, True)
-    sim = YPartSimulator(res)
+    sim = res.engine.simulator(res.theta, res.fe_params.to_numpy(), res.sigma)
     rng = np.random.default_rng(3)
     d = sim.draw(rng, 2)
     for r in range(2):
@@ -33,7 +33,7 @@ def test_replicates_equal_a_plain_refit_on_the_simulated_response() -> None:
     _, res = fit_case("sleep_rs", True)
     boot = res.bootstrap(5, seed=11)
     # the same draws, materialised as responses and fitted from a DataFrame
-    sim = YPartSimulator(res)
+    sim = res.engine.simulator(res.theta, res.fe_params.to_numpy(), res.sigma)
     d = sim.draw(np.random.default_rng(11), 5)
     rng = np.random.default_rng(0)
     df = read_data("sleepstudy")

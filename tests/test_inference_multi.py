@@ -1,4 +1,4 @@
-"""Issue 4 for models with several grouping factors (lmer fits, MultiResults): Satterthwaite and
+"""Issue 4 for models with several grouping factors (lmer fits on the blocked engine): Satterthwaite and
 Kenward-Roger tests, Wald and profile intervals against lmerTest / pbkrtest / lme4 on the crossed
 (penicillin) and nested (pastes) reference cases; Kenward-Roger against a dense n × n transliteration
 of pbkrtest; parametric bootstrap, simulation, prediction and likelihood-ratio tests."""
@@ -10,13 +10,11 @@ import pytest
 from conftest import case_by_id, fit_lmer_case, load_reference, read_data
 
 import lmefast
-from lmefast import inference
-from lmefast.bootstrap import MultiSimulator
+from lmefast import multi
 from lmefast.inference import InferenceError, kenward_roger_parts
-from lmefast.multi import compute_multi_crossprods
+from lmefast.multi import BlockedEngine, MultiSimulator, compute_multi_crossprods
 from lmefast.predict import PredictionError
 from lmefast.profile import canonical_name, sdcor_from_theta, theta_from_sdcor
-from lmefast.results_multi import MultiResults
 
 MULTI_IDS = ["penicillin_crossed", "pastes_nested"]
 RTOL_DF = 1e-3
@@ -25,17 +23,18 @@ RTOL_PROFILE = 1e-3
 RTOL_WALD = 1e-5
 
 
-def _fit(case_id: str, reml: bool) -> MultiResults:
+def _fit(case_id: str, reml: bool) -> lmefast.MixedLMResults:
     _, res = fit_lmer_case(case_id, reml)
-    assert isinstance(res, MultiResults)
+    assert isinstance(res.engine, BlockedEngine)
     return res
 
 
-def _at_lme4_theta(case_id: str, reml: bool) -> MultiResults:
+def _at_lme4_theta(case_id: str, reml: bool) -> lmefast.MixedLMResults:
     """Our results object evaluated at lme4's θ̂ (isolates the inference code from the optimum)."""
     res = _fit(case_id, reml)
     obj = res.model.objective(reml)
-    return MultiResults(res.model, obj, obj.solve(load_reference(case_id, reml).theta), res.optsummary)
+    sol = obj.solve(load_reference(case_id, reml).theta)
+    return lmefast.MixedLMResults(res.model, obj, sol, res.optsummary)
 
 
 def _ours(names: list[str], ours: list[str]) -> list[str]:
@@ -86,7 +85,7 @@ def _crossed_sleepstudy() -> pd.DataFrame:
     return df
 
 
-def _dense_pbkrtest(res: MultiResults) -> tuple[np.ndarray, np.ndarray]:
+def _dense_pbkrtest(res: lmefast.MixedLMResults) -> tuple[np.ndarray, np.ndarray]:
     """pbkrtest's vcovAdj transliterated with dense n × n matrices: (PhiA, W)."""
     model = res.model
     X = model.X
@@ -119,7 +118,7 @@ def _dense_pbkrtest(res: MultiResults) -> tuple[np.ndarray, np.ndarray]:
                                      "Reaction ~ Days + (1 | Subject) + (1 + Days || site)"])
 def test_kenward_roger_equals_dense_pbkrtest(formula: str) -> None:
     res = lmefast.lmer(formula, _crossed_sleepstudy())
-    assert isinstance(res, MultiResults) and not res.singular
+    assert isinstance(res.engine, BlockedEngine) and not res.singular
     PhiA, _, W = kenward_roger_parts(res)
     PhiA_d, W_d = _dense_pbkrtest(res)
     np.testing.assert_allclose(PhiA, PhiA_d, rtol=1e-8)
@@ -136,7 +135,7 @@ def test_kenward_roger_needs_reml_and_states_its_limit(monkeypatch: pytest.Monke
         _fit("penicillin_crossed", False).coef_table(ddf="kenward-roger")
     case = case_by_id("penicillin_crossed")
     res = lmefast.lmer(case["lme4"], read_data(case["data"]))
-    monkeypatch.setattr(inference, "KR_MAX_RANDOM_EFFECTS", 10)
+    monkeypatch.setattr(multi, "KR_MAX_RANDOM_EFFECTS", 10)
     limit = "q = 30 random effects.*KR_MAX_RANDOM_EFFECTS = 10.*satterthwaite"
     with pytest.raises(InferenceError, match=limit):
         res.coef_table(ddf="kenward-roger")
@@ -216,10 +215,10 @@ def test_parameters_follow_theta_for_merged_uncorrelated_terms() -> None:
 @pytest.mark.parametrize("case_id", MULTI_IDS)
 def test_replicate_crossproducts_are_those_of_the_response(case_id: str) -> None:
     res = _fit(case_id, True)
-    sim = MultiSimulator(res)
+    sim = res.engine.simulator(res.theta, res.fe_params.to_numpy(), res.sigma)
     y = sim.response(np.random.default_rng(2))
     cp = compute_multi_crossprods(y, res.model.X, list(res.model.terms))
-    got = sim.crossprods(y)
+    got = sim.crossprods_of(y)
     np.testing.assert_allclose(got.S1, cp.S1, rtol=1e-12)
     np.testing.assert_allclose(got.c2, cp.c2, rtol=1e-12)
     np.testing.assert_allclose(got.Xty, cp.Xty, rtol=1e-12)
@@ -232,7 +231,7 @@ def test_replicates_equal_a_plain_refit_on_the_simulated_response(case_id: str) 
     case = case_by_id(case_id)
     boot = res.bootstrap(4, seed=7)
     seeds = MultiSimulator.seeds(7, 4)
-    sim = MultiSimulator(res)
+    sim = res.engine.simulator(res.theta, res.fe_params.to_numpy(), res.sigma)
     response = res.model.endog_name
     for r in range(4):
         data = read_data(case["data"])

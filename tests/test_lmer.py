@@ -1,6 +1,6 @@
 """lmefast.lmer (lme4's formula syntax) against lme4 1.1-31 on every case of tests/data/cases.json, REML and
 ML, fitted from the case's "lme4" formula; the lmer fit against the statsmodels-form fit of the same model;
-the results interface of lmer fits (one grouping factor: MixedLMResults; several: MultiResults).
+the results interface of lmer fits (lme4's shapes: random effects per grouping factor).
 
 The comparison with lme4 is test_reference's two-tier one: a value passes if within tolerance of lme4's,
 or if our objective is better than lme4's and the value is within tolerance of the exact optimum (our θ
@@ -43,8 +43,7 @@ from test_reference import (
 )
 
 import lmefast
-from lmefast.multi import MultiLM
-from lmefast.results_multi import MultiResults
+from lmefast.multi import BlockedEngine
 
 RTOL_THETA = 1e-4
 
@@ -78,17 +77,12 @@ def level_name(lme4_grp: str, our_grp: str, level: str) -> str:
 
 
 def factor_names(res: lmefast.MixedLMResults) -> list[str]:
-    if isinstance(res, MultiResults):
-        return [t.name for t in res.model.terms]
-    return [res.model.spec.group_name]
+    return list(res.random_effects)
 
 
 def ranef_frames(res: lmefast.MixedLMResults) -> dict[str, pd.DataFrame]:
     """Conditional modes per grouping factor: levels (as strings) × coefficient names."""
-    if isinstance(res, MultiResults):
-        return {g: df.set_axis([str(i) for i in df.index], axis=0) for g, df in res.random_effects.items()}
-    frame = pd.DataFrame({str(k): v for k, v in res.random_effects.items()}).T
-    return {res.model.spec.group_name: frame}
+    return {g: df.set_axis([str(i) for i in df.index], axis=0) for g, df in res.random_effects.items()}
 
 
 # -- quantities in lme4's layout ---------------------------------------------------------------------------
@@ -169,12 +163,8 @@ def test_model_and_results_types(lfits: dict[str, Any]) -> None:
     (a MixedLMResults too)."""
     model, res, ref = lfits["model"], lfits["res"], lfits["ref"]
     assert isinstance(res, lmefast.MixedLMResults)
-    if len(ref.raw["ngroups"]) == 1:
-        assert isinstance(model, lmefast.MixedLM)
-        assert not isinstance(res, MultiResults)
-    else:
-        assert isinstance(model, MultiLM)
-        assert isinstance(res, MultiResults)
+    assert isinstance(model, lmefast.MixedLM) and model.api == "lme4"
+    assert isinstance(model.engine, BlockedEngine) == (len(ref.raw["ngroups"]) > 1)
 
 
 def test_converged(lfits: dict[str, Any]) -> None:
@@ -315,17 +305,14 @@ def test_singular_flag(lfits: dict[str, Any]) -> None:
 
 
 def test_groups(lfits: dict[str, Any]) -> None:
-    """random_effects: per factor (MultiResults) or per group (one factor), with lme4's levels."""
+    """random_effects: per grouping factor (lme4's API, whatever the number of factors), with lme4's
+    levels."""
     res, ref = lfits["res"], lfits["ref"]
     assert res.nobs == ref.raw["nobs"]
     frames = ranef_frames(res)
     ngroups = {factor_name(g, factor_names(res)): n for g, n in ref.raw["ngroups"].items()}
     assert {g: len(f) for g, f in frames.items()} == ngroups
-    if isinstance(res, MultiResults):
-        assert list(res.random_effects) == factor_names(res)
-        assert res.n_groups == ngroups
-    else:
-        assert len(res.random_effects) == res.n_groups == next(iter(ngroups.values()))
+    assert res.n_groups == ngroups
     for grp, rt in ref.ranef.items():
         ours = factor_name(grp, list(frames))
         assert sorted(frames[ours].index) == sorted(level_name(grp, ours, lev) for lev in rt.levels)
@@ -381,7 +368,7 @@ def test_fitted_values_are_x_beta_plus_z_b(case_id: str, reml: bool) -> None:
     model, res = fit_lmer_case(case_id, reml)
     case = case_by_id(case_id)
     df = read_data(case["data"])
-    X = model.X if isinstance(model, MultiLM) else model.spec.X
+    X = model.exog
     expected = X @ res.fe_params.to_numpy()
     for grp, frame in ranef_frames(res).items():
         key = df[grp.split(":")[0]].astype(str)
@@ -440,7 +427,7 @@ def test_params_bse_cov_params(case_id: str, reml: bool) -> None:
 def test_cov_re_is_scale_t_tprime(case_id: str, reml: bool) -> None:
     """cov_re (per factor for MultiResults) agrees with varcorr's variances and covariances."""
     _, res = fit_lmer_case(case_id, reml)
-    cov = res.cov_re if isinstance(res, MultiResults) else {factor_names(res)[0]: res.cov_re}
+    cov = res.cov_re
     vc = our_varcorr(res)
     for grp, c in cov.items():
         names = list(c.index)

@@ -13,8 +13,7 @@ from conftest import read_data
 
 import lmefast
 from lmefast import SpecificationError
-from lmefast.multi import MultiLM
-from lmefast.results_multi import MultiResults
+from lmefast.multi import BlockedEngine
 
 
 @cache
@@ -46,9 +45,7 @@ def same_fit(a: lmefast.MixedLMResults, b: lmefast.MixedLMResults, theta: bool =
 
 def factors_of(res: lmefast.MixedLMResults) -> dict[str, list[str]]:
     """Grouping factor → its random coefficients."""
-    if isinstance(res, MultiResults):
-        return {t.name: list(t.coef_names) for t in res.model.terms}
-    return {res.model.spec.group_name: list(res.model.exog_re_names)}
+    return {name: list(frame.columns) for name, frame in res.random_effects.items()}
 
 
 # -- the terms ---------------------------------------------------------------------------------------------
@@ -63,7 +60,7 @@ def test_uncorrelated_term(reml: bool) -> None:
     assert vc["var2"].isna().all(), vc
     assert list(vc["grp"]) == ["Subject", "Subject", "Residual"]
     assert list(vc["var1"][:2]) == ["(Intercept)", "Days"]
-    cov = res.cov_re
+    cov = res.cov_re["Subject"]      # lme4's API: per grouping factor
     assert cov.loc["(Intercept)", "Days"] == 0.0
     np.testing.assert_allclose(np.diag(cov.to_numpy()), res.scale * res.theta**2, rtol=1e-12)
     split = lmefast.lmer("Reaction ~ Days + (1|Subject) + (0 + Days|Subject)", df, reml=reml)
@@ -79,7 +76,7 @@ def test_uncorrelated_term(reml: bool) -> None:
 def test_uncorrelated_term_in_a_crossed_model() -> None:
     df = sleep()
     res = lmefast.lmer("Reaction ~ Days + (Days || Subject) + (1|grp)", df)
-    assert isinstance(res, MultiResults)
+    assert isinstance(res.engine, BlockedEngine)
     assert res.theta.shape == (3,)
     vc = res.varcorr()
     assert vc["var2"].isna().all()
@@ -195,9 +192,7 @@ def test_grouping_factor_dtypes_give_the_same_fit(formula: str, data: str, cols:
 
 
 def _frames(res: lmefast.MixedLMResults) -> dict[str, pd.DataFrame]:
-    if isinstance(res, MultiResults):
-        return dict(res.random_effects)
-    return {res.model.spec.group_name: pd.DataFrame(res.random_effects).T}
+    return dict(res.random_effects)
 
 
 def test_integer_levels_keep_their_labels() -> None:
@@ -219,13 +214,14 @@ def test_categorical_fixed_and_random_predictors(reml: bool) -> None:
     num = lmefast.lmer("Reaction ~ late + (1 + late|Subject)", df, reml=reml)
     same_fit(cat, num, rtol=1e-8)
     assert list(cat.fe_params.index) == ["(Intercept)", "phase[T.late]"]
-    assert list(cat.cov_re.index) == ["(Intercept)", "phase[T.late]"]
+    assert list(cat.cov_re["Subject"].index) == ["(Intercept)", "phase[T.late]"]
     cells = lmefast.lmer("Reaction ~ phase + (0 + phase|Subject)", df, reml=reml)
-    assert list(cells.cov_re.index) == ["phase[early]", "phase[late]"]
+    assert list(cells.cov_re["Subject"].index) == ["phase[early]", "phase[late]"]
     same_fit(cells, num, theta=False, rtol=1e-5)
     # the covariance of the cell means is that of (intercept, intercept + slope)
     A = np.array([[1.0, 0.0], [1.0, 1.0]])
-    np.testing.assert_allclose(cells.cov_re.to_numpy(), A @ num.cov_re.to_numpy() @ A.T, rtol=1e-4)
+    np.testing.assert_allclose(cells.cov_re["Subject"].to_numpy(), A @ num.cov_re["Subject"].to_numpy() @ A.T,
+                               rtol=1e-4)
     # the same in a crossed model
     cat2 = lmefast.lmer("Reaction ~ phase + (1 + phase|Subject) + (1|grp)", df, reml=reml)
     num2 = lmefast.lmer("Reaction ~ late + (1 + late|Subject) + (1|grp)", df, reml=reml)
@@ -418,4 +414,4 @@ def test_specification_error_leaves_no_model() -> None:
     with pytest.raises(SpecificationError, match="nosuch"):
         lmefast.lmer_model("Reaction ~ Days + (1|nosuch)", sleep())
     model = lmefast.lmer_model("Reaction ~ Days + (1|Subject) + (1|grp)", sleep())
-    assert isinstance(model, MultiLM)
+    assert isinstance(model.engine, BlockedEngine)

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from test_gradient import fd_gradient
 
 import lmefast
-from lmefast.multi import MultiLM
+from lmefast.model import MixedLM
+from lmefast.multi import BlockedEngine
 
 LOG_2PI = np.log(2 * np.pi)
 
@@ -72,14 +73,14 @@ MODELS: dict[str, tuple[Callable[[], pd.DataFrame], str]] = {
 
 
 @cache
-def multi_model(name: str) -> MultiLM:
+def multi_model(name: str) -> MixedLM:
     data, formula = MODELS[name]
     model = lmefast.lmer_model(formula, data())
-    assert isinstance(model, MultiLM)
+    assert isinstance(model.engine, BlockedEngine)
     return model
 
 
-def random_thetas(model: MultiLM, seed: int, count: int) -> list[np.ndarray]:
+def random_thetas(model: MixedLM, seed: int, count: int) -> list[np.ndarray]:
     """θ with diagonal entries in (0.2, 2) and off-diagonal ones around 0 (scale 0.3)."""
     rng = np.random.default_rng(seed)
     diag = model.theta_map.diagonal_mask()
@@ -222,7 +223,7 @@ def coef_columns(kind: str, x: np.ndarray) -> tuple[list[np.ndarray], list[str]]
     return [np.ones(n), x], ["(Intercept)", "x"]
 
 
-def dense_fit(case: Crossed, reml: bool, model: MultiLM) -> Dense:
+def dense_fit(case: Crossed, reml: bool, model: MixedLM) -> Dense:
     """First principles; θ's entries are placed where the model's θ map puts them (lme4's
     order, checked on its own by test_lmer_formula.test_theta_is_in_lme4s_order)."""
     df = case.df
@@ -282,7 +283,7 @@ DENSE_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=
 
 def check_against_dense(case: Crossed, want_grad: bool) -> None:
     model = lmefast.lmer_model(case.formula, case.df)
-    assert isinstance(model, MultiLM)
+    assert isinstance(model.engine, BlockedEngine)
     assert [t.name for t in model.terms] == [case.factors[j] for j in case.order()]
     assert model.theta_map.n_theta == case.theta.size
     for reml in (True, False):
@@ -293,7 +294,7 @@ def check_against_dense(case: Crossed, want_grad: bool) -> None:
         assert abs(sol.objective - dense.objective) <= 1e-8 * scale, (sol.objective, dense.objective)
         np.testing.assert_allclose(sol.beta, dense.beta, rtol=1e-7, atol=1e-8 * np.max(np.abs(dense.beta)))
         assert sol.sigma2 == pytest.approx(dense.sigma2, rel=1e-7)
-        frames = model.random_effects_frames(obj.modes(sol))
+        frames = model.engine.modes_by_factor(obj, sol)
         assert list(frames) == [case.factors[j] for j in case.order()]
         for f, expected in dense.b.items():
             got = frames[f]

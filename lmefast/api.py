@@ -1,0 +1,117 @@
+"""The front door: ``mixedlm``, ``lmer``, ``lmer_model`` — the only module that knows every front
+end (statsmodels' formulas and arrays, lme4's formulas) and every data source (a DataFrame in
+memory, Parquet files, a Dask DataFrame), and sends each call to the right one. Layers below
+never dispatch on the kind of data (docs/ARCHITECTURE.md).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lmefast.chunked_multi import dask_chunks, multi_model_from_chunks, parquet_chunks, used_columns
+from lmefast.dask import mixedlm as dask_mixedlm
+from lmefast.errors import SpecificationError
+from lmefast.formula import design_matrix
+from lmefast.lmer import build_terms, lmer_frame, parse_lmer
+from lmefast.model import MixedLM, checked_response_and_design
+from lmefast.multi import BlockedEngine
+from lmefast.outofcore import mixedlm_parquet
+from lmefast.results import MixedLMResults
+
+
+def _is_scale_out(data: Any) -> bool:
+    return isinstance(data, str | os.PathLike) or type(data).__module__.startswith("dask.")
+
+
+def mixedlm(
+    formula: str,
+    data: Any,
+    groups: Any = None,
+    re_formula: str | None = None,
+    vc_formula: Mapping[str, str] | None = None,
+    missing: str = "raise",
+    **scale_out: Any,
+) -> MixedLM:
+    """statsmodels' ``smf.mixedlm``: a MixedLM from formulas (call ``.fit()`` on it).
+
+    ``data`` may also be a path to Parquet data (lmefast.outofcore.mixedlm_parquet) or a Dask
+    DataFrame (lmefast.dask.mixedlm); ``scale_out`` keywords (progress=...) go to those."""
+    if _is_scale_out(data):
+        if type(data).__module__.startswith("dask."):
+            return dask_mixedlm(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
+        return mixedlm_parquet(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
+    if scale_out:
+        raise TypeError(f"mixedlm() got unexpected keyword argument(s) {sorted(scale_out)}")
+    return MixedLM.from_formula(formula, data, groups=groups, re_formula=re_formula,
+                                vc_formula=vc_formula, missing=missing)
+
+
+def lmer_model(formula: str, data: Any, missing: str = "raise") -> MixedLM:
+    """The model of an lme4 formula (not yet fitted). One grouping factor (after merging terms
+    on the same factor) runs on the one-factor engine, several on the blocked one."""
+    df, response, fixed, random = lmer_frame(formula, data, missing)
+    X, xnames = design_matrix(fixed, df)
+    xnames = ["(Intercept)" if c == "Intercept" else c for c in xnames]
+    y = df[response].to_numpy(dtype=float)
+    terms = build_terms(random, df)
+    if len(terms) == 1:
+        t = terms[0]
+        return MixedLM(y, X, pd.Series(t.labels[t.codes]), exog_re=t.Z, endog_name=response,
+                       exog_names=xnames, exog_re_names=list(t.coef_names), group_name=t.name,
+                       re_pattern=t.pattern, api="lme4")
+    X, xnames, dropped = checked_response_and_design(y, response, X, xnames, stacklevel=4)
+    engine = BlockedEngine(y, np.ascontiguousarray(X), terms)
+    return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames,
+                               dropped_exog=dropped)
+
+
+SCALE_OUT_OPTIONS = ("progress", "client", "batch_rows", "split_every")
+
+
+def scale_out_lmer_model(formula: str, data: Any, missing: str, **options: Any):
+    """An lme4 formula on a Parquet path or a Dask DataFrame. One grouping factor (a plain
+    column): its first term as the random coefficients and any further terms of one numeric
+    column as variance components — so ``(x|g)`` and ``(1 + x || g)`` are fitted out of core,
+    θ in statsmodels' order (coefficients, then components). Several factors (or a:b): the
+    blocked cross-products summed over the chunks (lmefast.chunked_multi)."""
+    response, fixed, random = parse_lmer(formula)
+    groups = list(dict.fromkeys(t.group for t in random))
+    if len(groups) != 1 or ":" in groups[0]:
+        if options:
+            raise SpecificationError(f"options {sorted(options)} are not supported for several "
+                                     "grouping factors on Parquet or Dask data")
+        used = used_columns(response, fixed, random)
+        chunks = (parquet_chunks(data, used) if isinstance(data, str | os.PathLike)
+                  else dask_chunks(data, used))
+        kind = "Parquet files" if isinstance(data, str | os.PathLike) else "a Dask DataFrame"
+        return multi_model_from_chunks(response, fixed, random, used, chunks, missing, kind)
+    vc = {}
+    for t in random[1:]:
+        parts = [p.strip() for p in t.expr.split("+")]
+        if len(parts) != 2 or parts[0] != "0" or not parts[1].isidentifier():
+            raise SpecificationError(
+                f"lmer on Parquet or Dask data: the term ({t.expr} | {t.group}) after the first "
+                "must be a single uncorrelated column like (0 + x | g)")
+        vc[parts[1]] = t.expr
+    return mixedlm(f"{response} ~ {fixed}", data, groups=groups[0], re_formula=random[0].expr,
+                   vc_formula=vc or None, missing=missing, **options)
+
+
+def lmer(formula: str, data: Any, reml: bool = True, missing: str = "raise",
+         **kwargs: Any) -> MixedLMResults:
+    """Fit an lme4-style formula, e.g. ``lmer("y ~ x + (1 + x | g) + (1 | h)", data)``.
+
+    Terms: ``(1|g)``, ``(x|g)`` (intercept and slope, correlated), ``(0 + x|g)``,
+    ``(1 + x || g)`` (uncorrelated), ``(1|a/b)`` (a and a:b), ``(1|a:b)``, several terms on a
+    factor, crossed factors. Results follow lme4's shapes (random effects per grouping factor).
+
+    ``data`` may also be a Parquet path or a Dask DataFrame; ``progress``, ``client``,
+    ``batch_rows``, ``split_every`` then go to the data pass, the other keywords to ``fit``."""
+    if _is_scale_out(data):
+        options = {k: kwargs.pop(k) for k in SCALE_OUT_OPTIONS if k in kwargs}
+        return scale_out_lmer_model(formula, data, missing, **options).fit(reml=reml, **kwargs)
+    return lmer_model(formula, data, missing).fit(reml=reml, **kwargs)

@@ -1,0 +1,31 @@
+"""The exceptions of lmefast, one module at the bottom of the layers so that every layer can
+raise them and users can catch them from one place."""
+from __future__ import annotations
+
+
+class SpecificationError(ValueError):
+    """Bad input to a model: the message names the column, term or group at fault."""
+
+
+class ObjectiveError(FloatingPointError):
+    """The objective cannot be evaluated at this θ."""
+
+
+class RowsUnavailableError(RuntimeError):
+    """The fit kept only the cross-products: the rows are not in memory."""
+
+
+class InferenceError(ValueError):
+    """A test or interval that cannot be computed as asked (the message says why)."""
+
+
+class ProfileError(ValueError):
+    """A likelihood profile that cannot be computed as asked."""
+
+
+class BootstrapError(ValueError):
+    """The bootstrap or simulation cannot be run as asked."""
+
+
+class PredictionError(ValueError):
+    """New data that cannot be used for prediction (the message names the column)."""
