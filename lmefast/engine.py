@@ -2,8 +2,8 @@
 may ask of a model's engine, and nothing else (DESIGN.md §3-4).
 
 An engine owns the cross-products of one model structure and the kernels that evaluate the
-profiled objective on them. Two implement it today, chosen from the structure in one place
-(``lmefast.model.select_engine``):
+profiled objective on them. Two implement it today, chosen from the structure (one grouping factor, or several) where
+the model is built:
 
 * ``lmefast.onefactor.OneFactorEngine`` — one grouping factor with random coefficients and
   variance components nested in its groups: Z'Z is block-diagonal by group;

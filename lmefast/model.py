@@ -5,7 +5,7 @@
 statsmodels' constructor takes arrays (one grouping factor: random coefficients exog_re with
 T full lower triangular, variance components nested in the groups exog_vc, one θ each);
 ``MixedLM.from_engine`` takes a structure the other front ends built (lme4 formulas, chunked
-data). The engine follows from the structure in one place, ``select_engine``; everything
+data). The engine follows from the structure (one grouping factor, or several); everything
 after that asks the engine (lmefast.engine.Engine), never the type of the model.
 """
 from __future__ import annotations
