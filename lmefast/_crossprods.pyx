@@ -9,8 +9,11 @@ vc_val[e, r] (value 0 means the row has no entry there).
 """
 import numpy as np
 
-from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
+
+from lmefast._threads cimport run_chunks
+
+from lmefast.parallel import check_threads
 
 ctypedef long long i64
 
@@ -103,19 +106,46 @@ cdef void accumulate_range(
                 A_g[ci * q + coord[e2]] += v * val[e2]
 
 
+cdef struct RowPass:
+    const double* y
+    const double* X
+    const double* Zre
+    const i64* gcode
+    i64 n
+    int p
+    int k
+    const i64* q_off
+    const i64* s_off
+    const i64* vc_coord
+    const double* vc_val
+    int ne
+    double* S
+    const i64* bounds     # chunk t: the groups [bounds[t], bounds[t + 1])
+    int* coord            # per chunk: width ints and doubles of scratch
+    double* val
+    int width
+
+
+cdef void row_chunk(void* vctx, int t) noexcept nogil:
+    cdef RowPass* c = <RowPass*>vctx
+    accumulate_range(c.y, c.X, c.Zre, c.gcode, c.n, c.p, c.k, c.q_off, c.s_off, c.vc_coord,
+                     c.vc_val, c.ne, c.S, c.bounds[t], c.bounds[t + 1], c.coord + t * c.width,
+                     c.val + t * c.width)
+
+
 def accumulate(
     const double[::1] y, const double[:, ::1] X, const double[:, ::1] Zre,
     const i64[::1] gcode, const i64[::1] q_off, const i64[::1] s_off,
     const i64[:, ::1] vc_coord, const double[:, ::1] vc_val,
-    double[::1] S, int n_threads=1,
+    double[::1] S, n_threads=1,
 ):
     """Adds every row's z z', z x', z y into its group's record (S zeroed by the caller).
 
     With n_threads > 1 each thread owns a contiguous range of groups (no two threads write
-    the same record) and scans all rows, keeping those of its groups."""
+    the same record) and scans all rows, keeping those of its groups (lmefast._threads)."""
     cdef i64 n = y.shape[0], m = q_off.shape[0] - 1
-    cdef int p = X.shape[1], k = Zre.shape[1], ne = vc_coord.shape[0], t
-    cdef int nth = n_threads if 1 < n_threads <= m else 1
+    cdef int p = X.shape[1], k = Zre.shape[1], ne = vc_coord.shape[0]
+    cdef int nth = <int>min(check_threads(n_threads), max(m, 1))
     cdef int width = k + ne + 1
     cdef int* coord = <int*>malloc(nth * width * sizeof(int))
     cdef double* val = <double*>malloc(nth * width * sizeof(double))
@@ -135,14 +165,25 @@ def accumulate(
         free(coord)
         free(val)
         raise MemoryError()
-    if nth == 1:
-        with nogil:
-            accumulate_range(&y[0], Xp, Zp, &gcode[0], n, p, k, &q_off[0], &s_off[0], vcp, vvp,
-                             ne, &S[0], 0, m, coord, val)
-    else:
-        for t in prange(nth, nogil=True, schedule="static", num_threads=nth):
-            accumulate_range(&y[0], Xp, Zp, &gcode[0], n, p, k, &q_off[0], &s_off[0], vcp, vvp,
-                             ne, &S[0], bounds[t], bounds[t + 1], coord + t * width,
-                             val + t * width)
+    cdef RowPass c
+    c.y = &y[0]
+    c.X = Xp
+    c.Zre = Zp
+    c.gcode = &gcode[0]
+    c.n = n
+    c.p = p
+    c.k = k
+    c.q_off = &q_off[0]
+    c.s_off = &s_off[0]
+    c.vc_coord = vcp
+    c.vc_val = vvp
+    c.ne = ne
+    c.S = &S[0]
+    c.bounds = &bounds[0]
+    c.coord = coord
+    c.val = val
+    c.width = width
+    with nogil:
+        run_chunks(row_chunk, &c, nth)
     free(coord)
     free(val)

@@ -12,15 +12,18 @@ GIL once, and Python-visible functions that allocate the work arrays first.
 """
 import numpy as np
 
-from libc.math cimport log, sqrt
-from cython.parallel cimport prange
+from libc.math cimport log
 from libc.stdlib cimport free, malloc
 
-from lmefast._bfgs cimport bfgs_bounded
 from lmefast._dense cimport (
-    SMALL_Q, Work, back_solve, chol_small, factor_group, fixed_effects_step, i64, lines,
-    minv_from_chol, work_alloc, work_free,
+    Work, back_solve, factor_group, fixed_effects_step, i64, lines, minv_from_chol, work_alloc,
+    work_free,
 )
+from lmefast._kernel cimport Kernel, KernelState, fill_factor_map
+from lmefast._theta cimport FactorMap, factor_grad_to_theta, theta_to_factors
+from lmefast._threads cimport run_chunks
+
+from lmefast.parallel import check_threads
 
 
 cdef struct Blocks:
@@ -207,7 +210,9 @@ cdef i64 gradient_loop(Blocks* bl, Work* w, i64 g0, i64 g1, double* F, const dou
 
 
 cdef struct EvalCtx:
+    KernelState st
     Blocks bl
+    FactorMap fm        # θ → [T (k × k) | θ_vc (one 1 × 1 block per component)]
     const double* XtX
     const double* Xty
     double yty
@@ -216,25 +221,15 @@ cdef struct EvalCtx:
     int p
     int k
     int nvc
-    int nt
-    const i64* tril_r
-    const i64* tril_c
-    double* T
+    double* T           # followed by tvc
     double* tvc
-    double* gT
+    double* gT          # followed by gvc
     double* gvc
-    double* beta
-    double* Lx
     double* Rzxrzy
     double* rhs
     double* Cinv
-    double r2
-    double logdet
-    i64 status
-    long n_evals
     # threads: group ranges [bounds[t], bounds[t+1]), one Work, F buffer and accumulator
     # record [logdet, rr, RzxRzx (p×p), Rzxrzy (p), gT (k×k), gvc] per thread
-    int nthreads
     i64* bounds
     Work* ws
     double* Fs
@@ -245,7 +240,8 @@ cdef struct EvalCtx:
     double kappa
 
 
-cdef void obj_chunk(EvalCtx* c, int t) noexcept nogil:
+cdef void obj_chunk(void* vc, int t) noexcept nogil:
+    cdef EvalCtx* c = <EvalCtx*>vc
     cdef double* a = c.accs + t * c.acc_stride
     cdef int l, p = c.p
     for l in range(2 + p * p + p):
@@ -254,49 +250,40 @@ cdef void obj_chunk(EvalCtx* c, int t) noexcept nogil:
                                 a + 2, a + 2 + p * p)
 
 
-cdef void grad_chunk(EvalCtx* c, int t) noexcept nogil:
+cdef void grad_chunk(void* vc, int t) noexcept nogil:
+    cdef EvalCtx* c = <EvalCtx*>vc
     cdef int p = c.p, k = c.k, l
     cdef double* a = c.accs + t * c.acc_stride + 2 + p * p + p
     for l in range(k * k + c.nvc):
         a[l] = 0.0
     c.stats[t] = gradient_loop(&c.bl, &c.ws[t], c.bounds[t], c.bounds[t + 1],
-                               c.Fs + t * c.f_stride, c.beta, c.Cinv, c.kappa, c.reml,
+                               c.Fs + t * c.f_stride, c.st.beta, c.Cinv, c.kappa, c.reml,
                                a, a + k * k)
 
 
 cdef i64 first_failure(EvalCtx* c) noexcept nogil:
     cdef int t
-    for t in range(c.nthreads):
+    for t in range(c.st.nthreads):
         if c.stats[t] != 0:
             return c.stats[t]
     return 0
 
 
 cdef int eval_theta(void* vctx, const double* theta, double* f, double* grad) noexcept nogil:
-    """θ → objective (and ∂/∂θ when grad is not NULL). Returns 0, or 1 with ctx.status set:
-    1 + group index when a group block fails; −j when the fixed-effects factor fails at
-    column j; −(p+1) when r² ≤ 0. The group loops run on c.nthreads threads, each over
-    its own range of groups with its own work arrays; partial sums are added after."""
+    """θ → objective (and ∂/∂θ when grad is not NULL). Returns 0, or 1 with the status set
+    (lmefast._kernel). The group loops run in c.st.nthreads chunks, each over its own range of
+    groups with its own work arrays (lmefast._threads); partial sums are added after."""
     cdef EvalCtx* c = <EvalCtx*>vctx
-    cdef int i, j, a, l, t, p = c.p, k = c.k, nth = c.nthreads
-    cdef double acc, dof, obj, rr = 0.0, logdet = 0.0, r2
+    cdef int l, t, p = c.p, k = c.k, nth = c.st.nthreads
+    cdef double dof, obj, rr = 0.0, logdet = 0.0
     cdef double* part
     cdef i64 status
-    c.n_evals += 1
-    for l in range(k * k):
-        c.T[l] = 0.0
-    for l in range(c.nt - c.nvc):
-        c.T[c.tril_r[l] * k + c.tril_c[l]] = theta[l]
-    for l in range(c.nvc):
-        c.tvc[l] = theta[c.nt - c.nvc + l]
-    if nth > 1:
-        for t in prange(nth, schedule="static", num_threads=nth):
-            obj_chunk(c, t)
-    else:
-        obj_chunk(c, 0)
+    c.st.n_evals += 1
+    theta_to_factors(&c.fm, theta, c.T)
+    run_chunks(obj_chunk, c, nth)
     status = first_failure(c)
     for l in range(p * p):
-        c.Lx[l] = 0.0
+        c.st.Lx[l] = 0.0
     for l in range(p):
         c.Rzxrzy[l] = 0.0
     for t in range(nth):
@@ -304,57 +291,45 @@ cdef int eval_theta(void* vctx, const double* theta, double* f, double* grad) no
         logdet += part[0]
         rr += part[1]
         for l in range(p * p):
-            c.Lx[l] += part[2 + l]
+            c.st.Lx[l] += part[2 + l]
         for l in range(p):
             c.Rzxrzy[l] += part[2 + p * p + l]
-    c.logdet = logdet
+    c.st.logdet = logdet
     if status == 0:
-        status = fixed_effects_step(p, c.XtX, c.Xty, c.yty, rr, logdet, c.reml, c.n, c.Lx,
-                                    c.Rzxrzy, c.rhs, c.beta, &c.r2, &obj)
-    c.status = status
+        status = fixed_effects_step(p, c.XtX, c.Xty, c.yty, rr, logdet, c.reml, c.n, c.st.Lx,
+                                    c.Rzxrzy, c.rhs, c.st.beta, &c.st.r2, &obj)
+    c.st.status = status
     if status != 0:
         return 1
-    r2 = c.r2
     dof = c.n - p if c.reml else c.n
     f[0] = obj
     if grad == NULL:
         return 0
     if p > 0:
-        minv_from_chol(p, c.Lx, c.Cinv, c.Fs)
-    c.kappa = dof / r2
-    if nth > 1:
-        for t in prange(nth, schedule="static", num_threads=nth):
-            grad_chunk(c, t)
-    else:
-        grad_chunk(c, 0)
-    c.status = first_failure(c)
-    if c.status != 0:
+        minv_from_chol(p, c.st.Lx, c.Cinv, c.Fs)
+    c.kappa = dof / c.st.r2
+    run_chunks(grad_chunk, c, nth)
+    c.st.status = first_failure(c)
+    if c.st.status != 0:
         return 1
-    for l in range(k * k):
+    for l in range(k * k + c.nvc):
         c.gT[l] = 0.0
-    for l in range(c.nvc):
-        c.gvc[l] = 0.0
     for t in range(nth):
         part = c.accs + t * c.acc_stride + 2 + p * p + p
-        for l in range(k * k):
+        for l in range(k * k + c.nvc):
             c.gT[l] += part[l]
-        for l in range(c.nvc):
-            c.gvc[l] += part[k * k + l]
-    for l in range(c.nt - c.nvc):
-        grad[l] = c.gT[c.tril_r[l] * k + c.tril_c[l]]
-    for l in range(c.nvc):
-        grad[c.nt - c.nvc + l] = c.gvc[l]
+    factor_grad_to_theta(&c.fm, c.gT, grad)
     return 0
 
 
-cdef class OneFactorKernel:
+cdef class OneFactorKernel(Kernel):
     """The profiled objective of one grouping factor, held in C: θ in, objective out.
 
     Owns the work buffers; `evaluate` for one θ, `minimize` runs the projected BFGS of
-    lmefast._bfgs entirely in C. With n_threads > 1 the groups are split into that many
-    contiguous ranges of about equal work (OpenMP)."""
+    lmefast._bfgs entirely in C (both from lmefast._kernel.Kernel). With n_threads > 1 the
+    groups are split into that many contiguous ranges of about equal work (OpenMP)."""
 
-    cdef EvalCtx ctx
+    cdef EvalCtx c
     cdef object keep
     cdef double* buf
     cdef int n_work
@@ -362,23 +337,35 @@ cdef class OneFactorKernel:
     def __cinit__(self, const double[::1] S, const i64[::1] s_off, const i64[::1] q_off,
                   const i64[::1] comp, int k, int p, int qmax, const double[::1] XtX,
                   const double[::1] Xty, double yty, double n, bint reml,
-                  const i64[::1] tril_r, const i64[::1] tril_c, int nvc, int n_threads=1):
+                  const i64[::1] tril_r, const i64[::1] tril_c, int nvc, n_threads=1):
         cdef int pp = p if p > 0 else 1, kk = k if k > 0 else 1
         cdef int qq = qmax if qmax > pp else pp
-        cdef int t, nth
+        cdef int t, nth = check_threads(n_threads)
         cdef i64 m = q_off.shape[0] - 1
         cdef size_t total
-        self.keep = [S, s_off, q_off, comp, XtX, Xty, tril_r, tril_c]
+        self.keep = [S, s_off, q_off, comp, XtX, Xty]
         self.buf = NULL
         self.n_work = 0
-        self.ctx.ws = NULL
-        self.ctx.bounds = NULL
-        self.ctx.stats = NULL
-        nth = n_threads if n_threads > 1 else 1
+        self.c.ws = NULL
+        self.c.bounds = NULL
+        self.c.stats = NULL
+        self.fg = eval_theta
+        self.ctx = &self.c
+        self.st = &self.c.st
         if nth > m:
             nth = <int>(m if m > 0 else 1)
-        self.ctx.nthreads = nth
-        fill_blocks(&self.ctx.bl, S, s_off, q_off, comp, k, p, qmax)
+        self.c.st.nthreads = nth
+        self.c.st.lazy_grad = False
+        fill_blocks(&self.c.bl, S, s_off, q_off, comp, k, p, qmax)
+        # θ's map: the tril entries of T (term 0), then one 1 × 1 term per component
+        ntri = tril_r.shape[0]
+        th_term = np.concatenate([np.zeros(ntri, np.int32), np.arange(1, nvc + 1, dtype=np.int32)])
+        th_row = np.concatenate([np.asarray(tril_r), np.zeros(nvc, np.int64)]).astype(np.int32)
+        th_col = np.concatenate([np.asarray(tril_c), np.zeros(nvc, np.int64)]).astype(np.int32)
+        t_k = np.concatenate([[k], np.ones(nvc)]).astype(np.int32)
+        t_off = np.concatenate([[0], k * k + np.arange(nvc + 1)]).astype(np.int64)
+        fill_factor_map(&self.c.fm, th_term, th_row, th_col, t_off, t_k)
+        self.keep += [th_term, th_row, th_col, t_off, t_k]
         # factor cache: the objective pass leaves each group's AΛ, L, Rzx, rzy for the
         # gradient pass, which then does not factor again
         qs = np.diff(np.asarray(q_off))
@@ -386,110 +373,70 @@ cdef class OneFactorKernel:
         np.cumsum(2 * qs * qs + qs * (p + 1), out=f_off[1:])
         cdef double[::1] fac = np.empty(max(int(f_off[-1]), 1))
         cdef i64[::1] f_off_v = f_off
-        self.ctx.bl.fac = &fac[0]
-        self.ctx.bl.f_off = &f_off_v[0]
+        self.c.bl.fac = &fac[0]
+        self.c.bl.f_off = &f_off_v[0]
         self.keep += [fac, f_off]
-        self.ctx.ws = <Work*>malloc(nth * sizeof(Work))
-        self.ctx.bounds = <i64*>malloc((nth + 1) * sizeof(i64))
-        self.ctx.stats = <i64*>malloc(nth * sizeof(i64))
-        if self.ctx.ws == NULL or self.ctx.bounds == NULL or self.ctx.stats == NULL:
+        self.c.ws = <Work*>malloc(nth * sizeof(Work))
+        self.c.bounds = <i64*>malloc((nth + 1) * sizeof(i64))
+        self.c.stats = <i64*>malloc(nth * sizeof(i64))
+        if self.c.ws == NULL or self.c.bounds == NULL or self.c.stats == NULL:
             raise MemoryError()
         for t in range(nth):
-            self.ctx.ws[t].block = NULL
+            self.c.ws[t].block = NULL
         for t in range(nth):
             self.n_work += 1
-            if work_alloc(&self.ctx.ws[t], qmax, p) != 0:
+            if work_alloc(&self.c.ws[t], qmax, p) != 0:
                 raise MemoryError()
         # split the groups where the record offsets (≈ work) cross t/nth of the total
         split = np.searchsorted(np.asarray(s_off), np.asarray(s_off)[-1] * np.arange(nth + 1) / nth)
         split[0] = 0
         split[nth] = m
         for t in range(nth + 1):
-            self.ctx.bounds[t] = split[t]
-        self.ctx.f_stride = <int>lines(qq * pp)
-        self.ctx.acc_stride = ((2 + pp * pp + pp + kk * kk + nvc + 1) // 8 + 1) * 8
-        total = (3 * kk * kk + (nvc + 1) * 2 + 3 * pp + 2 * pp * pp
-                 + nth * (self.ctx.f_stride + self.ctx.acc_stride) + 16)
+            self.c.bounds[t] = split[t]
+        self.c.f_stride = <int>lines(qq * pp)
+        self.c.acc_stride = ((2 + pp * pp + pp + kk * kk + nvc + 1) // 8 + 1) * 8
+        total = (2 * (kk * kk + nvc + 1) + 3 * pp + 2 * pp * pp
+                 + nth * (self.c.f_stride + self.c.acc_stride) + 16)
         self.buf = <double*>malloc(total * sizeof(double))
         if self.buf == NULL:
             raise MemoryError()
-        self.ctx.T = self.buf
-        self.ctx.gT = self.ctx.T + kk * kk
-        self.ctx.tvc = self.ctx.gT + kk * kk
-        self.ctx.gvc = self.ctx.tvc + nvc + 1
-        self.ctx.beta = self.ctx.gvc + nvc + 1
-        self.ctx.Rzxrzy = self.ctx.beta + pp
-        self.ctx.rhs = self.ctx.Rzxrzy + pp
-        self.ctx.Lx = self.ctx.rhs + pp
-        self.ctx.Cinv = self.ctx.Lx + pp * pp
+        self.c.T = self.buf
+        self.c.tvc = self.c.T + k * k
+        self.c.gT = self.c.T + kk * kk + nvc + 1
+        self.c.gvc = self.c.gT + k * k
+        self.c.st.beta = self.c.gT + kk * kk + nvc + 1
+        self.c.Rzxrzy = self.c.st.beta + pp
+        self.c.rhs = self.c.Rzxrzy + pp
+        self.c.st.Lx = self.c.rhs + pp
+        self.c.Cinv = self.c.st.Lx + pp * pp
         # per-thread F buffers (written per group in the REML gradient) start on a cache line:
         # not sharing one with each other or with Cinv, which every thread reads per group
-        self.ctx.Fs = <double*>((<size_t>(self.ctx.Cinv + pp * pp) + 63) // 64 * 64)
+        self.c.Fs = <double*>((<size_t>(self.c.Cinv + pp * pp) + 63) // 64 * 64)
         # per-thread accumulators start on a cache line and take whole lines
-        self.ctx.accs = <double*>((<size_t>(self.ctx.Fs + nth * self.ctx.f_stride) + 63) // 64 * 64)
-        self.ctx.bl.T = self.ctx.T
-        self.ctx.bl.tvc = self.ctx.tvc
-        self.ctx.XtX = &XtX[0] if XtX.shape[0] > 0 else NULL
-        self.ctx.Xty = &Xty[0] if Xty.shape[0] > 0 else NULL
-        self.ctx.yty = yty
-        self.ctx.n = n
-        self.ctx.reml = reml
-        self.ctx.p = p
-        self.ctx.k = k
-        self.ctx.nvc = nvc
-        self.ctx.nt = tril_r.shape[0] + nvc
-        self.ctx.tril_r = &tril_r[0] if tril_r.shape[0] > 0 else NULL
-        self.ctx.tril_c = &tril_c[0] if tril_c.shape[0] > 0 else NULL
-        self.ctx.n_evals = 0
+        self.c.accs = <double*>((<size_t>(self.c.Fs + nth * self.c.f_stride) + 63) // 64 * 64)
+        self.c.bl.T = self.c.T
+        self.c.bl.tvc = self.c.tvc
+        self.c.XtX = &XtX[0] if XtX.shape[0] > 0 else NULL
+        self.c.Xty = &Xty[0] if Xty.shape[0] > 0 else NULL
+        self.c.yty = yty
+        self.c.n = n
+        self.c.reml = reml
+        self.c.p = p
+        self.c.k = k
+        self.c.nvc = nvc
+        self.c.st.p = p
+        self.c.st.nt = ntri + nvc
+        self.c.st.n_evals = 0
 
     def __dealloc__(self):
         cdef int t
-        if self.ctx.ws != NULL:
+        if self.c.ws != NULL:
             for t in range(self.n_work):
-                work_free(&self.ctx.ws[t])
-        free(self.ctx.ws)
-        free(self.ctx.bounds)
-        free(self.ctx.stats)
+                work_free(&self.c.ws[t])
+        free(self.c.ws)
+        free(self.c.bounds)
+        free(self.c.stats)
         free(self.buf)
-
-    @property
-    def n_threads(self):
-        return self.ctx.nthreads
-
-    @property
-    def n_evals(self):
-        return self.ctx.n_evals
-
-    def evaluate(self, theta, bint want_grad=False):
-        """θ → (objective, r², log|L|², status, β̂, Lx, gradient or None)."""
-        cdef double[::1] th = np.ascontiguousarray(theta, dtype=np.float64)
-        cdef int nt = self.ctx.nt, p = self.ctx.p
-        if th.shape[0] != nt:
-            raise ValueError(f"θ must have {nt} entries, got {th.shape[0]}")
-        cdef double[::1] g = np.zeros(nt if nt > 0 else 1)
-        cdef double f = np.nan
-        cdef int rc
-        with nogil:
-            rc = eval_theta(&self.ctx, &th[0] if nt > 0 else NULL, &f,
-                            &g[0] if want_grad else NULL)
-        beta = np.array(<double[:p]>self.ctx.beta) if p > 0 else np.zeros(0)
-        Lx = np.array(<double[:p * p]>self.ctx.Lx).reshape(p, p) if p > 0 else np.zeros((0, 0))
-        return (f, self.ctx.r2, self.ctx.logdet, self.ctx.status, beta, Lx,
-                np.asarray(g[:nt]).copy() if want_grad else None)
-
-    def minimize(self, theta0, lower, double gtol=1e-9, int maxiter=500, on_iter=None):
-        """Projected BFGS from θ0: returns (θ, f, gradient, f at θ0, inverse-Hessian
-        approximation, iterations, return code)."""
-        cdef double[::1] x = np.array(theta0, dtype=np.float64)
-        cdef double[::1] lo = np.ascontiguousarray(lower, dtype=np.float64)
-        cdef int d = x.shape[0]
-        cdef double[::1] g = np.zeros(d)
-        cdef double f = 0.0, f0 = 0.0
-        cdef double[:, ::1] H = np.zeros((d, d))
-        cdef int n_iter = 0, code
-        code = bfgs_bounded(eval_theta, &self.ctx, d, &x[0], &lo[0], gtol, maxiter, &f, &g[0],
-                            &f0, &H[0, 0], &n_iter, on_iter)
-        return np.asarray(x), f, np.asarray(g), f0, np.asarray(H), n_iter, code
 
 
 cdef void fill_blocks(Blocks* bl, const double[::1] S, const i64[::1] s_off,

@@ -15,7 +15,9 @@ The gradient (DESIGN.md §2) needs the diagonal level blocks of Z'ZΛM⁻¹; the
 it reads come from L11, L21 and P22 = (L22L22')⁻¹ (dpotri): with Z_P = L21_P L11_i⁻¹ and
 Q_P = Σ_P' P22[P,P'] Z_P', (M⁻¹)21_P = −Q_P and (M⁻¹)11_ii = L11_i⁻ᵀL11_i⁻¹ + Σ_P Z_P'Q_P.
 
-Storage is row-major; M22 holds L22 in its lower triangle, later P22 (lower triangle).
+Storage is row-major. The trailing block M22 lives behind lmefast._trailing (factorise, solve,
+log-determinant, selected inverse P22): dense LAPACK now; the level loops do not see its storage.
+θ → T goes through lmefast._theta; evaluate/minimize come from lmefast._kernel.Kernel.
 """
 import numpy as np
 
@@ -23,25 +25,27 @@ from libc.math cimport log
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
-from cython.parallel cimport prange
-
-from lmefast._bfgs cimport bfgs_bounded
 from lmefast._dense cimport (
     Work, back_solve, factor_group, fixed_effects_step, i64, minv_from_chol, work_alloc,
     work_free,
 )
-from lmefast._lapack cimport (
-    chol_lower_rowmajor, inverse_from_chol_rowmajor, solve_lower_rowmajor,
+from lmefast._kernel cimport Kernel, KernelState, fill_factor_map
+from lmefast._theta cimport FactorMap, factor_grad_to_theta, theta_to_factors
+from lmefast._threads cimport run_chunks
+from lmefast._trailing cimport (
+    Trailing, trailing_add, trailing_clear, trailing_factor, trailing_inverse_at,
+    trailing_invert, trailing_logdet, trailing_solve,
 )
+
+from lmefast.parallel import check_threads
 
 
 cdef struct MultiCtx:
+    KernelState st
     i64 m1
     int k1
     int p
     int q2
-    int nt
-    int nterms
     int kmax
     int width
     # first factor records [A11 | B1 | c1] and the pairs
@@ -69,24 +73,18 @@ cdef struct MultiCtx:
     double yty
     double n
     bint reml
-    # θ → T entries
-    const int* th_term
-    const int* th_row
-    const int* th_col
-    const i64* t_off
-    const int* t_k
+    # θ → T blocks of every term (Tall at fm.t_off, term j's k is fm.t_k[j])
+    FactorMap fm
     # buffers
     double* Tall
     double* gTall
-    double* M22
+    Trailing tr           # M22: q2 × q2, behind lmefast._trailing
     double* R2x
     double* r2y
     double* L11c
     double* Rzx1c
     double* rzy1c
     double* L21c
-    double* Lx
-    double* beta
     double* Rzxrzy
     double* rhs
     double* Cinv
@@ -99,19 +97,14 @@ cdef struct MultiCtx:
     double* G1
     double* G2
     double* Mi
-    double r2
-    double logdet
-    i64 status
-    long n_evals
-    # threads: level ranges, and per thread its Work, scratch and partial sums
-    int nth
+    # threads (st.nthreads): level ranges, and per thread its Work, scratch and partial sums
     i64* lbounds          # (nth + 1) level ranges of the first factor
     i64* rbounds          # (nth + 1) row ranges of M22 for the Schur update
     Work* ws
     double* tbuf          # per thread: [logdet, rr, Lx (p²), Rzxrzy (p), R2x (q2 p), r2y (q2),
     i64 tstride           #              G1 (k1²), G2 (q2 kmax), Z, Q (width k1 + 1 each), Mi]
     i64* tstat
-    # the last θ whose factorisation (L11, L21, L22 in M22, β, r²) is still in the buffers:
+    # the last θ whose factorisation (L11, L21, L22, β, r²) is still in the buffers:
     # a gradient asked for at that θ starts from it (the optimiser's line search asks so)
     double* last_theta
     double last_obj
@@ -129,7 +122,7 @@ cdef void build_trailing(MultiCtx* c) noexcept nogil:
     cdef i64 e, r, col, rr, cc
     cdef int a, b, ar, ac, p = c.p, q2 = c.q2, l
     cdef double v
-    memset(c.M22, 0, <size_t>q2 * q2 * sizeof(double))
+    trailing_clear(&c.tr)
     for e in range(c.nnz22):
         r = c.a22r[e]
         col = c.a22c[e]
@@ -140,9 +133,9 @@ cdef void build_trailing(MultiCtx* c) noexcept nogil:
             for b in range(ac + 1):
                 cc = c.bstart[col] + b
                 if rr >= cc:
-                    c.M22[rr * q2 + cc] += lam(c, r, a) * c.a22v[e] * lam(c, col, b)
+                    trailing_add(&c.tr, rr, cc, lam(c, r, a) * c.a22v[e] * lam(c, col, b))
     for r in range(q2):
-        c.M22[r * q2 + r] += 1.0
+        trailing_add(&c.tr, r, r, 1.0)
         c.r2y[r] = 0.0
         for l in range(p):
             c.R2x[r * p + l] = 0.0
@@ -256,21 +249,32 @@ cdef void schur_rows(MultiCtx* c, i64 row0, i64 row1) noexcept nogil:
                         acc = 0.0
                         for b in range(k1):
                             acc = acc + X[a * k1 + b] * X2[d * k1 + b]
-                        c.M22[r1 * q2 + r2] -= acc
+                        trailing_add(&c.tr, r1, r2, -acc)
+
+
+cdef void level_chunk(void* vc, int t) noexcept nogil:
+    cdef MultiCtx* c = <MultiCtx*>vc
+    c.tstat[t] = level_factor_range(c, t, c.lbounds[t], c.lbounds[t + 1])
+
+
+cdef void schur_chunk(void* vc, int t) noexcept nogil:
+    cdef MultiCtx* c = <MultiCtx*>vc
+    schur_rows(c, c.rbounds[t], c.rbounds[t + 1])
+
+
+cdef void grad_blocks_chunk(void* vc, int t) noexcept nogil:
+    cdef MultiCtx* c = <MultiCtx*>vc
+    grad_blocks_range(c, t, c.lbounds[t], c.lbounds[t + 1])
 
 
 cdef i64 level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
-    """The first factor's levels on c.nth threads (each a range of levels, own partial sums),
-    then the Schur update of M22 (each thread a range of rows). Σ Rzx1'Rzx1 goes into Lx
-    (lower), Σ Rzx1'rzy1 into Rzxrzy. Returns 0 or 1 + the level that failed."""
-    cdef int t, nth = c.nth, p = c.p, q2 = c.q2, l
+    """The first factor's levels in c.st.nthreads chunks (each a range of levels, own partial
+    sums), then the Schur update of M22 (each chunk a range of rows). Σ Rzx1'Rzx1 goes into
+    Lx (lower), Σ Rzx1'rzy1 into Rzxrzy. Returns 0 or 1 + the level that failed."""
+    cdef int t, nth = c.st.nthreads, p = c.p, q2 = c.q2, l
     cdef i64 r
     cdef double* part
-    if nth > 1:
-        for t in prange(nth, schedule="static", num_threads=nth):
-            c.tstat[t] = level_factor_range(c, t, c.lbounds[t], c.lbounds[t + 1])
-    else:
-        c.tstat[0] = level_factor_range(c, 0, 0, c.m1)
+    run_chunks(level_chunk, c, nth)
     for t in range(nth):
         if c.tstat[t] != 0:
             return c.tstat[t]
@@ -279,40 +283,36 @@ cdef i64 level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
         logdet[0] += part[0]
         rr[0] += part[1]
         for l in range(p * p):
-            c.Lx[l] += part[2 + l]
+            c.st.Lx[l] += part[2 + l]
         for l in range(p):
             c.Rzxrzy[l] += part[2 + p * p + l]
         for r in range(<i64>q2 * p):
             c.R2x[r] += part[2 + p * p + p + r]
         for r in range(q2):
             c.r2y[r] += part[2 + p * p + p + <i64>q2 * p + r]
-    if nth > 1:
-        for t in prange(nth, schedule="static", num_threads=nth):
-            schur_rows(c, c.rbounds[t], c.rbounds[t + 1])
-    else:
-        schur_rows(c, 0, q2)
+    run_chunks(schur_chunk, c, nth)
     return 0
 
 
 cdef void backsolve_all(MultiCtx* c) noexcept nogil:
     """[u | H] = L⁻ᵀ [rzy − Rzx β | Rzx] into X1 (m1 × k1 × (1+p)) and X2 (q2 × (1+p)),
-    with L22 in M22. Uses R2x/r2y (= Rzx2, rzy2) and the caches."""
+    with the trailing factor L22. Uses R2x/r2y (= Rzx2, rzy2) and the caches."""
     cdef int p = c.p, k1 = c.k1, q2 = c.q2, nc = p + 1, a, b, l, kj
     cdef i64 i, P, r
     cdef double acc, v
     for r in range(q2):
         acc = c.r2y[r]
         for l in range(p):
-            acc = acc - c.R2x[r * p + l] * c.beta[l]
+            acc = acc - c.R2x[r * p + l] * c.st.beta[l]
             c.X2[r * nc + 1 + l] = c.R2x[r * p + l]
         c.X2[r * nc] = acc
-    solve_lower_rowmajor(c.M22, q2, c.X2, nc, True)
+    trailing_solve(&c.tr, c.X2, nc, True)
     for i in range(c.m1):
         for b in range(k1):
             acc = c.rzy1c[i * k1 + b]
             for l in range(p):
                 v = c.Rzx1c[(i * k1 + b) * p + l]
-                acc = acc - v * c.beta[l]
+                acc = acc - v * c.st.beta[l]
                 c.X1[(i * k1 + b) * nc + 1 + l] = v
             c.X1[(i * k1 + b) * nc] = acc
         for P in range(c.ptr[i], c.ptr[i + 1]):
@@ -350,7 +350,7 @@ cdef void residual_parts(MultiCtx* c) noexcept nogil:
     for r in range(q2):
         acc = c.c2[r]
         for l in range(p):
-            acc = acc - c.B2[r * p + l] * c.beta[l]
+            acc = acc - c.B2[r * p + l] * c.st.beta[l]
             c.out2[r * nc + 1 + l] = c.B2[r * p + l]
         c.out2[r * nc] = acc
     for e in range(c.nnz22):
@@ -363,7 +363,7 @@ cdef void residual_parts(MultiCtx* c) noexcept nogil:
         for a in range(k1):
             acc = A[k1 * k1 + k1 * p + a]
             for l in range(p):
-                acc = acc - A[k1 * k1 + a * p + l] * c.beta[l]
+                acc = acc - A[k1 * k1 + a * p + l] * c.st.beta[l]
                 c.out1[(i * k1 + a) * nc + 1 + l] = A[k1 * k1 + a * p + l]
             c.out1[(i * k1 + a) * nc] = acc
             for l in range(nc):
@@ -381,14 +381,10 @@ cdef void residual_parts(MultiCtx* c) noexcept nogil:
                         c.out2[(c.pair_c0[P] + a) * nc + l] -= v * c.V1[(i * k1 + b) * nc + l]
 
 
-cdef inline double P22at(MultiCtx* c, i64 r1, i64 r2) noexcept nogil:
-    return c.M22[r1 * c.q2 + r2] if r1 >= r2 else c.M22[r2 * c.q2 + r1]
-
-
 cdef void level_inverse_block(MultiCtx* c, i64 i, double* Z, double* Q, double* Mi,
                               double* tmp) noexcept nogil:
     """Level i of the first factor: Z_P = L21_P L11_i⁻¹, Q_P = Σ_P2 P22[P, P2] Z_P2 (so that
-    (M⁻¹)21_P = −Q_P) and Mi = (M⁻¹)11_ii = L11_i⁻ᵀL11_i⁻¹ + Σ_P Z_P'Q_P. M22 holds P22."""
+    (M⁻¹)21_P = −Q_P) and Mi = (M⁻¹)11_ii = L11_i⁻ᵀL11_i⁻¹ + Σ_P Z_P'Q_P. The trailing block holds P22."""
     cdef int k1 = c.k1, a, b, d, kj, kj2, row, row2
     cdef i64 P, P2
     cdef double acc, wv
@@ -413,7 +409,7 @@ cdef void level_inverse_block(MultiCtx* c, i64 i, double* Z, double* Q, double* 
             for P2 in range(c.ptr[i], c.ptr[i + 1]):
                 kj2 = c.pair_k[P2]
                 for d in range(kj2):
-                    wv = P22at(c, c.pair_c0[P] + a, c.pair_c0[P2] + d)
+                    wv = trailing_inverse_at(&c.tr, c.pair_c0[P] + a, c.pair_c0[P2] + d)
                     for b in range(k1):
                         Q[(row + a) * k1 + b] += wv * Z[(row2 + d) * k1 + b]
                 row2 = row2 + kj2
@@ -434,7 +430,7 @@ cdef void level_inverse_block(MultiCtx* c, i64 i, double* Z, double* Q, double* 
 cdef void grad_blocks_range(MultiCtx* c, int t, i64 i0, i64 i1) noexcept nogil:
     """Levels i0..i1: their parts of the diagonal blocks of Z'ZΛM⁻¹ (G1 for the first factor,
     G2 at row r, column b of r's block for the trailing ones) into thread t's G1, G2.
-    M22 holds P22 (lower)."""
+    The trailing block holds P22."""
     cdef int k1 = c.k1, p = c.p, rec = k1 * k1 + k1 * p + k1, kmax = c.kmax
     cdef int a, b, d, e, kj, kj2, row, row2, ar, ac
     cdef i64 i, P, P2, r, col, cb
@@ -494,16 +490,12 @@ cdef void grad_blocks_range(MultiCtx* c, int t, i64 i0, i64 i1) noexcept nogil:
 
 cdef void grad_blocks(MultiCtx* c) noexcept nogil:
     """G1, G2 = the diagonal blocks of Z'ZΛM⁻¹ (first factor; trailing), the level loop on
-    c.nth threads with private sums."""
-    cdef int t, nth = c.nth, k1 = c.k1, p = c.p, kmax = c.kmax, b, d, ac
+    c.st.nthreads threads with private sums."""
+    cdef int t, nth = c.st.nthreads, k1 = c.k1, p = c.p, kmax = c.kmax, b, d, ac
     cdef i64 l, e, r, col, cb
     cdef double wv
     cdef double* G1t
-    if nth > 1:
-        for t in prange(nth, schedule="static", num_threads=nth):
-            grad_blocks_range(c, t, c.lbounds[t], c.lbounds[t + 1])
-    else:
-        grad_blocks_range(c, 0, 0, c.m1)
+    run_chunks(grad_blocks_chunk, c, nth)
     memset(c.G1, 0, (k1 * k1 + <i64>c.q2 * kmax) * sizeof(double))
     for t in range(nth):
         G1t = tb(c, t) + 2 + p * p + p + <i64>c.q2 * (p + 1)
@@ -518,7 +510,7 @@ cdef void grad_blocks(MultiCtx* c) noexcept nogil:
             wv = c.a22v[e] * lam(c, col, d)
             cb = c.bstart[col] + d
             for b in range(c.bk[r]):
-                c.G2[r * kmax + b] += wv * P22at(c, cb, c.bstart[r] + b)
+                c.G2[r * kmax + b] += wv * trailing_inverse_at(&c.tr, cb, c.bstart[r] + b)
 
 
 
@@ -528,7 +520,7 @@ cdef void assemble_gradient(MultiCtx* c, double kappa, double* grad) noexcept no
     cdef int p = c.p, k1 = c.k1, nc = p + 1, a, b, l, l2, kj, j
     cdef i64 i, r, s0
     cdef double acc, f
-    memset(c.gTall, 0, (c.t_off[c.nterms]) * sizeof(double))
+    memset(c.gTall, 0, c.fm.size * sizeof(double))
     for a in range(k1):
         for b in range(k1):
             c.gTall[a * k1 + b] = 2.0 * c.G1[a * k1 + b]
@@ -556,59 +548,53 @@ cdef void assemble_gradient(MultiCtx* c, double kappa, double* grad) noexcept no
                     for l2 in range(p):
                         f = f + c.out2[r * nc + 1 + l2] * c.Cinv[l2 * p + l]
                     acc = acc - 2.0 * f * c.X2[(s0 + b) * nc + 1 + l]
-            c.gTall[c.t_off[j] + a * kj + b] += acc
-    for l in range(c.nt):
-        j = c.th_term[l]
-        grad[l] = c.gTall[c.t_off[j] + c.th_row[l] * c.t_k[j] + c.th_col[l]]
+            c.gTall[c.fm.t_off[j] + a * kj + b] += acc
+    factor_grad_to_theta(&c.fm, c.gTall, grad)
 
 
 cdef int multi_eval(void* vctx, const double* theta, double* f, double* grad) noexcept nogil:
-    """θ → objective (and ∂/∂θ when grad is not NULL); 0, or 1 with c.status set."""
+    """θ → objective (and ∂/∂θ when grad is not NULL); 0, or 1 with c.st.status set."""
     cdef MultiCtx* c = <MultiCtx*>vctx
     cdef int l, j, p = c.p, q2 = c.q2, info
-    cdef double logdet = 0.0, rr = 0.0, obj = 0.0, acc
+    cdef double logdet = 0.0, rr = 0.0, obj = 0.0
     cdef i64 status, r
     cdef bint same = c.factored and grad != NULL
-    for l in range(c.nt):
+    for l in range(c.st.nt):
         if theta[l] != c.last_theta[l]:
             same = False
     if same:
         f[0] = c.last_obj
         return gradient_part(c, grad)
-    c.n_evals += 1
+    c.st.n_evals += 1
     c.factored = False
-    memset(c.Tall, 0, c.t_off[c.nterms] * sizeof(double))
-    for l in range(c.nt):
-        j = c.th_term[l]
-        c.Tall[c.t_off[j] + c.th_row[l] * c.t_k[j] + c.th_col[l]] = theta[l]
+    theta_to_factors(&c.fm, theta, c.Tall)
     build_trailing(c)
-    memset(c.Lx, 0, p * p * sizeof(double) + 8)
+    memset(c.st.Lx, 0, p * p * sizeof(double) + 8)
     memset(c.Rzxrzy, 0, p * sizeof(double) + 8)
     status = level_pass(c, &logdet, &rr)
     if status == 0:
-        info = chol_lower_rowmajor(c.M22, q2)
+        info = trailing_factor(&c.tr)
         if info != 0:
             status = c.m1 + info      # the trailing block (reported as a level index beyond m1)
     if status == 0:
-        for r in range(q2):
-            logdet += 2.0 * log(c.M22[r * q2 + r])
+        logdet += trailing_logdet(&c.tr)
         if p > 0:
-            solve_lower_rowmajor(c.M22, q2, c.R2x, p, False)
-        solve_lower_rowmajor(c.M22, q2, c.r2y, 1, False)
+            trailing_solve(&c.tr, c.R2x, p, False)
+        trailing_solve(&c.tr, c.r2y, 1, False)
         for r in range(q2):
             rr += c.r2y[r] * c.r2y[r]
             for l in range(p):
                 c.Rzxrzy[l] += c.R2x[r * p + l] * c.r2y[r]
                 for j in range(l + 1):
-                    c.Lx[l * p + j] += c.R2x[r * p + l] * c.R2x[r * p + j]
-        c.logdet = logdet
-        status = fixed_effects_step(p, c.XtX, c.Xty, c.yty, rr, logdet, c.reml, c.n, c.Lx,
-                                    c.Rzxrzy, c.rhs, c.beta, &c.r2, &obj)
-    c.status = status
+                    c.st.Lx[l * p + j] += c.R2x[r * p + l] * c.R2x[r * p + j]
+        c.st.logdet = logdet
+        status = fixed_effects_step(p, c.XtX, c.Xty, c.yty, rr, logdet, c.reml, c.n, c.st.Lx,
+                                    c.Rzxrzy, c.rhs, c.st.beta, &c.st.r2, &obj)
+    c.st.status = status
     if status != 0:
         return 1
     f[0] = obj
-    for l in range(c.nt):
+    for l in range(c.st.nt):
         c.last_theta[l] = theta[l]
     c.last_obj = obj
     c.factored = True
@@ -618,25 +604,26 @@ cdef int multi_eval(void* vctx, const double* theta, double* f, double* grad) no
 
 
 cdef int gradient_part(MultiCtx* c, double* grad) noexcept nogil:
-    """∂/∂θ from the factorisation in the buffers (which it consumes: M22 becomes P22)."""
-    cdef int p = c.p, q2 = c.q2
+    """∂/∂θ from the factorisation in the buffers (which it consumes: the trailing factor
+    becomes P22)."""
+    cdef int p = c.p
     c.factored = False
     if p > 0:
-        minv_from_chol(p, c.Lx, c.Cinv, c.Mi)
+        minv_from_chol(p, c.st.Lx, c.Cinv, c.Mi)
     backsolve_all(c)
     residual_parts(c)
-    if inverse_from_chol_rowmajor(c.M22, q2) != 0:
-        c.status = -(p + 2)
+    if trailing_invert(&c.tr) != 0:
+        c.st.status = -(p + 2)
         return 1
     grad_blocks(c)
-    assemble_gradient(c, (c.n - p if c.reml else c.n) / c.r2, grad)
+    assemble_gradient(c, (c.n - p if c.reml else c.n) / c.st.r2, grad)
     return 0
 
 
-cdef class MultiKernel:
+cdef class MultiKernel(Kernel):
     """The profiled objective for several grouping factors, held in C (see the module
-    docstring): `evaluate` for one θ, `minimize` runs lmefast._bfgs with no Python in the
-    loop, `modes` gives the conditional modes."""
+    docstring): `evaluate` for one θ and `minimize` (lmefast._bfgs with no Python in the loop)
+    from lmefast._kernel.Kernel; `modes` and `conditional_variances` at θ."""
 
     cdef MultiCtx c
     cdef object keep
@@ -645,7 +632,7 @@ cdef class MultiKernel:
 
     def __cinit__(self, cp, tuple arrays, int k1, int p, int q2, int kmax, int width,
                   const int[::1] th_term, const int[::1] th_row, const int[::1] th_col,
-                  const i64[::1] t_off, const int[::1] t_k, bint reml, int n_threads=1):
+                  const i64[::1] t_off, const int[::1] t_k, bint reml, n_threads=1):
         cdef const double[::1] S1 = cp.S1
         cdef const i64[::1] ptr = cp.ptr
         cdef const i64[::1] pair_c0 = cp.pair_c0
@@ -667,12 +654,15 @@ cdef class MultiKernel:
         cdef i64 m1 = ptr.shape[0] - 1
         cdef int nc = p + 1, pp = p if p > 0 else 1
         cdef size_t ttot = <size_t>t_off[t_off.shape[0] - 1], total
-        cdef int t, nth
+        cdef int t, nth = check_threads(n_threads)
         self.buf = NULL
         self.c.ws = NULL
         self.c.tbuf = NULL
         self.c.tstat = NULL
-        self.c.nth = 0
+        self.c.st.nthreads = 0
+        self.fg = multi_eval
+        self.ctx = &self.c
+        self.st = &self.c.st
         self.keep = (cp, arrays, S1, ptr, pair_c0, pair_k, pair_voff, A21, B2, c2, XtX, Xty,
                      th_term, th_row, th_col, t_off, t_k)
         c = &self.c
@@ -680,8 +670,9 @@ cdef class MultiKernel:
         c.k1 = k1
         c.p = p
         c.q2 = q2
-        c.nt = th_term.shape[0]
-        c.nterms = t_k.shape[0]
+        c.st.nt = th_term.shape[0]
+        c.st.p = p
+        c.st.lazy_grad = True
         c.kmax = kmax
         c.width = width
         c.S1 = &S1[0]
@@ -706,15 +697,11 @@ cdef class MultiKernel:
         c.yty = cp.yty
         c.n = cp.n
         c.reml = reml
-        c.th_term = &th_term[0]
-        c.th_row = &th_row[0]
-        c.th_col = &th_col[0]
-        c.t_off = &t_off[0]
-        c.t_k = &t_k[0]
-        c.n_evals = 0
+        fill_factor_map(&c.fm, th_term, th_row, th_col, t_off, t_k)
+        c.st.n_evals = 0
         # threads: balanced level ranges (by levels + pairs) and row ranges of the lower
         # triangle of M22 (row r holds r + 1 entries: split at q2 √(t/nth))
-        nth = max(1, min(n_threads, m1))
+        nth = max(1, min(nth, m1))
         work = np.asarray(ptr) + np.arange(m1 + 1)
         lb = np.searchsorted(work, work[-1] * np.arange(nth + 1) / nth).astype(np.int64)
         lb[0], lb[nth] = 0, m1
@@ -731,7 +718,7 @@ cdef class MultiKernel:
             raise MemoryError()
         for t in range(nth):
             c.ws[t].block = NULL
-        c.nth = nth
+        c.st.nthreads = nth
         for t in range(nth):
             if work_alloc(&c.ws[t], k1 if k1 > kmax else kmax, p) != 0:
                 raise MemoryError()
@@ -752,17 +739,18 @@ cdef class MultiKernel:
             raise MemoryError()
         c.Tall = self.buf
         c.gTall = c.Tall + ttot
-        c.M22 = c.gTall + ttot
-        c.R2x = c.M22 + <size_t>q2 * q2
+        c.tr.q = q2
+        c.tr.M = c.gTall + ttot
+        c.R2x = c.tr.M + <size_t>q2 * q2
         c.r2y = c.R2x + <size_t>q2 * pp
         c.L11c = c.r2y + q2
         c.Rzx1c = c.L11c + m1 * k1 * k1
         c.rzy1c = c.Rzx1c + m1 * k1 * pp
         c.L21c = c.rzy1c + m1 * k1
-        c.Lx = c.L21c + A21.shape[0]
-        c.Cinv = c.Lx + pp * pp
-        c.beta = c.Cinv + pp * pp
-        c.Rzxrzy = c.beta + pp
+        c.st.Lx = c.L21c + A21.shape[0]
+        c.Cinv = c.st.Lx + pp * pp
+        c.st.beta = c.Cinv + pp * pp
+        c.Rzxrzy = c.st.beta + pp
         c.rhs = c.Rzxrzy + pp
         c.X1 = c.rhs + pp
         c.V1 = c.X1 + m1 * k1 * nc
@@ -779,44 +767,12 @@ cdef class MultiKernel:
     def __dealloc__(self):
         cdef int t
         if self.c.ws != NULL:
-            for t in range(self.c.nth):
+            for t in range(self.c.st.nthreads):
                 work_free(&self.c.ws[t])
         free(self.c.ws)
         free(self.c.tstat)
         free(self.c.tbuf)
         free(self.buf)
-
-    @property
-    def n_evals(self):
-        return self.c.n_evals
-
-    def evaluate(self, theta, bint want_grad=False):
-        """θ → (objective, r², log|L|², status, β̂, Lx, gradient or None)."""
-        cdef double[::1] th = np.ascontiguousarray(theta, dtype=np.float64)
-        cdef int nt = self.c.nt, p = self.c.p
-        if th.shape[0] != nt:
-            raise ValueError(f"θ must have {nt} entries, got {th.shape[0]}")
-        cdef double[::1] g = np.zeros(nt)
-        cdef double f = np.nan
-        with nogil:
-            multi_eval(&self.c, &th[0], &f, &g[0] if want_grad else NULL)
-        beta = np.array(<double[:p]>self.c.beta) if p > 0 else np.zeros(0)
-        Lx = np.array(<double[:p * p]>self.c.Lx).reshape(p, p) if p > 0 else np.zeros((0, 0))
-        return (f, self.c.r2, self.c.logdet, self.c.status, beta, Lx,
-                np.asarray(g).copy() if want_grad else None)
-
-    def minimize(self, theta0, lower, double gtol=1e-9, int maxiter=500, on_iter=None):
-        """Projected BFGS from θ0: (θ, f, gradient, f at θ0, inverse Hessian, iterations, code)."""
-        cdef double[::1] x = np.array(theta0, dtype=np.float64)
-        cdef double[::1] lo = np.ascontiguousarray(lower, dtype=np.float64)
-        cdef int d = x.shape[0]
-        cdef double[::1] g = np.zeros(d)
-        cdef double f = 0.0, f0 = 0.0
-        cdef double[:, ::1] H = np.zeros((d, d))
-        cdef int n_iter = 0, code
-        code = bfgs_bounded(multi_eval, &self.c, d, &x[0], &lo[0], gtol, maxiter, &f, &g[0],
-                            &f0, &H[0, 0], &n_iter, on_iter, True)
-        return np.asarray(x), f, np.asarray(g), f0, np.asarray(H), n_iter, code
 
     def conditional_variances(self, theta):
         """Diagonal level blocks of M⁻¹ at θ: the first factor's (m1 × k1 × k1) and, for every
@@ -834,18 +790,18 @@ cdef class MultiKernel:
         cdef double* Mi = Q + self.c.width * k1 + 1
         with nogil:
             multi_eval(&self.c, &th[0], &f, NULL)
-        if self.c.status != 0:
+        if self.c.st.status != 0:
             raise FloatingPointError("the objective cannot be evaluated at this θ")
         with nogil:
             self.c.factored = False
-            inverse_from_chol_rowmajor(self.c.M22, <int>q2)
+            trailing_invert(&self.c.tr)
             for i in range(m1):
                 level_inverse_block(&self.c, i, Z, Q, Mi, Mi + k1 * k1)
                 for b in range(k1 * k1):
                     M1[i, b // k1, b % k1] = Mi[b]
             for r in range(q2):
                 for b in range(self.c.bk[r]):
-                    B2[r, b] = P22at(&self.c, r, self.c.bstart[r] + b)
+                    B2[r, b] = trailing_inverse_at(&self.c.tr, r, self.c.bstart[r] + b)
         return np.asarray(M1), np.asarray(B2)
 
     def modes(self, theta):
@@ -856,7 +812,7 @@ cdef class MultiKernel:
         cdef i64 m1 = self.c.m1
         with nogil:
             multi_eval(&self.c, &th[0], &f, NULL)
-        if self.c.status != 0:
+        if self.c.st.status != 0:
             raise FloatingPointError("the objective cannot be evaluated at this θ")
         with nogil:
             backsolve_all(&self.c)

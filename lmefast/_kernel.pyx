@@ -1,0 +1,77 @@
+# cython: language_level=3
+"""What every kernel shows to Python, written once.
+
+A kernel is a C objective `fg(ctx, θ, &f, grad or NULL)` (lmefast._bfgs.objfun) over a
+context whose first member is a KernelState (β̂, Lx, r², log|L|², status, counters). A
+subclass builds its context and sets `fg`, `ctx` and `st`; this class gives it `evaluate`,
+`minimize` (the projected BFGS of lmefast._bfgs, with no Python in the loop), `n_evals` and
+`n_threads`. A new kernel (weights, GLMM, a sparse trailing block) writes only its context,
+its objective and gradient, and its constructor.
+
+Status codes (KernelState.status): 0; 1 + the index of the block (group, level) whose factor
+is not positive definite; −j when the fixed-effects factor fails at column j; −(p+1) when
+r² ≤ 0; −(p+2) when the gradient's inverse fails.
+"""
+import numpy as np
+
+from lmefast._bfgs cimport bfgs_bounded
+from lmefast._theta cimport FactorMap
+
+
+cdef class Kernel:
+    """Base of the kernels (see the module docstring); not constructed by itself."""
+
+    @property
+    def n_evals(self):
+        """Objective evaluations so far (a gradient at the last θ evaluated is not counted)."""
+        return self.st.n_evals
+
+    @property
+    def n_threads(self):
+        """Threads (chunks of work) of the group or level loops."""
+        return self.st.nthreads
+
+    def evaluate(self, theta, bint want_grad=False):
+        """θ → (objective, r², log|L|², status, β̂, Lx, gradient or None)."""
+        cdef double[::1] th = np.ascontiguousarray(theta, dtype=np.float64)
+        cdef int nt = self.st.nt, p = self.st.p
+        if th.shape[0] != nt:
+            raise ValueError(f"θ must have {nt} entries, got {th.shape[0]}")
+        cdef double[::1] g = np.zeros(nt if nt > 0 else 1)
+        cdef double f = np.nan
+        with nogil:
+            self.fg(self.ctx, &th[0] if nt > 0 else NULL, &f, &g[0] if want_grad else NULL)
+        beta = np.array(<double[:p]>self.st.beta) if p > 0 else np.zeros(0)
+        Lx = np.array(<double[:p * p]>self.st.Lx).reshape(p, p) if p > 0 else np.zeros((0, 0))
+        return (f, self.st.r2, self.st.logdet, self.st.status, beta, Lx,
+                np.asarray(g[:nt]).copy() if want_grad else None)
+
+    def minimize(self, theta0, lower, double gtol=1e-9, int maxiter=500, on_iter=None):
+        """Projected BFGS from θ0: returns (θ, f, gradient, f at θ0, inverse-Hessian
+        approximation, iterations, return code: lmefast._bfgs.RETURN_MESSAGES)."""
+        cdef double[::1] x = np.array(theta0, dtype=np.float64)
+        cdef double[::1] lo = np.ascontiguousarray(lower, dtype=np.float64)
+        cdef int d = x.shape[0]
+        if d != self.st.nt or lo.shape[0] != d:
+            raise ValueError(f"θ0 and lower must have {self.st.nt} entries, got {d} and "
+                             f"{lo.shape[0]}")
+        cdef double[::1] g = np.zeros(d)
+        cdef double f = 0.0, f0 = 0.0
+        cdef double[:, ::1] H = np.zeros((d, d))
+        cdef int n_iter = 0, code
+        code = bfgs_bounded(self.fg, self.ctx, d, &x[0], &lo[0], gtol, maxiter, &f, &g[0],
+                            &f0, &H[0, 0], &n_iter, on_iter, self.st.lazy_grad)
+        return np.asarray(x), f, np.asarray(g), f0, np.asarray(H), n_iter, code
+
+
+cdef void fill_factor_map(FactorMap* fm, const int[::1] term, const int[::1] row,
+                          const int[::1] col, const i64[::1] t_off, const int[::1] t_k):
+    """fm over these arrays (θ entry l sets T_term[l][row[l], col[l]]; term j's T is t_k[j]
+    square at t_off[j]); the caller keeps the arrays alive."""
+    fm.nt = term.shape[0]
+    fm.term = &term[0] if term.shape[0] > 0 else NULL
+    fm.row = &row[0] if row.shape[0] > 0 else NULL
+    fm.col = &col[0] if col.shape[0] > 0 else NULL
+    fm.t_off = &t_off[0]
+    fm.t_k = &t_k[0]
+    fm.size = t_off[t_off.shape[0] - 1]
