@@ -15,7 +15,8 @@ PACKAGE = Path(lmefast.__file__).parent
 
 # lowest first; a module may import modules of its own layer or below
 LAYERS: list[set[str]] = [
-    {"errors", "parallel", "progress", "datasets", "_bfgs", "_kernels", "_multi", "_crossprods"},
+    {"errors", "parallel", "progress", "datasets",
+     "_bfgs", "_kernel", "_kernels", "_multi", "_crossprods", "_threads"},
     {"structure", "formula", "design"},
     {"spec", "lmer"},
     {"crossprods", "objective"},
