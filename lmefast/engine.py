@@ -2,8 +2,8 @@
 may ask of a model's engine, and nothing else (DESIGN.md §3-4).
 
 An engine owns the cross-products of one model structure and the kernels that evaluate the
-profiled objective on them. Two implement it today, chosen from the structure (one grouping factor, or several) where
-the model is built:
+profiled objective on them. Two implement it today, chosen from the structure (one
+grouping factor, or several) where the model is built:
 
 * ``lmefast.onefactor.OneFactorEngine`` — one grouping factor with random coefficients and
   variance components nested in its groups: Z'Z is block-diagonal by group;
@@ -55,6 +55,14 @@ class Engine(ABC):
     @property
     @abstractmethod
     def k_fe(self) -> int: ...
+
+    #: whether the kernels make large BLAS calls (then a fit holds BLAS to its threads)
+    uses_blas: bool = False
+
+    @property
+    def n_levels(self) -> int:
+        """Levels of the factor the kernels' loops run over (it sets the default threads)."""
+        return max((len(v) for v in self.group_sizes().values()), default=0)
 
     @property
     def has_rows(self) -> bool:

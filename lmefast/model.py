@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from lmefast.multi import BlockedEngine
 from lmefast.objective import KernelObjective
 from lmefast.onefactor import OneFactorEngine
 from lmefast.optimize import fit_theta
+from lmefast.parallel import limit_blas_threads, resolve_threads
 from lmefast.results import MixedLMResults
 from lmefast.spec import GroupThetaMap, ModelSpec, build_layout
 from lmefast.structure import Term, factorize_groups
@@ -408,17 +410,20 @@ class MixedLM:
 
         ``verbose`` prints the objective per iteration; ``callback(iteration, θ, objective)``
         receives it (raise StopIteration to stop). ``n_threads``: threads for the group loops
-        (default: all cores when there are many groups). Extra statsmodels keywords
+        and, on the blocked engine, for BLAS (default: lmefast.parallel.get_num_threads() when
+        there are many groups; a positive integer). Extra statsmodels keywords
         (``method``, ``full_output``, ``niter_sa``...) are accepted and ignored: the
         optimiser is always the bounded quasi-Newton on θ.
         """
-        obj = self.objective(reml, n_threads)
+        nth = resolve_threads(n_threads, self.engine.n_levels)
+        obj = self.objective(reml, nth)
         tm = self.engine.theta_map
         theta0 = tm.start() if start_params is None else np.asarray(start_params, dtype=float)
         if theta0.shape != (tm.n_theta,):
             raise SpecificationError(
                 f"start_params must have {tm.n_theta} entries (θ), got {theta0.shape}")
-        sol, opt = fit_theta(obj, theta0, maxiter=maxiter, verbose=verbose, callback=callback)
+        with limit_blas_threads(nth) if self.engine.uses_blas else nullcontext():
+            sol, opt = fit_theta(obj, theta0, maxiter=maxiter, verbose=verbose, callback=callback)
         if not opt.converged:
             warnings.warn(f"the optimiser did not converge: {opt.return_code}; max |gradient| "
                           f"{np.max(np.abs(opt.projected_gradient)):.3g}", stacklevel=2)

@@ -309,6 +309,8 @@ class BlockedEngine(Engine):
                     f"({t.m * t.k}) for term (... | {t.name}): the random-effects parameters "
                     "and the residual variance are unidentifiable")
 
+    uses_blas = True   # the dense trailing block: LAPACK's Cholesky and inverse
+
     # -- structure -------------------------------------------------------------------------
     @property
     def nobs(self) -> int:

@@ -358,3 +358,12 @@ def test_start_params_good(dietox_rs: lmefast.MixedLM) -> None:
     assert res.llf == pytest.approx(ref.llf, abs=1e-6)
     res2 = dietox_rs.fit(start_params=ref.theta)
     assert res2.llf >= ref.llf - 1e-9
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "2"])
+def test_fit_validates_n_threads(bad: object, sleepstudy: pd.DataFrame) -> None:
+    df = sleepstudy
+    with pytest.raises((ValueError, TypeError), match="n_threads"):
+        lmefast.mixedlm("Reaction ~ Days", df, groups="Subject").fit(n_threads=bad)
+    with pytest.raises((ValueError, TypeError), match="n_threads"):
+        lmefast.lmer("Reaction ~ Days + (1 | Subject) + (1 | Days)", df, n_threads=bad)
