@@ -10,9 +10,11 @@ V = σ²V₀ with V₀ = I + ZΛΛ'Z'. Profiled over β and σ²:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -272,3 +274,34 @@ def test_threaded_kernels_match_single_thread(case: Case, reml: bool, threads: i
     bt, ct = ot.modes(st_)
     np.testing.assert_allclose(bt, b1, rtol=1e-9, atol=1e-12 * max(1.0, float(np.max(np.abs(b1)))))
     np.testing.assert_allclose(ct, c1, rtol=1e-9, atol=1e-12 * max(1.0, float(np.max(np.abs(c1)))))
+
+
+def test_both_kernels_share_one_python_face() -> None:
+    """One wrapper layer (lmefast._kernel.Kernel) for the one-factor and the blocked kernel: the
+    same checks of θ, the same results from evaluate and minimize, the same counters."""
+    from lmefast._kernel import Kernel
+
+    data = Path(__file__).parent / "data"
+    penicillin = pd.read_csv(data / "Penicillin.csv")
+    sleep = pd.read_csv(data / "sleepstudy.csv")
+    one = lmefast.mixedlm("Reaction ~ Days", sleep, groups="Subject", re_formula="~Days").objective(True, 1)
+    crossed = lmefast.lmer_model("diameter ~ 1 + (1|plate) + (1|sample)", penicillin).objective(True, 2)
+    for obj in (one, crossed):
+        kernel = obj.kernel
+        assert isinstance(kernel, Kernel)
+        nt = obj.theta_map.n_theta
+        with pytest.raises(ValueError, match=f"{nt} entries"):
+            kernel.evaluate(np.ones(nt + 1), True)
+        with pytest.raises(ValueError, match=f"{nt} entries"):
+            kernel.minimize(np.ones(nt), np.zeros(nt + 1))
+        f, r2, logdet, status, beta, Lx, grad = kernel.evaluate(np.ones(nt), True)
+        assert status == 0 and np.isfinite(f) and r2 > 0 and grad.shape == (nt,)
+        assert beta.shape == (obj.cp.p,) and Lx.shape == (obj.cp.p, obj.cp.p)
+        theta, fmin, g, f0, H, n_iter, code = kernel.minimize(np.ones(nt), np.zeros(nt), 1e-8, 200, None)
+        assert f0 == pytest.approx(f, rel=1e-12) and fmin <= f
+        # at the optimum, the objective is stationary along the free coordinates
+        assert code in (0, 1, 2)
+        free = theta > 1e-6
+        assert np.all(np.abs(g[free]) < 1e-6 * abs(fmin))
+        assert kernel.n_evals > n_iter
+    assert one.kernel.n_threads == 1 and crossed.kernel.n_threads == 2

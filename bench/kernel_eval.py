@@ -1,0 +1,138 @@
+"""Per-evaluation cost of the kernels: objective + gradient at one θ, nothing else timed.
+
+    OPENBLAS_NUM_THREADS=1 python bench/kernel_eval.py [--case big|insteval|all] [--threads 1 2]
+        [--reps N]
+
+big       y ~ x1 + x2 + (1 + x1 | g): 1,000,000 rows, 100,000 groups (q = 2), one-factor kernel.
+insteval  lme4's InstEval, y ~ service + (1|s) + (1|d): the blocked-Cholesky kernel
+          (bench/data/InstEval.csv.gz).
+
+θ is the REML optimum (one fit first); each figure is the median over N evaluations of
+``kernel.evaluate(θ, want_grad=True)``, with its n_evals count checked. Prints one JSON line
+per case and thread count. Run it under two builds (paired, alternately) to compare them.
+
+--busy    InstEval fits at n_threads=1 while another process keeps one core busy: BLAS at its
+          default threads, then held to one thread by lmefast.parallel.limit_blas_threads
+          (when this build has it), then again with no busy core (run without
+          OPENBLAS_NUM_THREADS for this one: the point is what BLAS threads do).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import lmefast
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "peers"))
+from peers import synthetic_random_slopes  # noqa: E402
+
+
+def insteval_frame() -> pd.DataFrame:
+    df = pd.read_csv(HERE / "data" / "InstEval.csv.gz")
+    for c in ("s", "d", "service"):
+        df[c] = df[c].astype(str)
+    return df
+
+
+def eval_time(kernel, theta: np.ndarray, reps: int) -> float:
+    kernel.evaluate(theta, True)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        kernel.evaluate(theta, True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def case_big(threads: list[int], reps: int) -> None:
+    df = synthetic_random_slopes(1_000_000, 100_000, seed=1, string_keys=False)
+    model = lmefast.mixedlm("y ~ x1 + x2", df, groups="g", re_formula="~x1")
+    theta = np.asarray(model.fit().theta)
+    report("big_1e6_rows_1e5_groups_q2", model, theta, threads, reps)
+
+
+def case_insteval(threads: list[int], reps: int) -> None:
+    model = lmefast.lmer_model("y ~ service + (1|s) + (1|d)", insteval_frame())
+    theta = np.asarray(model.fit().theta)
+    report("insteval", model, theta, threads, reps)
+
+
+def report(name: str, model, theta: np.ndarray, threads: list[int], reps: int) -> None:
+    for nth in threads:
+        kernel = model.objective(True, nth).kernel
+        before = kernel.n_evals
+        sec = eval_time(kernel, theta, reps)
+        assert kernel.n_evals - before == reps + 1
+        print(json.dumps({"case": name, "n_threads": nth, "eval_grad_ms": 1e3 * sec, "reps": reps}),
+              flush=True)
+
+
+def spin(stop) -> None:
+    x = 0
+    while not stop.is_set():
+        x += 1
+
+
+def case_busy(reps: int) -> None:
+    df = insteval_frame()
+    formula = "y ~ service + (1|s) + (1|d)"
+    try:
+        from lmefast.parallel import limit_blas_threads
+    except ImportError:
+        limit_blas_threads = None
+
+    def fit_time(limit: bool) -> float:
+        times = []
+        for _ in range(reps):
+            ctx = limit_blas_threads(1) if limit else nullcontext()
+            t0 = time.perf_counter()
+            with ctx:
+                lmefast.lmer(formula, df, n_threads=1)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    lmefast.lmer(formula, df, n_threads=1)
+    out = {"case": "insteval_fit_n_threads_1", "reps": reps, "quiet_s": fit_time(False)}
+    if limit_blas_threads is not None:
+        out["quiet_blas1_s"] = fit_time(True)
+    stop = mp.Event()
+    busy = mp.Process(target=spin, args=(stop,))
+    busy.start()
+    try:
+        time.sleep(0.5)
+        out["busy_s"] = fit_time(False)
+        if limit_blas_threads is not None:
+            out["busy_blas1_s"] = fit_time(True)
+    finally:
+        stop.set()
+        busy.join()
+    print(json.dumps(out), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", default="all", choices=["big", "insteval", "all", "busy"])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    if args.case == "busy":
+        case_busy(max(3, args.reps // 10))
+        return
+    if args.case in ("big", "all"):
+        case_big(args.threads, args.reps)
+    if args.case in ("insteval", "all"):
+        case_insteval(args.threads, args.reps)
+
+
+if __name__ == "__main__":
+    main()
