@@ -1,11 +1,12 @@
-"""Shared fixtures: the data sets and lme4 reference fits in tests/data, fitted models (cached
-per session), and a record of how far lme4's reported optimum is from the polished one.
+"""Shared fixtures: the data sets and lme4 reference fits in tests/data (at the optimum: lme4
+refitted at tight tolerances), fitted models (cached per session), and the Hypothesis profiles.
 
 No R, no network: everything is read from tests/data (lme4 1.1-31 reference results).
 """
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -15,8 +16,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import settings
 
 import lmefast
+
+# -- Hypothesis: reproducible by default ---------------------------------------------------------
+# "ci" (the default, and whenever CI is set): the same examples on every run, no example database
+# (nothing read from or written to .hypothesis/). "explore": fresh random examples, for a developer
+# hunting new failures (HYPOTHESIS_PROFILE=explore pytest ...).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, database=None, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DATA_DIR = Path(__file__).parent / "data"
 REF_DIR = DATA_DIR / "reference"
@@ -158,73 +168,6 @@ def fit_case(case_id: str, reml: bool) -> tuple[lmefast.MixedLM, lmefast.MixedLM
     return _fit(case_id, reml)
 
 
-def polish_theta(model: lmefast.MixedLM, reml: bool, theta: np.ndarray, max_steps: int = 10) -> np.ndarray:
-    """The exact optimum near θ: Newton steps on the free coordinates (those not held at their lower
-    bound by a gradient pushing outwards), with the Hessian from central differences of the analytic
-    gradient. A step is kept while it reduces the (projected) gradient."""
-    obj = model.objective(reml)
-    lower = model.theta_map.lower_bounds()  # every engine's θ map
-    th = np.array(theta, dtype=float)
-    d = th.size
-
-    def grad(x: np.ndarray) -> np.ndarray:
-        g = obj.solve(x, want_grad=True).grad
-        assert g is not None
-        return np.asarray(g, dtype=float)
-
-    def proj(x: np.ndarray, g: np.ndarray) -> np.ndarray:
-        return np.where((x <= lower) & (g >= 0), 0.0, g)
-
-    g = grad(th)
-    for _ in range(max_steps):
-        free = np.nonzero(~((th <= lower) & (g >= 0)))[0]
-        if free.size == 0:
-            break
-        H = np.zeros((d, d))
-        for i in free:
-            h = 1e-5 * max(abs(th[i]), 1e-2)
-            e = np.zeros(d)
-            e[i] = h
-            lo = th - e
-            if lo[i] < lower[i]:  # one-sided at a bound
-                H[:, i] = (grad(th + e) - g) / h
-            else:
-                H[:, i] = (grad(th + e) - grad(lo)) / (2 * h)
-        Hf = H[np.ix_(free, free)]
-        Hf = 0.5 * (Hf + Hf.T)
-        step = np.linalg.solve(Hf, g[free])
-        new = th.copy()
-        new[free] -= step
-        new = np.maximum(new, lower)
-        g_new = grad(new)
-        if np.max(np.abs(proj(new, g_new))) >= np.max(np.abs(proj(th, g))):
-            break
-        th, g = new, g_new
-        if np.max(np.abs(step)) < 1e-14:
-            break
-    return th
-
-
-def polish_results(model: Any, res: lmefast.MixedLMResults) -> lmefast.MixedLMResults:
-    """A results object of the same type as `res` (MixedLMResults), at the polished
-    optimum near res.theta (same model and optimiser record). Its objective is fresh and was last
-    solved at the polished θ without the gradient (results need no gradient)."""
-    th = polish_theta(model, res.reml, res.theta)
-    obj = model.objective(res.reml)
-    return type(res)(model, obj, obj.solve(th), res.optsummary)
-
-
-@cache
-def _polished(case_id: str, reml: bool) -> lmefast.MixedLMResults:
-    model, res = fit_case(case_id, reml)
-    return polish_results(model, res)
-
-
-def polished_fit(case_id: str, reml: bool) -> lmefast.MixedLMResults:
-    """Results object at the polished optimum (same model and optimiser record as fit_case)."""
-    return _polished(case_id, reml)
-
-
 # -- lme4 formulas (lmefast.lmer) ---------------------------------------------------------------
 @cache
 def _lmer_fit(case_id: str, reml: bool) -> tuple[Any, lmefast.MixedLMResults]:
@@ -238,17 +181,6 @@ def fit_lmer_case(case_id: str, reml: bool) -> tuple[Any, lmefast.MixedLMResults
     cached for the session: do not mutate them. The model is a MixedLM (one grouping factor after
     merging terms) or a MixedLM on the blocked engine."""
     return _lmer_fit(case_id, reml)
-
-
-@cache
-def _lmer_polished(case_id: str, reml: bool) -> lmefast.MixedLMResults:
-    model, res = fit_lmer_case(case_id, reml)
-    return polish_results(model, res)
-
-
-def polished_lmer_fit(case_id: str, reml: bool) -> lmefast.MixedLMResults:
-    """Results of the lmer fit of a case at the Newton-polished optimum near it."""
-    return _lmer_polished(case_id, reml)
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -285,12 +217,6 @@ def fitted() -> Callable[[str, bool], tuple[lmefast.MixedLM, lmefast.MixedLMResu
     return fit_case
 
 
-@pytest.fixture(scope="session")
-def polished() -> Callable[[str, bool], lmefast.MixedLMResults]:
-    """polished(case_id, reml) → results at the Newton-polished optimum near our fit."""
-    return polished_fit
-
-
 @pytest.fixture(params=[True, False], ids=["REML", "ML"])
 def reml(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
@@ -312,24 +238,3 @@ ALL_IDS = [c["id"] for c in all_cases()]
 def any_case(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Every cases.json entry: one grouping factor, or crossed factors as one group (build_model)."""
     return case_by_id(request.param)
-
-
-# -- lme4 vs the polished optimum: a record printed at the end of the run ----------------------
-_DISTANCES = pytest.StashKey[dict[str, dict[str, float]]]()
-
-
-@pytest.fixture(scope="session")
-def lme4_distance_log(pytestconfig: pytest.Config) -> dict[str, dict[str, float]]:
-    """case/method → {quantity: relative distance of lme4's value from the polished optimum}."""
-    return pytestconfig.stash.setdefault(_DISTANCES, {})
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    log = config.stash.get(_DISTANCES, {})
-    if not log:
-        return
-    terminalreporter.section("lme4 vs polished optimum (max relative distance per quantity)")
-    for key in sorted(log):
-        parts = ", ".join(f"{q}={v}" if isinstance(v, int) else f"{q}={v:.2e}"
-                          for q, v in sorted(log[key].items()))
-        terminalreporter.write_line(f"{key}: {parts}")

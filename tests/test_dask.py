@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
-from scaleout_cases import MODEL_IDS, assert_same_fit, close, in_memory, model_data, synthetic
+from scaleout_cases import MODEL_IDS, RTOL, assert_same_fit, close, in_memory, model_data, synthetic
 
 import lmefast
 import lmefast.dask as ldask
@@ -50,7 +50,7 @@ def test_lazy_fitted_values_residuals_predictions(client: Client) -> None:
     assert fv.npartitions == ddf.npartitions
     close(fv.compute().to_numpy(), mem.fittedvalues)
     scale = np.abs(mem.fittedvalues).max()
-    assert np.max(np.abs(rs.compute().to_numpy() - mem.resid)) <= 1e-10 * scale
+    assert np.max(np.abs(rs.compute().to_numpy() - mem.resid)) <= RTOL * scale
     new = dd.from_pandas(df.drop(columns="Weight").iloc[:100], npartitions=3)
     pred = big.predict(new)
     assert isinstance(pred, dd.Series)
@@ -164,4 +164,4 @@ def test_variance_components_lazy_fitted_values(client: Client) -> None:
     assert_same_fit(big, mem)
     close(big.fittedvalues.compute().to_numpy(), mem.fittedvalues)
     scale = np.abs(mem.fittedvalues).max()
-    assert np.max(np.abs(big.resid.compute().to_numpy() - mem.resid)) <= 1e-10 * scale
+    assert np.max(np.abs(big.resid.compute().to_numpy() - mem.resid)) <= RTOL * scale

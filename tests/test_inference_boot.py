@@ -85,6 +85,25 @@ def test_simulate() -> None:
     assert np.abs(ys.mean(axis=0) - mean).max() < 6 * 40 / np.sqrt(400)
     cond = res.simulate(400, seed=1, include_random=False)
     assert np.abs(cond.mean(axis=0) - res.fittedvalues).max() < 6 * res.sigma / np.sqrt(400)
+    # the spread. Each row's sample variance over 400 draws estimates its variance with relative SE
+    # sqrt(2/399) = 0.071. Marginal: σ²(1 + z'ΛΛ'z), z = (1, Days); rows of the 18 subjects are
+    # independent, so the mean ratio has SE ≤ 0.071/sqrt(18) = 0.017: 0.1 is 6 SE (a simulator without
+    # the residual noise gives 0.67 here, one without the random effects 0.33).
+    df = read_data("sleepstudy")
+    days = df["Days"].to_numpy(dtype=float)
+    Z = np.column_stack([np.ones_like(days), days])
+    T = np.array([[res.theta[0], 0.0], [res.theta[1], res.theta[2]]])
+    marginal = res.scale * (1 + np.sum((Z @ T) ** 2, axis=1))
+    assert np.mean(ys.var(axis=0, ddof=1) / marginal) == pytest.approx(1.0, abs=0.1)
+    # and the covariance of two rows of one subject (days 0 and 9): σ² z₀'ΛΛ'z₉
+    rows = np.nonzero(df["Subject"].to_numpy() == df["Subject"].iloc[0])[0]
+    r0, r9 = rows[np.argmin(days[rows])], rows[np.argmax(days[rows])]
+    cov09 = res.scale * float((Z[r0] @ T) @ (Z[r9] @ T))
+    se09 = np.sqrt(marginal[r0] * marginal[r9] / 399)
+    assert np.cov(ys[:, r0], ys[:, r9])[0, 1] == pytest.approx(cov09, abs=6 * se09)
+    # conditional on the modes: σ² per row, the 180 rows independent (SE of the mean ratio 0.0053)
+    assert np.mean(cond.var(axis=0, ddof=1) / res.scale) == pytest.approx(1.0, abs=0.03)
+    assert np.corrcoef(cond[:, r0], cond[:, r9])[0, 1] == pytest.approx(0.0, abs=6 / np.sqrt(400))
 
 
 def test_predict() -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import optimize
 
 import lmefast
 
@@ -99,3 +100,58 @@ def test_boundary_fit_is_a_minimum_not_a_saddle(data: Callable, name: str, shift
             assert obj(th) >= res.objective - 1e-10, (
                 f"θ̂ = {res.theta} (converged={res.converged}) is a saddle: θ[{i}] = {eps} lowers the "
                 f"objective by {res.objective - obj(th):.3g}")
+
+
+def _no_slope_sleepstudy(sleepstudy: pd.DataFrame) -> pd.DataFrame:
+    """sleepstudy's design with a response that has random intercepts but no random slope: the fit of
+    (1 + Days | Subject) puts the slope's diagonal θ at 0 (with the off-diagonal θ free)."""
+    rng = np.random.default_rng(1)
+    codes = sleepstudy["Subject"].astype("category").cat.codes.to_numpy()
+    intercepts = rng.normal(0.0, 30.0, codes.max() + 1)
+    sleepstudy["Reaction"] = 250 + 10 * sleepstudy["Days"] + intercepts[codes] + rng.normal(0, 25, len(codes))
+    return sleepstudy
+
+
+SINGULAR = {
+    # name: (data, formula, groups, re_formula)
+    "dyestuff2": ("Dyestuff2", "Yield ~ 1", "Batch", None),
+    "sleep_no_slope": ("sleepstudy", "Reaction ~ Days", "Subject", "~Days"),
+}
+
+
+@pytest.mark.parametrize("name", list(SINGULAR))
+def test_singular_fit_is_a_minimum_not_a_saddle(data: Callable, name: str, reml: bool) -> None:
+    """Fits with a diagonal θ at exactly 0 (asserted, so the probe runs): moving that entry into the
+    interior, alone or with a small change of the other entries, never lowers the objective."""
+    source, formula, groups, re_formula = SINGULAR[name]
+    df = data(source)
+    if name == "sleep_no_slope":
+        df = _no_slope_sleepstudy(df)
+    model = lmefast.mixedlm(formula, df, groups=groups, re_formula=re_formula)
+    res = model.fit(reml=reml)
+    assert res.converged and res.singular
+    diag = model.spec.theta_map.diagonal_mask()
+    zeros = np.nonzero(diag & (res.theta == 0.0))[0]
+    assert zeros.size >= 1, f"θ̂ = {res.theta}: no diagonal entry at 0, the probe would not run"
+    obj = model.objective(reml)
+    lower = model.spec.theta_map.lower_bounds()
+    for i in zeros:
+        others = np.arange(res.theta.size) != i
+        for eps in (1e-4, 1e-3, 1e-2, 1e-1):
+            th = res.theta.copy()
+            th[i] = eps
+            assert obj(th) >= res.objective - 1e-10, (
+                f"θ̂ = {res.theta} is a saddle: θ[{i}] = {eps} lowers the objective by "
+                f"{res.objective - obj(th):.3g}")
+            if not others.any():
+                continue
+            # the profile along θ[i]: the other entries re-optimised (a saddle need not be axis-aligned)
+            def along(x: np.ndarray, th: np.ndarray = th, others: np.ndarray = others) -> float:
+                t = th.copy()
+                t[others] = x
+                return float(obj(t))
+            best = optimize.minimize(along, th[others], method="L-BFGS-B",
+                                     bounds=[(lo, None) for lo in lower[others]])
+            assert best.fun >= res.objective - 1e-10, (
+                f"θ̂ = {res.theta} is a saddle: θ[{i}] = {eps} with the others at {best.x} lowers the "
+                f"objective by {res.objective - best.fun:.3g}")

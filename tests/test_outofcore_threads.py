@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scaleout_cases import assert_same_fit, close, synthetic, write_parquet
+from scaleout_cases import RTOL, assert_same_fit, close, synthetic, write_parquet
 
 import lmefast
 from lmefast.crossprods import compute_crossprods
@@ -21,9 +21,14 @@ def big_frame():
     return synthetic(60_000, 2 * PARALLEL_MIN_GROUPS, seed=21)
 
 
-def _summary(res) -> tuple:
-    return (res.llf, tuple(res.theta), tuple(res.fe_params), tuple(res.bse_fe), res.scale,
-            res.optsummary.n_evals)
+def same_numbers(a, b) -> None:
+    """Two fits of the same data: equal to rounding. The same code on the same data at the same
+    number of threads may still sum in another order (OpenMP's reductions, another BLAS): at one θ̂
+    that is relative rounding (~1e-12 here); the fitted θ̂ is held to scaleout_cases.RTOL, which
+    follows from how far the optimiser's last step can move under rounding (see there)."""
+    close(a.llf, b.llf, 1e-10)
+    for x, y in ((a.theta, b.theta), (a.fe_params, b.fe_params), (a.bse_fe, b.bse_fe), (a.scale, b.scale)):
+        close(x, y, RTOL)
 
 
 def test_crossproducts_do_not_depend_on_threads(big_frame) -> None:
@@ -50,21 +55,21 @@ def test_objective_threads_agree(big_frame) -> None:
 
 def test_fits_in_python_threads_at_once_are_identical(big_frame) -> None:
     """Four fits at once (each using 2 OpenMP threads), on one shared model and on separate
-    models: bit-for-bit the numbers of a fit run alone."""
+    models: the numbers of a fit run alone, to rounding."""
     shared = lmefast.mixedlm("y ~ x1 + x2", big_frame, groups="g", re_formula="~x1")
-    alone = _summary(shared.fit(n_threads=2))
+    alone = shared.fit(n_threads=2)
 
-    def fit_shared(_: int) -> tuple:
-        return _summary(shared.fit(n_threads=2))
+    def fit_shared(_: int):
+        return shared.fit(n_threads=2)
 
-    def fit_own(_: int) -> tuple:
+    def fit_own(_: int):
         model = lmefast.mixedlm("y ~ x1 + x2", big_frame, groups="g", re_formula="~x1")
-        return _summary(model.fit(n_threads=2))
+        return model.fit(n_threads=2)
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(fit_shared, range(4))) + list(pool.map(fit_own, range(4)))
     for r in results:
-        assert r == alone
+        same_numbers(r, alone)
 
 
 def test_parquet_fits_in_python_threads_at_once(big_frame, tmp_path: Path) -> None:
@@ -77,6 +82,6 @@ def test_parquet_fits_in_python_threads_at_once(big_frame, tmp_path: Path) -> No
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(fit, range(3)))
     for r in results:
-        assert _summary(r) == _summary(alone)
+        same_numbers(r, alone)
     mem = lmefast.mixedlm("y ~ x1 + x2", big_frame, groups="g", re_formula="~x1").fit()
     assert_same_fit(alone, mem)
