@@ -27,6 +27,7 @@ def from_parts(parts: list[pd.DataFrame], meta: pd.DataFrame) -> dd.DataFrame:
     return dd.from_delayed([dask.delayed(p) for p in parts], meta=meta, verify_meta=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_id", MODEL_IDS)
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
 def test_dask_equals_in_memory(model_id: str, reml: bool, client: Client) -> None:

@@ -222,6 +222,7 @@ def test_conf_int_without_method_is_statsmodels_layout() -> None:
     assert list(ci.columns) == [0, 1] and list(ci.index) == list(res.params.index)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", ONE_FACTOR_IDS)
 def test_profile_intervals_match_lme4(case_id: str) -> None:
     # lme4 profiles REML fits on the ML deviance: both references agree; check the REML fit

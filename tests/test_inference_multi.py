@@ -167,6 +167,7 @@ def test_wald_intervals_match_lme4(case_id: str, reml: bool) -> None:
     np.testing.assert_allclose(got, want.astype(float), rtol=RTOL_WALD, equal_nan=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", MULTI_IDS)
 def test_profile_intervals_match_lme4(case_id: str) -> None:
     res = _fit(case_id, True)          # lme4 profiles REML fits on the ML deviance, as we do
@@ -182,6 +183,7 @@ def test_profile_intervals_match_lme4(case_id: str) -> None:
             assert g == pytest.approx(w, rel=RTOL_PROFILE)
 
 
+@pytest.mark.slow
 def test_parameter_names_and_profile_traces() -> None:
     res = _fit("pastes_nested", True)
     names = ["sd_(Intercept)|batch:cask", "sd_(Intercept)|batch", "sigma", "(Intercept)"]
@@ -250,7 +252,11 @@ def test_bootstrap_is_reproducible_and_named() -> None:
     res = _fit("penicillin_crossed", True)
     a = res.bootstrap(100, seed=3)
     b = res.bootstrap(100, seed=3, n_jobs=1)
-    np.testing.assert_array_equal(a.replicates.to_numpy(), b.replicates.to_numpy())
+    # the same draws refitted on other threads: the same sums, but another thread's BLAS may round
+    # differently, and each refit stops within the optimiser's tolerance (scaleout_cases.RTOL)
+    A, B = a.replicates.to_numpy(), b.replicates.to_numpy()
+    err = np.abs(A - B) / np.abs(A).max(axis=0)
+    assert err.max() <= 1e-7, f"replicates differ by {err.max():.3g} of their column's scale"
     assert a.converged.all()
     assert list(a.replicates.columns) == ["sd_(Intercept)|plate", "sd_(Intercept)|sample", "sigma",
                                           "(Intercept)"]

@@ -87,6 +87,7 @@ def test_several_factors_from_parquet_files(tmp_path: Path, data: str, formula: 
         _ = ooc.resid
 
 
+@pytest.mark.slow
 def test_several_factors_on_a_local_cluster() -> None:
     distributed = pytest.importorskip("distributed")
     dd = pytest.importorskip("dask.dataframe")

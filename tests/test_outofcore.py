@@ -40,6 +40,7 @@ def parquet_dir(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_id", MODEL_IDS)
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
 def test_parquet_equals_in_memory(model_id: str, reml: bool, parquet_dir) -> None:
@@ -122,6 +123,7 @@ def test_fitted_values_need_another_pass(parquet_dir, tmp_path: Path) -> None:
         big.predict(new.assign(Cu="Cu999"))
 
 
+@pytest.mark.slow
 def test_progress_of_both_passes_and_optimiser(parquet_dir, capsys: pytest.CaptureFixture) -> None:
     df, formula, groups, re_formula, _ = model_data("synthetic")
     calls: list[tuple[str, int, int]] = []
@@ -267,6 +269,7 @@ def test_constant_response_and_too_few_rows(tmp_path: Path) -> None:
         mixedlm_parquet("y ~ x1", p3, "g")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_id", ["pastes_nested", "synthetic_vc"])
 def test_variance_components_fitted_values(model_id: str, parquet_dir) -> None:
     """Three passes (labels, each group's component columns, cross-products); the fitted values

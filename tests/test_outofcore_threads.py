@@ -53,6 +53,7 @@ def test_objective_threads_agree(big_frame) -> None:
     close(r2.llf, r1.llf, 1e-12)
 
 
+@pytest.mark.slow
 def test_fits_in_python_threads_at_once_are_identical(big_frame) -> None:
     """Four fits at once (each using 2 OpenMP threads), on one shared model and on separate
     models: the numbers of a fit run alone, to rounding."""
@@ -72,6 +73,7 @@ def test_fits_in_python_threads_at_once_are_identical(big_frame) -> None:
         same_numbers(r, alone)
 
 
+@pytest.mark.slow
 def test_parquet_fits_in_python_threads_at_once(big_frame, tmp_path: Path) -> None:
     d = write_parquet(big_frame, tmp_path / "d", n_files=4, row_group_size=5_000)
     alone = mixedlm_parquet("y ~ x1 + x2", d, "g", "~x1", n_threads=2).fit(n_threads=2)
