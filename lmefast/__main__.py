@@ -1,4 +1,4 @@
-"""``python -m lmefast``: the demo fit (see lmefast.cli)."""
+"""``python -m lmefast``: the command line (lmefast.cli), the demo fit without arguments."""
 import sys
 
 from lmefast.cli import main
