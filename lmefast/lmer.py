@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lmefast.checks import check_missing_policy
 from lmefast.errors import SpecificationError
 from lmefast.formula import _not_finite, _parse, _rhs, as_dataframe, design_matrix
 from lmefast.structure import Term, factorize_groups
@@ -183,8 +184,7 @@ def build_terms(random: list[RandomTerm], df: pd.DataFrame,
 def lmer_frame(formula: str, data: Any, missing: str) -> tuple[pd.DataFrame, str, str, list[RandomTerm]]:
     """Parse, check used columns, handle missing values; returns the data to evaluate on."""
     df = as_dataframe(data)
-    if missing not in ("raise", "none", "drop"):
-        raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
+    check_missing_policy(missing)
     response, fixed, random = parse_lmer(formula)
     used = {response} | {str(v) for v in _parse(_rhs(fixed)).required_variables}
     for t in random:

@@ -17,7 +17,7 @@ PACKAGE = Path(lmefast.__file__).parent
 LAYERS: list[set[str]] = [
     {"errors", "parallel", "progress", "datasets",
      "_bfgs", "_kernel", "_kernels", "_multi", "_crossprods", "_threads"},
-    {"structure", "formula", "design"},
+    {"structure", "formula", "design", "checks"},
     {"spec", "lmer"},
     {"crossprods", "objective"},
     {"engine"},

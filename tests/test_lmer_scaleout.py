@@ -106,3 +106,46 @@ def test_several_factors_in_chunks_need_plain_numeric_designs(tmp_path: Path) ->
     path = _split_parquet(df, tmp_path / "data", 2)
     with pytest.raises(SpecificationError, match="plain numeric"):
         lmefast.lmer("strength ~ C(cask) + (1|batch/cask)", str(path))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "dask"])
+def test_several_factors_take_the_scale_out_options(tmp_path: Path, kind: str) -> None:
+    """Several grouping factors on chunked data: the same options and progress reports as one factor
+    (one map/reduce per pass for every source)."""
+    dd = pytest.importorskip("dask.dataframe")
+    df = pd.read_csv(DATA / "Penicillin.csv")
+    formula = "diameter ~ 1 + (1|plate) + (1|sample)"
+    calls: list[tuple[str, int, int]] = []
+    if kind == "parquet":
+        data: object = str(_split_parquet(df, tmp_path / "data", 3))
+        options = {"batch_rows": 20}
+    else:
+        data = dd.from_pandas(df, npartitions=5)
+        options = {"client": False, "split_every": 2}
+    res = lmefast.lmer(formula, data, progress=lambda *c: calls.append(c), **options)
+    assert res.llf == pytest.approx(lmefast.lmer(formula, df).llf, rel=1e-10)
+    stages = list(dict.fromkeys(c[0] for c in calls))
+    assert len(stages) == 3 and "labels" in stages[0] and "cross-products" in stages[2], stages
+    for stage in stages:
+        done = [c[1] for c in calls if c[0] == stage]
+        assert done == sorted(done) and done[-1] == calls[-1][2] > 0
+    with pytest.raises(SpecificationError, match="batch_rows is an option of Parquet"):
+        lmefast.lmer(formula, dd.from_pandas(df, npartitions=2), batch_rows=10)
+
+
+def test_several_factors_in_chunks_drop_dependent_columns_as_in_memory(tmp_path: Path) -> None:
+    """One rank-deficiency policy for every source (lme4's): dependent fixed-effects columns are
+    dropped with a warning naming them, in memory and from chunks alike."""
+    df = pd.read_csv(DATA / "Penicillin.csv")
+    rng = np.random.default_rng(0)
+    df["x"] = rng.standard_normal(len(df))
+    df["x2"] = 2.0 * df["x"]
+    formula = "diameter ~ x + x2 + (1|plate) + (1|sample)"
+    with pytest.warns(UserWarning, match=r"rank deficient: dropping column\(s\) \['x2'\]"):
+        mem = lmefast.lmer(formula, df)
+    path = _split_parquet(df, tmp_path / "data", 3)
+    with pytest.warns(UserWarning, match=r"rank deficient: dropping column\(s\) \['x2'\]"):
+        ooc = lmefast.lmer(formula, str(path))
+    assert list(ooc.fe_params.index) == list(mem.fe_params.index) == ["(Intercept)", "x"]
+    assert ooc.llf == pytest.approx(mem.llf, rel=1e-10)
+    np.testing.assert_allclose(ooc.fe_params.to_numpy(), mem.fe_params.to_numpy(), rtol=1e-9)
