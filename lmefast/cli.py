@@ -121,6 +121,9 @@ def check_spelling(args: argparse.Namespace) -> None:
         raise UsageError(f"--output '{args.output}': the file name must end in .json or .csv")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if args.ddf == "kenward-roger" and _is_parquet(Path(args.data)):
+        raise UsageError("Kenward-Roger needs the rows in memory, and Parquet data are fitted out of core",
+                         hint="--ddf satterthwaite")
 
 
 # -- fitting -------------------------------------------------------------------------------------
@@ -214,9 +217,7 @@ def _first_line(exc: BaseException) -> str:
     """The exception's message without colour codes, on one line."""
     text = _ANSI.sub("", str(exc)).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0] if len(lines[0]) > 20 or len(lines) == 1 else " ".join(lines[:2])
+    return lines[0] if lines else type(exc).__name__
 
 
 def describe_error(exc: BaseException) -> tuple[str, str | None]:
@@ -231,7 +232,7 @@ def describe_error(exc: BaseException) -> tuple[str, str | None]:
     if module.startswith("pyarrow"):
         return f"cannot read the Parquet data: {message}", "is the file a complete Parquet file?"
     if isinstance(exc, KeyError):
-        return f"column {message} not found", None
+        return f"not found: {message}", None
     return message, None
 
 
@@ -320,9 +321,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         args = _demo_args(args)
-    elif args.ddf == "kenward-roger" and Path(args.data).exists() and _is_parquet(Path(args.data)):
-        parser.exit(2, "lmefast: error: Kenward-Roger needs the rows in memory, and Parquet data are "
-                       "fitted out of core (hint: --ddf satterthwaite)\n")
     with warnings.catch_warnings():
         warnings.showwarning = _warn_one_line
         try:

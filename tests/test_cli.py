@@ -48,6 +48,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["header_only"].write_text("Reaction,Days,Subject\n")
     paths["corrupt"] = d / "corrupt.parquet"
     paths["corrupt"].write_bytes(paths["parquet"].read_bytes()[:200])  # truncated
+    sleep["Hours"] = 24.0 * sleep["Days"]  # the same predictor again: dropped with a warning
+    paths["collinear"] = d / "collinear.csv"
+    sleep.to_csv(paths["collinear"], index=False)
     paths["missing"] = d / "missing.csv"
     paths["out"] = d / "out"
     paths["out"].mkdir()
@@ -97,6 +100,7 @@ RUNS = {
                 "{out}/parquet.json"],
     "parquet_dir": ["fit", "{parquet_dir}", "Reaction ~ Days + (Days | Subject)", "--timing", "--output",
                     "{out}/parquet_dir.json"],
+    "warning": ["fit", "{collinear}", "Reaction ~ Days + Hours", "--groups", "Subject"],
     "reml and ml": ["fit", "{sleepstudy}", "Reaction ~ Days", "--groups", "Subject", "--ml", "--reml"],
     **{f"error: {case}": ["fit", *args] for case, (args, _) in ERRORS.items()},
 }
@@ -217,6 +221,14 @@ def test_help_is_plain_text(runs: Runs) -> None:
 def test_errors_are_one_line_with_status_2(runs: Runs, case: str) -> None:
     line = one_error_line(runs[f"error: {case}"])
     assert ERRORS[case][1] in line
+
+
+def test_warnings_are_one_line(runs: Runs) -> None:
+    proc = runs["warning"]
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmefast: warning: ") and "Hours" in lines[0]
+    assert "Hours" not in proc.stdout  # the summary has no row for the dropped column
 
 
 def test_reml_and_ml_exclude_each_other(runs: Runs) -> None:
