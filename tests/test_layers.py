@@ -15,7 +15,7 @@ PACKAGE = Path(lmefast.__file__).parent
 
 # lowest first; a module may import modules of its own layer or below
 LAYERS: list[set[str]] = [
-    {"errors", "parallel", "progress", "datasets",
+    {"errors", "parallel", "progress", "datasets", "_testing",
      "_bfgs", "_kernel", "_kernels", "_multi", "_crossprods", "_threads"},
     {"structure", "formula", "design", "checks"},
     {"spec", "lmer"},
