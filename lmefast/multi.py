@@ -333,6 +333,10 @@ class BlockedEngine(Engine):
     def has_rows(self) -> bool:
         return self.source is None
 
+    @property
+    def n_levels(self) -> int:
+        return self.terms[0].m     # the largest factor: the kernel's level loop
+
     def covariance_terms(self) -> list[CovarianceTerm]:
         out = []
         for t, free in zip(self.terms, self.theta_map.free_masks(), strict=True):
