@@ -133,6 +133,9 @@ class OneFactorEngine(Engine):
 
     def objective(self, reml: bool = True, n_threads: int | None = None,
                   crossprods: CrossProducts | None = None) -> ProfiledObjective:
+        if crossprods is None and "crossprods" not in self.__dict__:
+            # the first objective makes the pass over the rows, with the fit's threads
+            self.__dict__["crossprods"] = compute_crossprods(self.spec, n_threads)
         return ProfiledObjective(self.crossprods if crossprods is None else crossprods,
                                  self.theta_map, reml, n_threads)
 
