@@ -1,19 +1,32 @@
 """The optimiser driver: bounded quasi-Newton on θ with the analytic gradient, and one record
-of the run (OptSummary), as MixedModels.jl keeps one."""
+of the run (OptSummary), as MixedModels.jl keeps one.
+
+From the default start, θ first comes from moment estimates (the cross-products give them
+without a pass over the rows, see `moment_start`); there, a finite-difference Hessian of the
+analytic gradient (one gradient per θ) gives BFGS its initial inverse Hessian, so that the
+first steps are Newton steps. From a start of the caller's, BFGS starts from the identity.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
-from lmefast._bfgs import RETURN_MESSAGES
-from lmefast.objective import ProfiledObjective, Solution
+from lmefast._bfgs import RETURN_MESSAGES, minimize_bounded
+from lmefast.crossprods import CrossProducts
+from lmefast.objective import ObjectiveError, ProfiledObjective, Solution
 
 GRAD_TOL = 2e-3          # convergence check on max |projected gradient| (lme4 uses 2e-3, scaled)
 DECREMENT_TOL = 1e-6     # or: the Newton decrement g'H⁻¹g (objective units) below this
 DECREMENT_RTOL = 1e-13   # ... or below this × |objective| (its rounding level at 1e8 rows)
 SINGULAR_TOL = 1e-4      # lme4's isSingular tolerance on diagonal θ
+MAX_THETA_FD_START = 6   # finite-difference Hessian at the moment start up to this many θ
+POLISH_STEPS = 3         # at most this many quasi-Newton steps past the BFGS test (`polish`)
+POLISH_RTOL = 1e-18      # ... while the predicted decrease is above this × |objective|
+POLISH_WORSE = 1e-10     # a step worse than this × |objective| is never taken
+MOMENT_FLOOR = 1e-2      # eigenvalues of the moment estimate of Ψ/σ² floored at this × largest
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,263 @@ def newton_check(obj: ProfiledObjective, sol: Solution, lower: np.ndarray
     return (polished if polished.objective < sol.objective else sol), decrement
 
 
+def relative_factor(psi: np.ndarray, sigma2: float) -> np.ndarray | None:
+    """Ψ/σ² with its eigenvalues floored at MOMENT_FLOOR × the largest (a start strictly
+    inside the bounds), or None when σ² or every eigenvalue is not positive."""
+    if not (sigma2 > 0 and np.all(np.isfinite(psi))):
+        return None
+    w, V = np.linalg.eigh(0.5 * (psi + psi.T) / sigma2)
+    if not w[-1] > 0:
+        return None
+    return (V * np.maximum(w, MOMENT_FLOOR * w[-1])) @ V.T
+
+
+def one_factor_moments(cp: CrossProducts, basis: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """Moment estimates (Ψ, σ²) for one grouping factor whose groups all have the same q
+    coordinates (random coefficients, then variance-component levels in the same order), with
+    Ψ = Σ_b ψ_b E_b on the structure's symmetric basis (`basis`, one q × q matrix a row),
+    from OLS residual sums u_i = c_i − B_i β̂ and E[Z_i'r r'Z_i] = A_i Ψ A_i + σ² A_i,
+    E[r'r] = Σ_i tr(Z_i Ψ Z_i') + n σ², projected on the basis:
+
+        Σ_b ψ_b Σ_i tr(E_a A_i E_b A_i) + σ² Σ_i tr(E_a A_i) = Σ_i u_i'E_a u_i
+        Σ_b ψ_b Σ_i tr(E_b A_i) + n σ² = r'r
+
+    (a start, not an estimate: the O(p/m) correction for the estimated β̂ is left out)."""
+    q_all = np.diff(cp.layout.q_off)
+    m, p = q_all.shape[0], cp.p
+    if m == 0 or np.any(q_all != q_all[0]):
+        return None
+    q = int(q_all[0])
+    qq, nb = q * q, basis.shape[0]
+    if basis.shape[1] != qq:
+        return None
+    if q > 1 and np.any(cp.layout.comp.reshape(m, q) != cp.layout.comp[:q]):
+        return None
+    try:
+        beta = np.linalg.solve(cp.XtX, cp.Xty)
+    except np.linalg.LinAlgError:
+        return None
+    rec = cp.S.reshape(m, qq + q * p + q)
+    A = rec[:, :qq]
+    u = rec[:, qq + q * p:] - rec[:, qq:qq + q * p].reshape(m, q, p) @ beta
+    rr = cp.yty - 2.0 * beta @ cp.Xty + beta @ cp.XtX @ beta
+    K = (A.T @ A).reshape(q, q, q, q).transpose(0, 2, 1, 3).reshape(qq, qq)   # Σ A_i ⊗ A_i
+    M = np.empty((nb + 1, nb + 1))
+    M[:nb, :nb] = basis @ K @ basis.T
+    M[:nb, nb] = M[nb, :nb] = basis @ A.sum(axis=0)
+    M[nb, nb] = cp.n
+    try:
+        sol = np.linalg.solve(M, np.concatenate([basis @ (u.T @ u).ravel(), [rr]]))
+    except np.linalg.LinAlgError:
+        return None
+    return (sol[:nb] @ basis).reshape(q, q), float(sol[nb])
+
+
+def covariance_basis(tm: Any, comp: np.ndarray) -> np.ndarray | None:
+    """The symmetric q × q basis matrices (one a row, flattened) of Ψ for one grouping factor:
+    every entry of the k × k block (unstructured T) or its diagonal (diagonal T), then one
+    diagonal indicator per variance component over its coordinates (comp, after the k)."""
+    k, (rows, cols) = tm.k, tm.tril
+    q = k + comp.shape[0]
+    if not (np.all(rows == cols) or rows.shape[0] == k * (k + 1) // 2):
+        return None
+    out = []
+    for r, c in zip(rows, cols, strict=True):
+        E = np.zeros((q, q))
+        E[r, c] = E[c, r] = 1.0
+        out.append(E.ravel())
+    for c in range(tm.n_vc):
+        out.append(np.diag(np.concatenate([np.zeros(k), comp == c]).astype(float)).ravel())
+    return np.array(out)
+
+
+def scalar_terms_moments(cp: Any, terms: list) -> tuple[np.ndarray, float] | None:
+    """Moment estimates (ψ_j per term, σ²) for several grouping factors with one random
+    coefficient each. With r = (I − H)y the OLS residuals, u_j = Z_j'r and C_jl = Z_j'Z_l,
+    E[u_j'u_j] = Σ_l ψ_l ‖Z_j'(I − H)Z_l‖² + σ² tr(Z_j'(I − H)Z_j) and
+    E[r'r] = Σ_l ψ_l tr(Z_l'(I − H)Z_l) + (n − p) σ², where
+    Z_j'(I − H)Z_l = C_jl − B_j (X'X)⁻¹ B_l': one linear system of J + 1 equations."""
+    J, p = len(terms), cp.p
+    if any(t.k != 1 for t in terms):
+        return None
+    try:
+        W = np.linalg.inv(cp.XtX)
+    except np.linalg.LinAlgError:
+        return None
+    beta = W @ cp.Xty
+    rr = cp.yty - 2.0 * beta @ cp.Xty + beta @ cp.XtX @ beta
+    rec = cp.S1.reshape(terms[0].m, 2 + p)
+    a, B = [rec[:, 0]], [rec[:, 1:1 + p]]
+    u = [rec[:, 1 + p] - B[0] @ beta]
+    diag22, u2 = cp.A22.diagonal(), cp.c2 - cp.B2 @ beta
+    for c0, t in zip(cp.trail_c0, terms[1:], strict=True):
+        a.append(diag22[c0:c0 + t.m])
+        B.append(cp.B2[c0:c0 + t.m])
+        u.append(u2[c0:c0 + t.m])
+    BW = [b @ W for b in B]
+    P = [W @ (b.T @ b) for b in B]
+    G = np.array([[np.sum(Pj * Pi.T) for Pi in P] for Pj in P])
+    for j in range(J):
+        G[j, j] += a[j] @ a[j] - 2.0 * a[j] @ np.einsum("ij,ij->i", BW[j], B[j])
+    # pairs (level of the first factor, level of a trailing one): A21, one value per pair
+    first = np.repeat(np.arange(terms[0].m), np.diff(cp.ptr))
+    for j in range(1, J):
+        sel = cp.pair_term == j - 1
+        c = cp.A21[cp.pair_voff[sel]]
+        h = np.einsum("ij,ij->i", BW[0][first[sel]], cp.B2[cp.pair_c0[sel]])
+        G[0, j] += c @ c - 2.0 * c @ h
+        G[j, 0] = G[0, j]
+    if J > 2:   # pairs of levels of two trailing factors: off-diagonal A22
+        coo = cp.A22.tocoo()
+        term_of = np.repeat(np.arange(1, J), [t.m for t in terms[1:]])
+        tr, tc = term_of[coo.row], term_of[coo.col]
+        off = tr != tc
+        c = coo.data[off]
+        h = np.einsum("ij,ij->i", cp.B2[coo.row[off]] @ W, cp.B2[coo.col[off]])
+        np.add.at(G, (tr[off], tc[off]), c * c - 2.0 * c * h)
+    tr_j = np.array([x.sum() - np.trace(Pj) for x, Pj in zip(a, P, strict=True)])
+    M = np.empty((J + 1, J + 1))
+    M[:J, :J] = G
+    M[:J, J] = M[J, :J] = tr_j
+    M[J, J] = cp.n - p
+    try:
+        sol = np.linalg.solve(M, np.array([x @ x for x in u] + [rr]))
+    except np.linalg.LinAlgError:
+        return None
+    return sol[:J], float(sol[J])
+
+
+def moment_start(obj: ProfiledObjective) -> np.ndarray | None:
+    """θ from moment estimates of the covariance of the random effects relative to σ² (the
+    Cholesky factor of Ψ/σ², or √(ψ/σ²) for diagonal T), or None where they are not
+    available (variance components, several factors with random slopes) or not positive."""
+    start = moment_estimate(obj)
+    if start is None:
+        return None
+    return significant(start)
+
+
+def significant(a: np.ndarray, digits: int = 4) -> np.ndarray:
+    """a rounded to a few significant digits. The moment start and the finite-difference
+    Hessian there are rounded, so that cross-products that differ in their last bits (sums
+    over chunks in another order) give the same start, the same path and the same optimum
+    to the last digits, as from the fixed default start."""
+    with np.errstate(divide="ignore"):
+        scale = 10.0 ** (np.floor(np.log10(np.abs(a))) - (digits - 1))
+    return np.where(a == 0, 0.0, np.round(a / np.where(a == 0, 1.0, scale)) * scale)
+
+
+def moment_estimate(obj: ProfiledObjective) -> np.ndarray | None:
+    """moment_start before rounding."""
+    tm = obj.theta_map
+    if isinstance(obj.cp, CrossProducts):
+        q_off = obj.cp.layout.q_off
+        q = int(q_off[1] - q_off[0]) if q_off.shape[0] > 1 else 0
+        basis = covariance_basis(tm, obj.cp.layout.comp[tm.k:q])
+        est = None if basis is None else one_factor_moments(obj.cp, basis)
+        rel = None if est is None else relative_factor(*est)
+        if rel is None:
+            return None
+        k, rows, cols = tm.k, *tm.tril
+        if np.all(rows == cols):
+            theta_T = np.sqrt(np.diag(rel)[:k][rows])
+        else:
+            theta_T = np.linalg.cholesky(rel[:k, :k])[rows, cols]
+        # a variance component: the mean variance of its coordinates
+        comp = obj.cp.layout.comp[k:rel.shape[0]]
+        var = np.diag(rel)[k:]
+        theta_vc = [np.sqrt(var[comp == c].mean()) if np.any(comp == c) else 1.0
+                    for c in range(tm.n_vc)]
+        return np.concatenate([theta_T, theta_vc])
+    est = scalar_terms_moments(obj.cp, list(tm.terms))
+    rel = None if est is None else relative_factor(np.diag(est[0]), est[1])
+    return None if rel is None else np.sqrt(np.diag(rel))
+
+
+def bfgs_from_moments(obj: ProfiledObjective, start: np.ndarray, lower: np.ndarray,
+                      maxiter: int, on_iter: Callable | None
+                      ) -> tuple[np.ndarray, float, np.ndarray, float, np.ndarray, int, int,
+                                 Solution]:
+    """BFGS from a moment start with a finite-difference Hessian there as its initial inverse
+    Hessian, driven from Python (each evaluation is one call of obj.solve, whose Solutions are
+    kept: the one at the result is returned, and needs no evaluation of its own). Trial points
+    are evaluated without the gradient when the objective keeps its factorisation (several
+    factors), as obj.minimize does. Same return as obj.minimize, plus the Solution."""
+    lazy = not isinstance(obj.cp, CrossProducts)
+    kept: dict[bytes, Solution] = {}
+
+    def fg(x: np.ndarray, want_grad: bool) -> tuple[float, np.ndarray | None]:
+        key = x.tobytes()
+        sol = kept.get(key)
+        if sol is None or (want_grad and sol.grad is None):
+            try:
+                sol = obj.solve(x, want_grad)
+            except ObjectiveError:
+                return np.inf, np.zeros_like(x)
+            kept[key] = sol
+        return sol.objective, sol.grad
+
+    fg(start, True)
+    free = np.ones(start.shape[0], dtype=bool)
+    H0 = None
+    if np.isfinite(kept[start.tobytes()].objective):
+        H = significant(hessian_fd(obj, start, kept[start.tobytes()].grad, free))
+        try:
+            np.linalg.cholesky(H)
+            H0 = np.linalg.inv(H)
+        except np.linalg.LinAlgError:
+            H0 = None
+    theta, f, grad, f0, Hinv, n_iter, code = minimize_bounded(
+        fg, start, lower, 1e-9, maxiter, on_iter, H0, lazy)
+    sol = kept.get(np.asarray(theta).tobytes())
+    if sol is None or sol.grad is None:
+        sol = obj.solve(theta, want_grad=True)
+    return theta, f, grad, f0, Hinv, n_iter, code, sol
+
+
+def polish(obj: ProfiledObjective, theta: np.ndarray, f: float, grad: np.ndarray,
+           Hinv: np.ndarray, lower: np.ndarray) -> tuple[Solution | None, np.ndarray]:
+    """Quasi-Newton steps −H g (free θ, projected on the bounds) past the BFGS stopping test,
+    with the Solution (and gradient) at the last one kept, or None when the first is not
+    kept; and the inverse Hessian, BFGS-updated.
+
+    BFGS stops at a predicted decrease g'Hg of 1e-12 |f|, where θ can still be ~1e-6 from
+    the optimum. The steps go on while g'Hg > POLISH_RTOL |f| (at most POLISH_STEPS), so
+    that fits of one model along different paths (another spelling, another engine,
+    another start) agree to many more digits. The first step costs the evaluation that the
+    solution at θ would cost otherwise. A step is kept when it lowers g'Hg: at the rounding
+    level of the objective a comparison of objectives would keep it or not by chance."""
+    best: Solution | None = None
+    H = Hinv.copy()
+    for _ in range(POLISH_STEPS):
+        free = ~((theta <= lower) & (grad > 0))
+        step = np.zeros_like(theta)
+        step[free] = -H[np.ix_(free, free)] @ grad[free]
+        if best is not None and -(grad @ step) < POLISH_RTOL * max(1.0, abs(f)):
+            break
+        new_theta = np.maximum(theta + step, lower)
+        if np.array_equal(new_theta, theta) or not np.all(np.isfinite(new_theta)):
+            break
+        try:
+            sol = obj.solve(new_theta, want_grad=True)
+        except ObjectiveError:
+            break
+        # kept when it lowers the decrement g'Hg (near the optimum a comparison of gradients
+        # is far less noisy than one of objectives), unless the objective is clearly worse
+        new_free = ~((new_theta <= lower) & (sol.grad > 0))
+        g_old, g_new = np.where(free, grad, 0.0), np.where(new_free, sol.grad, 0.0)
+        if not (g_new @ H @ g_new < g_old @ H @ g_old
+                and sol.objective <= f + POLISH_WORSE * max(1.0, abs(f))):
+            break
+        s, y = new_theta - theta, sol.grad - grad
+        sy = float(s @ y)
+        if sy > 1e-12 * np.linalg.norm(s) * np.linalg.norm(y):
+            Hy = H @ y
+            H += (sy + y @ Hy) / sy**2 * np.outer(s, s) - (np.outer(Hy, s) + np.outer(s, Hy)) / sy
+        theta, f, grad, best = new_theta, sol.objective, sol.grad, sol
+    return best, H
+
+
 def fit_theta(
     obj: ProfiledObjective,
     theta0: np.ndarray,
@@ -132,8 +402,14 @@ def fit_theta(
                 raise StopIteration from exc
 
     hook = on_iter if (verbose or callback is not None) else None
-    theta, _, grad, f0, Hinv, n_iter, code = obj.minimize(theta0, lower, gtol=1e-9,
-                                                          maxiter=maxiter, on_iter=hook)
+    start = moment_start(obj) if np.array_equal(theta0, obj.theta_map.start()) else None
+    kept: Solution | None = None
+    if start is not None and start.shape[0] <= MAX_THETA_FD_START:
+        theta, f, grad, f0, Hinv, n_iter, code, kept = bfgs_from_moments(obj, start, lower,
+                                                                         maxiter, hook)
+    else:
+        theta, f, grad, f0, Hinv, n_iter, code = obj.minimize(
+            theta0 if start is None else start, lower, gtol=1e-9, maxiter=maxiter, on_iter=hook)
     diag = obj.theta_map.diagonal_mask()
     # A diagonal θ at zero can be a saddle, not a minimum: the objective is even in the last
     # diagonal entry of each T, so its gradient there is exactly zero. Probe away from zero
@@ -155,15 +431,23 @@ def fit_theta(
                     best_f, best_x = fx, x
         if best_x is None:
             break
-        theta, _, grad, _, Hinv, more_iter, code = obj.minimize(best_x, lower, gtol=1e-9,
+        theta, f, grad, _, Hinv, more_iter, code = obj.minimize(best_x, lower, gtol=1e-9,
                                                                  maxiter=maxiter, on_iter=hook)
         n_iter += more_iter
+        kept = None
     if raised:
         raise raised[0]
     message = RETURN_MESSAGES[code]
+    polished = None
+    if code in (0, 1, 2):
+        polished, Hinv = polish(obj, theta, f, grad, Hinv, lower)
+    if polished is not None:
+        theta, sol = polished.theta, polished
+    elif kept is not None:      # the Python-driven BFGS kept the Solution at θ
+        sol = kept
+    else:   # the optimiser returns the gradient at θ: the solve needs the objective's parts only
+        sol = replace(obj.solve(theta), grad=np.asarray(grad, dtype=float).copy())
     snapped = np.where(diag & (theta < 1e-9), 0.0, theta)
-    # the optimiser returns the gradient at θ: the final solve needs only the objective's parts
-    sol = replace(obj.solve(theta), grad=np.asarray(grad, dtype=float).copy())
     if not np.array_equal(snapped, theta):
         sol_s = obj.solve(snapped, want_grad=True)
         if sol_s.objective <= sol.objective + 1e-10:
@@ -177,8 +461,10 @@ def fit_theta(
         sol, decrement = newton_check(obj, sol, lower)
     theta = sol.theta
     pg = projected_gradient(theta, sol.grad, lower)
-    converged = bool(np.all(np.isfinite(pg)) and (np.max(np.abs(pg), initial=0.0) < GRAD_TOL
-                                                  or decrement < dec_tol))
+    # a run stopped by the iteration limit or the callback is not reported as converged,
+    # wherever it stopped
+    converged = bool(code not in (3, 6) and np.all(np.isfinite(pg))
+                     and (np.max(np.abs(pg), initial=0.0) < GRAD_TOL or decrement < dec_tol))
     singular = bool(np.any(theta[diag] < SINGULAR_TOL))
     summary = OptSummary(
         theta_initial=theta0,
