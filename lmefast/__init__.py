@@ -10,10 +10,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lmefast.api import lmer, lmer_model, mixedlm
-from lmefast.errors import SpecificationError
+from lmefast.errors import ConvergenceWarning, IgnoredArgumentWarning, SpecificationError
 from lmefast.inference import lrtest
 from lmefast.model import MixedLM
+from lmefast.params import MixedLMParams
 from lmefast.results import MixedLMResults
 
-__all__ = ["MixedLM", "MixedLMResults", "SpecificationError", "lmer", "lmer_model", "lrtest", "mixedlm"]
+__all__ = ["ConvergenceWarning", "IgnoredArgumentWarning", "MixedLM", "MixedLMParams", "MixedLMResults",
+           "SpecificationError", "lmer", "lmer_model", "lrtest", "mixedlm"]
 __version__ = "0.1.0"

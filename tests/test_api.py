@@ -253,7 +253,7 @@ def test_llf_aic_bic(case: dict[str, Any], reml: bool, fitted: Callable, referen
     assert res.aic - ref.raw["aic"] == pytest.approx(-2 * (res.llf - ref.loglik), abs=1e-8)
     assert res.bic - ref.raw["bic"] == pytest.approx(-2 * (res.llf - ref.loglik), abs=1e-8)
     # model.loglike at lme4's θ̂ is lme4's logLik (an independent point, not our own fit's)
-    assert model.loglike(theta_from_lme4(model, ref), reml) == pytest.approx(ref.loglik, rel=1e-10)
+    assert model.loglike_theta(theta_from_lme4(model, ref), reml) == pytest.approx(ref.loglik, rel=1e-10)
     np.testing.assert_allclose(res.fittedvalues + res.resid, model.spec.y, rtol=1e-13,
                                atol=1e-10 * np.max(np.abs(model.spec.y)))
     text = str(res.summary())
@@ -350,16 +350,16 @@ def test_group_labels_keep_their_type(dietox: pd.DataFrame, sleep_zc: lmefast.Mi
 @pytest.mark.parametrize("bad", [np.ones(2), np.ones(4), np.ones((3, 1)), np.ones(0)],
                          ids=["2", "4", "3x1", "0"])
 def test_start_params_shape_error(dietox_rs: lmefast.MixedLM, bad: np.ndarray) -> None:
-    with pytest.raises(SpecificationError, match="start_params"):
-        dietox_rs.fit(start_params=bad)
+    with pytest.raises(SpecificationError, match="start_theta"):
+        dietox_rs.fit(start_theta=bad)
 
 
 def test_start_params_good(dietox_rs: lmefast.MixedLM) -> None:
     ref = dietox_rs.fit()
-    res = dietox_rs.fit(start_params=np.array([2.0, 0.1, 0.5]))
+    res = dietox_rs.fit(start_theta=np.array([2.0, 0.1, 0.5]))
     assert res.converged
     assert res.llf == pytest.approx(ref.llf, abs=1e-6)
-    res2 = dietox_rs.fit(start_params=ref.theta)
+    res2 = dietox_rs.fit(start_theta=ref.theta)
     assert res2.llf >= ref.llf - 1e-9
 
 
