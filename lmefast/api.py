@@ -12,19 +12,36 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmefast.chunked_multi import dask_chunks, multi_model_from_chunks, parquet_chunks, used_columns
+from lmefast.chunked import ChunkSource
+from lmefast.chunked_multi import multi_model_from_chunks, used_columns
+from lmefast.dask import DaskSource
 from lmefast.dask import mixedlm as dask_mixedlm
 from lmefast.errors import SpecificationError
 from lmefast.formula import design_matrix
 from lmefast.lmer import build_terms, lmer_frame, parse_lmer
 from lmefast.model import MixedLM, checked_response_and_design
 from lmefast.multi import BlockedEngine
-from lmefast.outofcore import mixedlm_parquet
+from lmefast.outofcore import ParquetSource, mixedlm_parquet
+from lmefast.progress import ProgressFn, progress_function
 from lmefast.results import MixedLMResults
 
 
 def _is_scale_out(data: Any) -> bool:
     return isinstance(data, str | os.PathLike) or type(data).__module__.startswith("dask.")
+
+
+def chunk_source(data: Any, *, progress: Any = None, client: Any = None, batch_rows: int | None = None,
+                 split_every: int | None = None) -> tuple[ChunkSource, ProgressFn | None]:
+    """The chunk source for a Parquet path or a Dask DataFrame, with its options."""
+    if isinstance(data, str | os.PathLike):
+        if client is not None or split_every is not None:
+            raise SpecificationError("client and split_every are options of Dask data, not of Parquet files")
+        source: ChunkSource = ParquetSource(data) if batch_rows is None else ParquetSource(data, batch_rows)
+    else:
+        if batch_rows is not None:
+            raise SpecificationError("batch_rows is an option of Parquet files, not of Dask data")
+        source = DaskSource(data, client=client, split_every=8 if split_every is None else split_every)
+    return source, progress_function(progress)
 
 
 def mixedlm(
@@ -81,14 +98,9 @@ def scale_out_lmer_model(formula: str, data: Any, missing: str, **options: Any):
     response, fixed, random = parse_lmer(formula)
     groups = list(dict.fromkeys(t.group for t in random))
     if len(groups) != 1 or ":" in groups[0]:
-        if options:
-            raise SpecificationError(f"options {sorted(options)} are not supported for several "
-                                     "grouping factors on Parquet or Dask data")
         used = used_columns(response, fixed, random)
-        chunks = (parquet_chunks(data, used) if isinstance(data, str | os.PathLike)
-                  else dask_chunks(data, used))
-        kind = "Parquet files" if isinstance(data, str | os.PathLike) else "a Dask DataFrame"
-        return multi_model_from_chunks(response, fixed, random, used, chunks, missing, kind)
+        source, progress = chunk_source(data, **options)
+        return multi_model_from_chunks(response, fixed, random, used, source, missing, progress)
     vc = {}
     for t in random[1:]:
         parts = [p.strip() for p in t.expr.split("+")]

@@ -24,24 +24,29 @@ supported here.
 from __future__ import annotations
 
 import re
-import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.linalg as sla
 import scipy.sparse as sp
 
 from lmefast._crossprods import accumulate
+from lmefast.checks import (
+    check_identifiable,
+    check_missing_policy,
+    check_not_constant,
+    full_rank_columns_from_xtx,
+    warn_dropped,
+)
 from lmefast.crossprods import CrossProducts, record_offsets
 from lmefast.errors import RowsUnavailableError, SpecificationError
 from lmefast.formula import _not_finite, _rhs, _variables, _vc_column_label, design_matrix
-from lmefast.model import RANK_TOL, MixedLM
+from lmefast.model import MixedLM
 from lmefast.onefactor import OneFactorEngine
-from lmefast.parallel import default_threads
+from lmefast.parallel import resolve_threads
 from lmefast.progress import ProgressFn, progress_function
 from lmefast.results import MixedLMResults
 from lmefast.spec import (
@@ -56,15 +61,44 @@ __all__ = ["ChunkSource", "ProgressFn", "RowsUnavailableError", "build_model", "
 
 
 class ChunkSource:
-    """A data source that arrives in chunks (Parquet files, a Dask DataFrame): it makes the
-    passes over the rows that a fit from cross-products cannot (fitted values, residuals,
-    predictions). ``plan`` and ``coder`` (the design rules and group labels fixed by the
-    fit) are set when the model is built."""
+    """A data source that arrives in chunks (Parquet files, a Dask DataFrame, ...). It maps a
+    function over its chunks and merges the results (``map_reduce``: the passes of a fit), and
+    makes the passes that a fit from cross-products cannot (fitted values, residuals,
+    predictions). ``plan`` and ``coder`` (the design rules and group labels fixed by the fit)
+    are set when the model is built. A new source implements ``map_reduce`` and ``dtypes``."""
 
     kind = "chunked data"
+    unit = "chunks"          # what progress counts
     predicts = True
     plan: Any = None
     coder: Any = None
+    #: results → what each chunk needs to predict (``columns``, ``yname``, ``group_columns``,
+    #: ``predict(df, where, ...)``); set by the model built from this source
+    make_payload: Callable[[MixedLMResults], Any] | None = None
+
+    def payload(self, res: MixedLMResults) -> Any:
+        """The fit's prediction payload, made once and kept with the results."""
+        return res.derived("predict_payload", lambda: self.make_payload(res))
+
+    def map_reduce(self, columns: list[str], fn: Callable, args: tuple, merge: Callable, *,
+                   stage: str, progress: ProgressFn | None = None, fold: Callable | None = None) -> Any:
+        """merge(fn(chunk, where, *args) for every chunk, only ``columns`` read); None without
+        chunks. ``stage`` names the pass for progress reports. A source that reads its chunks
+        one after another may use ``fold(acc, chunk, where, *args) -> acc`` instead (one
+        accumulator updated in place: no partial result per chunk)."""
+        raise NotImplementedError
+
+    def dtypes(self) -> pd.Series:
+        """The columns' dtypes (one chunk's, or the metadata's)."""
+        raise NotImplementedError
+
+    def check_plan(self, plan: ChunkPlan) -> None:
+        """Column kinds (numeric or categorical) for the plan, checked across the source."""
+        plan.set_kinds(self.dtypes(), self.kind)
+
+    def shared(self, obj: Any) -> Any:
+        """A large argument of fn, sent to the workers once (as is, for local sources)."""
+        return obj
 
     def fitted(self, res: MixedLMResults, resid: bool) -> Any:
         raise NotImplementedError
@@ -78,6 +112,79 @@ class ChunkSource:
     def write_fitted(self, res: MixedLMResults, path: Any, progress: ProgressFn | None) -> int:
         raise SpecificationError(f"write_fitted writes fitted values of Parquet fits; for {self.kind} "
                                  "use res.fittedvalues.to_frame().to_parquet(...)")
+
+
+def check_frame(df: Any, where: str) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise SpecificationError(f"{where} is a {type(df).__name__}, not a pandas DataFrame")
+
+
+# -- the passes, on any source ----------------------------------------------------------------
+def labels_part(df: pd.DataFrame, where: str, plan: ChunkPlan) -> dict[str, LabelSet]:
+    check_frame(df, where)
+    sets = plan.new_label_sets()
+    plan.collect_labels(df, sets, where)
+    return sets
+
+
+def merge_labels(*parts: dict[str, LabelSet]) -> dict[str, LabelSet]:
+    out = parts[0]
+    for other in parts[1:]:
+        for name, ls in other.items():
+            out[name].merge(ls)
+    return out
+
+
+def vc_part(df: pd.DataFrame, where: str, ctx: tuple[ChunkPlan, LabelCoder]) -> list[np.ndarray]:
+    check_frame(df, where)
+    plan, coder = ctx
+    return plan.collect_vc_keys(df, coder, where)
+
+
+def stats_part(df: pd.DataFrame, where: str, ctx: tuple[ChunkPlan, LabelCoder],
+               n_threads: int) -> ChunkStats | None:
+    check_frame(df, where)
+    plan, coder = ctx
+    return chunk_stats(plan, coder, df, where, None, n_threads)
+
+
+def stats_fold(acc: ChunkStats | None, df: pd.DataFrame, where: str,
+               ctx: tuple[ChunkPlan, LabelCoder], n_threads: int) -> ChunkStats | None:
+    plan, coder = ctx
+    return chunk_stats(plan, coder, df, where, acc, n_threads)
+
+
+def merge_stats(*parts: ChunkStats | None) -> ChunkStats | None:
+    out = None
+    for s in parts:
+        if s is None:
+            continue
+        out = s if out is None else out.merge(s)
+    return out
+
+
+def model_from_chunks(plan: ChunkPlan, source: ChunkSource, progress: ProgressFn | None,
+                      n_threads: int | None) -> MixedLM:
+    """The passes of the module docstring over any chunk source, then the model."""
+    source.check_plan(plan)
+    n_pass = 3 if plan.vc_formulas else 2
+    unit = source.unit
+    sets = source.map_reduce(plan.label_columns(), labels_part, (plan,), merge_labels,
+                             stage=f"pass 1/{n_pass} (labels), {unit}", progress=progress)
+    if sets is None:
+        raise SpecificationError("the data are empty: no rows to fit")
+    labels = plan.fix_levels(sets, source.dtypes())
+    coder = LabelCoder(labels)
+    if plan.vc_formulas:
+        keys = source.map_reduce(plan.vc_columns, vc_part, (source.shared((plan, coder)),), merge_keys,
+                                 stage=f"pass 2/3 (variance-component structure), {unit}",
+                                 progress=progress)
+        plan.set_vc_layout(keys, labels.shape[0])
+    nth = resolve_threads(n_threads, labels.shape[0])
+    stats = source.map_reduce(plan.used, stats_part, (source.shared((plan, coder)), nth), merge_stats,
+                              stage=f"pass {n_pass}/{n_pass} (cross-products), {unit}",
+                              progress=progress, fold=stats_fold)
+    return build_model(plan, labels, stats, source)
 
 
 def label_kind(values: pd.Series, what: str, where: str) -> str | None:
@@ -255,8 +362,7 @@ class ChunkPlan:
     @classmethod
     def from_formula(cls, formula: str, groups: Any, re_formula: str | None,
                      vc_formula: Any, missing: str) -> ChunkPlan:
-        if missing not in ("raise", "none", "drop"):
-            raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
+        check_missing_policy(missing)
         vc_formula = dict(vc_formula or {})
         if not isinstance(formula, str) or "~" not in formula:
             raise SpecificationError(f"formula {formula!r} has no '~'")
@@ -713,53 +819,6 @@ class StatsSpec:
         self._no_rows("the group codes")
 
 
-def _keep_columns_from_xtx(XtX: np.ndarray, n: int) -> np.ndarray:
-    """The columns ``model._full_rank_columns`` keeps, from X'X: its pivoted QR of X (n ≤ 200,000)
-    is a pivoted Cholesky of X'X here (same pivots: the largest remaining column norm); above,
-    its pivoted QR of X'X."""
-    p = XtX.shape[0]
-    if p == 0:
-        return np.arange(0)
-    scale = np.sqrt(np.diag(XtX))
-    nz = np.nonzero(scale)[0]
-    if nz.size < p:
-        keep = _keep_columns_from_xtx(XtX[np.ix_(nz, nz)], n) if nz.size else np.arange(0)
-        return nz[keep]
-    G = XtX / np.outer(scale, scale)
-    if n > 200_000:
-        R, piv = sla.qr(G, mode="r", pivoting=True)
-        d = np.abs(np.diag(R))
-        return np.sort(piv[:int(np.sum(d > RANK_TOL**2 * d[0]))])
-    G = G.copy()
-    piv = np.arange(p)
-    d = np.zeros(p)
-    for j in range(p):
-        rest = np.diag(G)[j:]
-        i = j + int(np.argmax(rest))
-        piv[[j, i]] = piv[[i, j]]
-        G[[j, i], :] = G[[i, j], :]
-        G[:, [j, i]] = G[:, [i, j]]
-        d[j] = np.sqrt(max(G[j, j], 0.0))
-        if d[j] <= RANK_TOL * d[0] or d[j] == 0.0:
-            break
-        G[j + 1:, j + 1:] -= np.outer(G[j + 1:, j], G[j, j + 1:]) / G[j, j]
-    return np.sort(piv[:int(np.sum(d > RANK_TOL * d[0]))])
-
-
-def _drop_fe_columns(S: np.ndarray, layout: BlockLayout, p: int, keep: np.ndarray) -> np.ndarray:
-    """Per-group records [A | B | c] with only the ``keep`` columns of B."""
-    q = np.diff(layout.q_off)
-    s_off, s_new = record_offsets(layout, p), record_offsets(layout, len(keep))
-    out = np.empty(int(s_new[-1]))
-    for qv in np.unique(q):
-        gs = np.nonzero(q == qv)[0]
-        R = S[s_off[gs][:, None] + np.arange(qv * (qv + p + 1))]
-        B = R[:, qv * qv:qv * qv + qv * p].reshape(-1, qv, p)[:, :, keep].reshape(gs.shape[0], -1)
-        R = np.hstack([R[:, :qv * qv], B, R[:, qv * qv + qv * p:]])
-        out[s_new[gs][:, None] + np.arange(R.shape[1])] = R
-    return out
-
-
 def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None,
                 source: ChunkSource) -> MixedLM:
     """The checks ``MixedLM`` makes, then the model from the statistics."""
@@ -781,19 +840,16 @@ def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None,
         counts, labels = counts[present], labels[present]
         layout = build_layout(np.zeros(0, dtype=np.int64), labels.shape[0], k, [])
     m = labels.shape[0]
-    if stats.ymin == stats.ymax:
-        raise SpecificationError(f"the response '{yname}' is constant: there is no variance to model")
-    XtX, Xty = stats.XtX, stats.Xty
-    keep = _keep_columns_from_xtx(XtX, stats.n)
+    check_not_constant(stats.ymin, stats.ymax, yname)
+    cp = CrossProducts(S=np.ascontiguousarray(S), s_off=record_offsets(layout, p), XtX=stats.XtX,
+                       Xty=stats.Xty, yty=stats.yty, n=stats.n, layout=layout)
+    keep = full_rank_columns_from_xtx(stats.XtX, stats.n)
     dropped = tuple(xnames[j] for j in range(p) if j not in set(keep.tolist()))
     if dropped:
-        warnings.warn(f"fixed-effects design is rank deficient: dropping column(s) {list(dropped)}",
-                      stacklevel=3)
-        S = _drop_fe_columns(S, layout, p, keep)
-        XtX, Xty = XtX[np.ix_(keep, keep)], Xty[keep]
+        warn_dropped(dropped, stacklevel=4)
+        cp = cp.keep_fixed(keep)
         xnames = [xnames[j] for j in keep]
-        p = len(keep)
-    s_off = record_offsets(layout, p)
+    S, s_off = cp.S, cp.s_off
     q = np.diff(layout.q_off)
     if k and not np.any(S[s_off[:-1, None] + np.arange(k) * (q[:, None] + 1)]):
         raise SpecificationError("exog_re is all zero")
@@ -803,19 +859,13 @@ def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None,
     if m < 2 and plan.vc_formulas:
         raise SpecificationError("statsmodels' spelling of crossed effects (one group, variance "
                                  "components) is not supported for Parquet or Dask data")
-    n_re = int(layout.q_off[-1])
-    if stats.n <= n_re:
-        raise SpecificationError(
-            f"number of observations ({stats.n}) <= number of random effects ({n_re}) for grouping "
-            f"factor '{gname}': the random-effects parameters and the residual variance are "
-            "unidentifiable")
-    cp = CrossProducts(S=np.ascontiguousarray(S), s_off=s_off, XtX=XtX, Xty=Xty, yty=stats.yty,
-                       n=stats.n, layout=layout)
+    check_identifiable(stats.n, int(layout.q_off[-1]), f"grouping factor '{gname}'")
     spec = StatsSpec(group_labels=labels, layout=layout,
                      theta_map=GroupThetaMap(k, len(plan.vc_names), tuple(znames), plan.vc_names),
                      endog_name=yname, exog_names=tuple(xnames), group_name=gname, n=stats.n,
                      vc_col_names=tuple(vnames), dropped_exog=dropped, source_kind=source.kind)
     source.plan, source.coder = plan, LabelCoder(labels)
+    source.make_payload = one_factor_payload
     engine = OneFactorEngine(spec, crossprods=cp, group_sizes=counts, source=source)
     return MixedLM.from_engine(engine, api="statsmodels", endog_name=yname, exog_names=xnames,
                                dropped_exog=dropped)
@@ -824,15 +874,32 @@ def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None,
 # -- results --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PredictPayload:
-    """What a chunk needs to predict: β̂ (on the design's full columns), the modes of the random
-    coefficients (m × k), of every coordinate (b, offsets q_off: variance components) and the
-    label coder; shipped to every worker once."""
+    """What a chunk needs to predict from a fit with one grouping factor: β̂ (on the design's
+    full columns), the modes of the random coefficients (m × k), of every coordinate (b,
+    offsets q_off: variance components) and the label coder; shipped to every worker once."""
 
     beta_full: np.ndarray
     modes: np.ndarray
     b: np.ndarray
     coder: LabelCoder
     plan: ChunkPlan
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.plan.used)
+
+    @property
+    def yname(self) -> str:
+        return self.plan.yname
+
+    @property
+    def group_columns(self) -> list[str]:
+        return [self.plan.group]
+
+    def predict(self, df: pd.DataFrame, where: str, *, include_random: bool, new_levels: str,
+                resid: bool = False, fitted_rows: bool = False) -> np.ndarray:
+        return predict_chunk(self, df, where, include_random=include_random, new_levels=new_levels,
+                             resid=resid, fitted_rows=fitted_rows)
 
 
 def predict_chunk(payload: PredictPayload, df: pd.DataFrame, where: str, *, include_random: bool,
@@ -865,27 +932,19 @@ def predict_chunk(payload: PredictPayload, df: pd.DataFrame, where: str, *, incl
     return out
 
 
-def predict_payload(res: MixedLMResults) -> PredictPayload:
-    """What a chunk needs to predict from a fit (made once, kept with the results)."""
-    def make() -> PredictPayload:
-        source = res.model.source
-        plan = source.plan
-        beta = np.zeros(len(plan.xnames or []))
-        pos = {n: j for j, n in enumerate(plan.xnames or [])}
-        for name, b in zip(res.model.exog_names, res._sol.beta, strict=True):
-            beta[pos[name]] = b
-        modes = res.engine.coefficient_modes(res._objective, res._sol).to_numpy()
-        b = res.engine._modes(res._objective, res._sol)[0] if plan.vcmap is not None else np.zeros(0)
-        return PredictPayload(beta, np.ascontiguousarray(modes), b, source.coder, plan)
-
-    return res.derived("predict_payload", make)
+def one_factor_payload(res: MixedLMResults) -> PredictPayload:
+    source = res.model.source
+    plan = source.plan
+    beta = np.zeros(len(plan.xnames or []))
+    pos = {n: j for j, n in enumerate(plan.xnames or [])}
+    for name, b in zip(res.model.exog_names, res._sol.beta, strict=True):
+        beta[pos[name]] = b
+    modes = res.engine.coefficient_modes(res._objective, res._sol).to_numpy()
+    b = res.engine._modes(res._objective, res._sol)[0] if plan.vcmap is not None else np.zeros(0)
+    return PredictPayload(beta, np.ascontiguousarray(modes), b, source.coder, plan)
 
 
 def predict_pandas(res: MixedLMResults, newdata: pd.DataFrame, include_random: bool,
                    new_levels: str) -> np.ndarray:
-    return predict_chunk(predict_payload(res), newdata, "newdata", include_random=include_random,
-                         new_levels=new_levels)
-
-
-def n_threads_for(m: int, n_threads: int | None) -> int:
-    return default_threads(m) if n_threads is None else int(n_threads)
+    return res.model.source.payload(res).predict(newdata, "newdata", include_random=include_random,
+                                                  new_levels=new_levels)

@@ -9,15 +9,17 @@ depend on the chunk). The model keeps no rows: fitted values and residuals need 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from functools import reduce
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from lmefast.checks import check_not_constant, full_rank_columns_from_xtx, warn_dropped
 from lmefast.chunked import ChunkSource
-from lmefast.errors import RowsUnavailableError, SpecificationError
+from lmefast.errors import SpecificationError
 from lmefast.formula import _not_finite, _parse, _plain_columns, _rhs, design_matrix
 from lmefast.lmer import RandomTerm, build_terms, factor_key
 from lmefast.model import MixedLM
@@ -28,9 +30,8 @@ from lmefast.multi import (
     pair_keys,
     sorted_unique,
 )
+from lmefast.progress import ProgressFn
 from lmefast.structure import Term
-
-Chunks = Callable[[Callable[[pd.DataFrame], Any]], list[Any]]   # map a function over the chunks
 
 
 def _clean(df: pd.DataFrame, used: list[str], missing: str) -> pd.DataFrame:
@@ -53,123 +54,178 @@ def _labels(df: pd.DataFrame, groups: list[str]) -> dict[str, np.ndarray]:
     return {g: pd.unique(factor_key(df, g)) for g in groups}
 
 
-class CrossProductsOnly(ChunkSource):
-    """The source of a fit with several grouping factors from chunks: only the cross-products
-    were kept, so fitted values need another pass the model cannot make; predictions for new
-    rows are made in memory (``res.predict(df)``)."""
+class _Passes:
+    """What each chunk needs in the passes (picklable: sent to the workers)."""
 
-    predicts = False
+    def __init__(self, response: str, fixed: str, random: list[RandomTerm], used: list[str],
+                 missing: str, labels: dict[str, pd.Index] | None = None) -> None:
+        self.response, self.fixed, self.random = response, fixed, random
+        self.used, self.missing, self.labels = used, missing, labels
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    def factor(self, df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
+        codes = self.labels[group].get_indexer(factor_key(df, group))
+        return codes.astype(np.int64), np.asarray(self.labels[group])
 
-    def fitted(self, res: Any, resid: bool) -> Any:
-        raise RowsUnavailableError(
-            "the model was fitted from cross-products summed over chunks: the rows are not in "
-            "memory; use res.predict(df) on the rows you need")
+    def terms(self, df: pd.DataFrame) -> list[Term]:
+        return build_terms(self.random, df, factor=self.factor)
 
-    def fitted_chunks(self, res: Any, progress: Any) -> Any:
-        self.fitted(res, resid=False)
+
+@dataclass(frozen=True)
+class MultiPayload:
+    """What a chunk needs to predict from a fit with several grouping factors: the design rules
+    and labels of the passes, β̂ on the design's columns (0 for a dropped column) and each
+    factor's conditional modes (levels × k); shipped to every worker once."""
+
+    passes: _Passes
+    beta_full: np.ndarray
+    modes: dict[str, np.ndarray]
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.passes.used)
+
+    @property
+    def yname(self) -> str:
+        return self.passes.response
+
+    @property
+    def group_columns(self) -> list[str]:
+        return sorted({c for t in self.passes.random for c in t.group.split(":")})
+
+    def predict(self, df: pd.DataFrame, where: str, *, include_random: bool, new_levels: str,
+                resid: bool = False, fitted_rows: bool = False) -> np.ndarray:
+        """Xβ̂ + Σ_j Z_j b̂_j for the rows of one chunk (NaN where a needed value is missing; a level
+        not in the fit contributes 0 for its factor, or raises with new_levels='error')."""
+        out = np.full(len(df), np.nan)
+        need_y = resid or fitted_rows
+        needed = [c for c in self.columns if (c != self.yname or need_y)
+                  and (include_random or c not in self.group_columns)]
+        absent = sorted(c for c in needed if c not in df.columns)
+        if absent:
+            raise SpecificationError(f"{where} is missing column(s) {absent}")
+        if len(df) == 0:
+            return out
+        bad = np.logical_or.reduce([_not_finite(df[c]) for c in needed])
+        keep = ~bad
+        rows = df.loc[keep].reset_index(drop=True)
+        X, _ = design_matrix(self.passes.fixed, rows)
+        pred = X @ self.beta_full
+        if include_random:
+            for t in self.passes.terms(rows):
+                new = t.codes < 0
+                if new.any() and new_levels == "error":
+                    raise SpecificationError(
+                        f"level(s) of {t.name!r} in {where} were not in the fit (pass new_levels='population')")
+                b = self.modes[t.name]
+                pred = pred + np.where(new, 0.0, np.einsum("ij,ij->i", t.Z, b[np.where(new, 0, t.codes)]))
+        if need_y and resid:
+            pred = rows[self.yname].to_numpy(dtype=float) - pred
+        out[keep] = pred
+        return out
+
+
+def multi_payload(res: Any, passes: _Passes, xnames: list[str]) -> MultiPayload:
+    beta = np.zeros(len(xnames))
+    pos = {n: j for j, n in enumerate(xnames)}
+    for name, b in zip(res.model.exog_names, res._sol.beta, strict=True):
+        beta[pos[name]] = b
+    frames = res.engine.modes_by_factor(res._objective, res._sol)
+    return MultiPayload(passes, beta, {name: np.ascontiguousarray(f.to_numpy()) for name, f in frames.items()})
+
+
+def _labels_part(df: pd.DataFrame, where: str, used: list[str], missing: str, response: str,
+                 formulas: list[str], groups: list[str]) -> tuple[dict[str, np.ndarray], bool]:
+    df = _clean(df, used, missing)
+    if not pd.api.types.is_numeric_dtype(df[response]) or pd.api.types.is_bool_dtype(df[response]):
+        raise SpecificationError(f"response '{response}' is not numeric")
+    plain = all(_plain_columns(_parse(_rhs(f)), df) is not None for f in formulas)
+    return _labels(df, groups), plain
+
+
+def _merge_labels(*parts: tuple[dict[str, np.ndarray], bool]) -> tuple[dict[str, np.ndarray], bool]:
+    labels = {g: pd.unique(np.concatenate([np.asarray(p[0][g], dtype=object) for p in parts]))
+              for g in parts[0][0]}
+    return labels, all(p[1] for p in parts)
+
+
+def _merge_keys(*parts: np.ndarray) -> np.ndarray:
+    return sorted_unique(np.concatenate(parts))
+
+
+def _merge_sums(*parts: tuple | None) -> tuple | None:
+    parts = tuple(p for p in parts if p is not None)
+    if not parts:
+        return None
+    sums, sizes, xnames, terms, (ymin, ymax) = parts[0]
+    for other in parts[1:]:
+        if other[2] != xnames:
+            raise SpecificationError(f"chunks give different fixed-effects columns: {xnames} and {other[2]}")
+        sums = sums + other[0]
+        sizes = {name: sizes[name] + other[1][name] for name in sizes}
+        ymin, ymax = min(ymin, other[4][0]), max(ymax, other[4][1])
+    return sums, sizes, xnames, terms, (ymin, ymax)
+
+
+def _pairs_part(df: pd.DataFrame, where: str, passes: _Passes) -> np.ndarray:
+    df = _clean(df, passes.used, passes.missing)
+    return pair_keys(passes.terms(df)) if len(df) else np.zeros(0, dtype=np.int64)
+
+
+def _sums_part(df: pd.DataFrame, where: str, passes: _Passes, keys: np.ndarray) -> tuple | None:
+    df = _clean(df, passes.used, passes.missing)
+    if len(df) == 0:
+        return None
+    terms = passes.terms(df)
+    X, xnames = design_matrix(passes.fixed, df)
+    y = df[passes.response].to_numpy(dtype=float)
+    sizes = {t.name: np.bincount(t.codes, minlength=t.m) for t in terms}
+    rowless = [Term(t.name, np.zeros(0, dtype=np.int64), t.labels, np.zeros((0, t.k)), t.coef_names,
+                    t.pattern) for t in terms]
+    return multi_sums(y, X, terms, keys), sizes, list(xnames), rowless, (float(y.min()), float(y.max()))
 
 
 def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm], used: list[str],
-                            map_chunks: Chunks, missing: str, kind: str = "chunked data") -> MixedLM:
-    """The three passes over the chunks (module docstring)."""
+                            source: ChunkSource, missing: str, progress: ProgressFn | None = None
+                            ) -> MixedLM:
+    """The three passes over the chunks of any source (module docstring)."""
     groups = list(dict.fromkeys(t.group for t in random))
-
-    def first(df: pd.DataFrame) -> tuple[dict[str, np.ndarray], bool]:
-        df = _clean(df, used, missing)
-        if not pd.api.types.is_numeric_dtype(df[response]) or pd.api.types.is_bool_dtype(df[response]):
-            raise SpecificationError(f"response '{response}' is not numeric")
-        plain = all(_plain_columns(_parse(_rhs(f)), df) is not None
-                    for f in [fixed] + [t.expr for t in random])
-        return _labels(df, groups), plain
-
-    parts = map_chunks(first)
-    if not parts:
+    unit = source.unit
+    first = source.map_reduce(used, _labels_part, (used, missing, response, [fixed] + [t.expr for t in random],
+                                                   groups), _merge_labels,
+                              stage=f"pass 1/3 (labels), {unit}", progress=progress)
+    if first is None:
         raise SpecificationError("the data are empty: no rows to fit")
-    if not all(plain for _, plain in parts):
+    values, plain = first
+    if not plain:
         raise SpecificationError(
             "for data in chunks the fixed effects and the random terms must be plain numeric "
             "columns (their design may not depend on the chunk): compute categorical dummies or "
             "transforms beforehand")
-    labels = {}
-    for g in groups:
-        values = np.concatenate([np.asarray(p[0][g], dtype=object) for p in parts])
-        labels[g] = pd.Index(pd.unique(values)).sort_values()
-
-    def factor(df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
-        codes = labels[group].get_indexer(factor_key(df, group))
-        return codes.astype(np.int64), np.asarray(labels[group])
-
-    def chunk_terms(df: pd.DataFrame) -> list[Term]:
-        return build_terms(random, df, factor=factor)
-
-    def second(df: pd.DataFrame) -> np.ndarray:
-        df = _clean(df, used, missing)
-        return pair_keys(chunk_terms(df)) if len(df) else np.zeros(0, dtype=np.int64)
-
-    keys = sorted_unique(np.concatenate(map_chunks(second)))
-
-    def third(df: pd.DataFrame):
-        df = _clean(df, used, missing)
-        if len(df) == 0:
-            return None
-        terms = chunk_terms(df)
-        X, xnames = design_matrix(fixed, df)
-        y = df[response].to_numpy(dtype=float)
-        sizes = {t.name: np.bincount(t.codes, minlength=t.m) for t in terms}
-        return multi_sums(y, X, terms, keys), sizes, xnames, [
-            Term(t.name, np.zeros(0, dtype=np.int64), t.labels, np.zeros((0, t.k)), t.coef_names,
-                 t.pattern) for t in terms], float(y.sum())
-
-    results = [r for r in map_chunks(third) if r is not None]
-    if not results:
+    labels = {g: pd.Index(values[g]).sort_values() for g in groups}
+    rules = _Passes(response, fixed, random, used, missing, labels)
+    passes = source.shared(rules)
+    keys = source.map_reduce(used, _pairs_part, (passes,), _merge_keys,
+                             stage=f"pass 2/3 (level pairs), {unit}", progress=progress)
+    result = source.map_reduce(used, _sums_part, (passes, source.shared(keys)), _merge_sums,
+                               stage=f"pass 3/3 (cross-products), {unit}", progress=progress)
+    if result is None:
         raise SpecificationError("the data are empty: no rows to fit")
-    sums = reduce(lambda a, b: a + b, (r[0] for r in results))
-    sizes = {name: sum(r[1][name] for r in results) for name in results[0][1]}
-    xnames = ["(Intercept)" if c == "Intercept" else c for c in results[0][2]]
-    terms = results[0][3]
-    for t in terms:
-        if t.m * t.k >= sums.n:
-            raise SpecificationError(
-                f"number of observations ({sums.n}) <= number of random effects ({t.m * t.k}) for "
-                f"term (... | {t.name}): unidentifiable")
-    mean = sum(r[4] for r in results) / sums.n
-    if sums.yty / sums.n - mean * mean <= 1e-14 * max(1.0, sums.yty / sums.n):
-        raise SpecificationError(f"the response '{response}' is constant: there is no variance to model")
-    if np.linalg.matrix_rank(sums.XtX) < sums.XtX.shape[0]:
-        raise SpecificationError(
-            f"the fixed-effects design {xnames} is rank deficient: for data in chunks drop the "
-            "dependent columns from the formula")
-    engine = BlockedEngine(None, None, terms, crossprods=assemble_crossprods(sums, terms, keys),
-                           group_sizes=sizes, nobs=sums.n, source=CrossProductsOnly(kind))
-    return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames)
-
-
-def parquet_chunks(path: Any, used: list[str]) -> Chunks:
-    from lmefast.outofcore import ParquetSource
-
-    source = ParquetSource(path)
-
-    def map_chunks(fn: Callable[[pd.DataFrame], Any]) -> list[Any]:
-        return [fn(df) for _, df in source.chunks(used)]
-
-    return map_chunks
-
-
-def dask_chunks(ddf: Any, used: list[str]) -> Chunks:
-    import dask
-
-    absent = sorted(c for c in used if c not in ddf.columns)
-    if absent:
-        raise SpecificationError(f"column(s) {absent} not found in data")
-    parts = ddf[used].to_delayed()
-
-    def map_chunks(fn: Callable[[pd.DataFrame], Any]) -> list[Any]:
-        return list(dask.compute(*[dask.delayed(fn)(part) for part in parts]))
-
-    return map_chunks
+    sums, sizes, xnames, terms, (ymin, ymax) = result
+    design_names = list(xnames)
+    xnames = ["(Intercept)" if c == "Intercept" else c for c in xnames]
+    check_not_constant(ymin, ymax, response)
+    cp = assemble_crossprods(sums, terms, keys)
+    keep = full_rank_columns_from_xtx(sums.XtX, sums.n)
+    dropped = tuple(xnames[j] for j in range(len(xnames)) if j not in set(keep.tolist()))
+    if dropped:
+        warn_dropped(dropped, stacklevel=4)
+        cp = cp.keep_fixed(keep, terms[0].k)
+        xnames = [xnames[j] for j in keep]
+    source.make_payload = partial(multi_payload, passes=rules,
+                                  xnames=["(Intercept)" if c == "Intercept" else c for c in design_names])
+    engine = BlockedEngine(None, None, terms, crossprods=cp, group_sizes=sizes, nobs=sums.n, source=source)
+    return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames,
+                               dropped_exog=dropped)
 
 
 def used_columns(response: str, fixed: str, random: Iterable[RandomTerm]) -> list[str]:

@@ -121,6 +121,9 @@ def check_spelling(args: argparse.Namespace) -> None:
         raise UsageError(f"--output '{args.output}': the file name must end in .json or .csv")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if args.ddf == "kenward-roger" and _is_parquet(Path(args.data)):
+        raise UsageError("Kenward-Roger needs the rows in memory, and Parquet data are fitted out of core",
+                         hint="--ddf satterthwaite")
 
 
 # -- fitting -------------------------------------------------------------------------------------
@@ -214,9 +217,7 @@ def _first_line(exc: BaseException) -> str:
     """The exception's message without colour codes, on one line."""
     text = _ANSI.sub("", str(exc)).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0] if len(lines[0]) > 20 or len(lines) == 1 else " ".join(lines[:2])
+    return lines[0] if lines else type(exc).__name__
 
 
 def describe_error(exc: BaseException) -> tuple[str, str | None]:
@@ -231,7 +232,7 @@ def describe_error(exc: BaseException) -> tuple[str, str | None]:
     if module.startswith("pyarrow"):
         return f"cannot read the Parquet data: {message}", "is the file a complete Parquet file?"
     if isinstance(exc, KeyError):
-        return f"column {message} not found", None
+        return f"not found: {message}", None
     return message, None
 
 
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads for the loops over groups (default: all cores for many groups)")
         p.add_argument("--timing", action="store_true",
                        help="print the time spent reading the data and fitting")
+        p.add_argument("--plot", metavar="FILE.png", default=None,
+                       help="also draw the conditional modes with their intervals (a caterpillar "
+                            "plot; needs matplotlib) into FILE.png")
         p.add_argument("--traceback", action="store_true", help="on an error, show Python's traceback")
     return parser
 
@@ -286,7 +290,24 @@ def _demo_args(args: argparse.Namespace) -> argparse.Namespace:
         command="demo", data="dietox (lmefast.datasets)", formula="Weight ~ Time", groups="Pig",
         re_formula="~Time", vc=[], drop_missing=False, ddf=None, output=None,
         reml=getattr(args, "reml", True), threads=getattr(args, "threads", None),
-        timing=getattr(args, "timing", False), traceback=getattr(args, "traceback", False))
+        timing=getattr(args, "timing", False), traceback=getattr(args, "traceback", False),
+        plot=getattr(args, "plot", None))
+
+
+def write_plot(path_text: str, res: Any) -> None:
+    """The caterpillar plot of the fit, as PNG (matplotlib's Agg backend: no screen needed)."""
+    if Path(path_text).suffix.lower() != ".png":
+        raise UsageError(f"--plot '{path_text}': the file name must end in .png")
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError('--plot needs matplotlib: pip install "lmefast[plot]"') from None
+    matplotlib.use("Agg")
+    fig = res.plot("caterpillar")
+    try:
+        fig.savefig(path_text, dpi=110)
+    except OSError as exc:
+        raise UsageError(f"cannot write --plot '{path_text}': {exc.strerror or exc}") from None
 
 
 def run(args: argparse.Namespace) -> None:
@@ -305,6 +326,8 @@ def run(args: argparse.Namespace) -> None:
     print(res.summary(ddf=args.ddf))
     if args.output is not None:
         write_output(args.output, results_record(res, args))
+    if args.plot is not None:
+        write_plot(args.plot, res)
     if args.timing:
         read = "" if isinstance(data, str) else f"read {1e3 * (t1 - t0):.1f} ms, "
         where = "out of core, " if isinstance(data, str) else ""
@@ -320,9 +343,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         args = _demo_args(args)
-    elif args.ddf == "kenward-roger" and Path(args.data).exists() and _is_parquet(Path(args.data)):
-        parser.exit(2, "lmefast: error: Kenward-Roger needs the rows in memory, and Parquet data are "
-                       "fitted out of core (hint: --ddf satterthwaite)\n")
     with warnings.catch_warnings():
         warnings.showwarning = _warn_one_line
         try:

@@ -30,16 +30,8 @@ import pandas as pd
 from lmefast.chunked import (
     ChunkPlan,
     ChunkSource,
-    ChunkStats,
-    LabelCoder,
-    LabelSet,
-    PredictPayload,
-    build_model,
-    chunk_stats,
-    merge_keys,
-    predict_chunk,
+    model_from_chunks,
     predict_pandas,
-    predict_payload,
 )
 from lmefast.errors import SpecificationError
 from lmefast.model import MixedLM
@@ -50,54 +42,16 @@ _token = itertools.count()
 
 
 # -- work on one partition (runs on the workers) ------------------------------------------------
-def _labels_part(df: pd.DataFrame, i: int, plan: ChunkPlan) -> dict[str, LabelSet]:
-    _check_frame(df, i)
-    sets = plan.new_label_sets()
-    plan.collect_labels(df, sets, f"partition {i}")
-    return sets
+def _partition(df: pd.DataFrame, i: int, fn: Any, *args: Any) -> Any:
+    return fn(df, f"partition {i}", *args)
 
 
-def _merge_labels(*parts: dict[str, LabelSet]) -> dict[str, LabelSet]:
-    out = parts[0]
-    for other in parts[1:]:
-        for name, ls in other.items():
-            out[name].merge(ls)
-    return out
-
-
-def _vc_part(df: pd.DataFrame, i: int, ctx: tuple[ChunkPlan, LabelCoder]) -> list[np.ndarray]:
-    _check_frame(df, i)
-    plan, coder = ctx
-    return plan.collect_vc_keys(df, coder, f"partition {i}")
-
-
-def _stats_part(df: pd.DataFrame, i: int, ctx: tuple[ChunkPlan, LabelCoder],
-                n_threads: int) -> ChunkStats | None:
-    _check_frame(df, i)
-    plan, coder = ctx
-    return chunk_stats(plan, coder, df, f"partition {i}", None, n_threads)
-
-
-def _merge_stats(*parts: ChunkStats | None) -> ChunkStats | None:
-    out = None
-    for s in parts:
-        if s is None:
-            continue
-        out = s if out is None else out.merge(s)
-    return out
-
-
-def _check_frame(df: Any, i: int) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise SpecificationError(f"partition {i} is a {type(df).__name__}, not a pandas DataFrame")
-
-
-def _fitted_part(df: pd.DataFrame, payload: PredictPayload, resid: bool, fitted_rows: bool,
+def _fitted_part(df: pd.DataFrame, payload: Any, resid: bool, fitted_rows: bool,
                  include_random: bool, new_levels: str, name: str,
                  partition_info: dict | None = None) -> pd.Series:
     where = f"partition {partition_info['number']}" if partition_info else "a partition"
-    out = predict_chunk(payload, df, where, include_random=include_random, new_levels=new_levels,
-                        resid=resid, fitted_rows=fitted_rows)
+    out = payload.predict(df, where, include_random=include_random, new_levels=new_levels,
+                          resid=resid, fitted_rows=fitted_rows)
     return pd.Series(out, index=df.index, name=name)
 
 
@@ -133,13 +87,16 @@ def _missing_column_error(exc: KeyError, columns: list[str], stage: str) -> Exce
 
 def _map_reduce(data: Any, columns: list[str], fn: Any, args: tuple, merge: Any, *, client: Any,
                 progress: ProgressFn | None, stage: str, split_every: int) -> Any:
-    """fn(partition, i, *args) on every partition (only ``columns`` read), merged by ``merge``."""
+    """fn(partition, "partition i", *args) on every partition (only ``columns`` read), merged
+    by ``merge``."""
     import dask
 
     parts = _project(data, columns)
+    if not parts:
+        return None
     tok = next(_token)
     prefix = f"lmefast-{stage.split()[0]}-{tok}"
-    tasks = [dask.delayed(fn, pure=False)(p, i, *args, dask_key_name=f"{prefix}-{i}")
+    tasks = [dask.delayed(_partition, pure=False)(p, i, fn, *args, dask_key_name=f"{prefix}-{i}")
              for i, p in enumerate(parts)]
     total = len(tasks)
     if progress:
@@ -253,37 +210,47 @@ def mixedlm(
     if int(split_every) < 2:
         raise SpecificationError(f"split_every must be at least 2, got {split_every}")
     plan = ChunkPlan.from_formula(formula, groups, re_formula, vc_formula, missing)
-    plan.set_kinds(data.dtypes, "the Dask DataFrame")
-    client = _default_client(client)
-    report = progress_function(progress)
-    kw = {"client": client, "progress": report, "split_every": int(split_every)}
-
-    n_pass = 3 if plan.vc_formulas else 2
-    sets = _map_reduce(data, plan.label_columns(), _labels_part, (plan,), _merge_labels,
-                       stage=f"pass 1/{n_pass} (labels), partitions", **kw)
-    labels = plan.fix_levels(sets, data.dtypes)
-    coder = LabelCoder(labels)
-    if plan.vc_formulas:
-        keys = _map_reduce(data, plan.vc_columns, _vc_part, (_shared((plan, coder), client),), merge_keys,
-                           stage="pass 2/3 (variance-component structure), partitions", **kw)
-        plan.set_vc_layout(keys, labels.shape[0])
-    stats = _map_reduce(data, plan.used, _stats_part, (_shared((plan, coder), client), int(n_threads)),
-                        _merge_stats, stage=f"pass {n_pass}/{n_pass} (cross-products), partitions", **kw)
-    return build_model(plan, labels, stats, DaskSource(data))
+    source = DaskSource(data, client=client, split_every=split_every)
+    return model_from_chunks(plan, source, progress_function(progress), n_threads)
 
 
 class DaskSource(ChunkSource):
-    """Passes over the Dask DataFrame for a fitted model: lazy fitted values and predictions."""
+    """A Dask DataFrame as chunks: each pass a map on the workers and a tree reduction (merged
+    as partitions finish with a distributed client; ``split_every`` at a time with Dask's
+    local schedulers); lazy fitted values and predictions for a fitted model."""
 
     kind = "a Dask DataFrame"
+    unit = "partitions"
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: Any, client: Any = None, split_every: int = 8) -> None:
+        if not is_dask_dataframe(data):
+            raise SpecificationError(f"data must be a dask.dataframe.DataFrame, not {type(data).__name__}")
+        if int(split_every) < 2:
+            raise SpecificationError(f"split_every must be at least 2, got {split_every}")
         self.data = data
+        self.client = _default_client(client)
+        self.split_every = int(split_every)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["client"] = None   # a client does not travel; the unpickled source uses the default
+        return state
+
+    def dtypes(self) -> pd.Series:
+        return self.data.dtypes
+
+    def shared(self, obj: Any) -> Any:
+        return _shared(obj, self.client)
+
+    def map_reduce(self, columns: list[str], fn: Any, args: tuple, merge: Any, *, stage: str,
+                   progress: ProgressFn | None = None, fold: Any = None) -> Any:
+        return _map_reduce(self.data, columns, fn, args, merge, client=self.client, progress=progress,
+                           stage=stage, split_every=self.split_every)
 
     def fitted(self, res: MixedLMResults, resid: bool):
-        plan = self.plan
-        return _lazy(res, self.data[plan.used], resid=resid, fitted_rows=True, include_random=True,
-                     new_levels="population", name="resid" if resid else "fittedvalues")
+        return _lazy(res, self.data[self.payload(res).columns], resid=resid, fitted_rows=True,
+                     include_random=True, new_levels="population",
+                     name="resid" if resid else "fittedvalues")
 
     def fitted_chunks(self, res: MixedLMResults, progress: Any):
         raise SpecificationError("for a Dask fit, res.fittedvalues and res.resid are lazy Dask Series: "
@@ -305,7 +272,7 @@ def _lazy(res: MixedLMResults, ddf: Any, *, resid: bool, fitted_rows: bool, incl
           new_levels: str, name: str):
     import dask
 
-    payload = dask.delayed(predict_payload(res), pure=True)
+    payload = dask.delayed(res.model.source.payload(res), pure=True)
     meta = pd.Series(np.zeros(0), name=name, dtype=float)
     return ddf.map_partitions(_fitted_part, payload, resid, fitted_rows, include_random, new_levels, name,
                               meta=meta)
@@ -313,8 +280,9 @@ def _lazy(res: MixedLMResults, ddf: Any, *, resid: bool, fitted_rows: bool, incl
 
 def predict_lazy(res: MixedLMResults, newdata: Any, include_random: bool, new_levels: str):
     """Predictions for a Dask DataFrame: a lazy Dask Series (partitions as newdata's)."""
-    plan = res.model.source.plan
-    cols = [c for c in plan.used if c != plan.yname and (include_random or c != plan.group)]
+    payload = res.model.source.payload(res)
+    cols = [c for c in payload.columns
+            if c != payload.yname and (include_random or c not in payload.group_columns)]
     absent = sorted(c for c in cols if c not in newdata.columns)
     if absent:
         raise SpecificationError(f"newdata is missing column(s) {absent}")

@@ -18,7 +18,21 @@ import scipy.sparse as sp
 from formulaic import Formula, model_matrix
 from formulaic.parser.types.factor import Factor
 
+from lmefast.checks import check_missing_policy
 from lmefast.errors import SpecificationError
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def formula_error(action: str, formula: str, exc: Exception) -> SpecificationError:
+    """formulaic's message without its terminal colour codes; a bar `|` gets a hint (lme4's
+    random-effects syntax is for ``lmer``)."""
+    text = _ANSI.sub("", str(exc)).strip()
+    hint = ""
+    if "|" in formula:
+        hint = (" — random-effects terms like (1 | g) are lme4's syntax: use lmefast.lmer(formula, data) "
+                "(or give the groups with groups=/re_formula= and no bar)")
+    return SpecificationError(f"cannot {action} formula {formula!r}: {text}{hint}")
 
 
 @lru_cache(maxsize=512)
@@ -27,7 +41,7 @@ def _parse(formula: str) -> Formula:
     try:
         return Formula(formula)
     except Exception as exc:  # formulaic raises several types for malformed formulas
-        raise SpecificationError(f"cannot parse formula {formula!r}: {exc}") from None
+        raise formula_error("parse", formula, exc) from None
 
 
 def _variables(formula: str) -> set[str]:
@@ -106,7 +120,7 @@ def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False) -> 
     try:
         mm = model_matrix(parsed, data, na_action="ignore", output="sparse" if sparse else "pandas")
     except Exception as exc:
-        raise SpecificationError(f"cannot evaluate formula {formula!r}: {exc}") from None
+        raise formula_error("evaluate", formula, exc) from None
     names = [str(c) for c in mm.model_spec.column_names]
     if sparse:
         return getattr(mm, "__wrapped__", mm).tocsr(), names
@@ -135,8 +149,7 @@ def formula_arrays(
 ) -> dict[str, Any]:
     """Evaluate statsmodels-style formulas into the keyword arguments of ``MixedLM``."""
     df = as_dataframe(data)
-    if missing not in ("raise", "none", "drop"):
-        raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
+    check_missing_policy(missing)
     if not isinstance(formula, str) or "~" not in formula:
         raise SpecificationError(f"formula {formula!r} has no '~'")
     lhs, rhs = formula.split("~", 1)

@@ -18,9 +18,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.linalg as sla
 import scipy.sparse as sp
 
+from lmefast.checks import (
+    check_identifiable,
+    check_missing_policy,
+    check_not_constant,
+    full_rank_columns,
+    warn_dropped,
+)
 from lmefast.engine import Engine
 from lmefast.errors import ConvergenceWarning, IgnoredArgumentWarning, SpecificationError
 from lmefast.multi import BlockedEngine
@@ -33,8 +39,6 @@ from lmefast.results import MixedLMResults
 from lmefast.smparams import loglike_at, theta_of, to_params, vc_order
 from lmefast.spec import GroupThetaMap, ModelSpec, build_layout
 from lmefast.structure import Term, factorize_groups
-
-RANK_TOL = 1e-7
 
 #: statsmodels' keywords of fit() and from_formula() that have no meaning here: accepted with
 #: an IgnoredArgumentWarning (optimiser settings, covariance types, statsmodels' storage)
@@ -114,40 +118,15 @@ def _check_finite(arr: np.ndarray, what: str, names: list[str]) -> None:
             "pass missing='drop' to drop incomplete rows")
 
 
-def _full_rank_columns(X: np.ndarray) -> np.ndarray:
-    """Indices of a maximal set of linearly independent columns (pivoted QR, lme4's tol)."""
-    p = X.shape[1]
-    if p == 0:
-        return np.arange(0)
-    XtX = X.T @ X
-    scale = np.sqrt(np.diag(XtX))
-    if np.any(scale == 0):
-        nz = np.nonzero(scale)[0]
-        keep = _full_rank_columns(X[:, nz]) if nz.size else np.arange(0)
-        return nz[keep]
-    if X.shape[0] <= 200_000:
-        R, piv = sla.qr(X / scale, mode="r", pivoting=True)
-        d = np.abs(np.diag(R))
-        rank = int(np.sum(d > RANK_TOL * d[0])) if d.size else 0
-    else:
-        XtX = XtX / np.outer(scale, scale)
-        R, piv = sla.qr(XtX, mode="r", pivoting=True)
-        d = np.abs(np.diag(R))
-        rank = int(np.sum(d > RANK_TOL**2 * d[0]))
-    return np.sort(piv[:rank])
-
-
 def checked_response_and_design(y: np.ndarray, yname: str, X: np.ndarray, xnames: list[str],
                                 stacklevel: int = 2) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
     """Refuse a constant response; drop linearly dependent fixed-effects columns with a warning
     naming them (lme4's behaviour). Returns (X, names, dropped names)."""
-    if np.ptp(y) == 0.0:
-        raise SpecificationError(f"the response '{yname}' is constant: there is no variance to model")
-    keep = _full_rank_columns(X)
+    check_not_constant(float(np.min(y)), float(np.max(y)), yname)
+    keep = full_rank_columns(X)
     dropped = tuple(xnames[j] for j in range(X.shape[1]) if j not in set(keep.tolist()))
     if dropped:
-        warnings.warn(f"fixed-effects design is rank deficient: dropping column(s) "
-                      f"{list(dropped)}", stacklevel=stacklevel)
+        warn_dropped(dropped, stacklevel=stacklevel)
         X = np.ascontiguousarray(X[:, keep])
         xnames = [xnames[j] for j in keep]
     return X, list(xnames), dropped
@@ -216,8 +195,7 @@ class MixedLM:
         use_sqrt: bool = True,
     ) -> None:
         self.use_sqrt = bool(use_sqrt)
-        if missing not in ("raise", "none", "drop"):
-            raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
+        check_missing_policy(missing)
         y_arr = endog.to_numpy() if isinstance(endog, pd.Series | pd.DataFrame) else np.asarray(endog)
         if y_arr.ndim == 2 and y_arr.shape[1] == 1:
             y_arr = y_arr[:, 0]
@@ -302,12 +280,7 @@ class MixedLM:
                 "least two groups (for crossed effects written as one group with variance "
                 "components, pass re_formula='0')")
         layout = build_layout(codes, m, k, vmats)
-        n_re = int(layout.q_off[-1])
-        if n <= n_re:
-            raise SpecificationError(
-                f"number of observations ({n}) <= number of random effects ({n_re}) for "
-                f"grouping factor '{gname}': the random-effects parameters and the residual "
-                "variance are unidentifiable")
+        check_identifiable(n, int(layout.q_off[-1]), f"grouping factor '{gname}'")
         spec = ModelSpec(
             y=y, X=X, group_codes=codes, group_labels=labels, Zre=np.ascontiguousarray(Zre),
             layout=layout,

@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from lmefast._multi import MultiKernel
+from lmefast.checks import check_identifiable
 from lmefast.design import design, level_index
 from lmefast.engine import CovarianceTerm, Engine
 from lmefast.errors import InferenceError, ObjectiveError, PredictionError, SpecificationError
@@ -63,6 +64,18 @@ class MultiCrossProducts:
         S1[:, -k1:] = S1_y
         return replace(self, S1=S1.ravel(), c2=np.ascontiguousarray(c2),
                        Xty=np.ascontiguousarray(Xty), yty=float(yty))
+
+    def keep_fixed(self, keep: np.ndarray, k1: int) -> MultiCrossProducts:
+        """The cross-products with only the ``keep`` columns of X."""
+        p = self.p
+        rec = k1 * k1 + k1 * p + k1
+        S1 = self.S1.reshape(-1, rec)
+        B = S1[:, k1 * k1:k1 * k1 + k1 * p].reshape(-1, k1, p)[:, :, keep]
+        S0 = np.concatenate([S1[:, :k1 * k1], B.reshape(S1.shape[0], -1), S1[:, k1 * k1 + k1 * p:]], axis=1)
+        return replace(self, S1=np.ascontiguousarray(S0.ravel()),
+                       B2=np.ascontiguousarray(self.B2[:, keep]),
+                       XtX=np.ascontiguousarray(self.XtX[np.ix_(keep, keep)]),
+                       Xty=np.ascontiguousarray(self.Xty[keep]))
 
     def without_fixed(self, j: int, value: float, k1: int) -> MultiCrossProducts:
         """β_j held at value: column j of X removed, value · x_j taken from the response."""
@@ -303,11 +316,7 @@ class BlockedEngine(Engine):
         if crossprods is not None:
             self.__dict__["crossprods"] = crossprods
         for t in self.terms:
-            if t.m * t.k >= self._nobs:
-                raise SpecificationError(
-                    f"number of observations ({self._nobs}) <= number of random effects "
-                    f"({t.m * t.k}) for term (... | {t.name}): the random-effects parameters "
-                    "and the residual variance are unidentifiable")
+            check_identifiable(self._nobs, t.m * t.k, f"term (... | {t.name})")
 
     uses_blas = True   # the dense trailing block: LAPACK's Cholesky and inverse
 
@@ -323,6 +332,10 @@ class BlockedEngine(Engine):
     @property
     def has_rows(self) -> bool:
         return self.source is None
+
+    @property
+    def n_levels(self) -> int:
+        return self.terms[0].m     # the largest factor: the kernel's level loop
 
     def covariance_terms(self) -> list[CovarianceTerm]:
         out = []

@@ -98,6 +98,10 @@ class OneFactorEngine(Engine):
     def n_groups(self) -> int:
         return self.spec.n_groups
 
+    @property
+    def n_levels(self) -> int:
+        return self.spec.n_groups
+
     def covariance_terms(self) -> list[CovarianceTerm]:
         tm, g = self.theta_map, self.spec.group_name
         out = []

@@ -30,14 +30,8 @@ import pandas as pd
 from lmefast.chunked import (
     ChunkPlan,
     ChunkSource,
-    LabelCoder,
-    build_model,
-    chunk_stats,
-    merge_keys,
-    n_threads_for,
-    predict_chunk,
+    model_from_chunks,
     predict_pandas,
-    predict_payload,
 )
 from lmefast.errors import RowsUnavailableError, SpecificationError
 from lmefast.model import MixedLM
@@ -74,6 +68,8 @@ class ParquetSource(ChunkSource):
     """Chunks of a set of Parquet files: (description, pandas DataFrame) per row group."""
 
     kind = "Parquet files"
+    unit = "rows"
+    merge_every = 16   # partial results held before they are merged (fn/merge passes)
 
     def __init__(self, path: str | os.PathLike | list, batch_rows: int = DEFAULT_BATCH_ROWS) -> None:
         import pyarrow.parquet as pq
@@ -103,10 +99,10 @@ class ParquetSource(ChunkSource):
         self.__dict__.update(state)
         self._pq = pq
 
-    def dtypes(self, i: int) -> pd.Series:
+    def dtypes(self, i: int = 0) -> pd.Series:
         return self.meta[i][1].empty_table().to_pandas().dtypes
 
-    def check_schemas(self, plan: ChunkPlan) -> None:
+    def check_plan(self, plan: ChunkPlan) -> None:
         """Column kinds from the first file; every file must have the used columns, each of
         one kind (numeric or not) in every file."""
         first = self.files[0].name
@@ -151,6 +147,23 @@ class ParquetSource(ChunkSource):
                     if progress:
                         progress(stage, done, self.total_rows)
 
+    def map_reduce(self, columns: list[str], fn: Any, args: tuple, merge: Any, *, stage: str,
+                   progress: ProgressFn | None = None, fold: Any = None) -> Any:
+        """The chunks one after another: folded into one accumulator when ``fold`` is given,
+        else fn per chunk, merged every ``merge_every`` chunks (bounded memory)."""
+        acc: Any = None
+        parts: list[Any] = []
+        for where, df in self.chunks(columns, progress, stage):
+            if fold is not None:
+                acc = fold(acc, df, where, *args)
+                continue
+            parts.append(fn(df, where, *args))
+            if len(parts) >= self.merge_every:
+                acc, parts = merge(*([acc] if acc is not None else []), *parts), []
+        if parts:
+            acc = merge(*([acc] if acc is not None else []), *parts)
+        return acc
+
     # -- passes over the rows for a fitted model ---------------------------------------------------
     def fitted(self, res: MixedLMResults, resid: bool):
         what = "resid" if resid else "fittedvalues"
@@ -161,13 +174,11 @@ class ParquetSource(ChunkSource):
 
     def fitted_chunks(self, res: MixedLMResults, progress: ProgressFn | None
                       ) -> Iterator[pd.DataFrame]:
-        payload = predict_payload(res)
-        plan = payload.plan
-        cols = list(plan.used)
-        for where, df in self.chunks(cols, progress, "fitted values"):
-            fit = predict_chunk(payload, df, where, include_random=True, new_levels="population",
-                                fitted_rows=True)
-            y = df[plan.yname].to_numpy(dtype=float)
+        payload = self.payload(res)
+        for where, df in self.chunks(payload.columns, progress, "fitted values"):
+            fit = payload.predict(df, where, include_random=True, new_levels="population",
+                                  fitted_rows=True)
+            y = df[payload.yname].to_numpy(dtype=float)
             yield pd.DataFrame({"fittedvalues": fit, "resid": y - fit})
 
     def predict(self, res: MixedLMResults, newdata: Any, include_random: bool, new_levels: str):
@@ -231,28 +242,7 @@ def mixedlm_parquet(
     ``n_threads``: threads for the pass over each chunk (default: all cores for many groups).
     """
     plan = ChunkPlan.from_formula(formula, groups, re_formula, vc_formula, missing)
-    source = ParquetSource(path, batch_rows)
-    report = progress_function(progress)
-    source.check_schemas(plan)
-    n_pass = 3 if plan.vc_formulas else 2
-    sets = plan.new_label_sets()
-    for where, df in source.chunks(plan.label_columns(), report, f"pass 1/{n_pass} (labels), rows"):
-        plan.collect_labels(df, sets, where)
-    labels = plan.fix_levels(sets, source.dtypes(0))
-    coder = LabelCoder(labels)
-    if plan.vc_formulas:
-        keys, parts = None, []
-        for where, df in source.chunks(plan.vc_columns, report,
-                                       "pass 2/3 (variance-component structure), rows"):
-            parts.append(plan.collect_vc_keys(df, coder, where))
-            if len(parts) >= 16:
-                keys, parts = merge_keys(*([keys] if keys is not None else []), *parts), []
-        plan.set_vc_layout(merge_keys(*([keys] if keys is not None else []), *parts), labels.shape[0])
-    nth = n_threads_for(labels.shape[0], n_threads)
-    stats = None
-    for where, df in source.chunks(plan.used, report, f"pass {n_pass}/{n_pass} (cross-products), rows"):
-        stats = chunk_stats(plan, coder, df, where, stats, nth)
-    return build_model(plan, labels, stats, source)
+    return model_from_chunks(plan, ParquetSource(path, batch_rows), progress_function(progress), n_threads)
 
 
 def write_fitted(res: MixedLMResults, path: str | os.PathLike,

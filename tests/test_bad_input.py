@@ -238,3 +238,12 @@ def test_groups_length_mismatch(dietox: pd.DataFrame) -> None:
 def test_exog_length_mismatch(dietox: pd.DataFrame) -> None:
     with pytest.raises(SpecificationError, match="exog"):
         lmefast.MixedLM(dietox["Weight"], np.ones((len(dietox) - 1, 1)), dietox["Pig"])
+
+
+def test_lme4_formula_given_to_mixedlm_says_use_lmer(dietox: pd.DataFrame) -> None:
+    """formulaic's message arrives without terminal colour codes, with a hint to use lmer."""
+    with pytest.raises(SpecificationError) as info:
+        lmefast.mixedlm("Weight ~ Time + (Time | Pig)", dietox, groups="Pig")
+    text = str(info.value)
+    assert "\x1b[" not in text
+    assert "lmefast.lmer" in text

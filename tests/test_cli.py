@@ -48,6 +48,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["header_only"].write_text("Reaction,Days,Subject\n")
     paths["corrupt"] = d / "corrupt.parquet"
     paths["corrupt"].write_bytes(paths["parquet"].read_bytes()[:200])  # truncated
+    sleep["Hours"] = 24.0 * sleep["Days"]  # the same predictor again: dropped with a warning
+    paths["collinear"] = d / "collinear.csv"
+    sleep.to_csv(paths["collinear"], index=False)
     paths["missing"] = d / "missing.csv"
     paths["out"] = d / "out"
     paths["out"].mkdir()
@@ -97,6 +100,7 @@ RUNS = {
                 "{out}/parquet.json"],
     "parquet_dir": ["fit", "{parquet_dir}", "Reaction ~ Days + (Days | Subject)", "--timing", "--output",
                     "{out}/parquet_dir.json"],
+    "warning": ["fit", "{collinear}", "Reaction ~ Days + Hours", "--groups", "Subject"],
     "reml and ml": ["fit", "{sleepstudy}", "Reaction ~ Days", "--groups", "Subject", "--ml", "--reml"],
     **{f"error: {case}": ["fit", *args] for case, (args, _) in ERRORS.items()},
 }
@@ -219,6 +223,14 @@ def test_errors_are_one_line_with_status_2(runs: Runs, case: str) -> None:
     assert ERRORS[case][1] in line
 
 
+def test_warnings_are_one_line(runs: Runs) -> None:
+    proc = runs["warning"]
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmefast: warning: ") and "Hours" in lines[0]
+    assert "Hours" not in proc.stdout  # the summary has no row for the dropped column
+
+
 def test_reml_and_ml_exclude_each_other(runs: Runs) -> None:
     proc = runs["reml and ml"]
     assert proc.returncode == 2 and "not allowed" in proc.stderr
@@ -238,3 +250,13 @@ def test_bundled_dietox_has_the_expected_shape() -> None:
     assert df.shape == (861, 8)
     assert df["Feed"].isna().sum() == 72
     assert isinstance(df["Pig"].dtype, pd.CategoricalDtype)
+
+
+def test_plot_writes_a_caterpillar_png(files: dict[str, Path]) -> None:
+    out = files["out"] / "ranef.png"
+    done = run("fit", str(files["penicillin"]), "diameter ~ 1 + (1 | plate) + (1 | sample)", "--plot", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes().startswith(b"\x89PNG")
+    bad = run("fit", str(files["sleepstudy"]), "Reaction ~ Days + (1 | Subject)", "--plot",
+              str(files["out"] / "ranef.txt"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "must end in .png" in bad.stderr

@@ -106,3 +106,76 @@ def test_several_factors_in_chunks_need_plain_numeric_designs(tmp_path: Path) ->
     path = _split_parquet(df, tmp_path / "data", 2)
     with pytest.raises(SpecificationError, match="plain numeric"):
         lmefast.lmer("strength ~ C(cask) + (1|batch/cask)", str(path))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "dask"])
+def test_several_factors_take_the_scale_out_options(tmp_path: Path, kind: str) -> None:
+    """Several grouping factors on chunked data: the same options and progress reports as one factor
+    (one map/reduce per pass for every source)."""
+    dd = pytest.importorskip("dask.dataframe")
+    df = pd.read_csv(DATA / "Penicillin.csv")
+    formula = "diameter ~ 1 + (1|plate) + (1|sample)"
+    calls: list[tuple[str, int, int]] = []
+    if kind == "parquet":
+        data: object = str(_split_parquet(df, tmp_path / "data", 3))
+        options = {"batch_rows": 20}
+    else:
+        data = dd.from_pandas(df, npartitions=5)
+        options = {"client": False, "split_every": 2}
+    res = lmefast.lmer(formula, data, progress=lambda *c: calls.append(c), **options)
+    assert res.llf == pytest.approx(lmefast.lmer(formula, df).llf, rel=1e-10)
+    stages = list(dict.fromkeys(c[0] for c in calls))
+    assert len(stages) == 3 and "labels" in stages[0] and "cross-products" in stages[2], stages
+    for stage in stages:
+        done = [c[1] for c in calls if c[0] == stage]
+        assert done == sorted(done) and done[-1] == calls[-1][2] > 0
+    with pytest.raises(SpecificationError, match="batch_rows is an option of Parquet"):
+        lmefast.lmer(formula, dd.from_pandas(df, npartitions=2), batch_rows=10)
+
+
+def test_several_factors_in_chunks_drop_dependent_columns_as_in_memory(tmp_path: Path) -> None:
+    """One rank-deficiency policy for every source (lme4's): dependent fixed-effects columns are
+    dropped with a warning naming them, in memory and from chunks alike."""
+    df = pd.read_csv(DATA / "Penicillin.csv")
+    rng = np.random.default_rng(0)
+    df["x"] = rng.standard_normal(len(df))
+    df["x2"] = 2.0 * df["x"]
+    formula = "diameter ~ x + x2 + (1|plate) + (1|sample)"
+    with pytest.warns(UserWarning, match=r"rank deficient: dropping column\(s\) \['x2'\]"):
+        mem = lmefast.lmer(formula, df)
+    path = _split_parquet(df, tmp_path / "data", 3)
+    with pytest.warns(UserWarning, match=r"rank deficient: dropping column\(s\) \['x2'\]"):
+        ooc = lmefast.lmer(formula, str(path))
+    assert list(ooc.fe_params.index) == list(mem.fe_params.index) == ["(Intercept)", "x"]
+    assert ooc.llf == pytest.approx(mem.llf, rel=1e-10)
+    np.testing.assert_allclose(ooc.fe_params.to_numpy(), mem.fe_params.to_numpy(), rtol=1e-9)
+
+
+def test_several_factors_fitted_values_from_parquet_and_dask(tmp_path: Path) -> None:
+    """Fitted values and residuals of a fit with several grouping factors from chunks: streamed from
+    Parquet (fitted_chunks, write_fitted with both columns and progress) and lazy for Dask, equal to the
+    in-memory fit's; predictions for new rows too."""
+    dd = pytest.importorskip("dask.dataframe")
+    df = pd.read_csv(DATA / "Penicillin.csv")
+    df["x"] = np.random.default_rng(1).standard_normal(len(df))
+    formula = "diameter ~ x + (1|plate) + (1|sample)"
+    mem = lmefast.lmer(formula, df)
+    path = tmp_path / "pen.parquet"
+    df.to_parquet(path, row_group_size=40)
+    ooc = lmefast.lmer(formula, str(path))
+    parts = list(ooc.fitted_chunks())
+    assert len(parts) == 4 and all(list(p.columns) == ["fittedvalues", "resid"] for p in parts)
+    fitted = pd.concat(parts, ignore_index=True)
+    np.testing.assert_allclose(fitted["fittedvalues"], mem.fittedvalues, rtol=1e-8)
+    np.testing.assert_allclose(fitted["resid"], mem.resid, rtol=1e-6, atol=1e-9)
+    calls: list[tuple[str, int, int]] = []
+    n = ooc.write_fitted(tmp_path / "fitted.parquet", progress=lambda *c: calls.append(c))
+    written = pd.read_parquet(tmp_path / "fitted.parquet")
+    assert n == len(df) and list(written.columns) == ["fittedvalues", "resid"]
+    np.testing.assert_allclose(written["fittedvalues"], mem.fittedvalues, rtol=1e-8)
+    assert calls and calls[-1][1] == calls[-1][2] == len(df)
+    new = df.iloc[:5].copy()
+    np.testing.assert_allclose(ooc.predict(new), mem.predict(new), rtol=1e-8)
+    dsk = lmefast.lmer(formula, dd.from_pandas(df, npartitions=3), client=False)
+    np.testing.assert_allclose(dsk.fittedvalues.compute().to_numpy(), mem.fittedvalues, rtol=1e-8)
+    np.testing.assert_allclose(dsk.resid.compute().to_numpy(), mem.resid, rtol=1e-6, atol=1e-9)

@@ -1,0 +1,96 @@
+"""The checks every front end makes, written once: the missing-value policy, a constant
+response, identifiability (observations against random effects), and the rank-deficiency
+policy (lme4's: linearly dependent fixed-effects columns are dropped with a warning naming
+them), from the rows or from the cross-products X'X of chunked data."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.linalg as sla
+
+from lmefast.errors import SpecificationError
+
+RANK_TOL = 1e-7
+MISSING_POLICIES = ("raise", "none", "drop")
+
+
+def check_missing_policy(missing: str) -> None:
+    if missing not in MISSING_POLICIES:
+        raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
+
+
+def check_not_constant(ymin: float, ymax: float, name: str) -> None:
+    if ymin == ymax:
+        raise SpecificationError(f"the response '{name}' is constant: there is no variance to model")
+
+
+def check_identifiable(n: int, n_re: int, what: str) -> None:
+    """More observations than random effects in a term (or group's block), else the random
+    effects and the residual variance are not identifiable."""
+    if n <= n_re:
+        raise SpecificationError(
+            f"number of observations ({n}) <= number of random effects ({n_re}) for {what}: the "
+            "random-effects parameters and the residual variance are unidentifiable")
+
+
+def warn_dropped(dropped: list[str] | tuple[str, ...], stacklevel: int = 3) -> None:
+    if dropped:
+        warnings.warn(f"fixed-effects design is rank deficient: dropping column(s) {list(dropped)}",
+                      stacklevel=stacklevel + 1)
+
+
+def full_rank_columns(X: np.ndarray) -> np.ndarray:
+    """Indices of a maximal set of linearly independent columns (pivoted QR, lme4's tol)."""
+    p = X.shape[1]
+    if p == 0:
+        return np.arange(0)
+    XtX = X.T @ X
+    scale = np.sqrt(np.diag(XtX))
+    if np.any(scale == 0):
+        nz = np.nonzero(scale)[0]
+        keep = full_rank_columns(X[:, nz]) if nz.size else np.arange(0)
+        return nz[keep]
+    if X.shape[0] <= 200_000:
+        R, piv = sla.qr(X / scale, mode="r", pivoting=True)
+        d = np.abs(np.diag(R))
+        rank = int(np.sum(d > RANK_TOL * d[0])) if d.size else 0
+    else:
+        XtX = XtX / np.outer(scale, scale)
+        R, piv = sla.qr(XtX, mode="r", pivoting=True)
+        d = np.abs(np.diag(R))
+        rank = int(np.sum(d > RANK_TOL**2 * d[0]))
+    return np.sort(piv[:rank])
+
+
+def full_rank_columns_from_xtx(XtX: np.ndarray, n: int) -> np.ndarray:
+    """The columns ``full_rank_columns`` keeps, from X'X: its pivoted QR of X (n ≤ 200,000)
+    is a pivoted Cholesky of X'X here (same pivots: the largest remaining column norm); above,
+    its pivoted QR of X'X."""
+    p = XtX.shape[0]
+    if p == 0:
+        return np.arange(0)
+    scale = np.sqrt(np.diag(XtX))
+    nz = np.nonzero(scale)[0]
+    if nz.size < p:
+        keep = full_rank_columns_from_xtx(XtX[np.ix_(nz, nz)], n) if nz.size else np.arange(0)
+        return nz[keep]
+    G = XtX / np.outer(scale, scale)
+    if n > 200_000:
+        R, piv = sla.qr(G, mode="r", pivoting=True)
+        d = np.abs(np.diag(R))
+        return np.sort(piv[:int(np.sum(d > RANK_TOL**2 * d[0]))])
+    G = G.copy()
+    piv = np.arange(p)
+    d = np.zeros(p)
+    for j in range(p):
+        rest = np.diag(G)[j:]
+        i = j + int(np.argmax(rest))
+        piv[[j, i]] = piv[[i, j]]
+        G[[j, i], :] = G[[i, j], :]
+        G[:, [j, i]] = G[:, [i, j]]
+        d[j] = np.sqrt(max(G[j, j], 0.0))
+        if d[j] <= RANK_TOL * d[0] or d[j] == 0.0:
+            break
+        G[j + 1:, j + 1:] -= np.outer(G[j + 1:, j], G[j, j + 1:]) / G[j, j]
+    return np.sort(piv[:int(np.sum(d > RANK_TOL * d[0]))])
