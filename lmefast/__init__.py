@@ -10,12 +10,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lmefast.api import lmer, lmer_model, mixedlm
-from lmefast.errors import ConvergenceWarning, IgnoredArgumentWarning, SpecificationError
+from lmefast.errors import ConvergenceWarning, IgnoredArgumentWarning, SingularFitWarning, SpecificationError
 from lmefast.inference import lrtest
 from lmefast.model import MixedLM
 from lmefast.params import MixedLMParams
 from lmefast.results import MixedLMResults
 
 __all__ = ["ConvergenceWarning", "IgnoredArgumentWarning", "MixedLM", "MixedLMParams", "MixedLMResults",
-           "SpecificationError", "lmer", "lmer_model", "lrtest", "mixedlm"]
+           "SingularFitWarning", "SpecificationError", "lmer", "lmer_model", "lrtest", "mixedlm"]
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ from lmefast.checks import (
     warn_dropped,
 )
 from lmefast.engine import Engine
-from lmefast.errors import ConvergenceWarning, IgnoredArgumentWarning, SpecificationError
+from lmefast.errors import ConvergenceWarning, IgnoredArgumentWarning, SingularFitWarning, SpecificationError
 from lmefast.multi import BlockedEngine
 from lmefast.objective import KernelObjective
 from lmefast.onefactor import OneFactorEngine
@@ -195,6 +195,9 @@ class MixedLM:
         use_sqrt: bool = True,
     ) -> None:
         self.use_sqrt = bool(use_sqrt)
+        #: results as pandas objects for pandas or formula data, ndarrays for arrays (statsmodels)
+        self.pandas_output = exog_names is not None or any(
+            isinstance(a, pd.Series | pd.DataFrame) for a in (endog, exog))
         check_missing_policy(missing)
         y_arr = endog.to_numpy() if isinstance(endog, pd.Series | pd.DataFrame) else np.asarray(endog)
         if y_arr.ndim == 2 and y_arr.shape[1] == 1:
@@ -296,6 +299,7 @@ class MixedLM:
         self.engine = engine
         self.api = api
         self.__dict__.setdefault("use_sqrt", True)
+        self.__dict__.setdefault("pandas_output", True)
         self.endog_name = endog_name
         self._exog_names = list(exog_names)
         self.dropped_exog = tuple(dropped_exog)
@@ -673,6 +677,10 @@ class MixedLM:
         if not opt.converged:
             warnings.warn(f"the optimiser did not converge: {opt.return_code}; max |gradient| "
                           f"{np.max(np.abs(opt.projected_gradient)):.3g}", ConvergenceWarning, stacklevel=2)
+        if opt.singular:
+            warnings.warn("boundary (singular) fit: a variance parameter of the random effects is "
+                          "estimated as zero (res.singular; see res.summary())", SingularFitWarning,
+                          stacklevel=2)
         res = MixedLMResults(model, obj, sol, opt)
         if hist is not None:
             res.hist = hist
@@ -705,7 +713,7 @@ class MixedLM:
                                  source=eng.source, lme4_names=eng.lme4_names)
         model = MixedLM.from_engine(engine, api=self.api, endog_name=self.endog_name,
                                     exog_names=self.exog_names, dropped_exog=self.dropped_exog)
-        model.use_sqrt = self.use_sqrt
+        model.use_sqrt, model.pandas_output = self.use_sqrt, self.pandas_output
         return model
 
 

@@ -179,7 +179,7 @@ class MixedLMResults:
 
     # -- fixed effects ---------------------------------------------------------------------
     @cached_property
-    def fe_params(self) -> pd.Series:
+    def _fe_params_pd(self) -> pd.Series:
         return pd.Series(self._sol.beta.copy(), index=self.model.exog_names)
 
     @cached_property
@@ -191,7 +191,7 @@ class MixedLMResults:
         return self.scale * (Linv.T @ Linv)
 
     @cached_property
-    def bse_fe(self) -> pd.Series:
+    def _bse_fe_pd(self) -> pd.Series:
         return pd.Series(np.sqrt(np.diag(self._cov_fe)), index=self.model.exog_names)
 
     # -- variance parameters ----------------------------------------------------------------
@@ -204,7 +204,7 @@ class MixedLMResults:
         return self.scale * (T @ T.T)
 
     @cached_property
-    def cov_re(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
+    def _cov_re_pd(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
         """Covariance of the random coefficients, σ̂² T T': one DataFrame (statsmodels' API:
         the group's coefficients; empty for the one-group spelling of crossed effects), or per
         grouping factor (lme4's API)."""
@@ -227,11 +227,11 @@ class MixedLMResults:
         return np.array([var[name] for name in order])
 
     @cached_property
-    def cov_re_unscaled(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
+    def _cov_re_unscaled_pd(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
         """cov_re / scale (= T T'), statsmodels' cov_re_unscaled."""
         if self._lme4_api:
-            return {name: frame / self.scale for name, frame in self.cov_re.items()}
-        return self.cov_re / self.scale
+            return {name: frame / self.scale for name, frame in self._cov_re_pd.items()}
+        return self._cov_re_pd / self.scale
 
     @property
     def params_object(self) -> MixedLMParams:
@@ -302,12 +302,12 @@ class MixedLMResults:
         return J @ cov_theta @ J.T
 
     @cached_property
-    def params(self) -> pd.Series:
+    def _params_pd(self) -> pd.Series:
         """statsmodels' params: fixed effects, then cov_re/scale (lower triangle), vcomp/scale."""
         return pd.Series(np.concatenate([self._sol.beta, self._psi]),
                          index=self.model.exog_names + self._re_param_names)
 
-    def cov_params(self) -> pd.DataFrame:
+    def _cov_params_pd(self) -> pd.DataFrame:
         """Covariance of params: lme4's σ̂²(Rx'Rx)⁻¹ for β; inverse observed information of
         the variance parameters (independent of β̂ by the block structure of the information)."""
         p = self.k_fe
@@ -315,26 +315,26 @@ class MixedLMResults:
         C = np.zeros((p + d, p + d))
         C[:p, :p] = self._cov_fe
         C[p:, p:] = self._cov_psi
-        names = list(self.params.index)
+        names = list(self._params_pd.index)
         return pd.DataFrame(C, index=names, columns=names)
 
     @cached_property
-    def bse(self) -> pd.Series:
-        return pd.Series(np.sqrt(np.diag(self.cov_params().to_numpy())), index=self.params.index)
+    def _bse_pd(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.diag(self._cov_params_pd().to_numpy())), index=self._params_pd.index)
 
     @cached_property
-    def bse_re(self) -> pd.Series:
-        return self.bse.iloc[self.k_fe:]
+    def _bse_re_pd(self) -> pd.Series:
+        return self._bse_pd.iloc[self.k_fe:]
 
     @cached_property
-    def tvalues(self) -> pd.Series:
-        return self.params / self.bse
+    def _tvalues_pd(self) -> pd.Series:
+        return self._params_pd / self._bse_pd
 
     @cached_property
-    def pvalues(self) -> pd.Series:
+    def _pvalues_pd(self) -> pd.Series:
         """Two-sided p-values from the normal distribution (statsmodels' z-tests)."""
-        return pd.Series(2.0 * stats.norm.sf(np.abs(self.tvalues.to_numpy())),
-                         index=self.params.index)
+        return pd.Series(2.0 * stats.norm.sf(np.abs(self._tvalues_pd.to_numpy())),
+                         index=self._params_pd.index)
 
     def conf_int(self, alpha: float = 0.05, method: str | None = None, level: float | None = None,
                  **kwargs) -> pd.DataFrame:
@@ -347,9 +347,60 @@ class MixedLMResults:
             return conf_int(self, method=method or "profile",
                             level=1 - alpha if level is None else level, **kwargs)
         q = stats.norm.ppf(1 - alpha / 2)
-        lo = self.params - q * self.bse
-        hi = self.params + q * self.bse
-        return pd.DataFrame({0: lo, 1: hi})
+        lo = self._params_pd - q * self._bse_pd
+        hi = self._params_pd + q * self._bse_pd
+        return self._typed(pd.DataFrame({0: lo, 1: hi}))
+
+    # -- statsmodels' output types: pandas for pandas or formula data, ndarrays for arrays --------
+    def _typed(self, value: Any) -> Any:
+        if self.model.pandas_output or isinstance(value, dict):
+            return value
+        return value.to_numpy()
+
+    @property
+    def fe_params(self) -> pd.Series | np.ndarray:
+        """β̂ (a Series named by the fixed effects; an array for array data, as statsmodels)."""
+        return self._typed(self._fe_params_pd)
+
+    @property
+    def bse_fe(self) -> pd.Series | np.ndarray:
+        return self._typed(self._bse_fe_pd)
+
+    @property
+    def cov_re(self) -> Any:
+        """Covariance of the random coefficients, σ̂² T T' (see _cov_re_pd)."""
+        return self._typed(self._cov_re_pd)
+
+    @property
+    def cov_re_unscaled(self) -> Any:
+        """cov_re / scale (= T T'), statsmodels' cov_re_unscaled."""
+        return self._typed(self._cov_re_unscaled_pd)
+
+    @property
+    def params(self) -> pd.Series | np.ndarray:
+        """statsmodels' params: fixed effects, then cov_re/scale (lower triangle), vcomp/scale."""
+        return self._typed(self._params_pd)
+
+    def cov_params(self) -> pd.DataFrame | np.ndarray:
+        """Covariance of params (see _cov_params_pd)."""
+        return self._typed(self._cov_params_pd())
+
+    @property
+    def bse(self) -> pd.Series | np.ndarray:
+        return self._typed(self._bse_pd)
+
+    @property
+    def bse_re(self) -> pd.Series | np.ndarray:
+        return self._typed(self._bse_re_pd)
+
+    @property
+    def tvalues(self) -> pd.Series | np.ndarray:
+        return self._typed(self._tvalues_pd)
+
+    @property
+    def pvalues(self) -> pd.Series | np.ndarray:
+        """Two-sided p-values from the normal distribution (statsmodels' z-tests)."""
+        return self._typed(self._pvalues_pd)
 
     # -- random effects and fitted values ---------------------------------------------------
     @cached_property
@@ -380,11 +431,12 @@ class MixedLMResults:
 
     @property
     def fittedvalues(self) -> Any:
-        """Conditional fitted values Xβ̂ + Zb̂ (for chunked data another pass over the data,
-        by its source: a lazy Dask Series for Dask data)."""
+        """Conditional fitted values Xβ̂ + Zb̂: a Series for pandas or formula data, an array for
+        arrays (for chunked data another pass over the data, by its source: a lazy Dask Series
+        for Dask data)."""
         if self.model.source is not None:
             return self.model.source.fitted(self, resid=False)
-        return self._fitted
+        return self._rows(self._fitted.copy(), "fittedvalues")
 
     @cached_property
     def _fitted(self) -> np.ndarray:
@@ -395,7 +447,11 @@ class MixedLMResults:
         if self.model.source is not None:
             return self.model.source.fitted(self, resid=True)
         fitted = self._fitted   # first: a model without rows says so here
-        return self.engine.response() - fitted
+        return self._rows(self.engine.response() - fitted, "resid")
+
+    def _rows(self, values: np.ndarray, name: str) -> pd.Series | np.ndarray:
+        """One value per row: a Series for pandas or formula data (statsmodels), else an array."""
+        return pd.Series(values, name=name) if self.model.pandas_output else values
 
     def varcorr(self) -> pd.DataFrame:
         """lme4's ``as.data.frame(VarCorr(fit))``: per term, variances and covariances
@@ -418,7 +474,7 @@ class MixedLMResults:
         """(name, estimate, std. error) of the variance parameters for the summary table:
         covariance entries on the absolute scale, std. errors by the delta method with σ̂²
         held fixed."""
-        se = self.bse_re.to_numpy()
+        se = self._bse_re_pd.to_numpy()
         return [(name, self.scale * psi, self.scale * s)
                 for name, psi, s in zip(self._re_param_names, self._psi, se, strict=True)]
 

@@ -68,7 +68,7 @@ class Summary:
                 out.append([name, _fmt(val), _fmt(se), "", "", "", "", ""])
             return out
         for name, col in zip(self.xname_fe, r.model.exog_names, strict=True):
-            est, se = r.fe_params[col], r.bse_fe[col]
+            est, se = r._fe_params_pd[col], r._bse_fe_pd[col]
             z = est / se
             p = 2 * stats.norm.sf(abs(z))
             out.append([name, _fmt(est), _fmt(se), _fmt(z, 3), _fmt(p), _fmt(est - q * se),

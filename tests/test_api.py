@@ -179,14 +179,18 @@ def test_arrays_api_matches_formula_api(dietox: pd.DataFrame, dietox_rs: lmefast
 
 
 def test_arrays_api_plain_ndarrays(dietox: pd.DataFrame, dietox_rs: lmefast.MixedLM) -> None:
-    """Plain arrays work too; names default, numbers are the same."""
+    """Plain arrays work too; names default (statsmodels'), numbers are the same; results are
+    arrays for array data, as statsmodels'."""
     t = dietox["Time"].to_numpy(dtype=float)
     X = np.column_stack([np.ones_like(t), t])
     model = lmefast.MixedLM(dietox["Weight"].to_numpy(), X, dietox["Pig"].to_numpy(), exog_re=X.copy())
     res, ref = model.fit(), dietox_rs.fit()
     assert res.llf == pytest.approx(ref.llf, rel=1e-12)
-    np.testing.assert_allclose(res.params.to_numpy(), ref.params.to_numpy(), rtol=1e-7)
-    assert len(set(res.params.index)) == len(res.params)
+    assert isinstance(res.params, np.ndarray) and isinstance(res.cov_params(), np.ndarray)
+    assert isinstance(res.fittedvalues, np.ndarray) and isinstance(ref.fittedvalues, pd.Series)
+    np.testing.assert_allclose(res.params, ref.params.to_numpy(), rtol=1e-7)
+    assert res.model.data.param_names == ["const", "x1", "x_re1 Var", "x_re1 x x_re2 Cov",
+                                         "x_re2 Var"]
 
 
 def test_default_random_intercept(dietox: pd.DataFrame) -> None:

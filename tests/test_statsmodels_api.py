@@ -5,12 +5,14 @@ save/load. statsmodels is the reference wherever the two models agree (a test-on
 dependency)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
 
 import lmefast
-from lmefast import IgnoredArgumentWarning, MixedLM, MixedLMParams
+from lmefast import IgnoredArgumentWarning, MixedLM, MixedLMParams, SingularFitWarning
 
 sm = pytest.importorskip("statsmodels.regression.mixed_linear_model")
 
@@ -64,9 +66,10 @@ def test_free_diagonal_is_the_constrained_fit() -> None:
     res = model.fit(free=_free(1, np.eye(2)))
     full = model.fit()
     assert res.llf < full.llf - 1e-3       # the constraint binds on these data
-    assert res.cov_re.iloc[0, 1] == 0.0
-    assert list(res.params.index) == ["x1", "x_re1 Var", "x_re1 x x_re2 Cov", "x_re2 Var"]
-    assert res.params.iloc[2] == 0.0
+    assert isinstance(res.params, np.ndarray)          # array data: arrays, as statsmodels
+    assert res.cov_re[0, 1] == 0.0
+    assert res.model.data.param_names == ["x1", "x_re1 Var", "x_re1 x x_re2 Cov", "x_re2 Var"]
+    assert res.params[2] == 0.0
     smfree = sm.MixedLMParams.from_components(np.ones(1), np.eye(2), vcomp=np.zeros(0))
     smres = sm.MixedLM(endog, exog, groups, exog_re=exog_re).fit(free=smfree)
     assert res.llf == pytest.approx(smres.llf, abs=1e-4)
@@ -110,7 +113,9 @@ def test_variance_components_without_re_formula_add_no_intercept() -> None:
     """statsmodels' test_vcomp_1: exog_vc alone is two variance components and nothing else
     (llf −773.73 with them alone; a random intercept besides gives another model)."""
     endog, exog, groups, exog_re = _slopes_data()
-    res = MixedLM(endog, exog, groups, exog_vc=_vc_dict(groups, exog_re)).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)     # the dict format is lmefast's own
+        res = MixedLM(endog, exog, groups, exog_vc=_vc_dict(groups, exog_re)).fit()
     assert res.k_re == 0 and len(res.params) == 3
     with pytest.warns(FutureWarning):
         smres = sm.MixedLM(endog, exog, groups, exog_vc=_vc_dict(groups, exog_re)).fit()
@@ -189,6 +194,17 @@ def test_start_params_are_statsmodels_parameters() -> None:
         model.fit(start_params=np.ones(4))
     with pytest.raises(TypeError, match="not both"):
         model.fit(start_params=packed, start_theta=theta)
+
+
+def test_singular_fit_warns() -> None:
+    """statsmodels' test_singular data: no group variance; lmefast's own warning class."""
+    rs = np.random.RandomState(3423)
+    df = pd.DataFrame(rs.randn(100, 2), columns=["Y", "X"])
+    df["class"] = np.arange(100) % 3
+    with pytest.warns(SingularFitWarning, match="singular"):
+        res = lmefast.mixedlm("Y ~ X", df, groups=df["class"]).fit()
+    assert res.singular
+    assert "singular" in str(res.summary())
 
 
 def test_full_output_keeps_the_path() -> None:
