@@ -29,3 +29,17 @@ class BootstrapError(ValueError):
 
 class PredictionError(ValueError):
     """New data that cannot be used for prediction (the message names the column)."""
+
+
+class ConvergenceWarning(UserWarning):
+    """The optimiser stopped before the convergence criteria were met."""
+
+
+class IgnoredArgumentWarning(FutureWarning):
+    """A statsmodels argument that has no meaning in lmefast was given and is ignored (a
+    FutureWarning, as statsmodels' own warning for arguments it does not use)."""
+
+
+class SingularFitWarning(UserWarning):
+    """A boundary (singular) fit: a variance parameter is estimated as zero (``res.singular``;
+    statsmodels' SingularMatrixWarning, lme4's 'boundary (singular) fit' message)."""

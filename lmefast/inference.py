@@ -364,7 +364,7 @@ def _as_contrast(res: MixedLMResults, contrast: Any, rhs: Any = None) -> tuple[n
         except (TypeError, ValueError) as exc:
             raise InferenceError(f"contrast must be a string, a matrix or a DataFrame: {exc}") from None
         if L.ndim != 2 or L.shape[1] != p:
-            raise InferenceError(f"contrast matrix must have {p} columns (one per fixed effect "
+            raise InferenceError(f"contrast matrix should have {p} columns (one per fixed effect "
                                  f"{names}), got shape {np.shape(contrast)}")
         labels = [f"c{i}" for i in range(L.shape[0])]
     if not np.all(np.isfinite(L)):
@@ -441,6 +441,71 @@ def f_test(res: MixedLMResults, L: np.ndarray, rhs: np.ndarray | None = None,
             den = _get_fstat_ddf(np.array([satterthwaite_df(res, PtL[i]) for i in range(q)]))
         p = stats.f.sf(F, q, den)
     return pd.DataFrame({"F": [F], "num_df": [q], "den_df": [den], "p": [p]}, index=[name])
+
+
+# -- statsmodels' contrast results -------------------------------------------------------------------
+class ContrastResults:
+    """statsmodels' ``ContrastResults`` for tests of the fixed effects: for t tests
+    ``effect``, ``sd``, ``tvalue``, ``pvalue``, ``df_denom`` (inf for z tests) and
+    ``conf_int(alpha)``; for joint tests ``fvalue`` (or ``statistic`` for χ²), ``pvalue``,
+    ``df_num``, ``df_denom``. ``summary_frame()`` (and indexing, ``t["p"]``) gives the table."""
+
+    def __init__(self, table: pd.DataFrame, kind: str, alpha: float = 0.05) -> None:
+        self.table = table
+        self.kind = kind                   # 't', 'z', 'F' or 'chi2'
+        self.alpha = alpha
+        if kind in ("t", "z"):
+            self.effect = table["estimate"].to_numpy()
+            self.sd = table["std_err"].to_numpy()
+            self.tvalue = table[kind].to_numpy()
+            self.statistic = self.tvalue
+            self.pvalue = table["p"].to_numpy()
+            self.df_denom = table["df"].to_numpy()
+            self.distribution = "t" if kind == "t" else "norm"
+        else:
+            self.df_num = float(table["num_df"].iloc[0])
+            self.df_denom = float(table["den_df"].iloc[0])
+            stat = float(table["F"].iloc[0])
+            self.fvalue = stat
+            self.statistic = stat * self.df_num if kind == "chi2" else stat
+            self.pvalue = float(table["p"].iloc[0])
+            self.distribution = "chi2" if kind == "chi2" else "F"
+
+    def conf_int(self, alpha: float | None = None) -> np.ndarray:
+        """Intervals for the effects (t tests only): one row per contrast."""
+        if self.kind not in ("t", "z"):
+            raise InferenceError("conf_int is for t or z tests, not joint tests")
+        a = self.alpha if alpha is None else alpha
+        q = (stats.norm.ppf(1 - a / 2) if self.kind == "z"
+             else stats.t.ppf(1 - a / 2, self.df_denom))
+        return np.column_stack([self.effect - q * self.sd, self.effect + q * self.sd])
+
+    def summary_frame(self) -> pd.DataFrame:
+        return self.table.copy()
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.table[key]
+
+    def summary(self) -> str:
+        head = {"t": "Test for Constraints (t)", "z": "Test for Constraints (z)",
+                "F": "F test", "chi2": "Wald test (chi2)"}[self.kind]
+        return f"{head}\n{self.table.to_string()}"
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    __repr__ = __str__
+
+
+def contrast_test(res: MixedLMResults, contrast: Any, ddf: str | None = None, rhs: Any = None,
+                  alpha: float = 0.05, joint: bool = False, chi2: bool = False) -> ContrastResults:
+    """t (z when ddf is None) tests of the rows of a contrast, or one joint F (χ² with
+    ``chi2``) test, as statsmodels' contrast results."""
+    ddf = normalize_ddf(ddf)
+    if joint:
+        L, r, _ = _as_contrast(res, contrast, rhs)
+        return ContrastResults(f_test(res, L, r, ddf), "chi2" if chi2 else "F", alpha)
+    return ContrastResults(t_test(res, contrast, ddf, rhs, alpha), "z" if ddf is None else "t", alpha)
 
 
 # -- ANOVA ---------------------------------------------------------------------------------------

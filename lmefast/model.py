@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,15 +28,43 @@ from lmefast.checks import (
     warn_dropped,
 )
 from lmefast.engine import Engine
-from lmefast.errors import SpecificationError
+from lmefast.errors import ConvergenceWarning, IgnoredArgumentWarning, SingularFitWarning, SpecificationError
 from lmefast.multi import BlockedEngine
 from lmefast.objective import KernelObjective
 from lmefast.onefactor import OneFactorEngine
 from lmefast.optimize import fit_theta
 from lmefast.parallel import limit_blas_threads, resolve_threads
+from lmefast.params import MixedLMParams, free_pattern
 from lmefast.results import MixedLMResults
+from lmefast.smparams import loglike_at, theta_of, to_params, vc_order
 from lmefast.spec import GroupThetaMap, ModelSpec, build_layout
 from lmefast.structure import Term, factorize_groups
+
+#: statsmodels' keywords of fit() and from_formula() that have no meaning here: accepted with
+#: an IgnoredArgumentWarning (optimiser settings, covariance types, statsmodels' storage)
+IGNORED_FIT_KEYWORDS = ("gtol", "eps", "maxcor", "ftol", "tol", "disp", "maxls", "retall",
+                        "cov_type", "use_sqrt", "use_sparse")
+IGNORED_FORMULA_KEYWORDS = ("use_sparse", "eval_env", "subset", "drop_cols")
+
+
+@dataclass(frozen=True)
+class ModelData:
+    """statsmodels' ``model.data``: the names of the response, regressors and parameters."""
+
+    ynames: str
+    xnames: list[str]
+    exog_re_names: list[str]
+    exog_re_names_full: list[str]
+    param_names: list[str]
+    vcomp_names: list[str]
+
+    @property
+    def exog_names(self) -> list[str]:
+        return self.xnames
+
+    @property
+    def endog_names(self) -> str:
+        return self.ynames
 
 
 def _names(obj: Any, default: list[str]) -> list[str]:
@@ -62,6 +91,20 @@ def _as_matrix(obj: Any, what: str, n: int | None) -> np.ndarray:
     if n is not None and arr.shape[0] != n:
         raise SpecificationError(f"{what} has {arr.shape[0]} rows but the response has {n}")
     return np.ascontiguousarray(arr)
+
+
+def _default_exog_names(X: np.ndarray) -> list[str]:
+    """statsmodels' names for the columns of an unnamed exog: 'const' for a constant column,
+    x1, x2, ... for the others."""
+    const = (np.ptp(X, axis=0) == 0) & np.any(X != 0, axis=0) if X.shape[0] else np.zeros(X.shape[1], bool)
+    names, j = [], 0
+    for c in range(X.shape[1]):
+        if const[c] and "const" not in names:
+            names.append("const")
+        else:
+            j += 1
+            names.append(f"x{j}")
+    return names
 
 
 def _check_finite(arr: np.ndarray, what: str, names: list[str]) -> None:
@@ -149,7 +192,12 @@ class MixedLM:
         group_name: str | None = None,
         re_pattern: tuple[np.ndarray, np.ndarray] | None = None,
         api: str = "statsmodels",
+        use_sqrt: bool = True,
     ) -> None:
+        self.use_sqrt = bool(use_sqrt)
+        #: results as pandas objects for pandas or formula data, ndarrays for arrays (statsmodels)
+        self.pandas_output = exog_names is not None or any(
+            isinstance(a, pd.Series | pd.DataFrame) for a in (endog, exog))
         check_missing_policy(missing)
         y_arr = endog.to_numpy() if isinstance(endog, pd.Series | pd.DataFrame) else np.asarray(endog)
         if y_arr.ndim == 2 and y_arr.shape[1] == 1:
@@ -163,14 +211,14 @@ class MixedLM:
             raise SpecificationError("the data are empty: no rows to fit")
         y = np.ascontiguousarray(y_arr, dtype=float)
         X = _as_matrix(exog, "exog", n)
-        xnames = exog_names or _names(exog, [f"x{j + 1}" for j in range(X.shape[1])])
+        xnames = exog_names or _names(exog, _default_exog_names(X))
         if exog_re is None and vc_designs is None and exog_vc is None:
             Zre, znames = np.ones((n, 1)), ["Group"]
-        elif exog_re is None:
-            Zre, znames = np.ones((n, 1)), ["Group"]
+        elif exog_re is None:   # variance components only: no random intercept (statsmodels)
+            Zre, znames = np.zeros((n, 0)), []
         else:
             Zre = _as_matrix(exog_re, "exog_re", n)
-            znames = exog_re_names or _names(exog_re, [f"Z{j + 1}" for j in range(Zre.shape[1])])
+            znames = exog_re_names or _names(exog_re, [f"x_re{j + 1}" for j in range(Zre.shape[1])])
         g_arr = groups if isinstance(groups, pd.Series) else pd.Series(np.asarray(groups))
         if g_arr.ndim != 1 or g_arr.shape[0] != n:
             raise SpecificationError(f"groups must have one label per row ({n}), got shape {g_arr.shape}")
@@ -250,9 +298,15 @@ class MixedLM:
             raise ValueError(f"api must be 'statsmodels' or 'lme4', not {api!r}")
         self.engine = engine
         self.api = api
+        self.__dict__.setdefault("use_sqrt", True)
+        self.__dict__.setdefault("pandas_output", True)
         self.endog_name = endog_name
         self._exog_names = list(exog_names)
         self.dropped_exog = tuple(dropped_exog)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling leaves out the cached objectives (C kernels): they are made again."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_objective_")}
 
     @classmethod
     def from_engine(cls, engine: Engine, *, api: str, endog_name: str, exog_names: list[str],
@@ -271,12 +325,25 @@ class MixedLM:
         re_formula: str | None = None,
         vc_formula: Mapping[str, str] | None = None,
         missing: str = "raise",
+        **ignored: Any,
     ) -> MixedLM:
         """statsmodels' ``MixedLM.from_formula``: formulas evaluated by formulaic (data in
-        memory; ``lmefast.mixedlm`` also takes Parquet paths and Dask DataFrames)."""
+        memory; ``lmefast.mixedlm`` also takes Parquet paths and Dask DataFrames). As in
+        statsmodels, variance components without ``re_formula`` add no random intercept.
+        statsmodels' ``use_sparse`` (lmefast's kernels are sparse in the groups anyway) and
+        ``eval_env`` are accepted with an IgnoredArgumentWarning; other keywords raise."""
         from lmefast.formula import formula_arrays
 
-        return cls(**formula_arrays(formula, data, groups, re_formula, vc_formula, missing))
+        unknown = sorted(set(ignored) - set(IGNORED_FORMULA_KEYWORDS))
+        if unknown:
+            raise TypeError(f"from_formula() got unexpected keyword argument(s) {unknown}")
+        if ignored:
+            warnings.warn(f"Argument(s) {', '.join(sorted(ignored))} ignored by lmefast's "
+                          "MixedLM.from_formula", IgnoredArgumentWarning, stacklevel=2)
+        kwargs = formula_arrays(formula, data, groups, re_formula, vc_formula, missing)
+        if re_formula is None and vc_formula:
+            kwargs["exog_re"], kwargs["exog_re_names"] = None, None
+        return cls(**kwargs)
 
     # -- the structure, from the engine ------------------------------------------------------
     @property
@@ -365,42 +432,289 @@ class MixedLM:
         """The profiled objective θ → −2 log-likelihood (ML) or REML criterion."""
         return self.engine.objective(reml, n_threads)
 
-    def loglike(self, theta: np.ndarray, reml: bool = True) -> float:
-        """Profiled log-likelihood at θ (β̂ and σ̂² at their optimum for this θ)."""
-        return -0.5 * self.objective(reml).solve(np.asarray(theta, dtype=float)).objective
+    # -- statsmodels' parametrisation (lmefast.smparams) ---------------------------------------
+    def _objective_for(self, reml: bool) -> KernelObjective:
+        key = "_objective_reml" if reml else "_objective_ml"
+        if key not in self.__dict__:
+            self.__dict__[key] = self.objective(reml)
+        return self.__dict__[key]
 
+    def _solution_at(self, params: Any, reml: bool | None) -> tuple[KernelObjective, Any, MixedLMParams]:
+        pa = to_params(self.engine, params, self.k_fe, self.use_sqrt)
+        if reml is None:
+            reml = getattr(pa, "reml", True)
+        obj = self._objective_for(bool(reml))
+        theta = theta_of(self.engine, pa.cov_re, pa.vcomp)
+        return obj, obj.solve(theta), pa
+
+    def loglike_theta(self, theta: np.ndarray, reml: bool = True) -> float:
+        """Profiled log-likelihood at θ (β̂ and σ̂² at their optimum for this θ)."""
+        return -0.5 * self._objective_for(reml).solve(np.asarray(theta, dtype=float)).objective
+
+    def loglike(self, params: Any, profile_fe: bool = True, reml: bool | None = None) -> float:
+        """statsmodels' ``loglike``: the log-likelihood at ``params`` (a MixedLMParams or a
+        packed vector, cov_re and vcomp relative to σ²), σ² profiled out; β profiled out too
+        when ``profile_fe``, else params' fixed effects. REML or ML as ``reml``; by default
+        the criterion of the fit that made ``params`` (``res.params_object``), else REML."""
+        obj, sol, pa = self._solution_at(params, reml)
+        return loglike_at(obj, sol, None if profile_fe else pa.fe_params)
+
+    def _packed_function(self, params: Any, profile_fe: bool, reml: bool | None,
+                         use_sqrt: bool) -> tuple[Callable[[np.ndarray], float], np.ndarray]:
+        pa = to_params(self.engine, params, self.k_fe, self.use_sqrt)
+        crit = getattr(pa, "reml", True) if reml is None else reml
+        k_re = pa.k_re
+
+        def f(x: np.ndarray) -> float:
+            q = MixedLMParams.from_packed(x, self.k_fe, k_re, use_sqrt, has_fe=not profile_fe)
+            return self.loglike(q, profile_fe=profile_fe, reml=crit)
+
+        return f, pa.get_packed(use_sqrt=use_sqrt, has_fe=not profile_fe)
+
+    def score(self, params: Any, profile_fe: bool = True, reml: bool | None = None) -> np.ndarray:
+        """statsmodels' ``score``: the gradient of ``loglike`` in the packed parametrisation
+        (without the fixed effects when ``profile_fe``; Cholesky factor and √vcomp when the
+        model's ``use_sqrt``), by central differences."""
+        f, x = self._packed_function(params, profile_fe, reml, self.use_sqrt)
+        g = np.empty_like(x)
+        for i in range(x.shape[0]):
+            h = 1e-6 * max(abs(x[i]), 1.0)
+            up, dn = x.copy(), x.copy()
+            up[i] += h
+            dn[i] -= h
+            g[i] = (f(up) - f(dn)) / (2 * h)
+        return g
+
+    def hessian(self, params: Any, reml: bool | None = None) -> tuple[np.ndarray, bool]:
+        """statsmodels' ``hessian``: (Hessian of ``loglike`` in the packed parametrisation with
+        the fixed effects and cov_re's lower triangle, central differences; whether it is
+        singular)."""
+        f, x = self._packed_function(params, False, reml, False)
+        d = x.shape[0]
+        h = 1e-4 * np.maximum(np.abs(x), 1.0)
+        H = np.empty((d, d))
+        f0 = f(x)
+        for i in range(d):
+            for j in range(i, d):
+                if i == j:
+                    up, dn = x.copy(), x.copy()
+                    up[i] += h[i]
+                    dn[i] -= h[i]
+                    H[i, i] = (f(up) - 2 * f0 + f(dn)) / h[i] ** 2
+                    continue
+                val = 0.0
+                for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+                    z = x.copy()
+                    z[i] += si * h[i]
+                    z[j] += sj * h[j]
+                    val += si * sj * f(z)
+                H[i, j] = H[j, i] = val / (4 * h[i] * h[j])
+        singular = bool(np.linalg.matrix_rank(H) < d)
+        return H, singular
+
+    def get_fe_params(self, cov_re: Any, vcomp: Any, tol: float = 1e-10) -> np.ndarray:
+        """statsmodels' ``get_fe_params``: the GLS fixed effects at (cov_re, vcomp)."""
+        theta = theta_of(self.engine, np.atleast_2d(np.asarray(cov_re, dtype=float)) if self.k_re
+                         else np.zeros((0, 0)), vcomp)
+        return self._objective_for(True).solve(theta).beta.copy()
+
+    def get_scale(self, fe_params: Any, cov_re: Any, vcomp: Any, reml: bool = True) -> float:
+        """statsmodels' ``get_scale``: σ̂² at (β, cov_re, vcomp): r²(β)/(n − p) (REML) or
+        r²(β)/n (ML)."""
+        obj = self._objective_for(reml)
+        theta = theta_of(self.engine, cov_re if self.k_re else np.zeros((0, 0)), vcomp)
+        sol = obj.solve(theta)
+        d = sol.Lx.T @ (np.asarray(fe_params, dtype=float) - sol.beta)
+        return float((sol.r2 + d @ d) / obj.dof)
+
+    def predict(self, params: Any, exog: Any = None) -> np.ndarray:
+        """statsmodels' ``MixedLM.predict``: Xβ for the fixed effects in ``params`` (a packed
+        vector starting with them, or a MixedLMParams), on the model's exog or ``exog``."""
+        beta = (np.asarray(params.fe_params, dtype=float) if isinstance(params, MixedLMParams)
+                else np.asarray(params, dtype=float).ravel()[:self.k_fe])
+        X = self.exog if exog is None else np.asarray(exog, dtype=float)
+        return (X.reshape(-1, self.k_fe) if X.ndim == 1 else X) @ beta
+
+    # -- statsmodels' data attributes ------------------------------------------------------------
+    @property
+    def exog_re(self) -> np.ndarray:
+        """The random-coefficient design (n × k_re; one grouping factor)."""
+        return self.engine.spec.Zre
+
+    @property
+    def groups(self) -> np.ndarray:
+        """The group label of every row (one grouping factor)."""
+        spec = self.engine.spec
+        return spec.group_labels[spec.group_codes]
+
+    @property
+    def group_labels(self) -> list:
+        return self.engine.spec.group_labels.tolist()
+
+    @property
+    def row_indices(self) -> dict[Any, np.ndarray]:
+        """Group label → the row numbers of its rows."""
+        spec = self.engine.spec
+        order = np.argsort(spec.group_codes, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(spec.group_codes, minlength=spec.n_groups))])
+        return {lab: order[bounds[g]:bounds[g + 1]] for g, lab in enumerate(spec.group_labels.tolist())}
+
+    @property
+    def exog_vc(self) -> dict[str, dict[Any, np.ndarray]]:
+        """The variance components' designs as statsmodels' exog_vc[name][group] (rows of
+        the group, the component's columns present in it)."""
+        spec = self.engine.spec
+        lay, tm = spec.layout, spec.theta_map
+        rows = self.row_indices
+        out: dict[str, dict[Any, np.ndarray]] = {name: {} for name in tm.vc_names}
+        for g, lab in enumerate(spec.group_labels.tolist()):
+            idx = rows[lab]
+            lo, hi = int(lay.q_off[g]) + tm.k, int(lay.q_off[g + 1])
+            Z = np.zeros((idx.shape[0], hi - lo))
+            for e in range(lay.vc_val.shape[0]):
+                coord = lay.vc_coord[e, idx] - tm.k
+                val = lay.vc_val[e, idx]
+                nz = val != 0
+                Z[np.nonzero(nz)[0], coord[nz]] += val[nz]
+            comps = lay.comp[lo:hi]
+            for v, name in enumerate(tm.vc_names):
+                out[name][lab] = Z[:, comps == v]
+        return out
+
+    @property
+    def data(self) -> ModelData:
+        """statsmodels' ``model.data``: names of the response, regressors and parameters."""
+        re_names = self.exog_re_names
+        full = []
+        for i, a in enumerate(re_names):
+            for b in re_names[:i]:
+                full.append(f"{b} x {a} Cov")
+            full.append(f"{a} Var")
+        vc = [f"{name} Var" for name in vc_order(self.engine)]
+        return ModelData(ynames=self.endog_name, xnames=self.exog_names, exog_re_names=re_names,
+                         exog_re_names_full=full, param_names=self.exog_names + full + vc,
+                         vcomp_names=[name for name in vc_order(self.engine)])
+
+    # -- fitting ---------------------------------------------------------------------------------
     def fit(
         self,
+        start_params: Any = None,
         reml: bool = True,
-        start_params: np.ndarray | None = None,
+        niter_sa: int = 0,
+        do_cg: bool = True,
+        fe_pen: Any = None,
+        cov_pen: Any = None,
+        free: MixedLMParams | None = None,
+        full_output: bool = False,
+        method: Any = None,
+        *,
+        start_theta: np.ndarray | None = None,
         maxiter: int = 500,
         verbose: bool = False,
         callback: Callable[[int, np.ndarray, float], None] | None = None,
         n_threads: int | None = None,
-        **kwargs: Any,
+        **ignored: Any,
     ) -> MixedLMResults:
-        """Fit by REML (default) or ML. ``start_params`` is a starting θ.
+        """Fit by REML (default) or ML: statsmodels' signature, lmefast's optimiser.
+
+        ``start_params``: statsmodels' starting values, a MixedLMParams or a packed vector
+        (with or without the fixed effects; Cholesky factor and √vcomp when the model's
+        ``use_sqrt``, as statsmodels). ``start_theta``: a starting θ (lme4's ``start``).
+        ``free``: a MixedLMParams whose zero entries of cov_re hold those covariances at 0
+        (e.g. an identity matrix: uncorrelated random coefficients); patterns that are not
+        groups of mutually correlated coefficients, or fixed variances, raise
+        NotImplementedError. ``full_output=True`` keeps the optimiser's path in ``res.hist``.
 
         ``verbose`` prints the objective per iteration; ``callback(iteration, θ, objective)``
         receives it (raise StopIteration to stop). ``n_threads``: threads for the group loops
         and, on the blocked engine, for BLAS (default: lmefast.parallel.get_num_threads() when
-        there are many groups; a positive integer). Extra statsmodels keywords
-        (``method``, ``full_output``, ``niter_sa``...) are accepted and ignored: the
-        optimiser is always the bounded quasi-Newton on θ.
+        there are many groups; a positive integer).
+
+        statsmodels' optimiser settings (``method``, ``niter_sa``, ``gtol``, ``cov_type``,
+        ``use_sqrt``, ...: IGNORED_FIT_KEYWORDS) are accepted with an IgnoredArgumentWarning;
+        any other keyword raises TypeError. Penalties (``fe_pen``, ``cov_pen``) and
+        ``do_cg=False`` change what is computed and raise NotImplementedError.
         """
-        nth = resolve_threads(n_threads, self.engine.n_levels)
-        obj = self.objective(reml, nth)
-        tm = self.engine.theta_map
-        theta0 = tm.start() if start_params is None else np.asarray(start_params, dtype=float)
-        if theta0.shape != (tm.n_theta,):
-            raise SpecificationError(
-                f"start_params must have {tm.n_theta} entries (θ), got {theta0.shape}")
-        with limit_blas_threads(nth) if self.engine.uses_blas else nullcontext():
+        unknown = sorted(set(ignored) - set(IGNORED_FIT_KEYWORDS))
+        if unknown:
+            raise TypeError(f"fit() got unexpected keyword argument(s) {unknown}")
+        given = [name for name, v in (("method", method), ("niter_sa", niter_sa or None))
+                 if v is not None] + sorted(ignored)
+        if given:
+            warnings.warn(
+                f"Argument{'s' if len(given) > 1 else ''} {', '.join(given)} ignored by lmefast's "
+                "MixedLM.fit: the optimiser is always the bounded quasi-Newton on θ, run to "
+                "convergence", IgnoredArgumentWarning, stacklevel=2)
+        if fe_pen is not None or cov_pen is not None:
+            raise NotImplementedError("penalised fits (fe_pen, cov_pen) are not supported by lmefast")
+        if not do_cg:
+            raise NotImplementedError("do_cg=False (results at the starting values) is not supported")
+        model = self if free is None else self._constrained(free)
+        nth = resolve_threads(n_threads, model.engine.n_levels)
+        obj = model.objective(reml, nth)
+        tm = model.engine.theta_map
+        if start_params is not None and start_theta is not None:
+            raise TypeError("give start_params (statsmodels' parameters) or start_theta (θ), not both")
+        if start_params is not None:
+            pa = to_params(model.engine, start_params, self.k_fe, self.use_sqrt)
+            theta0 = theta_of(model.engine, pa.cov_re, pa.vcomp)
+        elif start_theta is not None:
+            theta0 = np.asarray(start_theta, dtype=float)
+            if theta0.shape != (tm.n_theta,):
+                raise SpecificationError(
+                    f"start_theta must have {tm.n_theta} entries (θ), got {theta0.shape}")
+        else:
+            theta0 = tm.start()
+        hist: list[dict] | None = [] if full_output else None
+        user_callback = callback
+        if hist is not None:
+            def callback(it: int, theta: np.ndarray, f: float) -> None:
+                hist.append({"iteration": it, "theta": theta, "objective": f})
+                if user_callback is not None:
+                    user_callback(it, theta, f)
+        with limit_blas_threads(nth) if model.engine.uses_blas else nullcontext():
             sol, opt = fit_theta(obj, theta0, maxiter=maxiter, verbose=verbose, callback=callback)
         if not opt.converged:
             warnings.warn(f"the optimiser did not converge: {opt.return_code}; max |gradient| "
-                          f"{np.max(np.abs(opt.projected_gradient)):.3g}", stacklevel=2)
-        return MixedLMResults(self, obj, sol, opt)
+                          f"{np.max(np.abs(opt.projected_gradient)):.3g}", ConvergenceWarning, stacklevel=2)
+        if opt.singular:
+            warnings.warn("boundary (singular) fit: a variance parameter of the random effects is "
+                          "estimated as zero (res.singular; see res.summary())", SingularFitWarning,
+                          stacklevel=2)
+        res = MixedLMResults(model, obj, sol, opt)
+        if hist is not None:
+            res.hist = hist
+        return res
+
+    def _constrained(self, free: MixedLMParams) -> MixedLM:
+        """The model with the covariance pattern of ``free`` (lmefast.params.free_pattern)."""
+        if not isinstance(free, MixedLMParams):
+            raise TypeError(f"free must be a MixedLMParams, not {type(free).__name__}")
+        vfree = np.asarray(free.vcomp)
+        if vfree.shape[0] != self.k_vc or np.any(vfree == 0):
+            if vfree.shape[0] != self.k_vc:
+                raise ValueError(f"free.vcomp must have {self.k_vc} entries, got {vfree.shape[0]}")
+            raise NotImplementedError("free.vcomp holds a variance component fixed: lmefast fits "
+                                      "every variance component")
+        if self.k_re == 0:
+            return self
+        if not isinstance(self.engine, OneFactorEngine):
+            raise NotImplementedError("free= is supported for one grouping factor")
+        cov = np.atleast_2d(np.asarray(free.cov_re))
+        if cov.shape != (self.k_re, self.k_re):
+            raise ValueError(f"free.cov_re must be {self.k_re} × {self.k_re}, got {cov.shape}")
+        pattern = free_pattern(cov)
+        eng = self.engine
+        tm = eng.theta_map
+        if all(np.array_equal(a, b) for a, b in zip(pattern, tm.tril, strict=True)):
+            return self
+        spec = replace(eng.spec, theta_map=GroupThetaMap(tm.k, tm.n_vc, tm.re_names, tm.vc_names, pattern))
+        engine = OneFactorEngine(spec, crossprods=eng.crossprods, group_sizes=eng._group_sizes,
+                                 source=eng.source, lme4_names=eng.lme4_names)
+        model = MixedLM.from_engine(engine, api=self.api, endog_name=self.endog_name,
+                                    exog_names=self.exog_names, dropped_exog=self.dropped_exog)
+        model.use_sqrt, model.pandas_output = self.use_sqrt, self.pandas_output
+        return model
 
 
 def single_group_as_crossed(y: np.ndarray, X: np.ndarray, Zre: np.ndarray, m: int,

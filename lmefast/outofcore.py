@@ -89,6 +89,16 @@ class ParquetSource(ChunkSource):
             self.meta.append((pf.metadata.num_rows, pf.schema_arrow))
         self.total_rows = sum(n for n, _ in self.meta)
 
+    def __getstate__(self) -> dict:
+        """Pickled without the pyarrow module (imported again on loading)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_pq"}
+
+    def __setstate__(self, state: dict) -> None:
+        import pyarrow.parquet as pq
+
+        self.__dict__.update(state)
+        self._pq = pq
+
     def dtypes(self, i: int = 0) -> pd.Series:
         return self.meta[i][1].empty_table().to_pandas().dtypes
 

@@ -35,7 +35,7 @@ def predict(res: MixedLMResults, newdata: Any = None, include_random: bool = Tru
     beta = res._sol.beta
     engine = res.engine
     if newdata is None and exog is None:
-        return res.fittedvalues.copy() if include_random else engine.fixed_part(beta)
+        return res._fitted.copy() if include_random else engine.fixed_part(beta)
     intercepts = {"Intercept", "(Intercept)", "const"}
     if newdata is not None:
         if not isinstance(newdata, pd.DataFrame):

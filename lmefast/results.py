@@ -25,6 +25,7 @@ from scipy import stats
 from lmefast.errors import SpecificationError
 from lmefast.objective import KernelObjective, Solution
 from lmefast.optimize import OptSummary
+from lmefast.params import MixedLMParams
 from lmefast.progress import progress_function
 
 if TYPE_CHECKING:
@@ -41,6 +42,19 @@ class MixedLMResults:
         self._sol = solution
         self.optsummary = optsummary
         self._derived: dict[str, Any] = {}
+
+    # -- pickling: the C kernel is not pickled but rebuilt from the cross-products ----------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        obj = state.pop("_objective")
+        state["_objective_args"] = (obj.reml, getattr(obj, "n_threads", None))
+        state["_derived"] = {}          # derived parts may hold kernels; they are made again
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        reml, n_threads = state.pop("_objective_args")
+        self.__dict__.update(state)
+        self._objective = self.model.engine.objective(reml, n_threads)
 
     def derived(self, key: str, make: Callable[[], Any]) -> Any:
         """A quantity derived from the fit (e.g. the Kenward-Roger parts, a profiler), made
@@ -92,10 +106,28 @@ class MixedLMResults:
     def k_re(self) -> int:
         return self.model.k_re
 
+    @cached_property
+    def _variance_params(self) -> list[tuple[int, int, int]]:
+        """The engine's variance parameters; in statsmodels' API the random coefficients'
+        whole lower triangle (by rows), also where a constrained fit (``fit(free=...)``) holds
+        covariances at 0, as statsmodels lists them."""
+        pars = self.engine.variance_params()
+        if self._lme4_api:
+            return pars
+        terms = self.engine.covariance_terms()
+        out: list[tuple[int, int, int]] = []
+        for j, c in enumerate(terms):
+            if c.role == "coef":
+                k = len(c.coef_names)
+                out.extend((j, r, col) for r in range(k) for col in range(r + 1))
+            else:
+                out.extend(p for p in pars if p[0] == j)
+        return out
+
     @property
     def k_re2(self) -> int:
         """Number of free entries of cov_re (statsmodels' k_re2)."""
-        return sum(1 for j, _, _ in self.engine.variance_params()
+        return sum(1 for j, _, _ in self._variance_params
                    if self.engine.covariance_terms()[j].role == "coef")
 
     @property
@@ -147,7 +179,7 @@ class MixedLMResults:
 
     # -- fixed effects ---------------------------------------------------------------------
     @cached_property
-    def fe_params(self) -> pd.Series:
+    def _fe_params_pd(self) -> pd.Series:
         return pd.Series(self._sol.beta.copy(), index=self.model.exog_names)
 
     @cached_property
@@ -159,7 +191,7 @@ class MixedLMResults:
         return self.scale * (Linv.T @ Linv)
 
     @cached_property
-    def bse_fe(self) -> pd.Series:
+    def _bse_fe_pd(self) -> pd.Series:
         return pd.Series(np.sqrt(np.diag(self._cov_fe)), index=self.model.exog_names)
 
     # -- variance parameters ----------------------------------------------------------------
@@ -172,7 +204,7 @@ class MixedLMResults:
         return self.scale * (T @ T.T)
 
     @cached_property
-    def cov_re(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
+    def _cov_re_pd(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
         """Covariance of the random coefficients, σ̂² T T': one DataFrame (statsmodels' API:
         the group's coefficients; empty for the one-group spelling of crossed effects), or per
         grouping factor (lme4's API)."""
@@ -195,12 +227,29 @@ class MixedLMResults:
         return np.array([var[name] for name in order])
 
     @cached_property
+    def _cov_re_unscaled_pd(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
+        """cov_re / scale (= T T'), statsmodels' cov_re_unscaled."""
+        if self._lme4_api:
+            return {name: frame / self.scale for name, frame in self._cov_re_pd.items()}
+        return self._cov_re_pd / self.scale
+
+    @property
+    def params_object(self) -> MixedLMParams:
+        """statsmodels' MixedLMParams at the estimates (cov_re, vcomp relative to σ²); it
+        remembers the criterion of the fit, so ``model.loglike(res.params_object)`` is llf."""
+        from lmefast.smparams import params_at
+
+        pa = params_at(self.engine, self._sol.theta, self._sol.beta)
+        pa.reml = self.reml
+        return pa
+
+    @cached_property
     def _re_param_names(self) -> list[str]:
         """statsmodels' names ("Pig Var", "Pig x Time Cov", "cask Var"); lme4's API carries the
         grouping factor's name in front ("Pig (Intercept) Var")."""
         terms = self.engine.covariance_terms()
         out = []
-        for j, r, c in self.engine.variance_params():
+        for j, r, c in self._variance_params:
             term = terms[j]
             if term.role == "vc":
                 out.append(f"{term.vc_name} Var")
@@ -215,7 +264,7 @@ class MixedLMResults:
         scale) in the engine's order of params."""
         Ts = self.engine.theta_map.Ts(np.asarray(theta, dtype=float))
         S = [T @ T.T for T in Ts]
-        return np.array([S[j][r, c] for j, r, c in self.engine.variance_params()], dtype=float)
+        return np.array([S[j][r, c] for j, r, c in self._variance_params], dtype=float)
 
     @cached_property
     def _psi(self) -> np.ndarray:
@@ -253,12 +302,12 @@ class MixedLMResults:
         return J @ cov_theta @ J.T
 
     @cached_property
-    def params(self) -> pd.Series:
+    def _params_pd(self) -> pd.Series:
         """statsmodels' params: fixed effects, then cov_re/scale (lower triangle), vcomp/scale."""
         return pd.Series(np.concatenate([self._sol.beta, self._psi]),
                          index=self.model.exog_names + self._re_param_names)
 
-    def cov_params(self) -> pd.DataFrame:
+    def _cov_params_pd(self) -> pd.DataFrame:
         """Covariance of params: lme4's σ̂²(Rx'Rx)⁻¹ for β; inverse observed information of
         the variance parameters (independent of β̂ by the block structure of the information)."""
         p = self.k_fe
@@ -266,26 +315,26 @@ class MixedLMResults:
         C = np.zeros((p + d, p + d))
         C[:p, :p] = self._cov_fe
         C[p:, p:] = self._cov_psi
-        names = list(self.params.index)
+        names = list(self._params_pd.index)
         return pd.DataFrame(C, index=names, columns=names)
 
     @cached_property
-    def bse(self) -> pd.Series:
-        return pd.Series(np.sqrt(np.diag(self.cov_params().to_numpy())), index=self.params.index)
+    def _bse_pd(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.diag(self._cov_params_pd().to_numpy())), index=self._params_pd.index)
 
     @cached_property
-    def bse_re(self) -> pd.Series:
-        return self.bse.iloc[self.k_fe:]
+    def _bse_re_pd(self) -> pd.Series:
+        return self._bse_pd.iloc[self.k_fe:]
 
     @cached_property
-    def tvalues(self) -> pd.Series:
-        return self.params / self.bse
+    def _tvalues_pd(self) -> pd.Series:
+        return self._params_pd / self._bse_pd
 
     @cached_property
-    def pvalues(self) -> pd.Series:
+    def _pvalues_pd(self) -> pd.Series:
         """Two-sided p-values from the normal distribution (statsmodels' z-tests)."""
-        return pd.Series(2.0 * stats.norm.sf(np.abs(self.tvalues.to_numpy())),
-                         index=self.params.index)
+        return pd.Series(2.0 * stats.norm.sf(np.abs(self._tvalues_pd.to_numpy())),
+                         index=self._params_pd.index)
 
     def conf_int(self, alpha: float = 0.05, method: str | None = None, level: float | None = None,
                  **kwargs) -> pd.DataFrame:
@@ -298,9 +347,60 @@ class MixedLMResults:
             return conf_int(self, method=method or "profile",
                             level=1 - alpha if level is None else level, **kwargs)
         q = stats.norm.ppf(1 - alpha / 2)
-        lo = self.params - q * self.bse
-        hi = self.params + q * self.bse
-        return pd.DataFrame({0: lo, 1: hi})
+        lo = self._params_pd - q * self._bse_pd
+        hi = self._params_pd + q * self._bse_pd
+        return self._typed(pd.DataFrame({0: lo, 1: hi}))
+
+    # -- statsmodels' output types: pandas for pandas or formula data, ndarrays for arrays --------
+    def _typed(self, value: Any) -> Any:
+        if self.model.pandas_output or isinstance(value, dict):
+            return value
+        return value.to_numpy()
+
+    @property
+    def fe_params(self) -> pd.Series | np.ndarray:
+        """β̂ (a Series named by the fixed effects; an array for array data, as statsmodels)."""
+        return self._typed(self._fe_params_pd)
+
+    @property
+    def bse_fe(self) -> pd.Series | np.ndarray:
+        return self._typed(self._bse_fe_pd)
+
+    @property
+    def cov_re(self) -> Any:
+        """Covariance of the random coefficients, σ̂² T T' (see _cov_re_pd)."""
+        return self._typed(self._cov_re_pd)
+
+    @property
+    def cov_re_unscaled(self) -> Any:
+        """cov_re / scale (= T T'), statsmodels' cov_re_unscaled."""
+        return self._typed(self._cov_re_unscaled_pd)
+
+    @property
+    def params(self) -> pd.Series | np.ndarray:
+        """statsmodels' params: fixed effects, then cov_re/scale (lower triangle), vcomp/scale."""
+        return self._typed(self._params_pd)
+
+    def cov_params(self) -> pd.DataFrame | np.ndarray:
+        """Covariance of params (see _cov_params_pd)."""
+        return self._typed(self._cov_params_pd())
+
+    @property
+    def bse(self) -> pd.Series | np.ndarray:
+        return self._typed(self._bse_pd)
+
+    @property
+    def bse_re(self) -> pd.Series | np.ndarray:
+        return self._typed(self._bse_re_pd)
+
+    @property
+    def tvalues(self) -> pd.Series | np.ndarray:
+        return self._typed(self._tvalues_pd)
+
+    @property
+    def pvalues(self) -> pd.Series | np.ndarray:
+        """Two-sided p-values from the normal distribution (statsmodels' z-tests)."""
+        return self._typed(self._pvalues_pd)
 
     # -- random effects and fitted values ---------------------------------------------------
     @cached_property
@@ -331,11 +431,12 @@ class MixedLMResults:
 
     @property
     def fittedvalues(self) -> Any:
-        """Conditional fitted values Xβ̂ + Zb̂ (for chunked data another pass over the data,
-        by its source: a lazy Dask Series for Dask data)."""
+        """Conditional fitted values Xβ̂ + Zb̂: a Series for pandas or formula data, an array for
+        arrays (for chunked data another pass over the data, by its source: a lazy Dask Series
+        for Dask data)."""
         if self.model.source is not None:
             return self.model.source.fitted(self, resid=False)
-        return self._fitted
+        return self._rows(self._fitted.copy(), "fittedvalues")
 
     @cached_property
     def _fitted(self) -> np.ndarray:
@@ -346,7 +447,11 @@ class MixedLMResults:
         if self.model.source is not None:
             return self.model.source.fitted(self, resid=True)
         fitted = self._fitted   # first: a model without rows says so here
-        return self.engine.response() - fitted
+        return self._rows(self.engine.response() - fitted, "resid")
+
+    def _rows(self, values: np.ndarray, name: str) -> pd.Series | np.ndarray:
+        """One value per row: a Series for pandas or formula data (statsmodels), else an array."""
+        return pd.Series(values, name=name) if self.model.pandas_output else values
 
     def varcorr(self) -> pd.DataFrame:
         """lme4's ``as.data.frame(VarCorr(fit))``: per term, variances and covariances
@@ -369,19 +474,24 @@ class MixedLMResults:
         """(name, estimate, std. error) of the variance parameters for the summary table:
         covariance entries on the absolute scale, std. errors by the delta method with σ̂²
         held fixed."""
-        se = self.bse_re.to_numpy()
+        se = self._bse_re_pd.to_numpy()
         return [(name, self.scale * psi, self.scale * s)
                 for name, psi, s in zip(self._re_param_names, self._psi, se, strict=True)]
 
     def _group_sizes(self) -> dict[str, np.ndarray]:
         return self.engine.group_sizes()
 
-    def summary(self, alpha: float = 0.05, ddf: str | None = None):
-        """statsmodels' summary table; ``ddf`` ('satterthwaite', 'kenward-roger', 'residual')
-        gives t-tests of the fixed effects instead of z-tests."""
+    def summary(self, yname: str | None = None, xname_fe: list[str] | None = None,
+                xname_re: list[str] | None = None, title: str | None = None, alpha: float = 0.05,
+                ddf: str | None = None):
+        """statsmodels' summary: an object with ``tables`` (DataFrames), ``as_text()``,
+        ``as_html()``, ``as_latex()``; ``xname_fe``/``xname_re`` rename the fixed effects and
+        variance parameters, ``title`` replaces the title. ``ddf`` ('satterthwaite',
+        'kenward-roger', 'residual') gives t-tests of the fixed effects instead of z-tests."""
         from lmefast.summary import Summary
 
-        return Summary(self, alpha, ddf)
+        return Summary(self, alpha, ddf, yname=yname, xname_fe=xname_fe, xname_re=xname_re,
+                       title=title)
 
     def __repr__(self) -> str:
         return (f"<MixedLMResults {self.method}: llf={self.llf:.4f}, "
@@ -394,12 +504,43 @@ class MixedLMResults:
 
         return coef_table(self, ddf, alpha)
 
-    def t_test(self, contrast, ddf: str | None = "satterthwaite", rhs=None, alpha: float = 0.05,
-               joint: bool = False) -> pd.DataFrame:
-        """Contrasts of the fixed effects, e.g. ``"Time = 0"`` (lmefast.inference.t_test)."""
-        from lmefast.inference import t_test
+    def t_test(self, r_matrix, cov_p=None, use_t: bool | None = None, *, ddf: str | None = None,
+               rhs=None, alpha: float = 0.05, joint: bool = False):
+        """Tests of contrasts of the fixed effects (a matrix with k_fe columns, or a string such
+        as ``"Time = 0"``): statsmodels' contrast results (``effect``, ``sd``, ``tvalue``,
+        ``pvalue``, ``conf_int()``), z tests as statsmodels by default; ``ddf``
+        ('satterthwaite', 'kenward-roger', 'residual'; ``use_t=True`` is 'residual') gives t
+        tests; ``joint=True`` one F test of all rows (lmefast.inference)."""
+        from lmefast.inference import contrast_test
 
-        return t_test(self, contrast, ddf, rhs, alpha, joint)
+        if cov_p is not None:
+            raise NotImplementedError("t_test(cov_p=...) is not supported: the fit's covariance is used")
+        if use_t and ddf is None:
+            ddf = "residual"
+        return contrast_test(self, r_matrix, ddf, rhs, alpha, joint)
+
+    def f_test(self, r_matrix, cov_p=None, invcov=None, *, ddf: str | None = None, rhs=None):
+        """Joint F test of contrasts of the fixed effects (statsmodels' f_test; F = χ²/q with
+        infinite denominator df by default, small-sample df with ``ddf``)."""
+        from lmefast.inference import contrast_test
+
+        if cov_p is not None or invcov is not None:
+            raise NotImplementedError("f_test(cov_p=, invcov=) is not supported: the fit's covariance is used")
+        return contrast_test(self, r_matrix, ddf, rhs, joint=True)
+
+    def wald_test(self, r_matrix, cov_p=None, invcov=None, use_f: bool | None = None, *,
+                  ddf: str | None = None, rhs=None, **kwargs):
+        """Joint Wald test of contrasts of the fixed effects: χ² (statsmodels' default), or F
+        with ``use_f=True`` / ``ddf``."""
+        from lmefast.inference import contrast_test
+
+        if cov_p is not None or invcov is not None:
+            raise NotImplementedError("wald_test(cov_p=, invcov=) is not supported")
+        unknown = sorted(set(kwargs) - {"df_constraints", "scalar"})
+        if unknown:
+            raise TypeError(f"wald_test() got unexpected keyword argument(s) {unknown}")
+        return contrast_test(self, r_matrix, ddf, rhs, joint=True,
+                             chi2=not use_f and ddf is None)
 
     def anova(self, ddf: str | None = "satterthwaite", type: int = 3) -> pd.DataFrame:
         """Type-3 F tests per fixed-effects term (lmefast.inference.anova)."""
@@ -425,10 +566,20 @@ class MixedLMResults:
 
         return simulate(self, n, seed, include_random)
 
-    def predict(self, newdata=None, include_random: bool = True, new_levels: str = "population",
-                **kwargs) -> Any:
-        """Conditional or population predictions (lmefast.predict.predict); for chunked data,
-        another pass by the data source (a pandas or Dask DataFrame, a Parquet path)."""
+    def predict(self, exog=None, transform: bool = True, *, include_random: bool = False,
+                new_levels: str = "population", newdata=None, **kwargs) -> Any:
+        """Predictions: Xβ̂ (the fixed effects only, statsmodels' meaning) for the fitted rows
+        or for new data — a DataFrame (the formula's columns) or an exog array. With
+        ``include_random=True``, Xβ̂ + Zb̂: conditional on the groups' predicted random effects
+        (a group not in the fit gets Xβ̂ with ``new_levels='population'``, or raises with
+        'error'); see lmefast.predict.predict. For chunked data, another pass by the data
+        source (a pandas or Dask DataFrame, a Parquet path)."""
+        if newdata is not None and exog is not None:
+            raise TypeError("give the new data as exog (or newdata), not both")
+        if isinstance(exog, np.ndarray | list):
+            kwargs["exog"] = exog
+        elif exog is not None:          # a DataFrame, a Dask DataFrame or a Parquet path
+            newdata = exog
         source = self.model.source
         if source is not None and source.predicts:
             if new_levels not in ("population", "error"):
@@ -462,3 +613,30 @@ class MixedLMResults:
             raise TypeError("write_fitted() is for models fitted from chunked data")
         return self.model.source.write_fitted(self, path, progress_function(progress))
 
+    # -- statsmodels' persistence -------------------------------------------------------------
+    def remove_data(self) -> None:
+        """statsmodels' ``remove_data``: a no-op kept for compatibility. lmefast's results hold
+        the cross-products (size O(groups), not O(rows)) and the model's design, which
+        fitted values and residuals need; summaries and tests work as before."""
+
+    def save(self, fname: Any, remove_data: bool = False) -> None:
+        """Pickle the results to ``fname`` (a path or a binary file), statsmodels' ``save``."""
+        import pickle
+
+        if remove_data:
+            self.remove_data()
+        if hasattr(fname, "write"):
+            pickle.dump(self, fname)
+            return
+        with open(fname, "wb") as fh:
+            pickle.dump(self, fh)
+
+    @classmethod
+    def load(cls, fname: Any) -> MixedLMResults:
+        """Results saved with ``save`` (only load files you trust: this is pickle)."""
+        import pickle
+
+        if hasattr(fname, "read"):
+            return pickle.load(fname)
+        with open(fname, "rb") as fh:
+            return pickle.load(fh)

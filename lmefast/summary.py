@@ -1,13 +1,25 @@
-"""The summary table, in statsmodels' layout."""
+"""The summary table, in statsmodels' layout: ``tables`` (DataFrames: the model facts, the
+parameters), ``as_text()``, ``as_html()``, ``as_latex()``."""
 from __future__ import annotations
 
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 if TYPE_CHECKING:
     from lmefast.results import MixedLMResults
+
+
+def _names(given: list[str] | None, default: list[str], what: str) -> list[str]:
+    if given is None:
+        return default
+    given = [str(x) for x in given]
+    if len(given) != len(default):
+        raise ValueError(f"{what} must have {len(default)} names, got {len(given)}")
+    return given
 
 
 def _fmt(x: float, nd: int = 3) -> str:
@@ -17,10 +29,16 @@ def _fmt(x: float, nd: int = 3) -> str:
 class Summary:
     """Header of model facts, then one row per parameter: Coef., Std.Err., z, P>|z|, CI."""
 
-    def __init__(self, res: MixedLMResults, alpha: float = 0.05, ddf: str | None = None) -> None:
+    def __init__(self, res: MixedLMResults, alpha: float = 0.05, ddf: str | None = None, *,
+                 yname: str | None = None, xname_fe: list[str] | None = None,
+                 xname_re: list[str] | None = None, title: str | None = None) -> None:
         self.res = res
         self.alpha = alpha
         self.ddf = ddf
+        self.title = "Mixed Linear Model Regression Results" if title is None else title
+        self.yname = res.model.endog_names if yname is None else yname
+        self.xname_fe = _names(xname_fe, list(res.model.exog_names), "xname_fe")
+        self.xname_re = _names(xname_re, [r[0] for r in res._variance_rows()], "xname_re")
 
     def header(self) -> list[tuple[str, str, str, str]]:
         r = self.res
@@ -29,7 +47,7 @@ class Summary:
         groups = (str(len(sizes)) if len(all_sizes) == 1 else
                   ", ".join(f"{name} {len(v)}" for name, v in all_sizes.items()))
         return [
-            ("Model:", "MixedLM", "Dependent Variable:", r.model.endog_names),
+            ("Model:", "MixedLM", "Dependent Variable:", self.yname),
             ("No. Observations:", str(r.nobs), "Method:", r.method),
             ("No. Groups:", groups, "Scale:", f"{r.scale:.4f}"),
             ("Min. group size:", str(sizes.min()), "Log-Likelihood:", f"{r.llf:.4f}"),
@@ -43,26 +61,49 @@ class Summary:
         out = []
         if self.ddf is not None:  # t-tests with small-sample df (lmefast.inference)
             ct = r.coef_table(self.ddf, self.alpha)
-            for name, row in ct.iterrows():
+            for name, (_, row) in zip(self.xname_fe, ct.iterrows(), strict=True):
                 out.append([name, _fmt(row["estimate"]), _fmt(row["std_err"]), _fmt(row["df"], 2),
                             _fmt(row["t"]), _fmt(row["p"]), _fmt(row["ci_lower"]), _fmt(row["ci_upper"])])
-            for name, val, se in r._variance_rows():
+            for name, (_, val, se) in zip(self.xname_re, r._variance_rows(), strict=True):
                 out.append([name, _fmt(val), _fmt(se), "", "", "", "", ""])
             return out
-        for name in r.model.exog_names:
-            est, se = r.fe_params[name], r.bse_fe[name]
+        for name, col in zip(self.xname_fe, r.model.exog_names, strict=True):
+            est, se = r._fe_params_pd[col], r._bse_fe_pd[col]
             z = est / se
             p = 2 * stats.norm.sf(abs(z))
             out.append([name, _fmt(est), _fmt(se), _fmt(z, 3), _fmt(p), _fmt(est - q * se),
                         _fmt(est + q * se)])
-        for name, val, se in r._variance_rows():
+        for name, (_, val, se) in zip(self.xname_re, r._variance_rows(), strict=True):
             out.append([name, _fmt(val), _fmt(se), "", "", "", ""])
         return out
 
-    def __str__(self) -> str:
+    def _columns(self) -> list[str]:
         lo, hi = f"[{self.alpha / 2:.3f}", f"{1 - self.alpha / 2:.3f}]"
-        cols = ["", "Coef.", "Std.Err.", "z", "P>|z|", lo, hi] if self.ddf is None else \
-            ["", "Coef.", "Std.Err.", "df", "t", "P>|t|", lo, hi]
+        return (["", "Coef.", "Std.Err.", "z", "P>|z|", lo, hi] if self.ddf is None else
+                ["", "Coef.", "Std.Err.", "df", "t", "P>|t|", lo, hi])
+
+    @cached_property
+    def tables(self) -> list[pd.DataFrame]:
+        """[the model facts (4 columns, as printed), the parameters (one row per fixed effect
+        and variance parameter, the printed columns)]."""
+        head = pd.DataFrame(self.header())
+        cols = self._columns()
+        rows = self.rows()
+        params = pd.DataFrame([r[1:] for r in rows], index=[r[0] for r in rows], columns=cols[1:])
+        return [head, params]
+
+    def as_html(self) -> str:
+        head, params = self.tables
+        return (f"<h3>{self.title}</h3>" + head.to_html(header=False, index=False)
+                + params.to_html())
+
+    def as_latex(self) -> str:
+        head, params = self.tables
+        return (f"\\begin{{center}}{self.title}\\end{{center}}\n"
+                + head.to_latex(header=False, index=False) + params.to_latex())
+
+    def __str__(self) -> str:
+        cols = self._columns()
         rows = self.rows()
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         table = [" ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
@@ -75,7 +116,7 @@ class Summary:
         head_lines = [f"{a.ljust(hw[0])} {b.ljust(hw[1])} {c.ljust(hw[2])} {d.ljust(hw[3])}"
                       for a, b, c, d in head]
         width = max(len(table[0]), *(len(h) for h in head_lines))
-        title = "Mixed Linear Model Regression Results".center(width)
+        title = self.title.center(width)
         lines = [title, "=" * width, *head_lines, "-" * width, table[0], "-" * width,
                  *table[1:], "=" * width]
         if self.res.singular:
@@ -89,3 +130,6 @@ class Summary:
 
     def _repr_html_(self) -> str:
         return "<pre>" + str(self) + "</pre>"
+
+    def __repr__(self) -> str:
+        return str(self)

@@ -238,3 +238,15 @@ ALL_IDS = [c["id"] for c in all_cases()]
 def any_case(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Every cases.json entry: one grouping factor, or crossed factors as one group (build_model)."""
     return case_by_id(request.param)
+
+
+# -- listed expected failures ---------------------------------------------------------------------
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test module may list its known failures in EXPECTED_FAILURES (test id → reason); they
+    become strict xfails, so a listed test that passes fails the run (tests/test_statsmodels_suite.py)."""
+    for item in items:
+        listed = getattr(getattr(item, "module", None), "EXPECTED_FAILURES", None)
+        if listed:
+            reason = listed.get(item.nodeid.split("::", 1)[1])
+            if reason is not None:
+                item.add_marker(pytest.mark.xfail(strict=True, reason=reason))

@@ -53,13 +53,14 @@ def test_lazy_fitted_values_residuals_predictions(client: Client) -> None:
     scale = np.abs(mem.fittedvalues).max()
     assert np.max(np.abs(rs.compute().to_numpy() - mem.resid)) <= RTOL * scale
     new = dd.from_pandas(df.drop(columns="Weight").iloc[:100], npartitions=3)
-    pred = big.predict(new)
+    pred = big.predict(new, include_random=True)
     assert isinstance(pred, dd.Series)
-    close(pred.compute().to_numpy(), mem.predict(df.iloc[:100]))
+    close(pred.compute().to_numpy(), mem.predict(df.iloc[:100], include_random=True))
     close(big.predict(new, include_random=False).compute().to_numpy(),
           mem.predict(df.iloc[:100], include_random=False))
-    close(big.predict(df.iloc[:100]), mem.predict(df.iloc[:100]))  # pandas newdata: numpy
-    close(big.predict().compute().to_numpy(), mem.fittedvalues)
+    close(big.predict(df.iloc[:100], include_random=True),
+          mem.predict(df.iloc[:100], include_random=True))  # pandas newdata: numpy
+    close(big.predict(include_random=True).compute().to_numpy(), mem.fittedvalues)
     with pytest.raises(SpecificationError, match="lazy"):
         next(iter(big.fitted_chunks()))
 

@@ -42,7 +42,7 @@ def test_replicates_equal_a_plain_refit_on_the_simulated_response() -> None:
         data = df.copy()
         data["Reaction"] = y
         model = lmefast.mixedlm("Reaction ~ Days", data, groups="Subject", re_formula="~Days")
-        refit = model.fit(start_params=res.theta)      # the bootstrap starts at θ̂ too
+        refit = model.fit(start_theta=res.theta)      # the bootstrap starts at θ̂ too
         row = boot.replicates.iloc[r]
         np.testing.assert_allclose(boot.theta[r], refit.theta, rtol=1e-6, atol=1e-9)
         # from the default start: the same optimum, within the optimiser's tolerance
@@ -109,19 +109,19 @@ def test_simulate() -> None:
 def test_predict() -> None:
     _, res = fit_case("dietox_cat", True)
     df = read_data("dietox")
-    np.testing.assert_allclose(res.predict(df), res.fittedvalues, rtol=1e-12)
-    np.testing.assert_allclose(res.predict(), res.fittedvalues)
+    np.testing.assert_allclose(res.predict(df, include_random=True), res.fittedvalues, rtol=1e-12)
+    np.testing.assert_allclose(res.predict(include_random=True), res.fittedvalues)
     pop = res.predict(df, include_random=False)
     np.testing.assert_allclose(pop, res.model.spec.X @ res.fe_params.to_numpy(), rtol=1e-12)
     new = df.head(5).copy()
     new["Pig"] = -1
-    np.testing.assert_allclose(res.predict(new), pop[:5], rtol=1e-12)
+    np.testing.assert_allclose(res.predict(new, include_random=True), pop[:5], rtol=1e-12)
     with pytest.raises(PredictionError, match="not in the fit"):
-        res.predict(new, new_levels="error")
+        res.predict(new, include_random=True, new_levels="error")
     with pytest.raises(PredictionError, match=r"missing column\(s\) \['Time'\]"):
-        res.predict(df.drop(columns="Time"))
+        res.predict(include_random=True, exog=df.drop(columns="Time"))
     with pytest.raises(PredictionError, match="grouping column 'Pig'"):
-        res.predict(df.drop(columns="Pig"))
+        res.predict(include_random=True, exog=df.drop(columns="Pig"))
     arr = res.predict(exog=res.model.spec.X[:3], exog_re=np.column_stack([np.ones(3), df["Time"][:3]]),
-                      groups=df["Pig"][:3])
+                      groups=df["Pig"][:3], include_random=True)
     np.testing.assert_allclose(arr, res.fittedvalues[:3], rtol=1e-12)

@@ -148,7 +148,7 @@ def test_tests_and_anova_with_a_covariate() -> None:
     assert list(tab.index) == ["Days"]
     assert tab.loc["Days", "F"] == pytest.approx(ct.loc["Days", "t"] ** 2, rel=1e-10)
     assert tab.loc["Days", "den_df"] == pytest.approx(ct.loc["Days", "df"], rel=1e-10)
-    t = res.t_test("Days = 0")
+    t = res.t_test("Days = 0", ddf="satterthwaite")
     assert t["p"].iloc[0] == pytest.approx(ct.loc["Days", "p"], rel=1e-12)
     with pytest.raises(InferenceError, match="2 columns"):
         res.t_test(np.ones((1, 3)))
@@ -238,7 +238,7 @@ def test_replicates_equal_a_plain_refit_on_the_simulated_response(case_id: str) 
     for r in range(4):
         data = read_data(case["data"])
         data[response] = sim.response(np.random.default_rng(seeds[r]))
-        refit = lmefast.lmer(case["lme4"], data, start_params=res.theta)   # started at θ̂, as the bootstrap
+        refit = lmefast.lmer(case["lme4"], data, start_theta=res.theta)   # started at θ̂, as the bootstrap
         np.testing.assert_allclose(boot.theta[r], refit.theta, rtol=1e-8, atol=1e-10)
         assert boot.objective[r] == pytest.approx(refit.objective, rel=1e-12)
         row = boot.replicates.iloc[r]
@@ -284,34 +284,34 @@ def test_simulate() -> None:
 def test_predict_nested() -> None:
     res = _fit("pastes_nested", True)
     df = read_data("Pastes")
-    np.testing.assert_allclose(res.predict(df), res.fittedvalues, rtol=1e-12)
-    np.testing.assert_allclose(res.predict(), res.fittedvalues)
+    np.testing.assert_allclose(res.predict(df, include_random=True), res.fittedvalues, rtol=1e-12)
+    np.testing.assert_allclose(res.predict(include_random=True), res.fittedvalues)
     pop = res.predict(df, include_random=False)
     np.testing.assert_allclose(pop, res.fe_params.iloc[0])
     # a new cask in a known batch: the batch's effect only
     new = df.head(3).copy()
     new["cask"] = "zz"
     want = res.fe_params.iloc[0] + res.random_effects["batch"].loc[new["batch"], "(Intercept)"].to_numpy()
-    np.testing.assert_allclose(res.predict(new), want, rtol=1e-12)
+    np.testing.assert_allclose(res.predict(new, include_random=True), want, rtol=1e-12)
     with pytest.raises(PredictionError, match="not in the fit"):
-        res.predict(new, new_levels="error")
+        res.predict(new, include_random=True, new_levels="error")
     with pytest.raises(PredictionError, match=r"grouping column\(s\) \['cask'\]"):
-        res.predict(df.drop(columns="cask"))
+        res.predict(include_random=True, exog=df.drop(columns="cask"))
     with pytest.raises(PredictionError, match="need newdata"):
-        res.predict(exog=np.ones((2, 1)))
+        res.predict(exog=np.ones((2, 1)), include_random=True)
     np.testing.assert_allclose(res.predict(exog=np.ones((2, 1)), include_random=False), pop[:2])
 
 
 def test_predict_crossed_with_a_slope() -> None:
     df = _crossed_sleepstudy()
     res = lmefast.lmer("Reaction ~ Days + (Days | Subject) + (1 | site)", df)
-    np.testing.assert_allclose(res.predict(df), res.fittedvalues, rtol=1e-12)
+    np.testing.assert_allclose(res.predict(df, include_random=True), res.fittedvalues, rtol=1e-12)
     with pytest.raises(PredictionError, match=r"missing column\(s\) \['Days'\]"):
-        res.predict(df.drop(columns="Days"))
+        res.predict(include_random=True, exog=df.drop(columns="Days"))
     new = df.head(2).copy()
     new["Subject"] = -1
     site = res.random_effects["site"].loc[new["site"], "(Intercept)"].to_numpy()
-    np.testing.assert_allclose(res.predict(new), res.predict(new, include_random=False) + site, rtol=1e-12)
+    np.testing.assert_allclose(res.predict(new, include_random=True), res.predict(new) + site, rtol=1e-12)
 
 
 # -- likelihood-ratio tests -------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_boundary_fit_is_a_minimum_not_a_saddle(data: Callable, name: str, shift
     res = model.fit(reml=reml)
     assert res.converged
     # no other start does better
-    other = model.fit(reml=reml, start_params=np.array([2.0, 0.0, 0.5]))
+    other = model.fit(reml=reml, start_theta=np.array([2.0, 0.0, 0.5]))
     assert res.objective <= other.objective + 1e-6, (
         f"default start: θ̂ {res.theta}, objective {res.objective:.10g}; start [2, 0, 0.5]: θ̂ {other.theta}, "
         f"objective {other.objective:.10g}")

@@ -429,8 +429,8 @@ def test_lmer_passes_fit_kwargs(reml: bool) -> None:
     df = read_data(case["data"])
     _, cached = fit_lmer_case("penicillin_crossed", reml)
     start = np.array([0.5, 2.0])
-    a = lmefast.lmer(case["lme4"], df, reml=reml, start_params=start)
-    b = lmefast.lmer_model(case["lme4"], df).fit(reml=reml, start_params=start)
+    a = lmefast.lmer(case["lme4"], df, reml=reml, start_theta=start)
+    b = lmefast.lmer_model(case["lme4"], df).fit(reml=reml, start_theta=start)
     assert a.reml is reml and a.llf == b.llf
     np.testing.assert_array_equal(a.theta, b.theta)
     assert a.llf == pytest.approx(cached.llf, abs=1e-7)

@@ -98,7 +98,7 @@ def test_fitted_values_need_another_pass(parquet_dir, tmp_path: Path) -> None:
     with pytest.raises(RowsUnavailableError, match="write_fitted"):
         big.resid  # noqa: B018
     with pytest.raises(RowsUnavailableError):
-        big.predict()
+        big.predict(include_random=True)
     with pytest.raises(RowsUnavailableError, match="rows"):
         big.model.spec.X  # noqa: B018
     chunks = list(big.fitted_chunks())
@@ -113,14 +113,14 @@ def test_fitted_values_need_another_pass(parquet_dir, tmp_path: Path) -> None:
     close(back["fittedvalues"], mem.fittedvalues)
     # predictions for a DataFrame: the design of the fit (same categorical levels)
     new = df.iloc[:40]
-    close(big.predict(new), mem.predict(new))
+    close(big.predict(new, include_random=True), mem.predict(new, include_random=True))
     close(big.predict(new, include_random=False), mem.predict(new, include_random=False))
     unseen = new.assign(**{groups: 10**9})
-    close(big.predict(unseen), mem.predict(new, include_random=False))
+    close(big.predict(unseen, include_random=True), mem.predict(new, include_random=False))
     with pytest.raises(SpecificationError, match="not in the fit"):
-        big.predict(unseen, new_levels="error")
+        big.predict(unseen, include_random=True, new_levels="error")
     with pytest.raises(SpecificationError, match="not among the levels"):
-        big.predict(new.assign(Cu="Cu999"))
+        big.predict(new.assign(Cu="Cu999"), include_random=True)
 
 
 @pytest.mark.slow
@@ -175,7 +175,7 @@ def test_rank_deficient_design_drops_columns(tmp_path: Path) -> None:
     assert_same_fit(big, mem)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        close(big.predict(df.iloc[:10]), mem.predict(df.iloc[:10]))
+        close(big.predict(df.iloc[:10], include_random=True), mem.predict(df.iloc[:10], include_random=True))
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_variance_components_fitted_values(model_id: str, parquet_dir) -> None:
     close(fc["fittedvalues"], mem.fittedvalues)
     close(big.predict(df.iloc[:20], include_random=False), mem.predict(df.iloc[:20], include_random=False))
     with pytest.raises(SpecificationError, match="variance components"):
-        big.predict(df.iloc[:20])
+        big.predict(df.iloc[:20], include_random=True)
 
 
 def test_one_changed_row_is_beyond_the_tolerances() -> None:

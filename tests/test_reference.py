@@ -238,7 +238,7 @@ def test_other_starting_points_do_no_better(fits: dict[str, Any]) -> None:
     model, res = fits["model"], fits["res"]
     start = model.spec.theta_map.start()
     for factor in (0.3, 3.0):
-        other = model.fit(reml=res.reml, start_params=start * factor)
+        other = model.fit(reml=res.reml, start_theta=start * factor)
         assert res.objective <= other.objective + 1e-7 * max(1.0, abs(res.objective)), (
             f"start ×{factor}: objective {other.objective!r} at θ {other.theta} beats the default fit's "
             f"{res.objective!r} at θ {res.theta}")
