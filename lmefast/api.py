@@ -61,10 +61,9 @@ def mixedlm(
         if type(data).__module__.startswith("dask."):
             return dask_mixedlm(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
         return mixedlm_parquet(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
-    if scale_out:
-        raise TypeError(f"mixedlm() got unexpected keyword argument(s) {sorted(scale_out)}")
+    # data in memory: statsmodels' from_formula keywords (warned about there), others raise
     return MixedLM.from_formula(formula, data, groups=groups, re_formula=re_formula,
-                                vc_formula=vc_formula, missing=missing)
+                                vc_formula=vc_formula, missing=missing, **scale_out)
 
 
 def lmer_model(formula: str, data: Any, missing: str = "raise") -> MixedLM:

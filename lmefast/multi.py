@@ -427,11 +427,12 @@ class BlockedEngine(Engine):
 
     # -- at a solution -----------------------------------------------------------------------
     def _modes(self, obj: MultiObjective, sol: Solution) -> list[np.ndarray]:
-        key = (id(obj), sol.theta.tobytes())
-        cached = self.__dict__.get("_last_modes")
+        # kept with the objective (one per fit), for the θ it was made at
+        key = sol.theta.tobytes()
+        cached = obj.__dict__.get("_modes_at")
         if cached is None or cached[0] != key:
             cached = (key, obj.modes(sol))
-            self.__dict__["_last_modes"] = cached
+            obj.__dict__["_modes_at"] = cached
         return cached[1]
 
     def modes_by_factor(self, obj: MultiObjective, sol: Solution) -> dict[str, pd.DataFrame]:

@@ -163,11 +163,12 @@ class OneFactorEngine(Engine):
 
     # -- at a solution -----------------------------------------------------------------------
     def _modes(self, obj: ProfiledObjective, sol: Solution) -> tuple[np.ndarray, np.ndarray]:
-        key = ("modes", id(obj), sol.theta.tobytes())
-        cached = self.__dict__.get("_last_modes")
+        # kept with the objective (one per fit), for the θ it was made at
+        key = sol.theta.tobytes()
+        cached = obj.__dict__.get("_modes_at")
         if cached is None or cached[0] != key:
             cached = (key, obj.modes(sol))
-            self.__dict__["_last_modes"] = cached
+            obj.__dict__["_modes_at"] = cached
         return cached[1]
 
     def coefficient_modes(self, obj: ProfiledObjective, sol: Solution) -> pd.DataFrame:
