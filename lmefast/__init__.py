@@ -12,8 +12,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from lmefast.api import lmer, lmer_model, mixedlm
 from lmefast.errors import SpecificationError
 from lmefast.inference import lrtest
+from lmefast.many import ManyResults, fit_many
 from lmefast.model import MixedLM
 from lmefast.results import MixedLMResults
 
-__all__ = ["MixedLM", "MixedLMResults", "SpecificationError", "lmer", "lmer_model", "lrtest", "mixedlm"]
+__all__ = ["ManyResults", "MixedLM", "MixedLMResults", "SpecificationError", "fit_many", "lmer", "lmer_model",
+           "lrtest", "mixedlm"]
 __version__ = "0.1.0"

@@ -256,10 +256,20 @@ class MultiObjective(KernelObjective):
                                   for j, t in enumerate(terms)])
         th_row = np.concatenate([t.pattern[0] for t in terms]).astype(np.int32)
         th_col = np.concatenate([t.pattern[1] for t in terms]).astype(np.int32)
-        self.kernel = MultiKernel(
-            cp, arrays, terms[0].k, cp.p, cp.q2, max(t.k for t in trail), int(per_level.max()),
+        self._kernel_args = (
+            arrays, terms[0].k, cp.p, cp.q2, max(t.k for t in trail), int(per_level.max()),
             th_term, th_row, th_col, t_off, np.array([t.k for t in terms], dtype=np.int32),
             reml, default_threads(terms[0].m) if n_threads is None else n_threads)
+        self.kernel = MultiKernel(cp, *self._kernel_args)
+
+    def with_crossprods(self, cp: MultiCrossProducts) -> MultiObjective:
+        """The same objective on cross-products that differ from these in the response parts
+        only (Z'y, X'y, y'y): the layout's arrays are shared, only the kernel is new."""
+        obj = object.__new__(MultiObjective)
+        obj.__dict__.update(self.__dict__)
+        obj.cp = cp
+        obj.kernel = MultiKernel(cp, *self._kernel_args)
+        return obj
 
     def conditional_variances(self, sol: Solution) -> list[np.ndarray]:
         """Conditional covariances σ²Λ_j (M⁻¹)_ℓℓ Λ_j' of every level ℓ of every term j
@@ -358,6 +368,36 @@ class BlockedEngine(Engine):
                   crossprods: MultiCrossProducts | None = None) -> MultiObjective:
         return MultiObjective(self.crossprods if crossprods is None else crossprods, self.terms,
                               reml, n_threads)
+
+    # -- many responses on this design -----------------------------------------------------
+    def response_design(self) -> tuple[np.ndarray, sp.csr_matrix]:
+        """X and Z (sparse, n × q, columns in the cross-products' coordinate order: the first
+        factor's levels × k1, then the trailing block): the designs that multiply a response
+        in X'y and Z'y."""
+        if not self.has_rows:
+            raise self.no_rows("the design")
+        n = self.nobs
+        t1 = self.terms[0]
+        off = [0] + [t1.m * t1.k + int(c0) for c0 in self.crossprods.trail_c0]
+        rows, cols, vals = [], [], []
+        for t, c0 in zip(self.terms, off, strict=True):
+            for a in range(t.k):
+                rows.append(np.arange(n))
+                cols.append(c0 + t.codes * t.k + a)
+                vals.append(t.Z[:, a])
+        q = t1.m * t1.k + self.crossprods.q2
+        Z = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(n, q))
+        Z.eliminate_zeros()
+        return self.X, Z
+
+    def with_response(self, zty: np.ndarray, xty: np.ndarray, yty: float) -> MultiCrossProducts:
+        """The cross-products of another response on this design (Z'y in the coordinate
+        order of ``response_design``)."""
+        t1 = self.terms[0]
+        q1 = t1.m * t1.k
+        return self.crossprods.with_response(np.reshape(zty[:q1], (t1.m, t1.k)), zty[q1:], xty,
+                                             yty, t1.k)
 
     # -- at a solution -----------------------------------------------------------------------
     def _modes(self, obj: MultiObjective, sol: Solution) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from lmefast._kernels import OneFactorKernel, modes_pass
 from lmefast.crossprods import CrossProducts, compute_crossprods
@@ -51,6 +52,10 @@ class ProfiledObjective(KernelObjective):
     @property
     def n_threads(self) -> int:
         return int(self.kernel.n_threads)
+
+    def with_crossprods(self, cp: CrossProducts) -> ProfiledObjective:
+        """The same objective on cross-products that differ in the response parts only."""
+        return ProfiledObjective(cp, self.theta_map, self.reml, self.n_threads)
 
     def modes(self, sol: Solution) -> tuple[np.ndarray, np.ndarray]:
         """Conditional modes b (one per coordinate, offsets q_off) and conditional covariances
@@ -131,6 +136,28 @@ class OneFactorEngine(Engine):
                   crossprods: CrossProducts | None = None) -> ProfiledObjective:
         return ProfiledObjective(self.crossprods if crossprods is None else crossprods,
                                  self.theta_map, reml, n_threads)
+
+    # -- many responses on this design -----------------------------------------------------
+    def response_design(self) -> tuple[np.ndarray, sp.csr_matrix]:
+        """X and Z (sparse, n × q, columns in the cross-products' coordinate order): the
+        designs that multiply a response in X'y and Z'y."""
+        if not self.has_rows:
+            raise self.no_rows("the design")
+        spec, lay = self.spec, self.spec.layout
+        n, k = spec.nobs, spec.k_re
+        base = lay.q_off[spec.group_codes]
+        rows = [np.repeat(np.arange(n), k), np.tile(np.arange(n), lay.vc_val.shape[0])]
+        cols = [(base[:, None] + np.arange(k)).ravel(), (base[None, :] + lay.vc_coord).ravel()]
+        vals = [spec.Zre.ravel(), lay.vc_val.ravel()]
+        Z = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(n, int(lay.q_off[-1])))
+        Z.eliminate_zeros()
+        return spec.X, Z
+
+    def with_response(self, zty: np.ndarray, xty: np.ndarray, yty: float) -> CrossProducts:
+        """The cross-products of another response on this design (Z'y in the coordinate
+        order of ``response_design``)."""
+        return self.crossprods.with_response(zty, xty, yty)
 
     # -- at a solution -----------------------------------------------------------------------
     def _modes(self, obj: ProfiledObjective, sol: Solution) -> tuple[np.ndarray, np.ndarray]:
