@@ -24,6 +24,8 @@ class CrossProducts:
     yty: float
     n: int
     layout: BlockLayout
+    #: Σ log wᵢ of prior weights (lme4 subtracts it from the deviance; 0 without weights)
+    log_weights: float = 0.0
 
     @property
     def p(self) -> int:
@@ -96,7 +98,7 @@ class CrossProducts:
             yty = yty - 2 * value * self.Xty[j] + value * value * XtX[j, j]
         return CrossProducts(S=S, s_off=s_new, XtX=np.ascontiguousarray(XtX[np.ix_(keep, keep)]),
                              Xty=np.ascontiguousarray(Xty[keep]), yty=float(yty), n=self.n,
-                             layout=lay)
+                             layout=lay, log_weights=self.log_weights)
 
 
 def compute_crossprods(spec: ModelSpec, n_threads: int | None = None) -> CrossProducts:

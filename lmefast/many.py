@@ -41,7 +41,7 @@ from lmefast.api import lmer_model
 from lmefast.errors import InferenceError, ObjectiveError, SpecificationError
 from lmefast.formula import as_dataframe
 from lmefast.inference import normalize_ddf, parse_contrast
-from lmefast.model import MixedLM
+from lmefast.model import MixedLM, prior_weights_and_offset
 from lmefast.optimize import fit_theta
 from lmefast.parallel import check_threads, get_num_threads
 from lmefast.progress import progress_function
@@ -257,7 +257,10 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
     Each response gets its own θ, β, σ² and inference; every fitted response equals ``lmer`` on
     that response alone (``result(name)`` gives that fit in full). Missing values in a response
     drop that response's rows only; constant or all-missing responses are reported as not
-    fitted (``status()``). ``ddf``: 'satterthwaite' (lmerTest), 'residual', or None (z tests).
+    fitted (``status()``). ``weights`` (one per row: lme4's prior weights, zero drops a row)
+    and ``offset`` (one per row, subtracted from every response) are shared by all responses
+    (per-response weights are not implemented). ``ddf``: 'satterthwaite' (lmerTest),
+    'residual', or None (z tests).
     ``n_threads``: threads across responses (default lmefast.parallel.get_num_threads()).
     ``progress``: True prints, a callable(stage, done, total) receives reports."""
     rhs = _right_hand_side(formula)
@@ -269,15 +272,27 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
     if ddf == "kenward-roger":
         raise InferenceError("fit_many computes Satterthwaite, residual or z tests; for Kenward-Roger "
                              "take one response's fit: res.result(name).coef_table(ddf='kenward-roger')")
-    if weights is not None or offset is not None:
-        raise SpecificationError("fit_many: weights and offset are not implemented yet")
+    w, off = prior_weights_and_offset(weights, offset, n)
+    if w is not None and not np.all(w > 0):       # zero weights: those rows are dropped
+        keep = np.nonzero(w > 0)[0]
+        df, Y, w = df.iloc[keep].reset_index(drop=True), np.asfortranarray(Y[keep]), w[keep]
+        off = off[keep] if off is not None else None
+        n = len(df)
     nth = get_num_threads() if n_threads is None else check_threads(n_threads)
     report = progress_function(progress)
 
     frame = df.copy(deep=False)
     frame[PLACEHOLDER] = np.arange(n, dtype=float)
     f = f"{PLACEHOLDER} ~ {rhs}"
-    main = _Design(None, lmer_model(f, frame))
+    rowwise = {"weights": w, "offset": off}
+
+    def design_model(rows: np.ndarray | None) -> MixedLM:
+        if rows is None:
+            return lmer_model(f, frame, **rowwise)
+        return lmer_model(f, frame.iloc[rows].reset_index(drop=True),
+                          **{k: None if v is None else v[rows] for k, v in rowwise.items()})
+
+    main = _Design(None, design_model(None))
     beta_names = main.model.exog_names
     theta_names = _theta_names(main.model)
     out = _Out.empty(m, len(beta_names), len(theta_names))
@@ -304,7 +319,7 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
             continue
         rows = np.nonzero(finite[:, cols[0]])[0]
         try:
-            designs[key] = _Design(rows, lmer_model(f, frame.iloc[rows].reset_index(drop=True)))
+            designs[key] = _Design(rows, design_model(rows))
         except SpecificationError as exc:
             designs[key] = _Design(rows, None, str(exc))
 
@@ -327,12 +342,17 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
         for b0 in range(0, len(cols), BLOCK):
             idx = cols_arr[b0:b0 + BLOCK]
             Yb = Y[:, idx] if design.rows is None else Y[np.ix_(design.rows, idx)]
+            rows = slice(None) if design.rows is None else design.rows
+            if off is not None:        # the working response √w (y − o) of the weighted model
+                Yb = Yb - off[rows, None]
+            if w is not None:
+                Yb = Yb * np.sqrt(w[rows])[:, None]
             _fit_block(design, Yb, idx, out, reml, ddf == "satterthwaite", beta_pos, theta_pos, nth)
             done += len(idx)
             if report is not None:
                 report("responses", done, total)
     return ManyResults(names, beta_names, theta_names, out, reml, ddf, n_obs, n, rhs, frame,
-                       Y, designs, main.model)
+                       Y, rowwise, main.model)
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -343,7 +363,7 @@ class ManyResults:
 
     def __init__(self, names: list[str], beta_names: list[str], theta_names: list[str], out: _Out,
                  reml: bool, ddf: str | None, n_observed: np.ndarray, n_rows: int, rhs: str,
-                 frame: pd.DataFrame, Y: np.ndarray, designs: dict, template: MixedLM) -> None:
+                 frame: pd.DataFrame, Y: np.ndarray, rowwise: dict, template: MixedLM) -> None:
         self.names = list(names)
         self.exog_names = list(beta_names)
         self.theta_names = list(theta_names)
@@ -355,6 +375,7 @@ class ManyResults:
         self._rhs = rhs
         self._frame = frame
         self._Y = Y
+        self._rowwise = rowwise
         self._template = template
         self._index = {name: j for j, name in enumerate(self.names)}
 
@@ -504,7 +525,8 @@ class ManyResults:
         rows = np.nonzero(np.isfinite(y))[0]
         frame = self._frame.iloc[rows].reset_index(drop=True).copy(deep=False)
         frame[PLACEHOLDER] = y[rows]
-        model = lmer_model(f"{PLACEHOLDER} ~ {self._rhs}", frame)
+        model = lmer_model(f"{PLACEHOLDER} ~ {self._rhs}", frame,
+                           **{k: None if v is None else v[rows] for k, v in self._rowwise.items()})
         model.endog_name = str(name)
         return model
 

@@ -47,6 +47,8 @@ class MultiCrossProducts:
     yty: float
     n: int
     trail_c0: np.ndarray    # first coordinate of each trailing term
+    #: Σ log wᵢ of prior weights (lme4 subtracts it from the deviance; 0 without weights)
+    log_weights: float = 0.0
 
     @property
     def p(self) -> int:
@@ -305,6 +307,10 @@ class MultiObjective(KernelObjective):
 class BlockedEngine(Engine):
     """Several grouping factors (the blocked Cholesky; module docstring).
 
+    Prior weights w and an offset o (lme4's): y, X and the terms' Z are the working rows
+    √w (y − o), √w X, √w Z, so every cross-product is Σ w a b (DESIGN.md §4); ``weights`` and
+    ``offset`` turn fitted values and the response back to the data's scale.
+
     ``statsmodels_group`` / ``vc_order``: set when the model came from statsmodels' one-group
     spelling of crossed effects (the group's label and the variance components in the user's
     order), so that statsmodels' shapes can be given (random_effects of the one group)."""
@@ -313,7 +319,10 @@ class BlockedEngine(Engine):
                  crossprods: MultiCrossProducts | None = None,
                  group_sizes: dict[str, np.ndarray] | None = None, nobs: int | None = None,
                  source: Any = None, statsmodels_group: Any = None,
-                 vc_order: tuple[str, ...] = ()) -> None:
+                 vc_order: tuple[str, ...] = (), weights: np.ndarray | None = None,
+                 offset: np.ndarray | None = None) -> None:
+        self.weights = weights
+        self.offset = offset
         self.y = y
         self.X = X
         self.terms = tuple(terms)
@@ -362,7 +371,13 @@ class BlockedEngine(Engine):
 
     @cached_property
     def crossprods(self) -> MultiCrossProducts:
-        return compute_multi_crossprods(self.y, self.X, list(self.terms))
+        cp = compute_multi_crossprods(self.y, self.X, list(self.terms))
+        return cp if self.weights is None else replace(cp, log_weights=float(np.sum(np.log(self.weights))))
+
+    def to_data_scale(self, working: np.ndarray, offset: bool = True) -> np.ndarray:
+        """Rows of the working scale (√w ·) back on the data's scale (and + o)."""
+        out = working if self.weights is None else working / np.sqrt(self.weights)
+        return out + self.offset if offset and self.offset is not None else out
 
     def objective(self, reml: bool = True, n_threads: int | None = None,
                   crossprods: MultiCrossProducts | None = None) -> MultiObjective:
@@ -436,17 +451,17 @@ class BlockedEngine(Engine):
         fit = self.X @ sol.beta
         for t, b in zip(self.terms, self._modes(obj, sol), strict=True):
             fit += np.einsum("ij,ij->i", t.Z, b[t.codes])
-        return fit
+        return self.to_data_scale(fit)
 
     def fixed_part(self, beta: np.ndarray) -> np.ndarray:
         if not self.has_rows:
             raise self.no_rows("the fixed-effects design")
-        return self.X @ beta
+        return self.to_data_scale(self.X @ beta, offset=False)
 
     def response(self) -> np.ndarray:
         if not self.has_rows:
             raise self.no_rows("the response")
-        return self.y
+        return self.to_data_scale(self.y)
 
     # -- inference ---------------------------------------------------------------------------
     def without_fixed(self, j: int, value: float) -> MultiCrossProducts:
@@ -465,6 +480,9 @@ class BlockedEngine(Engine):
 
         if not self.has_rows:
             raise self.no_rows("the design")
+        if self.weights is not None:
+            raise InferenceError("Kenward-Roger with prior weights is not implemented (pbkrtest has no "
+                                 "weights either): use ddf='satterthwaite'")
         terms = self.terms
         sizes = [t.m * t.k for t in terms]
         q = int(sum(sizes))

@@ -73,12 +73,19 @@ class ProfiledObjective(KernelObjective):
 
 class OneFactorEngine(Engine):
     """One grouping factor. ``spec`` is a ModelSpec (rows in memory) or, for chunked data, a
-    spec without rows with the cross-products and group sizes summed over the chunks."""
+    spec without rows with the cross-products and group sizes summed over the chunks.
+
+    Prior weights w and an offset o (lme4's): the spec's rows are the working rows
+    √w (y − o), √w X, √w Z, so every cross-product is Σ w a b (DESIGN.md §4); ``weights`` and
+    ``offset`` turn fitted values and the response back to the data's scale."""
 
     def __init__(self, spec: ModelSpec, *, crossprods: CrossProducts | None = None,
                  group_sizes: np.ndarray | None = None, source: Any = None,
-                 lme4_names: bool = False) -> None:
+                 lme4_names: bool = False, weights: np.ndarray | None = None,
+                 offset: np.ndarray | None = None) -> None:
         self.spec = spec
+        self.weights = weights
+        self.offset = offset
         self.theta_map = spec.theta_map
         self.source = source
         self.lme4_names = lme4_names
@@ -130,7 +137,13 @@ class OneFactorEngine(Engine):
 
     @cached_property
     def crossprods(self) -> CrossProducts:
-        return compute_crossprods(self.spec)
+        cp = compute_crossprods(self.spec)
+        return cp if self.weights is None else replace(cp, log_weights=float(np.sum(np.log(self.weights))))
+
+    def to_data_scale(self, working: np.ndarray, offset: bool = True) -> np.ndarray:
+        """Rows of the working scale (√w ·) back on the data's scale (and + o)."""
+        out = working if self.weights is None else working / np.sqrt(self.weights)
+        return out + self.offset if offset and self.offset is not None else out
 
     def objective(self, reml: bool = True, n_threads: int | None = None,
                   crossprods: CrossProducts | None = None) -> ProfiledObjective:
@@ -231,17 +244,17 @@ class OneFactorEngine(Engine):
         if lay.vc_val.shape[0]:
             base = lay.q_off[codes]
             fit += np.sum(lay.vc_val * b[base[None, :] + lay.vc_coord], axis=0)
-        return fit
+        return self.to_data_scale(fit)
 
     def fixed_part(self, beta: np.ndarray) -> np.ndarray:
         if not self.has_rows:
             raise self.no_rows("the fixed-effects design")
-        return self.spec.X @ beta
+        return self.to_data_scale(self.spec.X @ beta, offset=False)
 
     def response(self) -> np.ndarray:
         if not self.has_rows:
             raise self.no_rows("the response")
-        return self.spec.y
+        return self.to_data_scale(self.spec.y)
 
     # -- inference ---------------------------------------------------------------------------
     def without_fixed(self, j: int, value: float) -> CrossProducts:
@@ -278,6 +291,9 @@ class OneFactorEngine(Engine):
         covariances), one per variance component, and σ²."""
         if not self.has_rows:
             raise self.no_rows("the design")
+        if self.weights is not None:
+            raise InferenceError("Kenward-Roger with prior weights is not implemented (pbkrtest has no "
+                                 "weights either): use ddf='satterthwaite'")
         spec = self.spec
         lay = spec.layout
         codes = spec.group_codes

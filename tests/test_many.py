@@ -164,3 +164,20 @@ def test_arrays_and_bad_input() -> None:
         lmefast.fit_many("~ Days + (1 | Subject)", data, Y.iloc[:10])
     with pytest.raises(InferenceError, match="Kenward-Roger"):
         lmefast.fit_many("~ Days + (1 | Subject)", data, Y, ddf="kenward-roger")
+
+
+def test_weights_and_offset_equal_lmer() -> None:
+    data, Y = crossed_data(m=3, seed=11)
+    rng = np.random.default_rng(2)
+    w = rng.uniform(0.3, 3.0, len(data))
+    w[:2] = 0.0
+    off = rng.normal(0, 0.5, len(data))
+    Y.iloc[[4, 9], 1] = np.nan
+    rhs = "trait + (1 | donor) + (1 | batch)"
+    res = lmefast.fit_many(f"~ {rhs}", data, Y, weights=w, offset=off)
+    for name in Y.columns:
+        d = data.assign(y=Y[name].to_numpy(), w=w, o=off)
+        ref = lmefast.lmer(f"y ~ {rhs}", d, weights="w", offset="o", missing="drop")
+        assert res.status().nobs[name] == ref.nobs
+        assert_same_as_lmer(res, name, ref)
+        assert res.result(name).llf == pytest.approx(ref.llf, rel=1e-10)
