@@ -14,8 +14,9 @@ from lmefast.errors import SpecificationError
 from lmefast.inference import lrtest
 from lmefast.many import ManyResults, fit_many
 from lmefast.model import MixedLM
+from lmefast.parallel import get_num_threads, set_num_threads
 from lmefast.results import MixedLMResults
 
-__all__ = ["ManyResults", "MixedLM", "MixedLMResults", "SpecificationError", "fit_many", "lmer", "lmer_model",
-           "lrtest", "mixedlm"]
+__all__ = ["ManyResults", "MixedLM", "MixedLMResults", "SpecificationError", "fit_many", "get_num_threads",
+           "lmer", "lmer_model", "lrtest", "mixedlm", "set_num_threads"]
 __version__ = "0.1.0"
