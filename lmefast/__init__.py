@@ -12,12 +12,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from lmefast.api import lmer, lmer_model, mixedlm
 from lmefast.errors import ConvergenceWarning, IgnoredArgumentWarning, SingularFitWarning, SpecificationError
 from lmefast.inference import lrtest
+from lmefast.many import ManyResults, fit_many
 from lmefast.model import MixedLM
 from lmefast.parallel import get_num_threads, set_num_threads
 from lmefast.params import MixedLMParams
 from lmefast.results import MixedLMResults
 
-__all__ = ["ConvergenceWarning", "IgnoredArgumentWarning", "MixedLM", "MixedLMParams", "MixedLMResults",
-           "SingularFitWarning", "SpecificationError", "get_num_threads", "lmer", "lmer_model", "lrtest",
-           "mixedlm", "set_num_threads"]
+__all__ = ["ConvergenceWarning", "IgnoredArgumentWarning", "ManyResults", "MixedLM", "MixedLMParams",
+           "MixedLMResults", "SingularFitWarning", "SpecificationError", "fit_many", "get_num_threads",
+           "lmer", "lmer_model", "lrtest", "mixedlm", "set_num_threads"]
 __version__ = "0.1.0"

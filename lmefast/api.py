@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,9 @@ from lmefast.chunked_multi import multi_model_from_chunks, used_columns
 from lmefast.dask import DaskSource
 from lmefast.dask import mixedlm as dask_mixedlm
 from lmefast.errors import SpecificationError
-from lmefast.formula import design_matrix
-from lmefast.lmer import build_terms, lmer_frame, parse_lmer
-from lmefast.model import MixedLM, checked_response_and_design
+from lmefast.formula import as_dataframe, design_matrix
+from lmefast.lmer import build_terms, lmer_frame, offset_values, parse_lmer, split_offsets
+from lmefast.model import MixedLM, checked_response_and_design, prior_weights_and_offset, working_rows
 from lmefast.multi import BlockedEngine
 from lmefast.outofcore import ParquetSource, mixedlm_parquet
 from lmefast.progress import ProgressFn, progress_function
@@ -61,15 +62,59 @@ def mixedlm(
         if type(data).__module__.startswith("dask."):
             return dask_mixedlm(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
         return mixedlm_parquet(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
-    # data in memory: statsmodels' from_formula keywords (warned about there), others raise
+    # data in memory: weights, offset and statsmodels' from_formula keywords (warned about there);
+    # others raise
     return MixedLM.from_formula(formula, data, groups=groups, re_formula=re_formula,
                                 vc_formula=vc_formula, missing=missing, **scale_out)
 
 
-def lmer_model(formula: str, data: Any, missing: str = "raise") -> MixedLM:
+_WEIGHTS, _OFFSET = "__lmefast_weights__", "__lmefast_offset__"
+
+
+def _with_column(df: pd.DataFrame, values: Any, name: str, what: str) -> pd.DataFrame:
+    """The data with ``values`` (a column name of df, or one value per row) as column ``name``,
+    so that missing-value handling drops the same rows from it."""
+    if isinstance(values, str):
+        if values not in df.columns:
+            raise SpecificationError(f"{what}={values!r} is not a column of data")
+        values = df[values]
+    v = np.asarray(values, dtype=float).ravel() if not isinstance(values, pd.Series) else values.to_numpy(float)
+    if v.shape[0] != len(df):
+        raise SpecificationError(f"{what} have {v.shape[0]} entries but data has {len(df)} rows")
+    out = df.copy(deep=False)
+    out[name] = v
+    return out
+
+
+def lmer_model(formula: str, data: Any, missing: str = "raise", weights: Any = None,
+               offset: Any = None) -> MixedLM:
     """The model of an lme4 formula (not yet fitted). One grouping factor (after merging terms
-    on the same factor) runs on the one-factor engine, several on the blocked one."""
-    df, response, fixed, random = lmer_frame(formula, data, missing)
+    on the same factor) runs on the one-factor engine, several on the blocked one.
+
+    ``weights`` (prior weights: residual variance σ²/wᵢ; a column name or one per row; zero
+    weights drop their rows) and ``offset`` (subtracted from y, like ``offset(x)`` terms of
+    the formula) have lme4's meaning."""
+    df = as_dataframe(data)
+    extra = []
+    if weights is not None:
+        df = _with_column(df, weights, _WEIGHTS, "weights")
+        extra.append(_WEIGHTS)
+    if offset is not None:
+        df = _with_column(df, offset, _OFFSET, "offset")
+        extra.append(_OFFSET)
+    df, response, fixed, random = lmer_frame(formula, df, missing, tuple(extra))
+    fixed, offset_terms = split_offsets(fixed)
+    w, off = prior_weights_and_offset(df[_WEIGHTS] if weights is not None else None,
+                                      df[_OFFSET] if offset is not None else None, len(df))
+    if w is not None and not np.all(w > 0):
+        df = df.loc[w > 0].reset_index(drop=True)
+        off = off[w > 0] if off is not None else None
+        w = w[w > 0]
+        if len(df) == 0:
+            raise SpecificationError("every weight is zero: no rows to fit")
+    from_terms = offset_values(offset_terms, df)
+    if from_terms is not None:
+        off = from_terms if off is None else off + from_terms
     X, xnames = design_matrix(fixed, df)
     xnames = ["(Intercept)" if c == "Intercept" else c for c in xnames]
     y = df[response].to_numpy(dtype=float)
@@ -78,9 +123,12 @@ def lmer_model(formula: str, data: Any, missing: str = "raise") -> MixedLM:
         t = terms[0]
         return MixedLM(y, X, pd.Series(t.labels[t.codes]), exog_re=t.Z, endog_name=response,
                        exog_names=xnames, exog_re_names=list(t.coef_names), group_name=t.name,
-                       re_pattern=t.pattern, api="lme4")
+                       re_pattern=t.pattern, api="lme4", weights=w, offset=off)
     X, xnames, dropped = checked_response_and_design(y, response, X, xnames, stacklevel=4)
-    engine = BlockedEngine(y, np.ascontiguousarray(X), terms)
+    y, X, _, _ = working_rows(y, X, np.zeros((len(y), 0)), [], w, off)
+    if w is not None:
+        terms = [replace(t, Z=np.ascontiguousarray(t.Z * np.sqrt(w)[:, None])) for t in terms]
+    engine = BlockedEngine(y, np.ascontiguousarray(X), terms, weights=w, offset=off)
     return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames,
                                dropped_exog=dropped)
 
@@ -124,5 +172,11 @@ def lmer(formula: str, data: Any, reml: bool = True, missing: str = "raise",
     ``batch_rows``, ``split_every`` then go to the data pass, the other keywords to ``fit``."""
     if _is_scale_out(data):
         options = {k: kwargs.pop(k) for k in SCALE_OUT_OPTIONS if k in kwargs}
+        if kwargs.get("weights") is not None or kwargs.get("offset") is not None:
+            raise SpecificationError("weights and offset are for data in memory; Parquet and Dask "
+                                     "data do not take them yet")
+        kwargs.pop("weights", None)
+        kwargs.pop("offset", None)
         return scale_out_lmer_model(formula, data, missing, **options).fit(reml=reml, **kwargs)
-    return lmer_model(formula, data, missing).fit(reml=reml, **kwargs)
+    weights, offset = kwargs.pop("weights", None), kwargs.pop("offset", None)
+    return lmer_model(formula, data, missing, weights, offset).fit(reml=reml, **kwargs)

@@ -195,6 +195,9 @@ def simulate(res: MixedLMResults, n: int = 1, seed: int | np.random.Generator | 
     conditional on the estimated modes b̂ (include_random=False: Xβ̂ + Zb̂ + ε*)."""
     if not isinstance(n, int | np.integer) or n < 1:
         raise BootstrapError(f"n must be a positive integer, got {n!r}")
+    if res.engine.weights is not None or res.engine.offset is not None:
+        raise BootstrapError("simulate with prior weights or an offset is not implemented "
+                             "(bootstrap is: it works on the weighted cross-products)")
     rng = np.random.default_rng(seed)
     if include_random:
         sim = res.engine.simulator(res.theta, res._sol.beta, res.sigma)

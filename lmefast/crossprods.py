@@ -1,7 +1,8 @@
 """Cross-products: everything the profiled objective needs, from one pass over the rows."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -23,6 +24,8 @@ class CrossProducts:
     yty: float
     n: int
     layout: BlockLayout
+    #: Σ log wᵢ of prior weights (lme4 subtracts it from the deviance; 0 without weights)
+    log_weights: float = 0.0
 
     @property
     def p(self) -> int:
@@ -45,6 +48,23 @@ class CrossProducts:
             A[gs, :qi, :qi] = rec[:, :qi * qi].reshape(-1, qi, qi)
             B[gs, :qi, :] = rec[:, qi * qi:qi * qi + qi * p].reshape(-1, qi, p)
         return A, B
+
+    @cached_property
+    def response_positions(self) -> np.ndarray:
+        """Where each coordinate's entry of Z'y sits in S (coordinates in the layout's order:
+        group g owns q_off[g]:q_off[g+1])."""
+        q_off, p = self.layout.q_off, self.p
+        q = np.diff(q_off)
+        group = np.repeat(np.arange(q.shape[0]), q)
+        local = np.arange(int(q_off[-1])) - q_off[group]
+        return self.s_off[group] + q[group] * (q[group] + p) + local
+
+    def with_response(self, zty: np.ndarray, xty: np.ndarray, yty: float) -> CrossProducts:
+        """The same design with another response: Z'y (one entry per coordinate, in the
+        layout's order), X'y and y'y replaced."""
+        S = self.S.copy()
+        S[self.response_positions] = zty
+        return replace(self, S=S, Xty=np.ascontiguousarray(xty, dtype=float), yty=float(yty))
 
     def moment_estimates(self, basis: np.ndarray) -> tuple[np.ndarray, float] | None:
         """Moment estimates (Ψ, σ²) for one grouping factor whose groups all have the same q
@@ -118,7 +138,7 @@ class CrossProducts:
             yty = yty - 2 * value * self.Xty[j] + value * value * XtX[j, j]
         return CrossProducts(S=S, s_off=s_new, XtX=np.ascontiguousarray(XtX[np.ix_(keep, keep)]),
                              Xty=np.ascontiguousarray(Xty[keep]), yty=float(yty), n=self.n,
-                             layout=lay)
+                             layout=lay, log_weights=self.log_weights)
 
 
 def compute_crossprods(spec: ModelSpec, n_threads: int | None = None) -> CrossProducts:

@@ -46,6 +46,11 @@ class Engine(ABC):
     theta_map: ThetaMap
     #: the data source that can make another pass over the rows when they are not in memory
     source: Any = None
+    #: lme4's prior weights and offset of the rows (None: none)
+    weights: np.ndarray | None = None
+    offset: np.ndarray | None = None
+    #: statsmodels' order of the variance components (one-group spelling of crossed effects)
+    vc_order: tuple[str, ...] = ()
 
     # -- structure -------------------------------------------------------------------------
     @property

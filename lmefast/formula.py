@@ -146,9 +146,24 @@ def formula_arrays(
     re_formula: str | None,
     vc_formula: Mapping[str, str] | None,
     missing: str,
+    weights: Any = None,
+    offset: Any = None,
 ) -> dict[str, Any]:
-    """Evaluate statsmodels-style formulas into the keyword arguments of ``MixedLM``."""
+    """Evaluate statsmodels-style formulas into the keyword arguments of ``MixedLM``;
+    ``weights`` and ``offset`` (a column name or one value per row) follow the rows kept."""
     df = as_dataframe(data)
+    extra = {}
+    for key, values in (("weights", weights), ("offset", offset)):
+        if values is None:
+            continue
+        col = f"__lmefast_{key}__"
+        v = df[values] if isinstance(values, str) and values in df.columns else values
+        v = np.asarray(v, dtype=float).ravel()
+        if v.shape[0] != len(df):
+            raise SpecificationError(f"{key} have {v.shape[0]} entries but data has {len(df)} rows")
+        df = df.copy(deep=False)
+        df[col] = v
+        extra[key] = col
     check_missing_policy(missing)
     if not isinstance(formula, str) or "~" not in formula:
         raise SpecificationError(f"formula {formula!r} has no '~'")
@@ -161,6 +176,7 @@ def formula_arrays(
         used |= _variables(_rhs(re_formula))
     for vf in (vc_formula or {}).values():
         used |= _variables(_rhs(vf))
+    used |= set(extra.values())
     if isinstance(groups, str):
         gname = groups
         used.add(groups)
@@ -201,6 +217,8 @@ def formula_arrays(
         "endog_name": yname, "exog_names": xnames, "group_name": gname, "exog_re": Zre,
         "exog_re_names": [gname if c == "Intercept" else c for c in re_names],
     }
+    for key, col in extra.items():
+        kwargs[key] = df[col].to_numpy(dtype=float)
     if vc_formula:
         designs, names, colnames = [], [], []
         for name, vf in vc_formula.items():

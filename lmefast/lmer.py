@@ -145,6 +145,33 @@ def parse_lmer(formula: str) -> tuple[str, str, list[RandomTerm]]:
     return response, " + ".join(fixed) if fixed else "1", random
 
 
+_OFFSET = re.compile(r"^offset\s*\((?P<expr>.*)\)$")
+
+
+def split_offsets(fixed: str) -> tuple[str, list[str]]:
+    """``x + offset(log(t)) + z`` → (``x + z``, [``log(t)``]): lme4's offset terms, taken out of
+    the fixed part (an intercept stays unless removed)."""
+    parts = [p.strip() for p in _split_top(fixed, "+")]
+    offsets = [m["expr"].strip() for p in parts if (m := _OFFSET.match(p))]
+    rest = [p for p in parts if not _OFFSET.match(p)]
+    return (" + ".join(rest) if rest else "1"), offsets
+
+
+def offset_values(exprs: list[str], df: pd.DataFrame) -> np.ndarray | None:
+    """The sum of the offset terms' values (each one column: a column name or an expression)."""
+    total = None
+    for e in exprs:
+        if e in df.columns:
+            v = df[e].to_numpy(dtype=float)
+        else:
+            M, _ = design_matrix(f"0 + {e}", df)
+            if M.shape[1] != 1:
+                raise SpecificationError(f"offset({e}) must be one numeric column, got {M.shape[1]}")
+            v = M[:, 0]
+        total = v if total is None else total + v
+    return total
+
+
 def factor_key(df: pd.DataFrame, group: str) -> pd.Series:
     """The grouping factor's label of each row: a column, or "a:b" labels for an interaction."""
     cols = group.split(":")
@@ -217,12 +244,17 @@ def build_terms(random: list[RandomTerm], df: pd.DataFrame,
     return terms
 
 
-def lmer_frame(formula: str, data: Any, missing: str) -> tuple[pd.DataFrame, str, str, list[RandomTerm]]:
-    """Parse, check used columns, handle missing values; returns the data to evaluate on."""
+def lmer_frame(formula: str, data: Any, missing: str, extra: tuple[str, ...] = ()
+               ) -> tuple[pd.DataFrame, str, str, list[RandomTerm]]:
+    """Parse, check used columns (and the ``extra`` ones: weights, offset), handle missing
+    values; returns the data to evaluate on."""
     df = as_dataframe(data)
     check_missing_policy(missing)
     response, fixed, random = parse_lmer(formula)
-    used = {response} | {str(v) for v in _parse(_rhs(fixed)).required_variables}
+    plain, offsets = split_offsets(fixed)
+    used = {response} | {str(v) for v in _parse(_rhs(plain)).required_variables} | set(extra)
+    for e in offsets:
+        used |= {e} if e in df.columns else {str(v) for v in _parse(_rhs(f"0 + {e}")).required_variables}
     for t in random:
         used |= {str(v) for v in _parse(_rhs(t.expr)).required_variables}
         used |= set(t.group.split(":"))

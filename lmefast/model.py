@@ -118,6 +118,29 @@ def _check_finite(arr: np.ndarray, what: str, names: list[str]) -> None:
             "pass missing='drop' to drop incomplete rows")
 
 
+def prior_weights_and_offset(weights: Any, offset: Any, n: int
+                              ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """lme4's prior weights (residual variance σ²/wᵢ) and offset (subtracted from y) as float
+    arrays of n; negative or non-finite weights and non-finite offsets raise."""
+    out = []
+    for what, v in (("weights", weights), ("offset", offset)):
+        if v is None:
+            out.append(None)
+            continue
+        try:
+            a = np.asarray(v, dtype=float).ravel()
+        except (TypeError, ValueError) as exc:
+            raise SpecificationError(f"{what} are not numeric: {exc}") from None
+        if a.shape[0] != n:
+            raise SpecificationError(f"{what} have {a.shape[0]} entries but the data have {n} rows")
+        if not np.all(np.isfinite(a)):
+            raise SpecificationError(f"{what} have {int(np.sum(~np.isfinite(a)))} NaN or infinite values")
+        if what == "weights" and np.any(a < 0):
+            raise SpecificationError(f"weights must be non-negative ({int(np.sum(a < 0))} are negative)")
+        out.append(a)
+    return out[0], out[1]
+
+
 def checked_response_and_design(y: np.ndarray, yname: str, X: np.ndarray, xnames: list[str],
                                 stacklevel: int = 2) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
     """Refuse a constant response; drop linearly dependent fixed-effects columns with a warning
@@ -193,6 +216,8 @@ class MixedLM:
         re_pattern: tuple[np.ndarray, np.ndarray] | None = None,
         api: str = "statsmodels",
         use_sqrt: bool = True,
+        weights: Any = None,
+        offset: Any = None,
     ) -> None:
         self.use_sqrt = bool(use_sqrt)
         #: results as pandas objects for pandas or formula data, ndarrays for arrays (statsmodels)
@@ -228,6 +253,20 @@ class MixedLM:
         yname = endog_name or (str(endog.name) if isinstance(endog, pd.Series)
                                and endog.name is not None else "y")
 
+        w, off = prior_weights_and_offset(weights, offset, n)
+        if w is not None and not np.all(w > 0):
+            # zero weights: the rows carry no information; they are dropped (lme4 keeps them
+            # in n and reports a log-likelihood of −Inf)
+            if exog_vc is not None:
+                raise SpecificationError("zero weights are not supported with exog_vc; drop those rows")
+            keep_w = w > 0
+            y, X, Zre, w = y[keep_w], X[keep_w], Zre[keep_w], w[keep_w]
+            off = off[keep_w] if off is not None else None
+            g_arr = g_arr[keep_w].reset_index(drop=True)
+            vc_designs = [V[keep_w] for V in vc_designs] if vc_designs else vc_designs
+            n = y.shape[0]
+            if n == 0:
+                raise SpecificationError("every weight is zero: no rows to fit")
         g_missing = g_arr.isna().to_numpy()
         if missing == "drop":
             keep = np.isfinite(y) & np.isfinite(X).all(axis=1) & np.isfinite(Zre).all(axis=1)
@@ -239,6 +278,8 @@ class MixedLM:
                     raise SpecificationError("missing='drop' is not supported with exog_vc; "
                                              "drop incomplete rows before building exog_vc")
                 y, X, Zre = y[keep], X[keep], Zre[keep]
+                w = w[keep] if w is not None else None
+                off = off[keep] if off is not None else None
                 g_arr = g_arr[keep].reset_index(drop=True)
                 vc_designs = [V[keep] for V in vc_designs] if vc_designs else vc_designs
                 n = y.shape[0]
@@ -269,9 +310,12 @@ class MixedLM:
 
         X, xnames, dropped = checked_response_and_design(y, yname, X, xnames, stacklevel=3)
         crossed = single_group_as_crossed(y, X, Zre, m, vnames, vmats, vcols)
+        y, X, Zre, vmats = working_rows(y, X, Zre, vmats, w, off)
         if crossed is not None:
+            if w is not None:
+                crossed = [replace(t, Z=np.ascontiguousarray(t.Z * np.sqrt(w)[:, None])) for t in crossed]
             engine: Engine = BlockedEngine(y, X, crossed, statsmodels_group=labels[0],
-                                           vc_order=tuple(vnames))
+                                           vc_order=tuple(vnames), weights=w, offset=off)
             self._init(engine, api, yname, xnames, dropped)
             return
         k = Zre.shape[1]
@@ -290,7 +334,8 @@ class MixedLM:
             theta_map=GroupThetaMap(k, len(vnames), tuple(znames), tuple(vnames), re_pattern),
             endog_name=yname, exog_names=tuple(xnames), group_name=gname,
             vc_col_names=tuple(vcols), dropped_exog=dropped)
-        self._init(OneFactorEngine(spec, lme4_names=api == "lme4"), api, yname, xnames, dropped)
+        self._init(OneFactorEngine(spec, lme4_names=api == "lme4", weights=w, offset=off), api, yname,
+                   xnames, dropped)
 
     def _init(self, engine: Engine, api: str, endog_name: str, exog_names: list[str],
               dropped_exog: tuple[str, ...]) -> None:
@@ -325,12 +370,15 @@ class MixedLM:
         re_formula: str | None = None,
         vc_formula: Mapping[str, str] | None = None,
         missing: str = "raise",
+        weights: Any = None,
+        offset: Any = None,
         **ignored: Any,
     ) -> MixedLM:
         """statsmodels' ``MixedLM.from_formula``: formulas evaluated by formulaic (data in
         memory; ``lmefast.mixedlm`` also takes Parquet paths and Dask DataFrames). As in
         statsmodels, variance components without ``re_formula`` add no random intercept.
-        statsmodels' ``use_sparse`` (lmefast's kernels are sparse in the groups anyway) and
+        ``weights`` and ``offset``: lme4's prior weights and offset (a column name or one per
+        row). statsmodels' ``use_sparse`` (lmefast's kernels are sparse in the groups anyway) and
         ``eval_env`` are accepted with an IgnoredArgumentWarning; other keywords raise."""
         from lmefast.formula import formula_arrays
 
@@ -340,7 +388,7 @@ class MixedLM:
         if ignored:
             warnings.warn(f"Argument(s) {', '.join(sorted(ignored))} ignored by lmefast's "
                           "MixedLM.from_formula", IgnoredArgumentWarning, stacklevel=2)
-        kwargs = formula_arrays(formula, data, groups, re_formula, vc_formula, missing)
+        kwargs = formula_arrays(formula, data, groups, re_formula, vc_formula, missing, weights, offset)
         if re_formula is None and vc_formula:
             kwargs["exog_re"], kwargs["exog_re_names"] = None, None
         return cls(**kwargs)
@@ -715,6 +763,22 @@ class MixedLM:
                                     exog_names=self.exog_names, dropped_exog=self.dropped_exog)
         model.use_sqrt, model.pandas_output = self.use_sqrt, self.pandas_output
         return model
+
+
+def working_rows(y: np.ndarray, X: np.ndarray, Z: np.ndarray, vc_designs: list,
+                 weights: np.ndarray | None, offset: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """The rows whose plain cross-products are the weighted ones: √w (y − o), √w X, √w Z and
+    √w times each variance component's design (DESIGN.md §4)."""
+    if offset is not None:
+        y = y - offset
+    if weights is None:
+        return y, X, Z, vc_designs
+    s = np.sqrt(weights)
+    scale = sp.diags(s)
+    vcs = [scale @ sp.csr_matrix(V) if sp.issparse(V) else np.asarray(V) * s[:, None] for V in vc_designs]
+    return (np.ascontiguousarray(y * s), np.ascontiguousarray(X * s[:, None]),
+            np.ascontiguousarray(Z * s[:, None]), vcs)
 
 
 def single_group_as_crossed(y: np.ndarray, X: np.ndarray, Zre: np.ndarray, m: int,

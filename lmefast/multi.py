@@ -47,6 +47,8 @@ class MultiCrossProducts:
     yty: float
     n: int
     trail_c0: np.ndarray    # first coordinate of each trailing term
+    #: Σ log wᵢ of prior weights (lme4 subtracts it from the deviance; 0 without weights)
+    log_weights: float = 0.0
 
     @property
     def p(self) -> int:
@@ -318,10 +320,20 @@ class MultiObjective(KernelObjective):
                                   for j, t in enumerate(terms)])
         th_row = np.concatenate([t.pattern[0] for t in terms]).astype(np.int32)
         th_col = np.concatenate([t.pattern[1] for t in terms]).astype(np.int32)
-        self.kernel = MultiKernel(
-            cp, arrays, terms[0].k, cp.p, cp.q2, max(t.k for t in trail), int(per_level.max()),
+        self._kernel_args = (
+            arrays, terms[0].k, cp.p, cp.q2, max(t.k for t in trail), int(per_level.max()),
             th_term, th_row, th_col, t_off, np.array([t.k for t in terms], dtype=np.int32),
             reml, default_threads(terms[0].m) if n_threads is None else n_threads)
+        self.kernel = MultiKernel(cp, *self._kernel_args)
+
+    def with_crossprods(self, cp: MultiCrossProducts) -> MultiObjective:
+        """The same objective on cross-products that differ from these in the response parts
+        only (Z'y, X'y, y'y): the layout's arrays are shared, only the kernel is new."""
+        obj = object.__new__(MultiObjective)
+        obj.__dict__.update(self.__dict__)
+        obj.cp = cp
+        obj.kernel = MultiKernel(cp, *self._kernel_args)
+        return obj
 
     def conditional_variances(self, sol: Solution) -> list[np.ndarray]:
         """Conditional covariances σ²Λ_j (M⁻¹)_ℓℓ Λ_j' of every level ℓ of every term j
@@ -357,6 +369,10 @@ class MultiObjective(KernelObjective):
 class BlockedEngine(Engine):
     """Several grouping factors (the blocked Cholesky; module docstring).
 
+    Prior weights w and an offset o (lme4's): y, X and the terms' Z are the working rows
+    √w (y − o), √w X, √w Z, so every cross-product is Σ w a b (DESIGN.md §4); ``weights`` and
+    ``offset`` turn fitted values and the response back to the data's scale.
+
     ``statsmodels_group`` / ``vc_order``: set when the model came from statsmodels' one-group
     spelling of crossed effects (the group's label and the variance components in the user's
     order), so that statsmodels' shapes can be given (random_effects of the one group)."""
@@ -365,7 +381,10 @@ class BlockedEngine(Engine):
                  crossprods: MultiCrossProducts | None = None,
                  group_sizes: dict[str, np.ndarray] | None = None, nobs: int | None = None,
                  source: Any = None, statsmodels_group: Any = None,
-                 vc_order: tuple[str, ...] = ()) -> None:
+                 vc_order: tuple[str, ...] = (), weights: np.ndarray | None = None,
+                 offset: np.ndarray | None = None) -> None:
+        self.weights = weights
+        self.offset = offset
         self.y = y
         self.X = X
         self.terms = tuple(terms)
@@ -418,12 +437,48 @@ class BlockedEngine(Engine):
 
     @cached_property
     def crossprods(self) -> MultiCrossProducts:
-        return compute_multi_crossprods(self.y, self.X, list(self.terms))
+        cp = compute_multi_crossprods(self.y, self.X, list(self.terms))
+        return cp if self.weights is None else replace(cp, log_weights=float(np.sum(np.log(self.weights))))
+
+    def to_data_scale(self, working: np.ndarray, offset: bool = True) -> np.ndarray:
+        """Rows of the working scale (√w ·) back on the data's scale (and + o)."""
+        out = working if self.weights is None else working / np.sqrt(self.weights)
+        return out + self.offset if offset and self.offset is not None else out
 
     def objective(self, reml: bool = True, n_threads: int | None = None,
                   crossprods: MultiCrossProducts | None = None) -> MultiObjective:
         return MultiObjective(self.crossprods if crossprods is None else crossprods, self.terms,
                               reml, n_threads)
+
+    # -- many responses on this design -----------------------------------------------------
+    def response_design(self) -> tuple[np.ndarray, sp.csr_matrix]:
+        """X and Z (sparse, n × q, columns in the cross-products' coordinate order: the first
+        factor's levels × k1, then the trailing block): the designs that multiply a response
+        in X'y and Z'y."""
+        if not self.has_rows:
+            raise self.no_rows("the design")
+        n = self.nobs
+        t1 = self.terms[0]
+        off = [0] + [t1.m * t1.k + int(c0) for c0 in self.crossprods.trail_c0]
+        rows, cols, vals = [], [], []
+        for t, c0 in zip(self.terms, off, strict=True):
+            for a in range(t.k):
+                rows.append(np.arange(n))
+                cols.append(c0 + t.codes * t.k + a)
+                vals.append(t.Z[:, a])
+        q = t1.m * t1.k + self.crossprods.q2
+        Z = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(n, q))
+        Z.eliminate_zeros()
+        return self.X, Z
+
+    def with_response(self, zty: np.ndarray, xty: np.ndarray, yty: float) -> MultiCrossProducts:
+        """The cross-products of another response on this design (Z'y in the coordinate
+        order of ``response_design``)."""
+        t1 = self.terms[0]
+        q1 = t1.m * t1.k
+        return self.crossprods.with_response(np.reshape(zty[:q1], (t1.m, t1.k)), zty[q1:], xty,
+                                             yty, t1.k)
 
     # -- at a solution -----------------------------------------------------------------------
     def _modes(self, obj: MultiObjective, sol: Solution) -> list[np.ndarray]:
@@ -463,17 +518,17 @@ class BlockedEngine(Engine):
         fit = self.X @ sol.beta
         for t, b in zip(self.terms, self._modes(obj, sol), strict=True):
             fit += np.einsum("ij,ij->i", t.Z, b[t.codes])
-        return fit
+        return self.to_data_scale(fit)
 
     def fixed_part(self, beta: np.ndarray) -> np.ndarray:
         if not self.has_rows:
             raise self.no_rows("the fixed-effects design")
-        return self.X @ beta
+        return self.to_data_scale(self.X @ beta, offset=False)
 
     def response(self) -> np.ndarray:
         if not self.has_rows:
             raise self.no_rows("the response")
-        return self.y
+        return self.to_data_scale(self.y)
 
     # -- inference ---------------------------------------------------------------------------
     def without_fixed(self, j: int, value: float) -> MultiCrossProducts:
@@ -492,6 +547,9 @@ class BlockedEngine(Engine):
 
         if not self.has_rows:
             raise self.no_rows("the design")
+        if self.weights is not None:
+            raise InferenceError("Kenward-Roger with prior weights is not implemented (pbkrtest has no "
+                                 "weights either): use ddf='satterthwaite'")
         terms = self.terms
         sizes = [t.m * t.k for t in terms]
         q = int(sum(sizes))

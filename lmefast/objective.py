@@ -72,6 +72,7 @@ class KernelObjective:
             raise ObjectiveError("penalised residual sum of squares is not positive")
         if status < 0:
             raise ObjectiveError(f"fixed-effects column {-status - 1} is linearly dependent")
+        obj -= self.cp.log_weights      # prior weights: lme4's −Σ log wᵢ (0 without weights)
         return Solution(theta=theta, objective=obj, beta=beta, Lx=Lx, r2=r2, logdet_L=logdet,
                         sigma2=r2 / self.dof, grad=grad)
 
@@ -99,7 +100,8 @@ class KernelObjective:
                  ) -> tuple[np.ndarray, float, np.ndarray, float, np.ndarray, int, int]:
         """Projected BFGS (lmefast._bfgs) with the objective in C: (θ, f, g, f at θ0,
         inverse-Hessian approximation, iterations, return code)."""
-        return self.kernel.minimize(theta0, lower, gtol, maxiter, on_iter)
+        theta, f, g, f0, H, n_iter, code = self.kernel.minimize(theta0, lower, gtol, maxiter, on_iter)
+        return theta, f - self.cp.log_weights, g, f0 - self.cp.log_weights, H, n_iter, code
 
 
 def relative_factor(psi: np.ndarray, sigma2: float) -> np.ndarray | None:

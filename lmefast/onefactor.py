@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from lmefast._kernels import OneFactorKernel, modes_pass
 from lmefast.crossprods import CrossProducts, compute_crossprods
@@ -51,6 +52,10 @@ class ProfiledObjective(KernelObjective):
     @property
     def n_threads(self) -> int:
         return int(self.kernel.n_threads)
+
+    def with_crossprods(self, cp: CrossProducts) -> ProfiledObjective:
+        """The same objective on cross-products that differ in the response parts only."""
+        return ProfiledObjective(cp, self.theta_map, self.reml, self.n_threads)
 
     def moment_theta(self) -> np.ndarray | None:
         """The Cholesky factor of Ψ/σ² (or √ of its diagonal for a diagonal T) from moment
@@ -90,12 +95,19 @@ class ProfiledObjective(KernelObjective):
 
 class OneFactorEngine(Engine):
     """One grouping factor. ``spec`` is a ModelSpec (rows in memory) or, for chunked data, a
-    spec without rows with the cross-products and group sizes summed over the chunks."""
+    spec without rows with the cross-products and group sizes summed over the chunks.
+
+    Prior weights w and an offset o (lme4's): the spec's rows are the working rows
+    √w (y − o), √w X, √w Z, so every cross-product is Σ w a b (DESIGN.md §4); ``weights`` and
+    ``offset`` turn fitted values and the response back to the data's scale."""
 
     def __init__(self, spec: ModelSpec, *, crossprods: CrossProducts | None = None,
                  group_sizes: np.ndarray | None = None, source: Any = None,
-                 lme4_names: bool = False) -> None:
+                 lme4_names: bool = False, weights: np.ndarray | None = None,
+                 offset: np.ndarray | None = None) -> None:
         self.spec = spec
+        self.weights = weights
+        self.offset = offset
         self.theta_map = spec.theta_map
         self.source = source
         self.lme4_names = lme4_names
@@ -151,15 +163,47 @@ class OneFactorEngine(Engine):
 
     @cached_property
     def crossprods(self) -> CrossProducts:
-        return compute_crossprods(self.spec)
+        return self._crossprods(None)
+
+    def _crossprods(self, n_threads: int | None) -> CrossProducts:
+        """The pass over the (working) rows, with Σ log w of prior weights."""
+        cp = compute_crossprods(self.spec, n_threads)
+        return cp if self.weights is None else replace(cp, log_weights=float(np.sum(np.log(self.weights))))
+
+    def to_data_scale(self, working: np.ndarray, offset: bool = True) -> np.ndarray:
+        """Rows of the working scale (√w ·) back on the data's scale (and + o)."""
+        out = working if self.weights is None else working / np.sqrt(self.weights)
+        return out + self.offset if offset and self.offset is not None else out
 
     def objective(self, reml: bool = True, n_threads: int | None = None,
                   crossprods: CrossProducts | None = None) -> ProfiledObjective:
         if crossprods is None and "crossprods" not in self.__dict__:
             # the first objective makes the pass over the rows, with the fit's threads
-            self.__dict__["crossprods"] = compute_crossprods(self.spec, n_threads)
+            self.__dict__["crossprods"] = self._crossprods(n_threads)
         return ProfiledObjective(self.crossprods if crossprods is None else crossprods,
                                  self.theta_map, reml, n_threads)
+
+    # -- many responses on this design -----------------------------------------------------
+    def response_design(self) -> tuple[np.ndarray, sp.csr_matrix]:
+        """X and Z (sparse, n × q, columns in the cross-products' coordinate order): the
+        designs that multiply a response in X'y and Z'y."""
+        if not self.has_rows:
+            raise self.no_rows("the design")
+        spec, lay = self.spec, self.spec.layout
+        n, k = spec.nobs, spec.k_re
+        base = lay.q_off[spec.group_codes]
+        rows = [np.repeat(np.arange(n), k), np.tile(np.arange(n), lay.vc_val.shape[0])]
+        cols = [(base[:, None] + np.arange(k)).ravel(), (base[None, :] + lay.vc_coord).ravel()]
+        vals = [spec.Zre.ravel(), lay.vc_val.ravel()]
+        Z = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=(n, int(lay.q_off[-1])))
+        Z.eliminate_zeros()
+        return spec.X, Z
+
+    def with_response(self, zty: np.ndarray, xty: np.ndarray, yty: float) -> CrossProducts:
+        """The cross-products of another response on this design (Z'y in the coordinate
+        order of ``response_design``)."""
+        return self.crossprods.with_response(zty, xty, yty)
 
     # -- at a solution -----------------------------------------------------------------------
     def _modes(self, obj: ProfiledObjective, sol: Solution) -> tuple[np.ndarray, np.ndarray]:
@@ -234,17 +278,17 @@ class OneFactorEngine(Engine):
         if lay.vc_val.shape[0]:
             base = lay.q_off[codes]
             fit += np.sum(lay.vc_val * b[base[None, :] + lay.vc_coord], axis=0)
-        return fit
+        return self.to_data_scale(fit)
 
     def fixed_part(self, beta: np.ndarray) -> np.ndarray:
         if not self.has_rows:
             raise self.no_rows("the fixed-effects design")
-        return self.spec.X @ beta
+        return self.to_data_scale(self.spec.X @ beta, offset=False)
 
     def response(self) -> np.ndarray:
         if not self.has_rows:
             raise self.no_rows("the response")
-        return self.spec.y
+        return self.to_data_scale(self.spec.y)
 
     # -- inference ---------------------------------------------------------------------------
     def without_fixed(self, j: int, value: float) -> CrossProducts:
@@ -281,6 +325,9 @@ class OneFactorEngine(Engine):
         covariances), one per variance component, and σ²."""
         if not self.has_rows:
             raise self.no_rows("the design")
+        if self.weights is not None:
+            raise InferenceError("Kenward-Roger with prior weights is not implemented (pbkrtest has no "
+                                 "weights either): use ddf='satterthwaite'")
         spec = self.spec
         lay = spec.layout
         codes = spec.group_codes

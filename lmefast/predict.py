@@ -36,6 +36,9 @@ def predict(res: MixedLMResults, newdata: Any = None, include_random: bool = Tru
     engine = res.engine
     if newdata is None and exog is None:
         return res._fitted.copy() if include_random else engine.fixed_part(beta)
+    if engine.offset is not None:
+        raise PredictionError("predictions for new rows of a model with an offset are not implemented "
+                              "(the fitted rows' predictions include it: res.fittedvalues)")
     intercepts = {"Intercept", "(Intercept)", "const"}
     if newdata is not None:
         if not isinstance(newdata, pd.DataFrame):

@@ -223,7 +223,7 @@ class MixedLMResults:
         """Variances of the variance components, σ̂² θ_vc², in the order they were given."""
         terms = self.engine.covariance_terms()
         var = {c.vc_name: float(self._cov_of(j)[0, 0]) for j, c in enumerate(terms) if c.role == "vc"}
-        order = getattr(self.engine, "vc_order", ()) or tuple(var)
+        order = self.engine.vc_order or tuple(var)
         return np.array([var[name] for name in order])
 
     @cached_property

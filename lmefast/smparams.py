@@ -29,7 +29,7 @@ __all__ = ["loglike_at", "params_at", "theta_of", "to_params", "vc_order"]
 def vc_order(engine: Engine) -> tuple[str, ...]:
     """The variance components in the order the user gave them (statsmodels' vcomp)."""
     names = tuple(c.vc_name for c in engine.covariance_terms() if c.role == "vc")
-    return tuple(getattr(engine, "vc_order", ()) or names)
+    return tuple(engine.vc_order or names)
 
 
 def _coef_terms(engine: Engine) -> list[int]:

@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"summary", "inference", "profile", "bootstrap", "predict", "plots"},
     {"chunked"},
     {"chunked_multi", "outofcore", "dask"},
-    {"api"},
+    {"api", "many"},
     {"cli"},
     {"__main__", "__init__"},
 ]

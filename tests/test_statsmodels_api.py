@@ -155,8 +155,8 @@ def test_unknown_keywords_raise_and_statsmodels_keywords_warn() -> None:
     model = lmefast.mixedlm("y ~ x", df, groups="g")
     with pytest.raises(TypeError, match="maxiterr"):
         model.fit(maxiterr=1)
-    with pytest.raises(TypeError, match="weights"):
-        lmefast.lmer("y ~ x + (1 | g)", df, weights=np.ones(len(df)))
+    with pytest.raises(TypeError, match="weightz"):
+        lmefast.lmer("y ~ x + (1 | g)", df, weightz=np.ones(len(df)))
     with pytest.raises(TypeError, match="bogus"):
         lmefast.mixedlm("y ~ x", df, groups="g", bogus=1)
     with pytest.raises(TypeError, match="bogus"):
