@@ -290,6 +290,10 @@ class MultiObjective(KernelObjective):
     block_name = "level of the first factor"
     lazy_gradient = True
 
+    @property
+    def n_blocks(self) -> int:
+        return int(self.cp.ptr.shape[0] - 1 + self.cp.q2)
+
     def moment_theta(self) -> np.ndarray | None:
         """√(ψ_j/σ²) per term from moment estimates (terms of one coefficient only)."""
         est = self.cp.scalar_moments(list(self.terms))

@@ -52,6 +52,11 @@ class KernelObjective:
     #: its factorisation, so an accepted point's gradient is cheap afterwards)
     lazy_gradient = False
 
+    @property
+    def n_blocks(self) -> int:
+        """How many blocks an evaluation factorises (its cost grows with it)."""
+        return 1
+
     def moment_theta(self) -> np.ndarray | None:
         """A start for θ from moment estimates of the random effects' covariance relative to
         σ² (from the cross-products alone), or None where the engine has none."""

@@ -57,6 +57,10 @@ class ProfiledObjective(KernelObjective):
         """The same objective on cross-products that differ in the response parts only."""
         return ProfiledObjective(cp, self.theta_map, self.reml, self.n_threads)
 
+    @property
+    def n_blocks(self) -> int:
+        return int(self.cp.layout.q_off.shape[0] - 1)
+
     def moment_theta(self) -> np.ndarray | None:
         """The Cholesky factor of Ψ/σ² (or √ of its diagonal for a diagonal T) from moment
         estimates on the structure's basis; a variance component: the mean relative variance

@@ -21,6 +21,9 @@ DECREMENT_TOL = 1e-6     # or: the Newton decrement g'H⁻¹g (objective units) 
 DECREMENT_RTOL = 1e-13   # ... or below this × |objective| (its rounding level at 1e8 rows)
 SINGULAR_TOL = 1e-4      # lme4's isSingular tolerance on diagonal θ
 MAX_THETA_FD_START = 6   # finite-difference Hessian at the moment start up to this many θ
+MOMENT_MIN_BLOCKS = 2_000  # the moment start (driven from Python) only for objectives of at least
+                           # this many blocks: below, an evaluation costs less than the Python
+                           # around it, and the optimiser runs in C from lme4's start
 POLISH_STEPS = 3         # at most this many quasi-Newton steps past the BFGS test (`polish`)
 POLISH_RTOL = 1e-18      # ... while the predicted decrease is above this × |objective|
 POLISH_WORSE = 1e-10     # a step worse than this × |objective| is never taken
@@ -246,7 +249,8 @@ def fit_theta(
                 raise StopIteration from exc
 
     hook = on_iter if (verbose or callback is not None) else None
-    start = moment_start(obj) if np.array_equal(theta0, obj.theta_map.start()) else None
+    large = obj.n_blocks >= MOMENT_MIN_BLOCKS
+    start = moment_start(obj) if large and np.array_equal(theta0, obj.theta_map.start()) else None
     kept: Solution | None = None
     if start is not None and start.shape[0] <= MAX_THETA_FD_START:
         theta, f, grad, f0, Hinv, n_iter, code, kept = bfgs_from_moments(obj, start, lower,
@@ -283,7 +287,7 @@ def fit_theta(
         raise raised[0]
     message = RETURN_MESSAGES[code]
     polished = None
-    if code in (0, 1, 2):
+    if large and code in (0, 1, 2):   # small objectives: the C optimiser's answer, as it was
         polished, Hinv = polish(obj, theta, f, grad, Hinv, lower)
     if polished is not None:
         theta, sol = polished.theta, polished
