@@ -10,7 +10,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lmefast.api import lmer, lmer_model, mixedlm
-from lmefast.errors import ConvergenceWarning, IgnoredArgumentWarning, SingularFitWarning, SpecificationError
+from lmefast.errors import (
+    ConvergenceWarning,
+    IgnoredArgumentWarning,
+    SingularFitWarning,
+    SpecificationError,
+    UnidentifiableWarning,
+)
 from lmefast.inference import lrtest
 from lmefast.many import ManyResults, fit_many
 from lmefast.model import MixedLM
@@ -19,6 +25,6 @@ from lmefast.params import MixedLMParams
 from lmefast.results import MixedLMResults
 
 __all__ = ["ConvergenceWarning", "IgnoredArgumentWarning", "ManyResults", "MixedLM", "MixedLMParams",
-           "MixedLMResults", "SingularFitWarning", "SpecificationError", "fit_many", "get_num_threads",
-           "lmer", "lmer_model", "lrtest", "mixedlm", "set_num_threads"]
+           "MixedLMResults", "SingularFitWarning", "SpecificationError", "UnidentifiableWarning",
+           "fit_many", "get_num_threads", "lmer", "lmer_model", "lrtest", "mixedlm", "set_num_threads"]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import scipy.linalg as sla
 
-from lmefast.errors import SpecificationError
+from lmefast.errors import SpecificationError, UnidentifiableWarning
 
 RANK_TOL = 1e-7
 MISSING_POLICIES = ("raise", "none", "drop")
@@ -25,13 +25,20 @@ def check_not_constant(ymin: float, ymax: float, name: str) -> None:
         raise SpecificationError(f"the response '{name}' is constant: there is no variance to model")
 
 
-def check_identifiable(n: int, n_re: int, what: str) -> None:
+def check_identifiable(n: int, n_re: int, what: str, *, refuse: bool = True) -> bool:
     """More observations than random effects in a term (or group's block), else the random
-    effects and the residual variance are not identifiable."""
-    if n <= n_re:
-        raise SpecificationError(
-            f"number of observations ({n}) <= number of random effects ({n_re}) for {what}: the "
-            "random-effects parameters and the residual variance are unidentifiable")
+    effects and the residual variance are not identifiable: refused (lme4's
+    check.nobs.vs.nRE = "stop", its default), or with ``refuse=False`` (statsmodels' API, which
+    fits such models) a warning. Returns whether the model is identifiable."""
+    if n > n_re:
+        return True
+    message = (f"number of observations ({n}) <= number of random effects ({n_re}) for {what}: "
+               "the random-effects parameters and the residual variance are unidentifiable")
+    if refuse:
+        raise SpecificationError(message)
+    warnings.warn(message + "; fitted anyway (statsmodels' behaviour), results flagged "
+                  "res.unidentifiable", UnidentifiableWarning, stacklevel=4)
+    return False
 
 
 def warn_dropped(dropped: list[str] | tuple[str, ...], stacklevel: int = 3) -> None:

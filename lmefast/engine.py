@@ -51,6 +51,8 @@ class Engine(ABC):
     offset: np.ndarray | None = None
     #: statsmodels' order of the variance components (one-group spelling of crossed effects)
     vc_order: tuple[str, ...] = ()
+    #: False when a term has as many random effects as observations (statsmodels' API fits it)
+    identifiable: bool = True
 
     # -- structure -------------------------------------------------------------------------
     @property

@@ -43,3 +43,8 @@ class IgnoredArgumentWarning(FutureWarning):
 class SingularFitWarning(UserWarning):
     """A boundary (singular) fit: a variance parameter is estimated as zero (``res.singular``;
     statsmodels' SingularMatrixWarning, lme4's 'boundary (singular) fit' message)."""
+
+
+class UnidentifiableWarning(UserWarning):
+    """As many random effects as observations (or more): the random-effects variances and the
+    residual variance are not identifiable; statsmodels fits such models, lme4 refuses them."""

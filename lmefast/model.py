@@ -327,15 +327,17 @@ class MixedLM:
                 "least two groups (for crossed effects written as one group with variance "
                 "components, pass re_formula='0')")
         layout = build_layout(codes, m, k, vmats)
-        check_identifiable(n, int(layout.q_off[-1]), f"grouping factor '{gname}'")
+        identifiable = check_identifiable(n, int(layout.q_off[-1]), f"grouping factor '{gname}'",
+                                          refuse=api == "lme4")
         spec = ModelSpec(
             y=y, X=X, group_codes=codes, group_labels=labels, Zre=np.ascontiguousarray(Zre),
             layout=layout,
             theta_map=GroupThetaMap(k, len(vnames), tuple(znames), tuple(vnames), re_pattern),
             endog_name=yname, exog_names=tuple(xnames), group_name=gname,
             vc_col_names=tuple(vcols), dropped_exog=dropped)
-        self._init(OneFactorEngine(spec, lme4_names=api == "lme4", weights=w, offset=off), api, yname,
-                   xnames, dropped)
+        engine = OneFactorEngine(spec, lme4_names=api == "lme4", weights=w, offset=off)
+        engine.identifiable = identifiable
+        self._init(engine, api, yname, xnames, dropped)
 
     def _init(self, engine: Engine, api: str, endog_name: str, exog_names: list[str],
               dropped_exog: tuple[str, ...]) -> None:

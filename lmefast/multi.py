@@ -400,8 +400,11 @@ class BlockedEngine(Engine):
         self._group_sizes = group_sizes
         if crossprods is not None:
             self.__dict__["crossprods"] = crossprods
-        for t in self.terms:
-            check_identifiable(self._nobs, t.m * t.k, f"term (... | {t.name})")
+        # lme4 refuses a term with as many random effects as observations; statsmodels'
+        # spelling of crossed effects fits it with a warning
+        self.identifiable = all([check_identifiable(self._nobs, t.m * t.k, f"term (... | {t.name})",
+                                                    refuse=statsmodels_group is None)
+                                 for t in self.terms])
 
     uses_blas = True   # the dense trailing block: LAPACK's Cholesky and inverse
 

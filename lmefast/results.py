@@ -86,6 +86,12 @@ class MixedLMResults:
         return self._sol.theta.copy()
 
     @property
+    def unidentifiable(self) -> bool:
+        """A term has as many random effects as observations (or more): its variances and the
+        residual variance are confounded (statsmodels' API fits such models with a warning)."""
+        return not self.engine.identifiable
+
+    @property
     def converged(self) -> bool:
         return self.optsummary.converged
 

@@ -135,11 +135,17 @@ def test_non_numeric_exog_column_is_named(dietox: pd.DataFrame) -> None:
 
 # -- unidentifiable random effects --------------------------------------------------------------
 def test_one_row_in_every_group(dietox: pd.DataFrame) -> None:
-    """n = number of groups = number of random intercepts: σ² and the RE variance are confounded."""
+    """n = number of groups = number of random intercepts: σ² and the RE variance are confounded.
+    statsmodels' API fits it with a warning naming the factor and flags the results; lme4's
+    spelling refuses it (lme4's check.nobs.vs.nRE = "stop")."""
     one = dietox.sample(frac=1.0, random_state=0).groupby("Pig").head(1)  # Time varies across rows
     assert one["Time"].nunique() > 1
+    with pytest.warns(lmefast.UnidentifiableWarning, match="Pig"):
+        res = lmefast.mixedlm("Weight ~ Time", one, groups="Pig").fit()
+    assert res.unidentifiable and np.isfinite(res.llf)
+    assert not lmefast.mixedlm("Weight ~ Time", dietox, groups="Pig").fit().unidentifiable
     with pytest.raises(SpecificationError, match="Pig"):
-        lmefast.mixedlm("Weight ~ Time", one, groups="Pig")
+        lmefast.lmer("Weight ~ Time + (1 | Pig)", one)
 
 
 def test_single_group_with_random_intercept(dietox: pd.DataFrame) -> None:
@@ -150,8 +156,9 @@ def test_single_group_with_random_intercept(dietox: pd.DataFrame) -> None:
 
 def test_more_random_effects_than_rows(sleepstudy: pd.DataFrame) -> None:
     two = sleepstudy.groupby("Subject").head(2)
-    with pytest.raises(SpecificationError, match="Subject"):
-        lmefast.mixedlm("Reaction ~ Days", two, groups="Subject", re_formula="~Days + I(Days**2)")
+    with pytest.warns(lmefast.UnidentifiableWarning, match="Subject"):
+        model = lmefast.mixedlm("Reaction ~ Days", two, groups="Subject", re_formula="~Days + I(Days**2)")
+    assert not model.engine.identifiable
 
 
 def test_group_of_one_row_among_normal_groups(dietox: pd.DataFrame) -> None:

@@ -36,6 +36,9 @@ SUBSTITUTES = {
 
 # Deliberate differences: lmefast answers otherwise on purpose (README "Switching from
 # statsmodels", each with a test of lmefast's side). Test id → reason.
+_VC_FORMAT = ("exog_vc as a dict of dicts is lmefast's format, so no 'deprecated format' FutureWarning "
+              "(the model, with as many random effects as observations, is fitted with lmefast's "
+              "UnidentifiableWarning: tests/test_bad_input.py::test_one_row_in_every_group)")
 DIFFERENCES: dict[str, str] = {
     "TestMixedLM::test_pastes_vcomp":
         "AIC and BIC of REML fits are lme4's (REML criterion), not NaN "
@@ -49,6 +52,9 @@ DIFFERENCES: dict[str, str] = {
     "test_summary_after_remove_data":
         "summary() is lmefast's Summary (tables, as_text/as_html/as_latex), not statsmodels.iolib's "
         "(tests/test_statsmodels_api.py::test_summary_object)",
+    **{f"TestMixedLM::test_compare_numdiff[{a}-{b}-{c}]": _VC_FORMAT
+       for a in ("False", "True") for b in ("False", "True") for c in ("False", "True")},
+    "TestMixedLM::test_vcomp_formula": _VC_FORMAT,
     "TestMixedLM::test_vcomp_1":
         "exog_vc as a dict of dicts is lmefast's format, so no 'deprecated format' FutureWarning "
         "(the fit itself: tests/test_statsmodels_api.py::"
@@ -56,14 +62,9 @@ DIFFERENCES: dict[str, str] = {
 }
 
 # statsmodels features lmefast does not have yet. Test id → what is missing.
-_NOBS = "observations ≤ random effects is refused (issue 9 asks for a warning; lmefast.checks)"
 _REGULARIZED = "fit_regularized (L1-penalised fixed effects) is not implemented"
 NOT_YET: dict[str, str] = {
-    **{f"TestMixedLM::test_compare_numdiff[{a}-{b}-{c}]": _NOBS
-       for a in ("False", "True") for b in ("False", "True") for c in ("False", "True")},
-    "TestMixedLM::test_vcomp_formula": _NOBS,
-    "test_handle_missing": _NOBS,
-    "TestMixedLM::test_profile_inference": _NOBS + "; profile_re is not implemented",
+    "TestMixedLM::test_profile_inference": "profile_re is not implemented",
     "test_profile_re_likelihood_peaks_at_mle": "profile_re (statsmodels' signature) is not implemented",
     "TestMixedLM::test_vcomp_2": "formulas do not see functions of the caller's namespace (eval_env)",
     "TestMixedLM::test_regularized": _REGULARIZED,
