@@ -102,7 +102,63 @@ class Summary:
         return (f"\\begin{{center}}{self.title}\\end{{center}}\n"
                 + head.to_latex(header=False, index=False) + params.to_latex())
 
+    def lme4_text(self) -> str:
+        """lme4's layout (summary of an lmer fit): the criterion, a VarCorr block (Groups, Name,
+        Variance, Std.Dev., Corr), the numbers of observations and levels, then the fixed
+        effects (with lmerTest's df and p-values when ``ddf`` is given)."""
+        r = self.res
+        crit = ("REML criterion at convergence" if r.reml else "deviance")
+        lines = [f"Linear mixed model fit by {'REML' if r.reml else 'maximum likelihood'}",
+                 f"{crit}: {r.objective:.4f}    logLik: {r.llf:.4f}", "", "Random effects:"]
+        vc = r.varcorr()
+        rows = [["Groups", "Name", "Variance", "Std.Dev.", "Corr"]]
+        corr: dict[tuple[str, str], list[str]] = {}
+        for row in vc.itertuples():
+            if isinstance(row.var2, str):
+                corr.setdefault((row.grp, row.var2), []).append(f"{row.sdcor:.2f}")
+        shown: set[str] = set()
+        for row in vc.itertuples():
+            if isinstance(row.var2, str):
+                continue
+            group = "" if row.grp in shown else str(row.grp)
+            shown.add(row.grp)
+            name = "" if row.grp == "Residual" else str(row.var1)
+            rows.append([group, name, f"{row.vcov:.4g}", f"{row.sdcor:.4g}",
+                         " ".join(corr.get((row.grp, name), []))])
+        widths = [max(len(x[i]) for x in rows) for i in range(5)]
+        for x in rows:
+            lines.append(" " + " ".join(x[i].ljust(widths[i]) if i < 2 else x[i].rjust(widths[i])
+                                        for i in range(5)).rstrip())
+        groups = ", ".join(f"{name}, {len(v)}" for name, v in r._group_sizes().items())
+        lines += [f"Number of obs: {r.nobs}, groups:  {groups}", "", "Fixed effects:"]
+        if self.ddf is None:
+            se = r._bse_fe_pd
+            est = r._fe_params_pd
+            table = [["", "Estimate", "Std. Error", "t value"]]
+            for name, col in zip(self.xname_fe, r.model.exog_names, strict=True):
+                table.append([name, f"{est[col]:.4g}", f"{se[col]:.4g}", f"{est[col] / se[col]:.3f}"])
+        else:
+            ct = r.coef_table(self.ddf, self.alpha)
+            table = [["", "Estimate", "Std. Error", "df", "t value", "Pr(>|t|)"]]
+            for name, (_, row) in zip(self.xname_fe, ct.iterrows(), strict=True):
+                table.append([name, f"{row['estimate']:.4g}", f"{row['std_err']:.4g}",
+                              f"{row['df']:.2f}", f"{row['t']:.3f}", f"{row['p']:.3g}"])
+        widths = [max(len(x[i]) for x in table) for i in range(len(table[0]))]
+        for x in table:
+            lines.append(" ".join(x[i].ljust(widths[i]) if i == 0 else x[i].rjust(widths[i])
+                                  for i in range(len(x))).rstrip())
+        if r.singular:
+            lines += ["", "boundary (singular) fit: see help('isSingular')"]
+        if not r.converged:
+            lines += ["", f"optimiser did not converge: {r.optsummary.return_code}"]
+        return "\n".join(lines)
+
     def __str__(self) -> str:
+        if self.res.model.api == "lme4":
+            return self.lme4_text()
+        return self.statsmodels_text()
+
+    def statsmodels_text(self) -> str:
         cols = self._columns()
         rows = self.rows()
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
