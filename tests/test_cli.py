@@ -254,9 +254,11 @@ def test_bundled_dietox_has_the_expected_shape() -> None:
 
 def test_plot_writes_a_caterpillar_png(files: dict[str, Path]) -> None:
     out = files["out"] / "ranef.png"
-    done = run("fit", str(files["penicillin"]), "diameter ~ 1 + (1 | plate) + (1 | sample)", "--plot", str(out))
+    # cwd away from the checkout: the installed package, not the source tree, is imported
+    done = run("fit", str(files["penicillin"]), "diameter ~ 1 + (1 | plate) + (1 | sample)", "--plot", str(out),
+               cwd=files["out"])
     assert done.returncode == 0, done.stderr
     assert out.read_bytes().startswith(b"\x89PNG")
     bad = run("fit", str(files["sleepstudy"]), "Reaction ~ Days + (1 | Subject)", "--plot",
-              str(files["out"] / "ranef.txt"))
+              str(files["out"] / "ranef.txt"), cwd=files["out"])
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "must end in .png" in bad.stderr
