@@ -152,7 +152,10 @@ def test_tests_and_anova_with_a_covariate() -> None:
     assert t["p"].iloc[0] == pytest.approx(ct.loc["Days", "p"], rel=1e-12)
     with pytest.raises(InferenceError, match="2 columns"):
         res.t_test(np.ones((1, 3)))
-    assert "P>|t|" in str(res.summary(ddf="satterthwaite"))
+    text = str(res.summary(ddf="satterthwaite"))   # lmer: lme4's (lmerTest's) layout
+    assert "Pr(>|t|)" in text
+    row = next(line.split() for line in text.splitlines() if line.startswith("Days"))
+    assert float(row[3]) == pytest.approx(ct.loc["Days", "df"], abs=0.01)
 
 
 # -- intervals ------------------------------------------------------------------------------------
