@@ -16,7 +16,7 @@ class; the layers above need no change.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -150,6 +150,17 @@ class Engine(ABC):
     def random_prediction(self, modes: dict[str, pd.DataFrame], newdata: Any, exog_re: Any,
                           groups: Any, new_levels: str) -> np.ndarray:
         """Z b̂ for new rows (a level not in the fit contributes 0, or raises)."""
+
+    def to_data_scale(self, working: np.ndarray, offset: bool = True) -> np.ndarray:
+        """Rows of the working scale (√w ·) back on the data's scale (and + o)."""
+        out = working if self.weights is None else working / np.sqrt(self.weights)
+        return out + self.offset if offset and self.offset is not None else out
+
+    def with_log_weights(self, cp: Any) -> Any:
+        """The cross-products with Σ log w of the prior weights (lme4's likelihood term)."""
+        if self.weights is None:
+            return cp
+        return replace(cp, log_weights=float(np.sum(np.log(self.weights))))
 
     def no_rows(self, what: str) -> RowsUnavailableError:
         kind = getattr(self.source, "kind", "chunked data")

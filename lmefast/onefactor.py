@@ -172,12 +172,7 @@ class OneFactorEngine(Engine):
     def _crossprods(self, n_threads: int | None) -> CrossProducts:
         """The pass over the (working) rows, with Σ log w of prior weights."""
         cp = compute_crossprods(self.spec, n_threads)
-        return cp if self.weights is None else replace(cp, log_weights=float(np.sum(np.log(self.weights))))
-
-    def to_data_scale(self, working: np.ndarray, offset: bool = True) -> np.ndarray:
-        """Rows of the working scale (√w ·) back on the data's scale (and + o)."""
-        out = working if self.weights is None else working / np.sqrt(self.weights)
-        return out + self.offset if offset and self.offset is not None else out
+        return self.with_log_weights(cp)
 
     def objective(self, reml: bool = True, n_threads: int | None = None,
                   crossprods: CrossProducts | None = None) -> ProfiledObjective:
