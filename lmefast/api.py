@@ -19,8 +19,7 @@ from lmefast.dask import mixedlm as dask_mixedlm
 from lmefast.errors import SpecificationError
 from lmefast.formula import design_matrix
 from lmefast.lmer import build_terms, lmer_frame, parse_lmer
-from lmefast.model import MixedLM, checked_response_and_design
-from lmefast.multi import BlockedEngine
+from lmefast.model import MixedLM, blocked_engine, checked_response_and_design
 from lmefast.outofcore import ParquetSource, mixedlm_parquet
 from lmefast.progress import ProgressFn, progress_function
 from lmefast.results import MixedLMResults
@@ -81,7 +80,7 @@ def lmer_model(formula: str, data: Any, missing: str = "raise") -> MixedLM:
                        exog_names=xnames, exog_re_names=list(t.coef_names), group_name=t.name,
                        re_pattern=t.pattern, api="lme4")
     X, xnames, dropped = checked_response_and_design(y, response, X, xnames, stacklevel=4)
-    engine = BlockedEngine(y, np.ascontiguousarray(X), terms)
+    engine = blocked_engine(y, np.ascontiguousarray(X), terms)
     return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames,
                                dropped_exog=dropped)
 

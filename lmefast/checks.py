@@ -94,3 +94,38 @@ def full_rank_columns_from_xtx(XtX: np.ndarray, n: int) -> np.ndarray:
             break
         G[j + 1:, j + 1:] -= np.outer(G[j + 1:, j], G[j, j + 1:]) / G[j, j]
     return np.sort(piv[:int(np.sum(d > RANK_TOL * d[0]))])
+
+
+def check_unique_columns(columns, used) -> None:
+    """A column name that appears more than once in the data and is used by a formula is
+    ambiguous: an error naming it (rather than one of the columns taken silently)."""
+    names = [str(c) for c in columns]
+    seen: set[str] = set()
+    dup = sorted({c for c in names if c in seen or seen.add(c)} & {str(u) for u in used})
+    if dup:
+        raise SpecificationError(f"data have more than one column named {dup}: the formula "
+                                 "cannot tell which to use; rename or drop the duplicates")
+
+
+def check_random_design(Z: np.ndarray, names: list[str] | tuple[str, ...], term: str) -> None:
+    """The design of one random-effects term (n × k): an all-zero column, or columns that are
+    linearly dependent (a constant slope beside an intercept, a slope repeated or a multiple of
+    another), leave a variance that the data cannot inform: an error naming the term and the
+    columns. Judged on centred and scaled columns where the term has an intercept."""
+    from lmefast.scaling import column_map
+
+    k = Z.shape[1]
+    zero = [str(names[j]) for j in range(k) if not np.any(Z[:, j])]
+    if zero:
+        raise SpecificationError(
+            f"random-effects term {term}: column(s) {zero} are all zero, so their variance is not "
+            "identifiable; remove them from the term")
+    if k < 2:
+        return
+    keep = full_rank_columns(Z @ column_map(Z, centre=True))
+    if keep.shape[0] < k:
+        dropped = [str(names[j]) for j in range(k) if j not in set(keep.tolist())]
+        raise SpecificationError(
+            f"random-effects term {term}: column(s) {dropped} are linearly dependent on the term's "
+            "other columns (e.g. a constant slope beside an intercept), so the covariance of the "
+            "term is not identifiable; remove them from the term")

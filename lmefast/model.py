@@ -10,6 +10,7 @@ after that asks the engine (lmefast.engine.Engine), never the type of the model.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -23,6 +24,7 @@ from lmefast.checks import (
     check_identifiable,
     check_missing_policy,
     check_not_constant,
+    check_random_design,
     full_rank_columns,
     warn_dropped,
 )
@@ -34,7 +36,9 @@ from lmefast.onefactor import OneFactorEngine
 from lmefast.optimize import fit_theta
 from lmefast.parallel import limit_blas_threads, resolve_threads
 from lmefast.results import MixedLMResults
+from lmefast.scaling import DesignScaling, column_map, component_scale, scale_fixed, scale_random
 from lmefast.spec import GroupThetaMap, ModelSpec, build_layout
+from lmefast.userobjective import UserScaleObjective
 from lmefast.structure import Term, factorize_groups
 
 
@@ -78,9 +82,10 @@ def _check_finite(arr: np.ndarray, what: str, names: list[str]) -> None:
 def checked_response_and_design(y: np.ndarray, yname: str, X: np.ndarray, xnames: list[str],
                                 stacklevel: int = 2) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
     """Refuse a constant response; drop linearly dependent fixed-effects columns with a warning
-    naming them (lme4's behaviour). Returns (X, names, dropped names)."""
+    naming them (lme4's behaviour), judged on the centred and scaled columns (a change of units
+    or origin does not make a column dependent). Returns (X, names, dropped names)."""
     check_not_constant(float(np.min(y)), float(np.max(y)), yname)
-    keep = full_rank_columns(X)
+    keep = full_rank_columns(X @ column_map(X, centre=True)) if X.shape[1] else np.arange(0)
     dropped = tuple(xnames[j] for j in range(X.shape[1]) if j not in set(keep.tolist()))
     if dropped:
         warn_dropped(dropped, stacklevel=stacklevel)
@@ -221,28 +226,38 @@ class MixedLM:
 
         X, xnames, dropped = checked_response_and_design(y, yname, X, xnames, stacklevel=3)
         crossed = single_group_as_crossed(y, X, Zre, m, vnames, vmats, vcols)
+        Xs, S = scale_fixed(X)
         if crossed is not None:
-            engine: Engine = BlockedEngine(y, X, crossed, statsmodels_group=labels[0],
+            engine: Engine = BlockedEngine(y, Xs, crossed, statsmodels_group=labels[0],
                                            vc_order=tuple(vnames))
+            engine.design_scaling = DesignScaling(S, tuple(np.eye(t.k) for t in crossed))
             self._init(engine, api, yname, xnames, dropped)
             return
         k = Zre.shape[1]
         if k and not np.any(Zre):
             raise SpecificationError("exog_re is all zero")
+        if k:
+            check_random_design(Zre, znames, f"({' + '.join(znames)} | {gname})")
         if m < 2 and k > 0:
             raise SpecificationError(
                 f"grouping factor '{gname}' has a single level: random coefficients need at "
                 "least two groups (for crossed effects written as one group with variance "
                 "components, pass re_formula='0')")
+        theta_map = GroupThetaMap(k, len(vnames), tuple(znames), tuple(vnames), re_pattern)
+        Zs, C = scale_random(Zre, theta_map.patterns[0]) if k else (Zre, np.eye(0))
+        vc_scale = [component_scale(V) for V in vmats]
+        vmats = [V if s == 1.0 else V * s for V, s in zip(vmats, vc_scale, strict=True)]
         layout = build_layout(codes, m, k, vmats)
         check_identifiable(n, int(layout.q_off[-1]), f"grouping factor '{gname}'")
         spec = ModelSpec(
-            y=y, X=X, group_codes=codes, group_labels=labels, Zre=np.ascontiguousarray(Zre),
-            layout=layout,
-            theta_map=GroupThetaMap(k, len(vnames), tuple(znames), tuple(vnames), re_pattern),
+            y=y, X=Xs, group_codes=codes, group_labels=labels, Zre=Zs,
+            layout=layout, theta_map=theta_map,
             endog_name=yname, exog_names=tuple(xnames), group_name=gname,
             vc_col_names=tuple(vcols), dropped_exog=dropped)
-        self._init(OneFactorEngine(spec, lme4_names=api == "lme4"), api, yname, xnames, dropped)
+        engine = OneFactorEngine(spec, lme4_names=api == "lme4")
+        engine.design_scaling = DesignScaling(
+            S, ((C,) if k else ()) + tuple(np.array([[s]]) for s in vc_scale))
+        self._init(engine, api, yname, xnames, dropped)
 
     def _init(self, engine: Engine, api: str, endog_name: str, exog_names: list[str],
               dropped_exog: tuple[str, ...]) -> None:
@@ -311,8 +326,9 @@ class MixedLM:
 
     def covariance_terms(self, theta: np.ndarray
                          ) -> list[tuple[str, list[str], np.ndarray, np.ndarray]]:
-        """(factor, coefficient names, T, free entries of T) per block of θ."""
-        Ts = self.engine.theta_map.Ts(np.asarray(theta, dtype=float))
+        """(factor, coefficient names, T on the user's scale, free entries of T) per block of
+        the engine's θ."""
+        Ts = self.engine.scaling.Ts(self.engine.theta_map.Ts(np.asarray(theta, dtype=float)))
         return [(c.factor, list(c.coef_names), T, c.free)
                 for c, T in zip(self.engine.covariance_terms(), Ts, strict=True)]
 
@@ -362,11 +378,15 @@ class MixedLM:
         return self.endog_name
 
     def objective(self, reml: bool = True, n_threads: int | None = None) -> KernelObjective:
-        """The profiled objective θ → −2 log-likelihood (ML) or REML criterion."""
-        return self.engine.objective(reml, n_threads)
+        """The profiled objective θ → −2 log-likelihood (ML) or REML criterion, θ and β on the
+        user's scale (lmefast.userobjective; the engine's own is ``engine.objective``)."""
+        inner = self.engine.objective(reml, n_threads)
+        sc = self.engine.scaling
+        return inner if sc.is_identity else UserScaleObjective(inner, sc)
 
     def loglike(self, theta: np.ndarray, reml: bool = True) -> float:
-        """Profiled log-likelihood at θ (β̂ and σ̂² at their optimum for this θ)."""
+        """Profiled log-likelihood at θ on the user's scale (β̂ and σ̂² at their optimum for
+        this θ)."""
         return -0.5 * self.objective(reml).solve(np.asarray(theta, dtype=float)).objective
 
     def fit(
@@ -389,18 +409,46 @@ class MixedLM:
         optimiser is always the bounded quasi-Newton on θ.
         """
         nth = resolve_threads(n_threads, self.engine.n_levels)
-        obj = self.objective(reml, nth)
+        obj = self.engine.objective(reml, nth)   # the engine's θ (its centred, scaled designs)
         tm = self.engine.theta_map
         theta0 = tm.start() if start_params is None else np.asarray(start_params, dtype=float)
         if theta0.shape != (tm.n_theta,):
             raise SpecificationError(
                 f"start_params must have {tm.n_theta} entries (θ), got {theta0.shape}")
+        if start_params is not None and np.all(np.isfinite(theta0)):
+            with np.errstate(all="ignore"):   # θ on the user's scale → the engine's
+                theta0 = self.engine.scaling.theta_internal(tm, theta0)
         with limit_blas_threads(nth) if self.engine.uses_blas else nullcontext():
-            sol, opt = fit_theta(obj, theta0, maxiter=maxiter, verbose=verbose, callback=callback)
+            sol, opt = fit_theta(obj, theta0, maxiter=maxiter, verbose=verbose,
+                                 callback=_user_callback(callback, self.engine, reml))
         if not opt.converged:
             warnings.warn(f"the optimiser did not converge: {opt.return_code}; max |gradient| "
                           f"{np.max(np.abs(opt.projected_gradient)):.3g}", stacklevel=2)
         return MixedLMResults(self, obj, sol, opt)
+
+
+def _user_callback(callback: Callable[[int, np.ndarray, float], None] | None, engine: Engine,
+                   reml: bool) -> Callable[[int, np.ndarray, float], None] | None:
+    """The fit's callback given θ and the objective on the user's scale."""
+    sc = engine.scaling
+    if callback is None or sc.is_identity:
+        return callback
+    offset = sc.reml_offset() if reml else 0.0
+    return lambda it, theta, f: callback(it, sc.theta(engine.theta_map, theta), f + offset)
+
+
+def blocked_engine(y: np.ndarray, X: np.ndarray, terms: list[Term]) -> BlockedEngine:
+    """The engine of several grouping factors on the rows in memory: each term's design
+    checked (lmefast.checks.check_random_design), then the fixed and random designs centred and
+    scaled (lmefast.scaling), the map kept with the engine."""
+    for t in terms:
+        check_random_design(t.Z, t.coef_names, f"({' + '.join(t.coef_names)} | {t.name})")
+    Xs, S = scale_fixed(X)
+    scaled = [scale_random(t.Z, t.pattern) for t in terms]
+    engine = BlockedEngine(y, Xs, [dataclasses.replace(t, Z=Zs)
+                                   for t, (Zs, _) in zip(terms, scaled, strict=True)])
+    engine.design_scaling = DesignScaling(S, tuple(C for _, C in scaled))
+    return engine
 
 
 def single_group_as_crossed(y: np.ndarray, X: np.ndarray, Zre: np.ndarray, m: int,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import warnings
+
 import numpy as np
 
 from lmefast._bfgs import RETURN_MESSAGES
@@ -14,6 +16,7 @@ GRAD_TOL = 2e-3          # convergence check on max |projected gradient| (lme4 u
 DECREMENT_TOL = 1e-6     # or: the Newton decrement g'H⁻¹g (objective units) below this
 DECREMENT_RTOL = 1e-13   # ... or below this × |objective| (its rounding level at 1e8 rows)
 SINGULAR_TOL = 1e-4      # lme4's isSingular tolerance on diagonal θ
+UNMOVED_RTOL = 1e-6      # a θ entry within this of a (non-default) start is checked (fit_theta)
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,56 @@ def fit_theta(
     verbose: bool = False,
     callback: Callable[[int, np.ndarray, float], None] | None = None,
 ) -> tuple[Solution, OptSummary]:
-    """Minimise the profiled objective over θ (diagonal of T and θ_vc ≥ 0)."""
+    """Minimise the profiled objective over θ (diagonal of T and θ_vc ≥ 0).
+
+    A start that is not finite, or where the objective is not finite, is replaced by the
+    default start (with a warning). A fit from another start whose result left some θ entries
+    exactly at their start is checked against a fit from the default start, and the better is
+    kept (a flat or overflowing region can stop the optimiser without moving them)."""
     lower = obj.theta_map.lower_bounds()
-    theta0 = np.maximum(np.asarray(theta0, dtype=float), lower)
+    default = obj.theta_map.start()
+    theta0 = usable_start(np.asarray(theta0, dtype=float), lower, default, "")
+    sol, summary = _fit_from(obj, theta0, lower, maxiter, verbose, callback)
+    if summary.return_code == RETURN_MESSAGES[5] and not np.array_equal(theta0, default):
+        theta0 = usable_start(theta0, lower, default, "the objective is not finite there")
+        sol, summary = _fit_from(obj, theta0, lower, maxiter, verbose, callback)
+    if not np.array_equal(theta0, default):
+        moved = np.abs(summary.theta_final - theta0)
+        unmoved = np.nonzero((moved <= UNMOVED_RTOL * np.abs(theta0)) & (theta0 > lower))[0]
+        if unmoved.size or not summary.converged:
+            sol_d, summary_d = _fit_from(obj, default, lower, maxiter, False, None)
+            tol = 1e-8 * max(1.0, abs(sol_d.objective))
+            if np.isfinite(sol_d.objective) and not sol_d.objective >= sol.objective - tol:
+                what = (f"θ entries {unmoved.tolist()} (0-based) never moved from their start"
+                        if unmoved.size else f"it did not converge ({summary.return_code})")
+                warnings.warn(
+                    f"the fit from the given start stopped at a worse point: {what}; the fit from "
+                    f"the default start, lower by {sol.objective - sol_d.objective:.6g} in the "
+                    "objective (−2 log-likelihood), is kept", stacklevel=3)
+                sol = sol_d
+                summary = replace(summary_d, theta_initial=theta0, log=summary.log + summary_d.log,
+                                  n_evals=summary.n_evals + summary_d.n_evals,
+                                  n_iter=summary.n_iter + summary_d.n_iter)
+    return sol, summary
+
+
+def usable_start(theta0: np.ndarray, lower: np.ndarray, default: np.ndarray,
+                 reason: str) -> np.ndarray:
+    """θ0 within its bounds, or the default start (with a warning naming the reason) when θ0
+    is not finite or ``reason`` says why it cannot start the fit."""
+    if not reason and theta0.shape == default.shape and not np.all(np.isfinite(theta0)):
+        reason = "it has entries that are not finite"
+    if not reason:
+        return np.maximum(theta0, lower)
+    warnings.warn(f"the starting θ cannot start the fit ({reason}): using the default start",
+                  stacklevel=4)
+    return default.copy()
+
+
+def _fit_from(obj: KernelObjective, theta0: np.ndarray, lower: np.ndarray, maxiter: int,
+              verbose: bool, callback: Callable[[int, np.ndarray, float], None] | None
+              ) -> tuple[Solution, OptSummary]:
+    """One run of the optimiser from θ0, its checks and its record."""
     log: list[tuple[int, float]] = []
     evals0 = obj.n_evals
 
@@ -177,8 +227,9 @@ def fit_theta(
         sol, decrement = newton_check(obj, sol, lower)
     theta = sol.theta
     pg = projected_gradient(theta, sol.grad, lower)
-    converged = bool(np.all(np.isfinite(pg)) and (np.max(np.abs(pg), initial=0.0) < GRAD_TOL
-                                                  or decrement < dec_tol))
+    # converged: the gradient or Newton-decrement test passed, at a finite objective
+    converged = bool(np.isfinite(sol.objective) and np.all(np.isfinite(pg))
+                     and (np.max(np.abs(pg), initial=0.0) < GRAD_TOL or decrement < dec_tol))
     singular = bool(np.any(theta[diag] < SINGULAR_TOL))
     summary = OptSummary(
         theta_initial=theta0,
