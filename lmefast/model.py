@@ -38,8 +38,8 @@ from lmefast.parallel import limit_blas_threads, resolve_threads
 from lmefast.results import MixedLMResults
 from lmefast.scaling import DesignScaling, column_map, component_scale, scale_fixed, scale_random
 from lmefast.spec import GroupThetaMap, ModelSpec, build_layout
-from lmefast.userobjective import UserScaleObjective
 from lmefast.structure import Term, factorize_groups
+from lmefast.userobjective import UserScaleObjective
 
 
 def _names(obj: Any, default: list[str]) -> list[str]:

@@ -2,10 +2,9 @@
 of the run (OptSummary), as MixedModels.jl keeps one."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-
-import warnings
 
 import numpy as np
 

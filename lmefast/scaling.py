@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 CENTRE_RATIO = 8.0      # centre a column whose |mean| exceeds this many standard deviations
 SCALE_RANGE = 4         # scale a column whose spread is outside 2^-4 .. 2^4
 
@@ -205,9 +204,10 @@ def scale_random(Z: np.ndarray, pattern: tuple[np.ndarray, np.ndarray]) -> tuple
 
 
 def component_scale(V) -> float:
-    """The factor 1/s (s a power of two near the root mean square of the non-zero values) that
-    scales a variance component's design (dense or scipy.sparse): 1 for indicators."""
+    """The factor 1/s that scales a variance component's design (dense or scipy.sparse): s the
+    power of two near the root mean square of its non-zero values when that is outside
+    2^±SCALE_RANGE, else 1 (indicators, ordinary covariates)."""
     vals = V.data if hasattr(V, "tocsr") else np.asarray(V)[np.asarray(V) != 0]
     if vals.size == 0:
         return 1.0
-    return float(1.0 / _pow2(np.sqrt(np.mean(np.square(vals)))))
+    return 1.0 / _scale_of(float(np.sqrt(np.mean(np.square(vals)))))

@@ -221,3 +221,26 @@ def test_degenerate_slope_with_several_grouping_factors() -> None:
     df["z"] = 0.0
     with pytest.raises(SpecificationError, match=r"random-effects term .*Pig.*\['z'\].*all zero"):
         lmefast.lmer("Weight ~ Time + (1 + z | Pig) + (1 | Litter)", df)
+
+
+@pytest.mark.parametrize("spelling", ["lmer ||", "vc_formula"])
+@pytest.mark.parametrize("b", [1e-6, 1e6])
+def test_uncorrelated_slopes_and_variance_components_in_other_units(spelling: str, b: float) -> None:
+    """Uncorrelated terms and variance components are only scaled (a new origin would change
+    those models): in other units the ML fit is the same, the slope's variance × 1/b²."""
+    def fit(df: pd.DataFrame) -> lmefast.MixedLMResults:
+        if spelling == "lmer ||":
+            return lmefast.lmer("Reaction ~ Days + (1 + Days || Subject)", df, reml=False)
+        return lmefast.mixedlm("Reaction ~ Days", df, groups="Subject",
+                               vc_formula={"Days": "0 + Days"}).fit(reml=False)
+
+    base = fit(_data("sleepstudy"))
+    res = fit(_data("sleepstudy", 0.0, b))
+    assert res.converged
+    assert res.llf == pytest.approx(base.llf, rel=LLF_RTOL)
+    assert res.fe_params.iloc[1] == pytest.approx(base.fe_params.iloc[1] / b, rel=1e-5)
+    if spelling == "lmer ||":
+        var0, var1 = base.cov_re["Subject"].iloc[1, 1], res.cov_re["Subject"].iloc[1, 1]
+    else:
+        var0, var1 = base.vcomp[0], res.vcomp[0]
+    assert var1 == pytest.approx(var0 / b**2, rel=1e-4)
