@@ -21,10 +21,10 @@ import sys
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 import lmefast
+from lmefast._testing import crossed
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
@@ -90,12 +90,8 @@ def insteval(reps: int) -> dict:
 
 
 def synthetic(n: int, ma: int, mb: int, seed: int = 3) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, ma, n)
-    b = rng.integers(0, mb, n)
-    x = rng.standard_normal(n)
-    y = 1 + 0.5 * x + rng.normal(0, 1.0, ma)[a] + rng.normal(0, 0.5, mb)[b] + rng.standard_normal(n)
-    return pd.DataFrame({"y": y, "x": x, "a": a, "b": b})
+    """y ~ x + (1|a) + (1|b) data (lmefast._testing.crossed, shared with the tests)."""
+    return crossed(n, ma, mb, seed)
 
 
 def big(reps: int, with_lme4: bool) -> dict:

@@ -9,7 +9,12 @@ insteval  lme4's InstEval, y ~ service + (1|s) + (1|d): the blocked-Cholesky ker
 
 θ is the REML optimum (one fit first); each figure is the median over N evaluations of
 ``kernel.evaluate(θ, want_grad=True)``, with its n_evals count checked. Prints one JSON line
-per case and thread count. Run it under two builds (paired, alternately) to compare them.
+per case and thread count.
+
+--baseline DIR  also load the kernels compiled by another build (DIR holding its _kernels and
+          _multi extension modules, e.g. an installed copy of an older commit) and time both on
+          the same data in turn, evaluation by evaluation: a paired comparison that machine
+          load drifting over the run does not bias. Prints the median of the paired ratios.
 
 --busy    InstEval fits at n_threads=1 while another process keeps one core busy: BLAS at its
           default threads, then held to one thread by lmefast.parallel.limit_blas_threads
@@ -19,6 +24,8 @@ per case and thread count. Run it under two builds (paired, alternately) to comp
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
+import importlib.util
 import json
 import multiprocessing as mp
 import statistics
@@ -44,6 +51,50 @@ def insteval_frame() -> pd.DataFrame:
     return df
 
 
+def load_baseline(directory: str) -> dict[str, object]:
+    """The baseline build's kernel modules, under names of their own."""
+    mods = {}
+    for name in ("_kernels", "_multi"):
+        path = next(Path(directory).glob(f"{name}.cpython-*.so"))
+        loader = importlib.machinery.ExtensionFileLoader(f"baseline.{name}", str(path))
+        spec = importlib.util.spec_from_file_location(f"baseline.{name}", path, loader=loader)
+        mod = importlib.util.module_from_spec(spec)
+        loader.exec_module(mod)
+        mods[name] = mod
+    return mods
+
+
+def baseline_kernel(model, nth: int, mods: dict[str, object]):
+    """model's kernel built by the baseline's classes (same arguments)."""
+    import lmefast.multi
+    import lmefast.objective
+
+    saved = lmefast.objective.OneFactorKernel, lmefast.multi.MultiKernel
+    lmefast.objective.OneFactorKernel = mods["_kernels"].OneFactorKernel
+    lmefast.multi.MultiKernel = mods["_multi"].MultiKernel
+    try:
+        return model.objective(True, nth).kernel
+    finally:
+        lmefast.objective.OneFactorKernel, lmefast.multi.MultiKernel = saved
+
+
+def paired(kernel, base, theta: np.ndarray, reps: int) -> dict[str, float]:
+    for k in (kernel, base):
+        k.evaluate(theta, True)
+    f_new, f_base = kernel.evaluate(theta, True)[0], base.evaluate(theta, True)[0]
+    assert abs(f_new - f_base) <= 1e-9 * abs(f_base)
+    tn, tb = [], []
+    for _ in range(reps):
+        for k, out in ((kernel, tn), (base, tb)):
+            t0 = time.perf_counter()
+            k.evaluate(theta, True)
+            out.append(time.perf_counter() - t0)
+    ratios = [a / b for a, b in zip(tn, tb, strict=True)]
+    return {"eval_grad_ms": 1e3 * statistics.median(tn), "baseline_ms": 1e3 * statistics.median(tb),
+            "ratio_median": statistics.median(ratios),
+            "ratio_q1_q3": statistics.quantiles(ratios, n=4)[0:3:2]}
+
+
 def eval_time(kernel, theta: np.ndarray, reps: int) -> float:
     kernel.evaluate(theta, True)
     times = []
@@ -54,27 +105,29 @@ def eval_time(kernel, theta: np.ndarray, reps: int) -> float:
     return statistics.median(times)
 
 
-def case_big(threads: list[int], reps: int) -> None:
+def case_big(threads: list[int], reps: int, mods) -> None:
     df = synthetic_random_slopes(1_000_000, 100_000, seed=1, string_keys=False)
     model = lmefast.mixedlm("y ~ x1 + x2", df, groups="g", re_formula="~x1")
     theta = np.asarray(model.fit().theta)
-    report("big_1e6_rows_1e5_groups_q2", model, theta, threads, reps)
+    report("big_1e6_rows_1e5_groups_q2", model, theta, threads, reps, mods)
 
 
-def case_insteval(threads: list[int], reps: int) -> None:
+def case_insteval(threads: list[int], reps: int, mods) -> None:
     model = lmefast.lmer_model("y ~ service + (1|s) + (1|d)", insteval_frame())
     theta = np.asarray(model.fit().theta)
-    report("insteval", model, theta, threads, reps)
+    report("insteval", model, theta, threads, reps, mods)
 
 
-def report(name: str, model, theta: np.ndarray, threads: list[int], reps: int) -> None:
+def report(name: str, model, theta: np.ndarray, threads: list[int], reps: int, mods) -> None:
     for nth in threads:
         kernel = model.objective(True, nth).kernel
-        before = kernel.n_evals
-        sec = eval_time(kernel, theta, reps)
-        assert kernel.n_evals - before == reps + 1
-        print(json.dumps({"case": name, "n_threads": nth, "eval_grad_ms": 1e3 * sec, "reps": reps}),
-              flush=True)
+        if mods:
+            row = paired(kernel, baseline_kernel(model, nth, mods), theta, reps)
+        else:
+            before = kernel.n_evals
+            row = {"eval_grad_ms": 1e3 * eval_time(kernel, theta, reps)}
+            assert kernel.n_evals - before == reps + 1
+        print(json.dumps({"case": name, "n_threads": nth, "reps": reps, **row}), flush=True)
 
 
 def spin(stop) -> None:
@@ -124,14 +177,16 @@ def main() -> None:
     ap.add_argument("--case", default="all", choices=["big", "insteval", "all", "busy"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--baseline", default=None)
     args = ap.parse_args()
+    mods = load_baseline(args.baseline) if args.baseline else None
     if args.case == "busy":
         case_busy(max(3, args.reps // 10))
         return
     if args.case in ("big", "all"):
-        case_big(args.threads, args.reps)
+        case_big(args.threads, args.reps, mods)
     if args.case in ("insteval", "all"):
-        case_insteval(args.threads, args.reps)
+        case_insteval(args.threads, args.reps, mods)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from lmefast.api import lmer, lmer_model, mixedlm
 from lmefast.errors import SpecificationError
 from lmefast.inference import lrtest
 from lmefast.model import MixedLM
+from lmefast.parallel import get_num_threads, set_num_threads
 from lmefast.results import MixedLMResults
 
-__all__ = ["MixedLM", "MixedLMResults", "SpecificationError", "lmer", "lmer_model", "lrtest", "mixedlm"]
+__all__ = ["MixedLM", "MixedLMResults", "SpecificationError", "get_num_threads", "lmer", "lmer_model",
+           "lrtest", "mixedlm", "set_num_threads"]
 __version__ = "0.1.0"

@@ -38,12 +38,15 @@ cdef inline double dmin(double a, double b) noexcept nogil:
 
 cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lower,
                       double gtol, int maxiter, double* f_out, double* g_out, double* f0_out,
-                      double* H_out, int* n_iter, object on_iter, bint lazy_grad=False) noexcept:
+                      double* H_out, int* n_iter, object on_iter, bint lazy_grad=False,
+                      const double* H0=NULL) noexcept:
     """Minimise; x holds the start and receives the result, f0_out the objective at the
     start, H_out (d × d) the final inverse-Hessian approximation. Returns a RETURN_MESSAGES
     code. With lazy_grad, line-search trial points are evaluated without the gradient, which
     is asked for (fg with the same x again) only once a point is accepted: for objectives
-    whose gradient costs more than the objective and that keep their factorisation."""
+    whose gradient costs more than the objective and that keep their factorisation. H0, when
+    given, is the initial inverse Hessian (e.g. from a finite-difference Hessian): the first
+    step is then a Newton step, not a scaled gradient step."""
     cdef double* H = <double*>malloc((d * d + 6 * d + 1) * sizeof(double))
     cdef double* g
     cdef double* step
@@ -73,10 +76,14 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
         memcpy(g_out, g, d * sizeof(double))
         free(H)
         return 5
-    for i in range(d * d):
-        H[i] = 0.0
-    for i in range(d):
-        H[i * d + i] = 1.0
+    if H0 != NULL:
+        memcpy(H, H0, d * d * sizeof(double))
+        first = 0
+    else:
+        for i in range(d * d):
+            H[i] = 0.0
+        for i in range(d):
+            H[i * d + i] = 1.0
     for it in range(1, maxiter + 1):
         with nogil:
             # projected gradient and step on the free variables
@@ -112,9 +119,7 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
             break
         t = 1.0
         if first:
-            # without curvature information yet: a step of at most 1 in every coordinate,
-            # that moves no variable more than 90% of the way to its bound (a variance
-            # parameter pushed onto zero is a saddle the gradient cannot leave)
+            # without curvature information yet: a step of at most 1 in every coordinate
             tmp = 0.0
             for i in range(d):
                 tmp = dmax(tmp, fabs(step[i]))
@@ -122,6 +127,9 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
                 for i in range(d):
                     step[i] /= tmp
                 slope /= tmp
+        if first or it == 1:
+            # no first step moves a variable more than 90% of the way to its bound (a
+            # variance parameter pushed onto zero is a saddle the gradient cannot leave)
             for i in range(d):
                 if step[i] < 0.0 and isfinite(lower[i]) and x[i] > lower[i]:
                     t = dmin(t, 0.9 * (x[i] - lower[i]) / -step[i])
@@ -201,30 +209,40 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
 
 cdef struct PyCtx:
     void* func
+    void* errors
     int d
     int failed
 
 
 cdef int py_trampoline(void* ctx, const double* x, double* f, double* g) noexcept nogil:
+    """Calls the Python objective. Once it has raised, no further call is made (every point
+    fails, so the line search ends) and minimize_bounded raises the exception."""
     cdef PyCtx* c = <PyCtx*>ctx
+    if c.failed:
+        return 1
     with gil:
         try:
-            val, grad = (<object>c.func)(np.array(<double[:c.d]>x))
+            val, grad = (<object>c.func)(np.array(<double[:c.d]>x), g != NULL)
             f[0] = val
-            grad = np.ascontiguousarray(grad, dtype=np.float64)
-            for i in range(c.d):
-                g[i] = grad[i]
+            if g != NULL:
+                grad = np.ascontiguousarray(grad, dtype=np.float64)
+                for i in range(c.d):
+                    g[i] = grad[i]
             return 0
-        except Exception:
+        except BaseException as exc:
+            (<object>c.errors).append(exc)
             c.failed = 1
             return 1
 
 
-def minimize_bounded(fg, x0, lower, double gtol=1e-9, int maxiter=500, on_iter=None):
-    """Projected BFGS on a Python objective fg(x) → (f, gradient).
+def minimize_bounded(fg, x0, lower, double gtol=1e-9, int maxiter=500, on_iter=None,
+                     H0=None, bint lazy_grad=False):
+    """Projected BFGS on a Python objective fg(x, want_grad) → (f, gradient or None), from
+    the inverse Hessian H0 (identity when None); lazy_grad as in bfgs_bounded.
 
     Returns (x, f, g, f at x0, inverse-Hessian approximation, iterations, return code); see
-    RETURN_MESSAGES."""
+    RETURN_MESSAGES. An exception raised by fg is raised again once the C loop has ended
+    (fg should return an infinite f for points where the objective is not defined)."""
     cdef double[::1] x = np.array(x0, dtype=np.float64)
     cdef double[::1] lo = np.ascontiguousarray(lower, dtype=np.float64)
     cdef int d = x.shape[0]
@@ -233,12 +251,19 @@ def minimize_bounded(fg, x0, lower, double gtol=1e-9, int maxiter=500, on_iter=N
     cdef double[:, ::1] H = np.zeros((max(d, 1), max(d, 1)))
     cdef int n_iter = 0, code
     cdef PyCtx ctx
+    errors = []
     ctx.func = <void*>fg
+    ctx.errors = <void*>errors
     ctx.d = d
     ctx.failed = 0
+    cdef double[:, ::1] H_in
     if d == 0:
-        val, _ = fg(np.zeros(0))
+        val, _ = fg(np.zeros(0), True)
         return np.zeros(0), float(val), np.zeros(0), float(val), np.zeros((0, 0)), 0, 0
+    H_in = np.eye(d) if H0 is None else np.ascontiguousarray(H0, dtype=np.float64).reshape(d, d)
     code = bfgs_bounded(py_trampoline, &ctx, d, &x[0], &lo[0], gtol, maxiter, &f, &g[0], &f0,
-                        &H[0, 0], &n_iter, on_iter)
+                        &H[0, 0], &n_iter, on_iter, lazy_grad,
+                        NULL if H0 is None else &H_in[0, 0])
+    if errors:
+        raise errors[0]
     return np.asarray(x), f, np.asarray(g[:d]), f0, np.asarray(H), n_iter, code

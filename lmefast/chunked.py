@@ -72,6 +72,13 @@ class ChunkSource:
     predicts = True
     plan: Any = None
     coder: Any = None
+    #: results → what each chunk needs to predict (``columns``, ``yname``, ``group_columns``,
+    #: ``predict(df, where, ...)``); set by the model built from this source
+    make_payload: Callable[[MixedLMResults], Any] | None = None
+
+    def payload(self, res: MixedLMResults) -> Any:
+        """The fit's prediction payload, made once and kept with the results."""
+        return res.derived("predict_payload", lambda: self.make_payload(res))
 
     def map_reduce(self, columns: list[str], fn: Callable, args: tuple, merge: Callable, *,
                    stage: str, progress: ProgressFn | None = None, fold: Callable | None = None) -> Any:
@@ -858,6 +865,7 @@ def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None,
                      endog_name=yname, exog_names=tuple(xnames), group_name=gname, n=stats.n,
                      vc_col_names=tuple(vnames), dropped_exog=dropped, source_kind=source.kind)
     source.plan, source.coder = plan, LabelCoder(labels)
+    source.make_payload = one_factor_payload
     engine = OneFactorEngine(spec, crossprods=cp, group_sizes=counts, source=source)
     return MixedLM.from_engine(engine, api="statsmodels", endog_name=yname, exog_names=xnames,
                                dropped_exog=dropped)
@@ -866,15 +874,32 @@ def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None,
 # -- results --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PredictPayload:
-    """What a chunk needs to predict: β̂ (on the design's full columns), the modes of the random
-    coefficients (m × k), of every coordinate (b, offsets q_off: variance components) and the
-    label coder; shipped to every worker once."""
+    """What a chunk needs to predict from a fit with one grouping factor: β̂ (on the design's
+    full columns), the modes of the random coefficients (m × k), of every coordinate (b,
+    offsets q_off: variance components) and the label coder; shipped to every worker once."""
 
     beta_full: np.ndarray
     modes: np.ndarray
     b: np.ndarray
     coder: LabelCoder
     plan: ChunkPlan
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.plan.used)
+
+    @property
+    def yname(self) -> str:
+        return self.plan.yname
+
+    @property
+    def group_columns(self) -> list[str]:
+        return [self.plan.group]
+
+    def predict(self, df: pd.DataFrame, where: str, *, include_random: bool, new_levels: str,
+                resid: bool = False, fitted_rows: bool = False) -> np.ndarray:
+        return predict_chunk(self, df, where, include_random=include_random, new_levels=new_levels,
+                             resid=resid, fitted_rows=fitted_rows)
 
 
 def predict_chunk(payload: PredictPayload, df: pd.DataFrame, where: str, *, include_random: bool,
@@ -907,23 +932,19 @@ def predict_chunk(payload: PredictPayload, df: pd.DataFrame, where: str, *, incl
     return out
 
 
-def predict_payload(res: MixedLMResults) -> PredictPayload:
-    """What a chunk needs to predict from a fit (made once, kept with the results)."""
-    def make() -> PredictPayload:
-        source = res.model.source
-        plan = source.plan
-        beta = np.zeros(len(plan.xnames or []))
-        pos = {n: j for j, n in enumerate(plan.xnames or [])}
-        for name, b in zip(res.model.exog_names, res._sol.beta, strict=True):
-            beta[pos[name]] = b
-        modes = res.engine.coefficient_modes(res._objective, res._sol).to_numpy()
-        b = res.engine._modes(res._objective, res._sol)[0] if plan.vcmap is not None else np.zeros(0)
-        return PredictPayload(beta, np.ascontiguousarray(modes), b, source.coder, plan)
-
-    return res.derived("predict_payload", make)
+def one_factor_payload(res: MixedLMResults) -> PredictPayload:
+    source = res.model.source
+    plan = source.plan
+    beta = np.zeros(len(plan.xnames or []))
+    pos = {n: j for j, n in enumerate(plan.xnames or [])}
+    for name, b in zip(res.model.exog_names, res._sol.beta, strict=True):
+        beta[pos[name]] = b
+    modes = res.engine.coefficient_modes(res._objective, res._sol).to_numpy()
+    b = res.engine._modes(res._objective, res._sol)[0] if plan.vcmap is not None else np.zeros(0)
+    return PredictPayload(beta, np.ascontiguousarray(modes), b, source.coder, plan)
 
 
 def predict_pandas(res: MixedLMResults, newdata: pd.DataFrame, include_random: bool,
                    new_levels: str) -> np.ndarray:
-    return predict_chunk(predict_payload(res), newdata, "newdata", include_random=include_random,
-                         new_levels=new_levels)
+    return res.model.source.payload(res).predict(newdata, "newdata", include_random=include_random,
+                                                  new_levels=new_levels)

@@ -10,6 +10,8 @@ depend on the chunk). The model keeps no rows: fitted values and residuals need 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ import pandas as pd
 
 from lmefast.checks import check_not_constant, full_rank_columns_from_xtx, warn_dropped
 from lmefast.chunked import ChunkSource
-from lmefast.errors import RowsUnavailableError, SpecificationError
+from lmefast.errors import SpecificationError
 from lmefast.formula import _not_finite, _parse, _plain_columns, _rhs, design_matrix
 from lmefast.lmer import RandomTerm, build_terms, factor_key
 from lmefast.model import MixedLM
@@ -52,23 +54,83 @@ def _labels(df: pd.DataFrame, groups: list[str]) -> dict[str, np.ndarray]:
     return {g: pd.unique(factor_key(df, g)) for g in groups}
 
 
-class CrossProductsOnly(ChunkSource):
-    """The source of a fit with several grouping factors from chunks: only the cross-products
-    were kept, so fitted values need another pass the model cannot make; predictions for new
-    rows are made in memory (``res.predict(df)``)."""
+class _Passes:
+    """What each chunk needs in the passes (picklable: sent to the workers)."""
 
-    predicts = False
+    def __init__(self, response: str, fixed: str, random: list[RandomTerm], used: list[str],
+                 missing: str, labels: dict[str, pd.Index] | None = None) -> None:
+        self.response, self.fixed, self.random = response, fixed, random
+        self.used, self.missing, self.labels = used, missing, labels
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    def factor(self, df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
+        codes = self.labels[group].get_indexer(factor_key(df, group))
+        return codes.astype(np.int64), np.asarray(self.labels[group])
 
-    def fitted(self, res: Any, resid: bool) -> Any:
-        raise RowsUnavailableError(
-            "the model was fitted from cross-products summed over chunks: the rows are not in "
-            "memory; use res.predict(df) on the rows you need")
+    def terms(self, df: pd.DataFrame) -> list[Term]:
+        return build_terms(self.random, df, factor=self.factor)
 
-    def fitted_chunks(self, res: Any, progress: Any) -> Any:
-        self.fitted(res, resid=False)
+
+@dataclass(frozen=True)
+class MultiPayload:
+    """What a chunk needs to predict from a fit with several grouping factors: the design rules
+    and labels of the passes, β̂ on the design's columns (0 for a dropped column) and each
+    factor's conditional modes (levels × k); shipped to every worker once."""
+
+    passes: _Passes
+    beta_full: np.ndarray
+    modes: dict[str, np.ndarray]
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.passes.used)
+
+    @property
+    def yname(self) -> str:
+        return self.passes.response
+
+    @property
+    def group_columns(self) -> list[str]:
+        return sorted({c for t in self.passes.random for c in t.group.split(":")})
+
+    def predict(self, df: pd.DataFrame, where: str, *, include_random: bool, new_levels: str,
+                resid: bool = False, fitted_rows: bool = False) -> np.ndarray:
+        """Xβ̂ + Σ_j Z_j b̂_j for the rows of one chunk (NaN where a needed value is missing; a level
+        not in the fit contributes 0 for its factor, or raises with new_levels='error')."""
+        out = np.full(len(df), np.nan)
+        need_y = resid or fitted_rows
+        needed = [c for c in self.columns if (c != self.yname or need_y)
+                  and (include_random or c not in self.group_columns)]
+        absent = sorted(c for c in needed if c not in df.columns)
+        if absent:
+            raise SpecificationError(f"{where} is missing column(s) {absent}")
+        if len(df) == 0:
+            return out
+        bad = np.logical_or.reduce([_not_finite(df[c]) for c in needed])
+        keep = ~bad
+        rows = df.loc[keep].reset_index(drop=True)
+        X, _ = design_matrix(self.passes.fixed, rows)
+        pred = X @ self.beta_full
+        if include_random:
+            for t in self.passes.terms(rows):
+                new = t.codes < 0
+                if new.any() and new_levels == "error":
+                    raise SpecificationError(
+                        f"level(s) of {t.name!r} in {where} were not in the fit (pass new_levels='population')")
+                b = self.modes[t.name]
+                pred = pred + np.where(new, 0.0, np.einsum("ij,ij->i", t.Z, b[np.where(new, 0, t.codes)]))
+        if need_y and resid:
+            pred = rows[self.yname].to_numpy(dtype=float) - pred
+        out[keep] = pred
+        return out
+
+
+def multi_payload(res: Any, passes: _Passes, xnames: list[str]) -> MultiPayload:
+    beta = np.zeros(len(xnames))
+    pos = {n: j for j, n in enumerate(xnames)}
+    for name, b in zip(res.model.exog_names, res._sol.beta, strict=True):
+        beta[pos[name]] = b
+    frames = res.engine.modes_by_factor(res._objective, res._sol)
+    return MultiPayload(passes, beta, {name: np.ascontiguousarray(f.to_numpy()) for name, f in frames.items()})
 
 
 def _labels_part(df: pd.DataFrame, where: str, used: list[str], missing: str, response: str,
@@ -102,22 +164,6 @@ def _merge_sums(*parts: tuple | None) -> tuple | None:
         sizes = {name: sizes[name] + other[1][name] for name in sizes}
         ymin, ymax = min(ymin, other[4][0]), max(ymax, other[4][1])
     return sums, sizes, xnames, terms, (ymin, ymax)
-
-
-class _Passes:
-    """What each chunk needs in the passes (picklable: sent to the workers)."""
-
-    def __init__(self, response: str, fixed: str, random: list[RandomTerm], used: list[str],
-                 missing: str, labels: dict[str, pd.Index] | None = None) -> None:
-        self.response, self.fixed, self.random = response, fixed, random
-        self.used, self.missing, self.labels = used, missing, labels
-
-    def factor(self, df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
-        codes = self.labels[group].get_indexer(factor_key(df, group))
-        return codes.astype(np.int64), np.asarray(self.labels[group])
-
-    def terms(self, df: pd.DataFrame) -> list[Term]:
-        return build_terms(self.random, df, factor=self.factor)
 
 
 def _pairs_part(df: pd.DataFrame, where: str, passes: _Passes) -> np.ndarray:
@@ -156,7 +202,8 @@ def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm],
             "columns (their design may not depend on the chunk): compute categorical dummies or "
             "transforms beforehand")
     labels = {g: pd.Index(values[g]).sort_values() for g in groups}
-    passes = source.shared(_Passes(response, fixed, random, used, missing, labels))
+    rules = _Passes(response, fixed, random, used, missing, labels)
+    passes = source.shared(rules)
     keys = source.map_reduce(used, _pairs_part, (passes,), _merge_keys,
                              stage=f"pass 2/3 (level pairs), {unit}", progress=progress)
     result = source.map_reduce(used, _sums_part, (passes, source.shared(keys)), _merge_sums,
@@ -164,6 +211,7 @@ def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm],
     if result is None:
         raise SpecificationError("the data are empty: no rows to fit")
     sums, sizes, xnames, terms, (ymin, ymax) = result
+    design_names = list(xnames)
     xnames = ["(Intercept)" if c == "Intercept" else c for c in xnames]
     check_not_constant(ymin, ymax, response)
     cp = assemble_crossprods(sums, terms, keys)
@@ -173,8 +221,9 @@ def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm],
         warn_dropped(dropped, stacklevel=4)
         cp = cp.keep_fixed(keep, terms[0].k)
         xnames = [xnames[j] for j in keep]
-    engine = BlockedEngine(None, None, terms, crossprods=cp, group_sizes=sizes, nobs=sums.n,
-                           source=CrossProductsOnly(source.kind))
+    source.make_payload = partial(multi_payload, passes=rules,
+                                  xnames=["(Intercept)" if c == "Intercept" else c for c in design_names])
+    engine = BlockedEngine(None, None, terms, crossprods=cp, group_sizes=sizes, nobs=sums.n, source=source)
     return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames,
                                dropped_exog=dropped)
 

@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads for the loops over groups (default: all cores for many groups)")
         p.add_argument("--timing", action="store_true",
                        help="print the time spent reading the data and fitting")
+        p.add_argument("--plot", metavar="FILE.png", default=None,
+                       help="also draw the conditional modes with their intervals (a caterpillar "
+                            "plot; needs matplotlib) into FILE.png")
         p.add_argument("--traceback", action="store_true", help="on an error, show Python's traceback")
     return parser
 
@@ -287,7 +290,24 @@ def _demo_args(args: argparse.Namespace) -> argparse.Namespace:
         command="demo", data="dietox (lmefast.datasets)", formula="Weight ~ Time", groups="Pig",
         re_formula="~Time", vc=[], drop_missing=False, ddf=None, output=None,
         reml=getattr(args, "reml", True), threads=getattr(args, "threads", None),
-        timing=getattr(args, "timing", False), traceback=getattr(args, "traceback", False))
+        timing=getattr(args, "timing", False), traceback=getattr(args, "traceback", False),
+        plot=getattr(args, "plot", None))
+
+
+def write_plot(path_text: str, res: Any) -> None:
+    """The caterpillar plot of the fit, as PNG (matplotlib's Agg backend: no screen needed)."""
+    if Path(path_text).suffix.lower() != ".png":
+        raise UsageError(f"--plot '{path_text}': the file name must end in .png")
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError('--plot needs matplotlib: pip install "lmefast[plot]"') from None
+    matplotlib.use("Agg")
+    fig = res.plot("caterpillar")
+    try:
+        fig.savefig(path_text, dpi=110)
+    except OSError as exc:
+        raise UsageError(f"cannot write --plot '{path_text}': {exc.strerror or exc}") from None
 
 
 def run(args: argparse.Namespace) -> None:
@@ -306,6 +326,8 @@ def run(args: argparse.Namespace) -> None:
     print(res.summary(ddf=args.ddf))
     if args.output is not None:
         write_output(args.output, results_record(res, args))
+    if args.plot is not None:
+        write_plot(args.plot, res)
     if args.timing:
         read = "" if isinstance(data, str) else f"read {1e3 * (t1 - t0):.1f} ms, "
         where = "out of core, " if isinstance(data, str) else ""

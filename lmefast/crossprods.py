@@ -46,6 +46,46 @@ class CrossProducts:
             B[gs, :qi, :] = rec[:, qi * qi:qi * qi + qi * p].reshape(-1, qi, p)
         return A, B
 
+    def moment_estimates(self, basis: np.ndarray) -> tuple[np.ndarray, float] | None:
+        """Moment estimates (Ψ, σ²) for one grouping factor whose groups all have the same q
+        coordinates (random coefficients, then variance-component levels in the same order), with
+        Ψ = Σ_b ψ_b E_b on the structure's symmetric basis (`basis`, one q × q matrix a row),
+        from OLS residual sums u_i = c_i − B_i β̂ and E[Z_i'r r'Z_i] = A_i Ψ A_i + σ² A_i,
+        E[r'r] = Σ_i tr(Z_i Ψ Z_i') + n σ², projected on the basis:
+
+            Σ_b ψ_b Σ_i tr(E_a A_i E_b A_i) + σ² Σ_i tr(E_a A_i) = Σ_i u_i'E_a u_i
+            Σ_b ψ_b Σ_i tr(E_b A_i) + n σ² = r'r
+
+        (a start, not an estimate: the O(p/m) correction for the estimated β̂ is left out)."""
+        q_all = np.diff(self.layout.q_off)
+        m, p = q_all.shape[0], self.p
+        if m == 0 or np.any(q_all != q_all[0]):
+            return None
+        q = int(q_all[0])
+        qq, nb = q * q, basis.shape[0]
+        if basis.shape[1] != qq:
+            return None
+        if q > 1 and np.any(self.layout.comp.reshape(m, q) != self.layout.comp[:q]):
+            return None
+        try:
+            beta = np.linalg.solve(self.XtX, self.Xty)
+        except np.linalg.LinAlgError:
+            return None
+        rec = self.S.reshape(m, qq + q * p + q)
+        A = rec[:, :qq]
+        u = rec[:, qq + q * p:] - rec[:, qq:qq + q * p].reshape(m, q, p) @ beta
+        rr = self.yty - 2.0 * beta @ self.Xty + beta @ self.XtX @ beta
+        K = (A.T @ A).reshape(q, q, q, q).transpose(0, 2, 1, 3).reshape(qq, qq)   # Σ A_i ⊗ A_i
+        M = np.empty((nb + 1, nb + 1))
+        M[:nb, :nb] = basis @ K @ basis.T
+        M[:nb, nb] = M[nb, :nb] = basis @ A.sum(axis=0)
+        M[nb, nb] = self.n
+        try:
+            sol = np.linalg.solve(M, np.concatenate([basis @ (u.T @ u).ravel(), [rr]]))
+        except np.linalg.LinAlgError:
+            return None
+        return (sol[:nb] @ basis).reshape(q, q), float(sol[nb])
+
     def keep_fixed(self, keep: np.ndarray) -> CrossProducts:
         """The cross-products with only the ``keep`` columns of X (a dropped column, a
         rank-deficient design)."""

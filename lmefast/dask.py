@@ -30,11 +30,8 @@ import pandas as pd
 from lmefast.chunked import (
     ChunkPlan,
     ChunkSource,
-    PredictPayload,
     model_from_chunks,
-    predict_chunk,
     predict_pandas,
-    predict_payload,
 )
 from lmefast.errors import SpecificationError
 from lmefast.model import MixedLM
@@ -49,12 +46,12 @@ def _partition(df: pd.DataFrame, i: int, fn: Any, *args: Any) -> Any:
     return fn(df, f"partition {i}", *args)
 
 
-def _fitted_part(df: pd.DataFrame, payload: PredictPayload, resid: bool, fitted_rows: bool,
+def _fitted_part(df: pd.DataFrame, payload: Any, resid: bool, fitted_rows: bool,
                  include_random: bool, new_levels: str, name: str,
                  partition_info: dict | None = None) -> pd.Series:
     where = f"partition {partition_info['number']}" if partition_info else "a partition"
-    out = predict_chunk(payload, df, where, include_random=include_random, new_levels=new_levels,
-                        resid=resid, fitted_rows=fitted_rows)
+    out = payload.predict(df, where, include_random=include_random, new_levels=new_levels,
+                          resid=resid, fitted_rows=fitted_rows)
     return pd.Series(out, index=df.index, name=name)
 
 
@@ -251,9 +248,9 @@ class DaskSource(ChunkSource):
                            stage=stage, split_every=self.split_every)
 
     def fitted(self, res: MixedLMResults, resid: bool):
-        plan = self.plan
-        return _lazy(res, self.data[plan.used], resid=resid, fitted_rows=True, include_random=True,
-                     new_levels="population", name="resid" if resid else "fittedvalues")
+        return _lazy(res, self.data[self.payload(res).columns], resid=resid, fitted_rows=True,
+                     include_random=True, new_levels="population",
+                     name="resid" if resid else "fittedvalues")
 
     def fitted_chunks(self, res: MixedLMResults, progress: Any):
         raise SpecificationError("for a Dask fit, res.fittedvalues and res.resid are lazy Dask Series: "
@@ -275,7 +272,7 @@ def _lazy(res: MixedLMResults, ddf: Any, *, resid: bool, fitted_rows: bool, incl
           new_levels: str, name: str):
     import dask
 
-    payload = dask.delayed(predict_payload(res), pure=True)
+    payload = dask.delayed(res.model.source.payload(res), pure=True)
     meta = pd.Series(np.zeros(0), name=name, dtype=float)
     return ddf.map_partitions(_fitted_part, payload, resid, fitted_rows, include_random, new_levels, name,
                               meta=meta)
@@ -283,8 +280,9 @@ def _lazy(res: MixedLMResults, ddf: Any, *, resid: bool, fitted_rows: bool, incl
 
 def predict_lazy(res: MixedLMResults, newdata: Any, include_random: bool, new_levels: str):
     """Predictions for a Dask DataFrame: a lazy Dask Series (partitions as newdata's)."""
-    plan = res.model.source.plan
-    cols = [c for c in plan.used if c != plan.yname and (include_random or c != plan.group)]
+    payload = res.model.source.payload(res)
+    cols = [c for c in payload.columns
+            if c != payload.yname and (include_random or c not in payload.group_columns)]
     absent = sorted(c for c in cols if c not in newdata.columns)
     if absent:
         raise SpecificationError(f"newdata is missing column(s) {absent}")

@@ -64,12 +64,48 @@ def _expand_uncorrelated(expr: str) -> list[str]:
     return out
 
 
+_FACTOR_CALL = re.compile(r"(?<![\w.])(?:as\.)?factor\(")
+_GROUP_TOKEN = re.compile(r"`[^`]+`|[^:/`]+|[:/]")
+
+
+def r_idioms(expr: str) -> str:
+    """R's spellings formulaic does not know: ``factor(x)`` / ``as.factor(x)`` → ``C(x)``."""
+    return _FACTOR_CALL.sub("C(", expr)
+
+
+def unquote(name: str) -> str:
+    """A column name as written in a formula: ```my column``` → ``my column``."""
+    name = name.strip()
+    return name[1:-1] if len(name) > 1 and name[0] == name[-1] == "`" else name
+
+
 def _expand_group(group: str) -> list[str]:
-    """``a/b/c`` → ``["a", "a:b", "a:b:c"]``; anything else unchanged."""
-    parts = [p.strip() for p in group.split("/")]
-    if any(not p for p in parts):
+    """The grouping factors of ``a``, ``a:b`` (as written), ``a/b`` → ``["a", "b:a"]`` and
+    ``a/b/c`` → ``["a", "b:a", "c:b:a"]`` (lme4's names for nested factors: the inner factor
+    first). Column names may be quoted with backticks."""
+    tokens = [t.strip() for t in _GROUP_TOKEN.findall(group) if t.strip()]
+    if "".join(tokens).replace("`", "") != group.replace(" ", "").replace("`", "") and "`" not in group:
         raise SpecificationError(f"malformed grouping factor {group!r}")
-    return [":".join(parts[: i + 1]) for i in range(len(parts))]
+    nests: list[list[str]] = [[]]
+    expect_name = True
+    for tok in tokens:
+        if tok in (":", "/"):
+            if expect_name:
+                raise SpecificationError(f"malformed grouping factor {group!r}")
+            if tok == "/":
+                nests.append([])
+            expect_name = True
+            continue
+        if not expect_name:
+            raise SpecificationError(f"malformed grouping factor {group!r}")
+        nests[-1].append(unquote(tok))
+        expect_name = False
+    if expect_name or any(not n for n in nests):
+        raise SpecificationError(f"malformed grouping factor {group!r}")
+    out = []
+    for i in range(len(nests)):
+        out.append(":".join(name for level in reversed(nests[:i + 1]) for name in level))
+    return out
 
 
 def parse_lmer(formula: str) -> tuple[str, str, list[RandomTerm]]:
@@ -77,7 +113,7 @@ def parse_lmer(formula: str) -> tuple[str, str, list[RandomTerm]]:
     if not isinstance(formula, str) or "~" not in formula:
         raise SpecificationError(f"formula {formula!r} has no '~'")
     lhs, rhs = formula.split("~", 1)
-    response = lhs.strip()
+    response = unquote(lhs)
     if not response:
         raise SpecificationError(f"formula {formula!r} has no response")
     fixed, random = [], []
@@ -95,14 +131,14 @@ def parse_lmer(formula: str) -> tuple[str, str, list[RandomTerm]]:
             if len(pieces) != 2 or not pieces[0].strip() or not pieces[1].strip():
                 raise SpecificationError(f"malformed random-effects term {part!r}: "
                                          "expected (expr | factor)")
-            expr, group = pieces[0].strip(), pieces[1].strip()
-            if not re.fullmatch(r"[\w.:/ ]+", group):
+            expr, group = r_idioms(pieces[0].strip()), pieces[1].strip()
+            if not re.fullmatch(r"(?:`[^`]+`|[\w.:/ ])+", group):
                 raise SpecificationError(f"malformed grouping factor {group!r} in term {part!r}")
             exprs = _expand_uncorrelated(expr) if double else [expr]
             for g in _expand_group(group):
-                random.extend(RandomTerm(e, g.replace(" ", "")) for e in exprs)
+                random.extend(RandomTerm(e, g) for e in exprs)
         else:
-            fixed.append(part)
+            fixed.append(r_idioms(part))
     if not random:
         raise SpecificationError(f"formula {formula!r} has no random-effects term "
                                  "like (1 | group); use an ordinary linear model")

@@ -21,7 +21,7 @@ from lmefast.checks import check_identifiable
 from lmefast.design import design, level_index
 from lmefast.engine import CovarianceTerm, Engine
 from lmefast.errors import InferenceError, ObjectiveError, PredictionError, SpecificationError
-from lmefast.objective import KernelObjective, Solution
+from lmefast.objective import KernelObjective, Solution, relative_factor
 from lmefast.parallel import default_threads
 from lmefast.structure import Term, ThetaMap
 
@@ -55,6 +55,61 @@ class MultiCrossProducts:
     @property
     def q2(self) -> int:
         return int(self.c2.shape[0])
+
+    def scalar_moments(self, terms: list) -> tuple[np.ndarray, float] | None:
+        """Moment estimates (ψ_j per term, σ²) for several grouping factors with one random
+        coefficient each. With r = (I − H)y the OLS residuals, u_j = Z_j'r and C_jl = Z_j'Z_l,
+        E[u_j'u_j] = Σ_l ψ_l ‖Z_j'(I − H)Z_l‖² + σ² tr(Z_j'(I − H)Z_j) and
+        E[r'r] = Σ_l ψ_l tr(Z_l'(I − H)Z_l) + (n − p) σ², where
+        Z_j'(I − H)Z_l = C_jl − B_j (X'X)⁻¹ B_l': one linear system of J + 1 equations."""
+        J, p = len(terms), self.p
+        if any(t.k != 1 for t in terms):
+            return None
+        try:
+            W = np.linalg.inv(self.XtX)
+        except np.linalg.LinAlgError:
+            return None
+        beta = W @ self.Xty
+        rr = self.yty - 2.0 * beta @ self.Xty + beta @ self.XtX @ beta
+        rec = self.S1.reshape(terms[0].m, 2 + p)
+        a, B = [rec[:, 0]], [rec[:, 1:1 + p]]
+        u = [rec[:, 1 + p] - B[0] @ beta]
+        diag22, u2 = self.A22.diagonal(), self.c2 - self.B2 @ beta
+        for c0, t in zip(self.trail_c0, terms[1:], strict=True):
+            a.append(diag22[c0:c0 + t.m])
+            B.append(self.B2[c0:c0 + t.m])
+            u.append(u2[c0:c0 + t.m])
+        BW = [b @ W for b in B]
+        P = [W @ (b.T @ b) for b in B]
+        G = np.array([[np.sum(Pj * Pi.T) for Pi in P] for Pj in P])
+        for j in range(J):
+            G[j, j] += a[j] @ a[j] - 2.0 * a[j] @ np.einsum("ij,ij->i", BW[j], B[j])
+        # pairs (level of the first factor, level of a trailing one): A21, one value per pair
+        first = np.repeat(np.arange(terms[0].m), np.diff(self.ptr))
+        for j in range(1, J):
+            sel = self.pair_term == j - 1
+            c = self.A21[self.pair_voff[sel]]
+            h = np.einsum("ij,ij->i", BW[0][first[sel]], self.B2[self.pair_c0[sel]])
+            G[0, j] += c @ c - 2.0 * c @ h
+            G[j, 0] = G[0, j]
+        if J > 2:   # pairs of levels of two trailing factors: off-diagonal A22
+            coo = self.A22.tocoo()
+            term_of = np.repeat(np.arange(1, J), [t.m for t in terms[1:]])
+            tr, tc = term_of[coo.row], term_of[coo.col]
+            off = tr != tc
+            c = coo.data[off]
+            h = np.einsum("ij,ij->i", self.B2[coo.row[off]] @ W, self.B2[coo.col[off]])
+            np.add.at(G, (tr[off], tc[off]), c * c - 2.0 * c * h)
+        tr_j = np.array([x.sum() - np.trace(Pj) for x, Pj in zip(a, P, strict=True)])
+        M = np.empty((J + 1, J + 1))
+        M[:J, :J] = G
+        M[:J, J] = M[J, :J] = tr_j
+        M[J, J] = self.n - p
+        try:
+            sol = np.linalg.solve(M, np.array([x @ x for x in u] + [rr]))
+        except np.linalg.LinAlgError:
+            return None
+        return sol[:J], float(sol[J])
 
     def with_response(self, S1_y: np.ndarray, c2: np.ndarray, Xty: np.ndarray, yty: float,
                       k1: int) -> MultiCrossProducts:
@@ -247,6 +302,13 @@ class MultiObjective(KernelObjective):
     block, reported as a level beyond the last)."""
 
     block_name = "level of the first factor"
+    lazy_gradient = True
+
+    def moment_theta(self) -> np.ndarray | None:
+        """√(ψ_j/σ²) per term from moment estimates (terms of one coefficient only)."""
+        est = self.cp.scalar_moments(list(self.terms))
+        rel = None if est is None else relative_factor(np.diag(est[0]), est[1])
+        return None if rel is None else np.sqrt(np.diag(rel))
 
     def __init__(self, cp: MultiCrossProducts, terms: tuple[Term, ...], reml: bool,
                  n_threads: int | None = None) -> None:
@@ -348,6 +410,10 @@ class BlockedEngine(Engine):
     @property
     def has_rows(self) -> bool:
         return self.source is None
+
+    @property
+    def n_levels(self) -> int:
+        return self.terms[0].m     # the largest factor: the kernel's level loop
 
     def covariance_terms(self) -> list[CovarianceTerm]:
         out = []

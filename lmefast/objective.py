@@ -18,7 +18,9 @@ import numpy as np
 
 from lmefast.errors import ObjectiveError
 
-__all__ = ["KernelObjective", "ObjectiveError", "Solution"]
+__all__ = ["KernelObjective", "ObjectiveError", "Solution", "relative_factor"]
+
+MOMENT_FLOOR = 1e-2      # eigenvalues of the moment estimate of Ψ/σ² floored at this × largest
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,14 @@ class KernelObjective:
     dof: int
     kernel: Any
     block_name = "group"
+    #: trial points of a line search may be evaluated without the gradient (the kernel keeps
+    #: its factorisation, so an accepted point's gradient is cheap afterwards)
+    lazy_gradient = False
+
+    def moment_theta(self) -> np.ndarray | None:
+        """A start for θ from moment estimates of the random effects' covariance relative to
+        σ² (from the cross-products alone), or None where the engine has none."""
+        return None
 
     @property
     def n_evals(self) -> int:
@@ -90,3 +100,14 @@ class KernelObjective:
         """Projected BFGS (lmefast._bfgs) with the objective in C: (θ, f, g, f at θ0,
         inverse-Hessian approximation, iterations, return code)."""
         return self.kernel.minimize(theta0, lower, gtol, maxiter, on_iter)
+
+
+def relative_factor(psi: np.ndarray, sigma2: float) -> np.ndarray | None:
+    """Ψ/σ² with its eigenvalues floored at MOMENT_FLOOR × the largest (a start strictly
+    inside the bounds), or None when σ² or every eigenvalue is not positive."""
+    if not (sigma2 > 0 and np.all(np.isfinite(psi))):
+        return None
+    w, V = np.linalg.eigh(0.5 * (psi + psi.T) / sigma2)
+    if not w[-1] > 0:
+        return None
+    return (V * np.maximum(w, MOMENT_FLOOR * w[-1])) @ V.T

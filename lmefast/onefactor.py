@@ -21,7 +21,7 @@ from lmefast._kernels import OneFactorKernel, modes_pass
 from lmefast.crossprods import CrossProducts, compute_crossprods
 from lmefast.engine import CovarianceTerm, Engine
 from lmefast.errors import InferenceError, ObjectiveError, PredictionError
-from lmefast.objective import KernelObjective, Solution
+from lmefast.objective import KernelObjective, Solution, relative_factor
 from lmefast.parallel import default_threads
 from lmefast.spec import GroupThetaMap, ModelSpec
 
@@ -51,6 +51,28 @@ class ProfiledObjective(KernelObjective):
     @property
     def n_threads(self) -> int:
         return int(self.kernel.n_threads)
+
+    def moment_theta(self) -> np.ndarray | None:
+        """The Cholesky factor of Ψ/σ² (or √ of its diagonal for a diagonal T) from moment
+        estimates on the structure's basis; a variance component: the mean relative variance
+        of its coordinates. None when the groups' blocks differ or an estimate is not positive."""
+        tm, lay = self.theta_map, self.cp.layout
+        q = int(lay.q_off[1] - lay.q_off[0]) if lay.q_off.shape[0] > 1 else 0
+        basis = tm.covariance_basis(lay.comp[tm.k:q])
+        est = None if basis is None else self.cp.moment_estimates(basis)
+        rel = None if est is None else relative_factor(*est)
+        if rel is None:
+            return None
+        k, (rows, cols) = tm.k, tm.tril
+        if np.all(rows == cols):
+            theta_T = np.sqrt(np.diag(rel)[:k][rows])
+        else:
+            theta_T = np.linalg.cholesky(rel[:k, :k])[rows, cols]
+        comp = lay.comp[k:rel.shape[0]]
+        var = np.diag(rel)[k:]
+        theta_vc = [np.sqrt(var[comp == c].mean()) if np.any(comp == c) else 1.0
+                    for c in range(tm.n_vc)]
+        return np.concatenate([theta_T, theta_vc])
 
     def modes(self, sol: Solution) -> tuple[np.ndarray, np.ndarray]:
         """Conditional modes b (one per coordinate, offsets q_off) and conditional covariances
@@ -98,6 +120,10 @@ class OneFactorEngine(Engine):
     def n_groups(self) -> int:
         return self.spec.n_groups
 
+    @property
+    def n_levels(self) -> int:
+        return self.spec.n_groups
+
     def covariance_terms(self) -> list[CovarianceTerm]:
         tm, g = self.theta_map, self.spec.group_name
         out = []
@@ -129,6 +155,9 @@ class OneFactorEngine(Engine):
 
     def objective(self, reml: bool = True, n_threads: int | None = None,
                   crossprods: CrossProducts | None = None) -> ProfiledObjective:
+        if crossprods is None and "crossprods" not in self.__dict__:
+            # the first objective makes the pass over the rows, with the fit's threads
+            self.__dict__["crossprods"] = compute_crossprods(self.spec, n_threads)
         return ProfiledObjective(self.crossprods if crossprods is None else crossprods,
                                  self.theta_map, reml, n_threads)
 

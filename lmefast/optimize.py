@@ -1,5 +1,11 @@
 """The optimiser driver: bounded quasi-Newton on θ with the analytic gradient, and one record
-of the run (OptSummary), as MixedModels.jl keeps one."""
+of the run (OptSummary), as MixedModels.jl keeps one.
+
+From the default start, θ first comes from moment estimates (the cross-products give them
+without a pass over the rows, see `moment_start`); there, a finite-difference Hessian of the
+analytic gradient (one gradient per θ) gives BFGS its initial inverse Hessian, so that the
+first steps are Newton steps. From a start of the caller's, BFGS starts from the identity.
+"""
 from __future__ import annotations
 
 import warnings
@@ -8,14 +14,18 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from lmefast._bfgs import RETURN_MESSAGES
-from lmefast.objective import KernelObjective, Solution
+from lmefast._bfgs import RETURN_MESSAGES, minimize_bounded
+from lmefast.objective import KernelObjective, ObjectiveError, Solution
 
 GRAD_TOL = 2e-3          # convergence check on max |projected gradient| (lme4 uses 2e-3, scaled)
 DECREMENT_TOL = 1e-6     # or: the Newton decrement g'H⁻¹g (objective units) below this
 DECREMENT_RTOL = 1e-13   # ... or below this × |objective| (its rounding level at 1e8 rows)
 SINGULAR_TOL = 1e-4      # lme4's isSingular tolerance on diagonal θ
 UNMOVED_RTOL = 1e-6      # a θ entry within this of a (non-default) start is checked (fit_theta)
+MAX_THETA_FD_START = 6   # finite-difference Hessian at the moment start up to this many θ
+POLISH_STEPS = 3         # at most this many quasi-Newton steps past the BFGS test (`polish`)
+POLISH_RTOL = 1e-18      # ... while the predicted decrease is above this × |objective|
+POLISH_WORSE = 1e-10     # a step worse than this × |objective| is never taken
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,110 @@ def newton_check(obj: KernelObjective, sol: Solution, lower: np.ndarray
     return (polished if polished.objective < sol.objective else sol), decrement
 
 
+def moment_start(obj: KernelObjective) -> np.ndarray | None:
+    """θ from moment estimates of the covariance of the random effects relative to σ² (the
+    Cholesky factor of Ψ/σ², or √(ψ/σ²) for diagonal T), or None where they are not
+    available (variance components, several factors with random slopes) or not positive."""
+    start = obj.moment_theta()
+    if start is None:
+        return None
+    return significant(start)
+
+
+def significant(a: np.ndarray, digits: int = 4) -> np.ndarray:
+    """a rounded to a few significant digits. The moment start and the finite-difference
+    Hessian there are rounded, so that cross-products that differ in their last bits (sums
+    over chunks in another order) give the same start, the same path and the same optimum
+    to the last digits, as from the fixed default start."""
+    with np.errstate(divide="ignore"):
+        scale = 10.0 ** (np.floor(np.log10(np.abs(a))) - (digits - 1))
+    return np.where(a == 0, 0.0, np.round(a / np.where(a == 0, 1.0, scale)) * scale)
+
+
+def bfgs_from_moments(obj: KernelObjective, start: np.ndarray, lower: np.ndarray,
+                      maxiter: int, on_iter: Callable | None
+                      ) -> tuple[np.ndarray, float, np.ndarray, float, np.ndarray, int, int,
+                                 Solution]:
+    """BFGS from a moment start with a finite-difference Hessian there as its initial inverse
+    Hessian, driven from Python (each evaluation is one call of obj.solve, whose Solutions are
+    kept: the one at the result is returned, and needs no evaluation of its own). Trial points
+    are evaluated without the gradient when the objective keeps its factorisation (several
+    factors), as obj.minimize does. Same return as obj.minimize, plus the Solution."""
+    lazy = obj.lazy_gradient
+    kept: dict[bytes, Solution] = {}
+
+    def fg(x: np.ndarray, want_grad: bool) -> tuple[float, np.ndarray | None]:
+        key = x.tobytes()
+        sol = kept.get(key)
+        if sol is None or (want_grad and sol.grad is None):
+            try:
+                sol = obj.solve(x, want_grad)
+            except ObjectiveError:
+                return np.inf, np.zeros_like(x)
+            kept[key] = sol
+        return sol.objective, sol.grad
+
+    fg(start, True)
+    free = np.ones(start.shape[0], dtype=bool)
+    H0 = None
+    if np.isfinite(kept[start.tobytes()].objective):
+        H = significant(hessian_fd(obj, start, kept[start.tobytes()].grad, free))
+        try:
+            np.linalg.cholesky(H)
+            H0 = np.linalg.inv(H)
+        except np.linalg.LinAlgError:
+            H0 = None
+    theta, f, grad, f0, Hinv, n_iter, code = minimize_bounded(
+        fg, start, lower, 1e-9, maxiter, on_iter, H0, lazy)
+    sol = kept.get(np.asarray(theta).tobytes())
+    if sol is None or sol.grad is None:
+        sol = obj.solve(theta, want_grad=True)
+    return theta, f, grad, f0, Hinv, n_iter, code, sol
+
+
+def polish(obj: KernelObjective, theta: np.ndarray, f: float, grad: np.ndarray,
+           Hinv: np.ndarray, lower: np.ndarray) -> tuple[Solution | None, np.ndarray]:
+    """Quasi-Newton steps −H g (free θ, projected on the bounds) past the BFGS stopping test,
+    with the Solution (and gradient) at the last one kept, or None when the first is not
+    kept; and the inverse Hessian, BFGS-updated.
+
+    BFGS stops at a predicted decrease g'Hg of 1e-12 |f|, where θ can still be ~1e-6 from
+    the optimum. The steps go on while g'Hg > POLISH_RTOL |f| (at most POLISH_STEPS), so
+    that fits of one model along different paths (another spelling, another engine,
+    another start) agree to many more digits. The first step costs the evaluation that the
+    solution at θ would cost otherwise. A step is kept when it lowers g'Hg: at the rounding
+    level of the objective a comparison of objectives would keep it or not by chance."""
+    best: Solution | None = None
+    H = Hinv.copy()
+    for _ in range(POLISH_STEPS):
+        free = ~((theta <= lower) & (grad > 0))
+        step = np.zeros_like(theta)
+        step[free] = -H[np.ix_(free, free)] @ grad[free]
+        if best is not None and -(grad @ step) < POLISH_RTOL * max(1.0, abs(f)):
+            break
+        new_theta = np.maximum(theta + step, lower)
+        if np.array_equal(new_theta, theta) or not np.all(np.isfinite(new_theta)):
+            break
+        try:
+            sol = obj.solve(new_theta, want_grad=True)
+        except ObjectiveError:
+            break
+        # kept when it lowers the decrement g'Hg (near the optimum a comparison of gradients
+        # is far less noisy than one of objectives), unless the objective is clearly worse
+        new_free = ~((new_theta <= lower) & (sol.grad > 0))
+        g_old, g_new = np.where(free, grad, 0.0), np.where(new_free, sol.grad, 0.0)
+        if not (g_new @ H @ g_new < g_old @ H @ g_old
+                and sol.objective <= f + POLISH_WORSE * max(1.0, abs(f))):
+            break
+        s, y = new_theta - theta, sol.grad - grad
+        sy = float(s @ y)
+        if sy > 1e-12 * np.linalg.norm(s) * np.linalg.norm(y):
+            Hy = H @ y
+            H += (sy + y @ Hy) / sy**2 * np.outer(s, s) - (np.outer(Hy, s) + np.outer(s, Hy)) / sy
+        theta, f, grad, best = new_theta, sol.objective, sol.grad, sol
+    return best, H
+
+
 def fit_theta(
     obj: KernelObjective,
     theta0: np.ndarray,
@@ -128,7 +242,8 @@ def fit_theta(
     if not np.array_equal(theta0, default):
         moved = np.abs(summary.theta_final - theta0)
         unmoved = np.nonzero((moved <= UNMOVED_RTOL * np.abs(theta0)) & (theta0 > lower))[0]
-        if unmoved.size or not summary.converged:
+        stopped = summary.return_code in (RETURN_MESSAGES[3], RETURN_MESSAGES[6])  # as asked
+        if not stopped and (unmoved.size or not summary.converged):
             sol_d, summary_d = _fit_from(obj, default, lower, maxiter, False, None)
             tol = 1e-8 * max(1.0, abs(sol_d.objective))
             if np.isfinite(sol_d.objective) and not sol_d.objective >= sol.objective - tol:
@@ -181,8 +296,14 @@ def _fit_from(obj: KernelObjective, theta0: np.ndarray, lower: np.ndarray, maxit
                 raise StopIteration from exc
 
     hook = on_iter if (verbose or callback is not None) else None
-    theta, _, grad, f0, Hinv, n_iter, code = obj.minimize(theta0, lower, gtol=1e-9,
-                                                          maxiter=maxiter, on_iter=hook)
+    start = moment_start(obj) if np.array_equal(theta0, obj.theta_map.start()) else None
+    kept: Solution | None = None
+    if start is not None and start.shape[0] <= MAX_THETA_FD_START:
+        theta, f, grad, f0, Hinv, n_iter, code, kept = bfgs_from_moments(obj, start, lower,
+                                                                         maxiter, hook)
+    else:
+        theta, f, grad, f0, Hinv, n_iter, code = obj.minimize(
+            theta0 if start is None else start, lower, gtol=1e-9, maxiter=maxiter, on_iter=hook)
     diag = obj.theta_map.diagonal_mask()
     # A diagonal θ at zero can be a saddle, not a minimum: the objective is even in the last
     # diagonal entry of each T, so its gradient there is exactly zero. Probe away from zero
@@ -204,15 +325,23 @@ def _fit_from(obj: KernelObjective, theta0: np.ndarray, lower: np.ndarray, maxit
                     best_f, best_x = fx, x
         if best_x is None:
             break
-        theta, _, grad, _, Hinv, more_iter, code = obj.minimize(best_x, lower, gtol=1e-9,
+        theta, f, grad, _, Hinv, more_iter, code = obj.minimize(best_x, lower, gtol=1e-9,
                                                                  maxiter=maxiter, on_iter=hook)
         n_iter += more_iter
+        kept = None
     if raised:
         raise raised[0]
     message = RETURN_MESSAGES[code]
+    polished = None
+    if code in (0, 1, 2):
+        polished, Hinv = polish(obj, theta, f, grad, Hinv, lower)
+    if polished is not None:
+        theta, sol = polished.theta, polished
+    elif kept is not None:      # the Python-driven BFGS kept the Solution at θ
+        sol = kept
+    else:   # the optimiser returns the gradient at θ: the solve needs the objective's parts only
+        sol = replace(obj.solve(theta), grad=np.asarray(grad, dtype=float).copy())
     snapped = np.where(diag & (theta < 1e-9), 0.0, theta)
-    # the optimiser returns the gradient at θ: the final solve needs only the objective's parts
-    sol = replace(obj.solve(theta), grad=np.asarray(grad, dtype=float).copy())
     if not np.array_equal(snapped, theta):
         sol_s = obj.solve(snapped, want_grad=True)
         if sol_s.objective <= sol.objective + 1e-10:
@@ -226,8 +355,9 @@ def _fit_from(obj: KernelObjective, theta0: np.ndarray, lower: np.ndarray, maxit
         sol, decrement = newton_check(obj, sol, lower)
     theta = sol.theta
     pg = projected_gradient(theta, sol.grad, lower)
-    # converged: the gradient or Newton-decrement test passed, at a finite objective
-    converged = bool(np.isfinite(sol.objective) and np.all(np.isfinite(pg))
+    # converged: the gradient or Newton-decrement test passed, at a finite objective; a run
+    # stopped by the iteration limit or the callback is not, wherever it stopped
+    converged = bool(code not in (3, 6) and np.isfinite(sol.objective) and np.all(np.isfinite(pg))
                      and (np.max(np.abs(pg), initial=0.0) < GRAD_TOL or decrement < dec_tol))
     singular = bool(np.any(theta[diag] < SINGULAR_TOL))
     summary = OptSummary(

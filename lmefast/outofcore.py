@@ -31,9 +31,7 @@ from lmefast.chunked import (
     ChunkPlan,
     ChunkSource,
     model_from_chunks,
-    predict_chunk,
     predict_pandas,
-    predict_payload,
 )
 from lmefast.errors import RowsUnavailableError, SpecificationError
 from lmefast.model import MixedLM
@@ -166,13 +164,11 @@ class ParquetSource(ChunkSource):
 
     def fitted_chunks(self, res: MixedLMResults, progress: ProgressFn | None
                       ) -> Iterator[pd.DataFrame]:
-        payload = predict_payload(res)
-        plan = payload.plan
-        cols = list(plan.used)
-        for where, df in self.chunks(cols, progress, "fitted values"):
-            fit = predict_chunk(payload, df, where, include_random=True, new_levels="population",
-                                fitted_rows=True)
-            y = df[plan.yname].to_numpy(dtype=float)
+        payload = self.payload(res)
+        for where, df in self.chunks(payload.columns, progress, "fitted values"):
+            fit = payload.predict(df, where, include_random=True, new_levels="population",
+                                  fitted_rows=True)
+            y = df[payload.yname].to_numpy(dtype=float)
             yield pd.DataFrame({"fittedvalues": fit, "resid": y - fit})
 
     def predict(self, res: MixedLMResults, newdata: Any, include_random: bool, new_levels: str):

@@ -478,6 +478,14 @@ class MixedLMResults:
 
         return predict(self, newdata, include_random, new_levels, **kwargs)
 
+    def plot(self, kind: str = "caterpillar", **kwargs):
+        """A matplotlib Figure of the fit (lmefast.plots): 'caterpillar' (conditional modes with
+        conditional-variance intervals per grouping factor), 'profile' (ζ traces), 'residuals'
+        (against fitted values), 'qq' (normal quantiles of the modes)."""
+        from lmefast.plots import plot
+
+        return plot(self, kind, **kwargs)
+
     # -- chunked data: what needs the rows is another pass by the data source -----------------
     def fitted_chunks(self, progress: Any = None):
         """Another pass over chunked data: one DataFrame (fittedvalues, resid) per chunk."""

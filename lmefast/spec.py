@@ -59,6 +59,23 @@ class GroupThetaMap(ThetaMap):
         object.__setattr__(self, "vc_names", tuple(vc_names))
         object.__setattr__(self, "tril", tril)
 
+    def covariance_basis(self, comp: np.ndarray) -> np.ndarray | None:
+        """The symmetric q × q basis matrices (one a row, flattened) of Ψ for one grouping factor:
+        every entry of the k × k block (unstructured T) or its diagonal (diagonal T), then one
+        diagonal indicator per variance component over its coordinates (comp, after the k)."""
+        k, (rows, cols) = self.k, self.tril
+        q = k + comp.shape[0]
+        if not (np.all(rows == cols) or rows.shape[0] == k * (k + 1) // 2):
+            return None
+        out = []
+        for r, c in zip(rows, cols, strict=True):
+            E = np.zeros((q, q))
+            E[r, c] = E[c, r] = 1.0
+            out.append(E.ravel())
+        for c in range(self.n_vc):
+            out.append(np.diag(np.concatenate([np.zeros(k), comp == c]).astype(float)).ravel())
+        return np.array(out)
+
     def split(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """θ → (T as k × k lower triangular, θ of the variance components)."""
         theta = np.asarray(theta, dtype=float)

@@ -9,6 +9,7 @@ import pandas as pd
 from conftest import read_data
 
 import lmefast
+from lmefast._testing import random_slopes
 
 # id, data set, formula, groups, re_formula, vc_formula
 MODELS = [
@@ -38,17 +39,8 @@ RTOL = 1e-7
 
 def synthetic(n_rows: int = 20_000, n_groups: int = 400, seed: int = 3, string_keys: bool = False
               ) -> pd.DataFrame:
-    """y ~ x1 + x2 + (1 + x1 | g), rows in random group order."""
-    rng = np.random.default_rng(seed)
-    g = np.arange(n_rows) % n_groups
-    rng.shuffle(g)
-    x1 = rng.standard_normal(n_rows)
-    x2 = rng.standard_normal(n_rows)
-    b0 = rng.normal(0.0, 1.0, n_groups)
-    b1 = rng.normal(0.0, 0.5, n_groups)
-    y = (1.0 + b0[g]) + (2.0 + b1[g]) * x1 - 0.5 * x2 + rng.standard_normal(n_rows)
-    keys = np.char.add("g", g.astype(str)).astype(object) if string_keys else g
-    return pd.DataFrame({"y": y, "x1": x1, "x2": x2, "g": keys})
+    """y ~ x1 + x2 + (1 + x1 | g), rows in random group order (the benchmarks' generator)."""
+    return random_slopes(n_rows, n_groups, seed, string_keys)
 
 
 def model_data(model_id: str) -> tuple[pd.DataFrame, str, str, str, dict | None]:

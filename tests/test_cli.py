@@ -250,3 +250,13 @@ def test_bundled_dietox_has_the_expected_shape() -> None:
     assert df.shape == (861, 8)
     assert df["Feed"].isna().sum() == 72
     assert isinstance(df["Pig"].dtype, pd.CategoricalDtype)
+
+
+def test_plot_writes_a_caterpillar_png(files: dict[str, Path]) -> None:
+    out = files["out"] / "ranef.png"
+    done = run("fit", str(files["penicillin"]), "diameter ~ 1 + (1 | plate) + (1 | sample)", "--plot", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes().startswith(b"\x89PNG")
+    bad = run("fit", str(files["sleepstudy"]), "Reaction ~ Days + (1 | Subject)", "--plot",
+              str(files["out"] / "ranef.txt"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "must end in .png" in bad.stderr

@@ -15,7 +15,7 @@ PACKAGE = Path(lmefast.__file__).parent
 
 # lowest first; a module may import modules of its own layer or below
 LAYERS: list[set[str]] = [
-    {"errors", "parallel", "progress", "datasets", "scaling",
+    {"errors", "parallel", "progress", "datasets", "_testing", "scaling",
      "_bfgs", "_kernel", "_kernels", "_multi", "_crossprods", "_threads"},
     {"structure", "formula", "design", "checks"},
     {"spec", "lmer"},
@@ -25,14 +25,14 @@ LAYERS: list[set[str]] = [
     {"optimize"},
     {"results"},
     {"model"},
-    {"summary", "inference", "profile", "bootstrap", "predict"},
+    {"summary", "inference", "profile", "bootstrap", "predict", "plots"},
     {"chunked"},
     {"chunked_multi", "outofcore", "dask"},
     {"api"},
     {"cli"},
     {"__main__", "__init__"},
 ]
-ALLOWED_UPWARD = {("results", m) for m in ("summary", "inference", "profile", "bootstrap", "predict")}
+ALLOWED_UPWARD = {("results", m) for m in ("summary", "inference", "profile", "bootstrap", "predict", "plots")}
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 
 

@@ -368,7 +368,7 @@ def test_varcorr_of_crossed_and_nested_models(reml: bool) -> None:
     """One row per factor (in θ order: most levels first), then the residual; consistent with cov_re,
     theta and sigma."""
     for case_id, factors in [("penicillin_crossed", ["plate", "sample"]),
-                             ("pastes_nested", ["batch:cask", "batch"])]:
+                             ("pastes_nested", ["cask:batch", "batch"])]:     # lme4's names
         _, res = fit_lmer_case(case_id, reml)
         vc = res.varcorr()
         assert list(vc["grp"]) == [*factors, "Residual"]

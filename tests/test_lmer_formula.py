@@ -108,23 +108,30 @@ def test_slope_term_includes_the_intercept() -> None:
 def test_nested_slash_is_parent_plus_interaction(reml: bool) -> None:
     df = read_data("Pastes")
     nested = lmefast.lmer("strength ~ 1 + (1|batch/cask)", df, reml=reml)
-    expanded = lmefast.lmer("strength ~ 1 + (1|batch) + (1|batch:cask)", df, reml=reml)
+    # lme4 names the nested factor cask:batch, levels "a:A" (cask's level first)
+    expanded = lmefast.lmer("strength ~ 1 + (1|batch) + (1|cask:batch)", df, reml=reml)
     same_fit(nested, expanded, rtol=1e-12)
-    assert list(nested.random_effects) == list(expanded.random_effects) == ["batch:cask", "batch"]
+    assert list(nested.random_effects) == list(expanded.random_effects) == ["cask:batch", "batch"]
     for f in nested.random_effects:
         pd.testing.assert_frame_equal(nested.random_effects[f], expanded.random_effects[f])
+    assert nested.random_effects["cask:batch"].index[0] == "a:A"
     # the interaction has one level per (batch, cask) pair present; cask alone only 3
-    assert len(nested.random_effects["batch:cask"]) == len(df[["batch", "cask"]].drop_duplicates())
+    assert len(nested.random_effects["cask:batch"]) == len(df[["batch", "cask"]].drop_duplicates())
     crossed = lmefast.lmer("strength ~ 1 + (1|batch) + (1|cask)", df, reml=reml)
     assert len(crossed.random_effects["cask"]) == df["cask"].nunique()
-    assert crossed.llf != pytest.approx(nested.llf, abs=1e-3)
-    # a:b spelled either way round is the same factor (up to the labels of its levels)
-    flipped = lmefast.lmer("strength ~ 1 + (1|batch) + (1|cask:batch)", df, reml=reml)
-    same_fit(flipped, expanded, rtol=1e-10)
+    # crossed (cask's 3 levels shared by all batches) is another model than nested: fewer random
+    # effects, and on these data a likelihood lower by about 27 (REML −150.7 vs −123.5): the casks
+    # differ within batches, which the crossed model cannot express
+    assert len(crossed.random_effects["cask"]) < len(nested.random_effects["cask:batch"])
+    assert crossed.llf < nested.llf - 1.0
+    # a:b spelled either way round is the same factor (up to the labels of its levels, so up to the
+    # order of the sums: 1e-9)
+    flipped = lmefast.lmer("strength ~ 1 + (1|batch) + (1|batch:cask)", df, reml=reml)
+    same_fit(flipped, expanded, rtol=1e-9)
 
 
 def test_three_level_nesting() -> None:
-    """(1|a/b/c) = (1|a) + (1|a:b) + (1|a:b:c)."""
+    """(1|a/b/c) = (1|a) + (1|b:a) + (1|c:b:a) (lme4's names: the inner factor first)."""
     rng = np.random.default_rng(3)
     a = np.repeat(np.arange(4), 24)
     b = np.tile(np.repeat(np.arange(3), 8), 4)
@@ -133,9 +140,9 @@ def test_three_level_nesting() -> None:
         + rng.normal(size=a.size)
     df = pd.DataFrame({"y": y, "a": a, "b": b, "c": c})
     nested = lmefast.lmer("y ~ 1 + (1|a/b/c)", df)
-    expanded = lmefast.lmer("y ~ 1 + (1|a) + (1|a:b) + (1|a:b:c)", df)
+    expanded = lmefast.lmer("y ~ 1 + (1|a) + (1|b:a) + (1|c:b:a)", df)
     same_fit(nested, expanded, rtol=1e-10)
-    assert nested.n_groups == {"a:b:c": 24, "a:b": 12, "a": 4}
+    assert nested.n_groups == {"c:b:a": 24, "b:a": 12, "a": 4}
 
 
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])

@@ -149,3 +149,33 @@ def test_several_factors_in_chunks_drop_dependent_columns_as_in_memory(tmp_path:
     assert list(ooc.fe_params.index) == list(mem.fe_params.index) == ["(Intercept)", "x"]
     assert ooc.llf == pytest.approx(mem.llf, rel=1e-10)
     np.testing.assert_allclose(ooc.fe_params.to_numpy(), mem.fe_params.to_numpy(), rtol=1e-9)
+
+
+def test_several_factors_fitted_values_from_parquet_and_dask(tmp_path: Path) -> None:
+    """Fitted values and residuals of a fit with several grouping factors from chunks: streamed from
+    Parquet (fitted_chunks, write_fitted with both columns and progress) and lazy for Dask, equal to the
+    in-memory fit's; predictions for new rows too."""
+    dd = pytest.importorskip("dask.dataframe")
+    df = pd.read_csv(DATA / "Penicillin.csv")
+    df["x"] = np.random.default_rng(1).standard_normal(len(df))
+    formula = "diameter ~ x + (1|plate) + (1|sample)"
+    mem = lmefast.lmer(formula, df)
+    path = tmp_path / "pen.parquet"
+    df.to_parquet(path, row_group_size=40)
+    ooc = lmefast.lmer(formula, str(path))
+    parts = list(ooc.fitted_chunks())
+    assert len(parts) == 4 and all(list(p.columns) == ["fittedvalues", "resid"] for p in parts)
+    fitted = pd.concat(parts, ignore_index=True)
+    np.testing.assert_allclose(fitted["fittedvalues"], mem.fittedvalues, rtol=1e-8)
+    np.testing.assert_allclose(fitted["resid"], mem.resid, rtol=1e-6, atol=1e-9)
+    calls: list[tuple[str, int, int]] = []
+    n = ooc.write_fitted(tmp_path / "fitted.parquet", progress=lambda *c: calls.append(c))
+    written = pd.read_parquet(tmp_path / "fitted.parquet")
+    assert n == len(df) and list(written.columns) == ["fittedvalues", "resid"]
+    np.testing.assert_allclose(written["fittedvalues"], mem.fittedvalues, rtol=1e-8)
+    assert calls and calls[-1][1] == calls[-1][2] == len(df)
+    new = df.iloc[:5].copy()
+    np.testing.assert_allclose(ooc.predict(new), mem.predict(new), rtol=1e-8)
+    dsk = lmefast.lmer(formula, dd.from_pandas(df, npartitions=3), client=False)
+    np.testing.assert_allclose(dsk.fittedvalues.compute().to_numpy(), mem.fittedvalues, rtol=1e-8)
+    np.testing.assert_allclose(dsk.resid.compute().to_numpy(), mem.resid, rtol=1e-6, atol=1e-9)

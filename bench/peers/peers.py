@@ -491,18 +491,11 @@ def time_lme4(
 def synthetic_random_slopes(
     n_rows: int = 1_000_000, n_groups: int = 100_000, seed: int = 1, string_keys: bool = True
 ) -> pd.DataFrame:
-    """``y ~ x1 + x2 + (1 + x1 | g)`` data, rows in random group order; ``g`` is a string
-    column ("g123"), or the integer itself with ``string_keys=False``."""
-    rng = np.random.default_rng(seed)
-    g = np.arange(n_rows) % n_groups
-    rng.shuffle(g)
-    x1 = rng.standard_normal(n_rows)
-    x2 = rng.standard_normal(n_rows)
-    b0 = rng.normal(0.0, 1.0, n_groups)
-    b1 = rng.normal(0.0, 0.5, n_groups)
-    y = (1.0 + b0[g]) + (2.0 + b1[g]) * x1 - 0.5 * x2 + rng.standard_normal(n_rows)
-    keys = pd.Series(g).map("g{}".format) if string_keys else g
-    return pd.DataFrame({"y": y, "x1": x1, "x2": x2, "g": keys})
+    """``y ~ x1 + x2 + (1 + x1 | g)`` data (lmefast._testing.random_slopes, the tests' generator);
+    ``g`` is a string column ("g123"), or the integer itself with ``string_keys=False``."""
+    from lmefast._testing import random_slopes
+
+    return random_slopes(n_rows, n_groups, seed, string_keys)
 
 
 # --------------------------------------------------------------------------
