@@ -108,21 +108,21 @@ def check_unique_columns(columns, used) -> None:
 
 
 def check_random_design(Z: np.ndarray, names: list[str] | tuple[str, ...], term: str) -> None:
-    """The design of one random-effects term (n × k): an all-zero column, or columns that are
-    linearly dependent (a constant slope beside an intercept, a slope repeated or a multiple of
+    """The design of one random-effects term (n × k, as the engine sees it: centred and scaled
+    where it needs it, lmefast.scaling): an all-zero column, or columns that are linearly
+    dependent (a constant slope beside an intercept, a slope repeated or a multiple of
     another), leave a variance that the data cannot inform: an error naming the term and the
-    columns. Judged on centred and scaled columns where the term has an intercept."""
-    from lmefast.scaling import column_map
-
+    columns."""
     k = Z.shape[1]
-    zero = [str(names[j]) for j in range(k) if not np.any(Z[:, j])]
+    G = Z.T @ Z
+    zero = [str(names[j]) for j in range(k) if G[j, j] == 0]
     if zero:
         raise SpecificationError(
             f"random-effects term {term}: column(s) {zero} are all zero, so their variance is not "
             "identifiable; remove them from the term")
     if k < 2:
         return
-    keep = full_rank_columns(Z @ column_map(Z, centre=True))
+    keep = full_rank_columns_from_xtx(G, Z.shape[0])
     if keep.shape[0] < k:
         dropped = [str(names[j]) for j in range(k) if j not in set(keep.tolist())]
         raise SpecificationError(

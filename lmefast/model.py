@@ -236,8 +236,6 @@ class MixedLM:
         k = Zre.shape[1]
         if k and not np.any(Zre):
             raise SpecificationError("exog_re is all zero")
-        if k:
-            check_random_design(Zre, znames, f"({' + '.join(znames)} | {gname})")
         if m < 2 and k > 0:
             raise SpecificationError(
                 f"grouping factor '{gname}' has a single level: random coefficients need at "
@@ -245,6 +243,8 @@ class MixedLM:
                 "components, pass re_formula='0')")
         theta_map = GroupThetaMap(k, len(vnames), tuple(znames), tuple(vnames), re_pattern)
         Zs, C = scale_random(Zre, theta_map.patterns[0]) if k else (Zre, np.eye(0))
+        if k:
+            check_random_design(Zs, znames, f"({' + '.join(znames)} | {gname})")
         vc_scale = [component_scale(V) for V in vmats]
         vmats = [V if s == 1.0 else V * s for V, s in zip(vmats, vc_scale, strict=True)]
         layout = build_layout(codes, m, k, vmats)
@@ -441,10 +441,10 @@ def blocked_engine(y: np.ndarray, X: np.ndarray, terms: list[Term]) -> BlockedEn
     """The engine of several grouping factors on the rows in memory: each term's design
     checked (lmefast.checks.check_random_design), then the fixed and random designs centred and
     scaled (lmefast.scaling), the map kept with the engine."""
-    for t in terms:
-        check_random_design(t.Z, t.coef_names, f"({' + '.join(t.coef_names)} | {t.name})")
     Xs, S = scale_fixed(X)
     scaled = [scale_random(t.Z, t.pattern) for t in terms]
+    for t, (Zs, _) in zip(terms, scaled, strict=True):
+        check_random_design(Zs, t.coef_names, f"({' + '.join(t.coef_names)} | {t.name})")
     engine = BlockedEngine(y, Xs, [dataclasses.replace(t, Z=Zs)
                                    for t, (Zs, _) in zip(terms, scaled, strict=True)])
     engine.design_scaling = DesignScaling(S, tuple(C for _, C in scaled))

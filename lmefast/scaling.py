@@ -29,6 +29,7 @@ engine: applied once where the structure is compiled, undone by the results.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -71,18 +72,23 @@ def column_map(A: np.ndarray, centre: bool) -> np.ndarray:
     M = np.eye(k)
     if k == 0 or A.shape[0] == 0:
         return M
-    c0 = constant_column(A) if centre else None
     mean = A.mean(axis=0)
-    sd = np.sqrt(np.mean((A - mean) ** 2, axis=0))
-    rms = np.sqrt(np.mean(A * A, axis=0))
-    for j in range(k):
-        if j == c0 or not (np.isfinite(sd[j]) and np.isfinite(rms[j])) or rms[j] == 0:
-            continue
-        centred = c0 is not None and sd[j] > 0 and abs(mean[j]) > CENTRE_RATIO * sd[j]
-        s = _scale_of(sd[j] if centred else rms[j])
-        M[j, j] = 1.0 / s
-        if centred:
-            M[c0, j] = -mean[j] / (A[0, c0] * s)
+    sd = A.std(axis=0)
+    rms = np.sqrt(mean * mean + sd * sd)
+    c0 = constant_column(A) if centre else None
+    ok = np.isfinite(sd) & np.isfinite(rms) & (rms > 0)
+    centred = ok & (sd > 0) & (np.abs(mean) > CENTRE_RATIO * sd) if c0 is not None else np.zeros(k, bool)
+    spread = np.where(centred, sd, rms)
+    s = _pow2(spread)
+    s = np.where(ok & ((s < 2.0 ** -SCALE_RANGE) | (s > 2.0 ** SCALE_RANGE)), s, 1.0)
+    if c0 is not None:
+        centred[c0] = False
+        s[c0] = 1.0
+    if not centred.any() and np.all(s == 1.0):
+        return M
+    M[np.diag_indices(k)] = 1.0 / s
+    if c0 is not None and centred.any():
+        M[c0, centred] = -mean[centred] / (A[0, c0] * s[centred])
     return M
 
 
@@ -111,7 +117,7 @@ class DesignScaling:
     def identity(cls, p: int, ks: tuple[int, ...]) -> DesignScaling:
         return cls(np.eye(p), tuple(np.eye(k) for k in ks))
 
-    @property
+    @cached_property
     def is_identity(self) -> bool:
         return (np.array_equal(self.fixed, np.eye(self.fixed.shape[0]))
                 and all(np.array_equal(C, np.eye(C.shape[0])) for C in self.terms))
