@@ -122,6 +122,12 @@ def check_random_design(Z: np.ndarray, names: list[str] | tuple[str, ...], term:
             "identifiable; remove them from the term")
     if k < 2:
         return
+    d = 1.0 / np.sqrt(np.diag(G))
+    try:                                  # well conditioned: no pivoting needed to say so
+        if np.min(np.diag(np.linalg.cholesky(G * np.outer(d, d)))) > 1e-3:
+            return
+    except np.linalg.LinAlgError:
+        pass
     keep = full_rank_columns_from_xtx(G, Z.shape[0])
     if keep.shape[0] < k:
         dropped = [str(names[j]) for j in range(k) if j not in set(keep.tolist())]

@@ -85,7 +85,8 @@ def checked_response_and_design(y: np.ndarray, yname: str, X: np.ndarray, xnames
     naming them (lme4's behaviour), judged on the centred and scaled columns (a change of units
     or origin does not make a column dependent). Returns (X, names, dropped names)."""
     check_not_constant(float(np.min(y)), float(np.max(y)), yname)
-    keep = full_rank_columns(X @ column_map(X, centre=True)) if X.shape[1] else np.arange(0)
+    S = column_map(X, centre=True)
+    keep = full_rank_columns(X if np.array_equal(S, np.eye(S.shape[0])) else X @ S)
     dropped = tuple(xnames[j] for j in range(X.shape[1]) if j not in set(keep.tolist()))
     if dropped:
         warn_dropped(dropped, stacklevel=stacklevel)

@@ -72,9 +72,15 @@ def column_map(A: np.ndarray, centre: bool) -> np.ndarray:
     M = np.eye(k)
     if k == 0 or A.shape[0] == 0:
         return M
-    mean = A.mean(axis=0)
-    sd = A.std(axis=0)
+    n = A.shape[0]
+    mean = A.sum(axis=0) / n
+    dev = A - mean
+    sd = np.sqrt(np.einsum("ij,ij->j", dev, dev) / n)
     rms = np.sqrt(mean * mean + sd * sd)
+    lo, hi = 2.0 ** (-SCALE_RANGE - 0.5), 2.0 ** (SCALE_RANGE + 0.5)
+    far = (sd > 0) & (np.abs(mean) > CENTRE_RATIO * sd)
+    if not np.any(far | (rms > 0) & ((rms < lo) | (rms > hi))):
+        return M                         # nothing to centre or scale (the common case)
     c0 = constant_column(A) if centre else None
     ok = np.isfinite(sd) & np.isfinite(rms) & (rms > 0)
     centred = ok & (sd > 0) & (np.abs(mean) > CENTRE_RATIO * sd) if c0 is not None else np.zeros(k, bool)
@@ -200,13 +206,17 @@ def random_map(Z: np.ndarray, pattern: tuple[np.ndarray, np.ndarray]) -> np.ndar
 def scale_fixed(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(X̃, S): the fixed-effects design centred (with a constant column) and scaled."""
     S = column_map(X, centre=True)
-    return np.ascontiguousarray(X @ S), S
+    return (X if _is_eye(S) else np.ascontiguousarray(X @ S)), S
 
 
 def scale_random(Z: np.ndarray, pattern: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(Z̃, C): a term's design, centred and scaled where its covariance allows it exactly."""
     C = random_map(Z, pattern)
-    return np.ascontiguousarray(Z @ C), C
+    return (Z if _is_eye(C) else np.ascontiguousarray(Z @ C)), C
+
+
+def _is_eye(M: np.ndarray) -> bool:
+    return bool(np.array_equal(M, np.eye(M.shape[0])))
 
 
 def component_scale(V) -> float:
