@@ -101,6 +101,15 @@ class Engine(ABC):
         same layout: a dropped fixed-effect column, another response)."""
 
     # -- at a solution -----------------------------------------------------------------------
+    def _modes(self, obj: KernelObjective, sol: Solution) -> Any:
+        """obj.modes(sol), kept with the objective (one per fit) for the θ it was made at."""
+        key = sol.theta.tobytes()
+        cached = obj.__dict__.get("_modes_at")
+        if cached is None or cached[0] != key:
+            cached = (key, obj.modes(sol))
+            obj.__dict__["_modes_at"] = cached
+        return cached[1]
+
     @abstractmethod
     def modes_by_factor(self, obj: KernelObjective, sol: Solution) -> dict[str, pd.DataFrame]:
         """Conditional modes per grouping factor: levels × coefficients (lme4's ranef)."""

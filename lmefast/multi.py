@@ -483,15 +483,6 @@ class BlockedEngine(Engine):
                                              yty, t1.k)
 
     # -- at a solution -----------------------------------------------------------------------
-    def _modes(self, obj: MultiObjective, sol: Solution) -> list[np.ndarray]:
-        # kept with the objective (one per fit), for the θ it was made at
-        key = sol.theta.tobytes()
-        cached = obj.__dict__.get("_modes_at")
-        if cached is None or cached[0] != key:
-            cached = (key, obj.modes(sol))
-            obj.__dict__["_modes_at"] = cached
-        return cached[1]
-
     def modes_by_factor(self, obj: MultiObjective, sol: Solution) -> dict[str, pd.DataFrame]:
         return {t.name: pd.DataFrame(b, index=pd.Index(t.labels, name=t.name),
                                      columns=list(t.coef_names))

@@ -205,15 +205,6 @@ class OneFactorEngine(Engine):
         return self.crossprods.with_response(zty, xty, yty)
 
     # -- at a solution -----------------------------------------------------------------------
-    def _modes(self, obj: ProfiledObjective, sol: Solution) -> tuple[np.ndarray, np.ndarray]:
-        # kept with the objective (one per fit), for the θ it was made at
-        key = sol.theta.tobytes()
-        cached = obj.__dict__.get("_modes_at")
-        if cached is None or cached[0] != key:
-            cached = (key, obj.modes(sol))
-            obj.__dict__["_modes_at"] = cached
-        return cached[1]
-
     def coefficient_modes(self, obj: ProfiledObjective, sol: Solution) -> pd.DataFrame:
         """Modes of the random coefficients, one row per group (k columns)."""
         lay, k = self.spec.layout, self.theta_map.k
