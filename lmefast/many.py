@@ -90,6 +90,33 @@ def _response_matrix(responses: Any, n: int) -> tuple[np.ndarray, list[str]]:
     return np.asfortranarray(Y), names
 
 
+def per_response_weights(weights: Any, n: int, names: list[str]) -> np.ndarray | None:
+    """An n × m matrix of prior weights, one column per response (a DataFrame's columns are
+    matched to the responses by name), or None when ``weights`` is not two-dimensional (one
+    vector shared by all responses). Negative or non-finite weights raise."""
+    if isinstance(weights, pd.DataFrame):
+        cols = [str(c) for c in weights.columns]
+        if set(cols) == set(names):
+            weights = weights.set_axis(cols, axis=1)[names]
+        elif cols != [str(j) for j in range(len(cols))]:
+            raise SpecificationError("weights: the columns of a DataFrame of per-response weights "
+                                     f"must be the responses' names ({names[:5]}...)")
+    elif weights is None or np.ndim(weights) != 2:
+        return None
+    try:
+        W = np.asarray(weights, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise SpecificationError(f"weights are not numeric: {exc}") from None
+    if W.shape != (n, len(names)):
+        raise SpecificationError(f"per-response weights must be n × m = {n} × {len(names)} "
+                                 f"(rows of data × responses), got {W.shape}")
+    if not np.all(np.isfinite(W)):
+        raise SpecificationError(f"weights have {int(np.sum(~np.isfinite(W)))} NaN or infinite values")
+    if np.any(W < 0):
+        raise SpecificationError(f"weights must be non-negative ({int(np.sum(W < 0))} are negative)")
+    return np.asfortranarray(W)
+
+
 @dataclass
 class _Design:
     """One row set (all rows, or the rows where a group of responses is observed) and the
@@ -195,16 +222,19 @@ class _Out:
                    reason=np.full(m, "", dtype=object))
 
 
-def _fit_block(design: _Design, Yb: np.ndarray, idx: np.ndarray, out: _Out, reml: bool,
-               satterthwaite: bool, beta_pos: np.ndarray, theta_pos: np.ndarray,
+def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.ndarray, out: _Out,
+               reml: bool, satterthwaite: bool, beta_pos: np.ndarray, theta_pos: np.ndarray,
                n_threads: int) -> None:
-    """Fit the responses Yb (rows of the design × len(idx)) and write them at idx of out."""
+    """Fit the responses Yb (rows of the design × len(idx)) and write them at idx of out.
+    Wb: per-response prior weights of those rows (the design's rows then carry none, and each
+    response's cross-products are one weighted pass over the design's rows, made in turn)."""
     model = design.model
     engine = model.engine
-    X, Z = engine.response_design()
-    ZtY = np.asarray(Z.T @ Yb)
-    XtY = X.T @ Yb
-    yty = np.einsum("ij,ij->j", Yb, Yb)
+    if Wb is None:
+        X, Z = engine.response_design()
+        ZtY = np.asarray(Z.T @ Yb)
+        XtY = X.T @ Yb
+        yty = np.einsum("ij,ij->j", Yb, Yb)
     tm = engine.theta_map
     start = tm.start()
     kept = beta_pos >= 0
@@ -214,7 +244,10 @@ def _fit_block(design: _Design, Yb: np.ndarray, idx: np.ndarray, out: _Out, reml
         for i in cols:
             j = idx[i]
             try:
-                obj = template.with_crossprods(engine.with_response(ZtY[:, i], XtY[:, i], yty[i]))
+                if Wb is None:        # only the response parts differ from the template's
+                    obj = template.with_crossprods(engine.with_response(ZtY[:, i], XtY[:, i], yty[i]))
+                else:
+                    obj = engine.objective(reml, 1, engine.weighted_crossprods(Yb[:, i], Wb[:, i]))
                 sol, opt = fit_theta(obj, start)
                 if satterthwaite:
                     A, J = satterthwaite_parts(obj, sol)
@@ -257,9 +290,11 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
     Each response gets its own θ, β, σ² and inference; every fitted response equals ``lmer`` on
     that response alone (``result(name)`` gives that fit in full). Missing values in a response
     drop that response's rows only; constant or all-missing responses are reported as not
-    fitted (``status()``). ``weights`` (one per row: lme4's prior weights, zero drops a row)
-    and ``offset`` (one per row, subtracted from every response) are shared by all responses
-    (per-response weights are not implemented). ``ddf``: 'satterthwaite' (lmerTest),
+    fitted (``status()``). ``weights``: lme4's prior weights (residual variance σ²/wᵢ), one
+    vector shared by all responses (zero drops a row) or an n × m matrix, one column per
+    response (voom's precision weights; a DataFrame's columns matched by name; zero drops that
+    row for that response only); ``offset`` (one per row) is subtracted from every response.
+    ``ddf``: 'satterthwaite' (lmerTest),
     'residual', or None (z tests).
     ``n_threads``: threads across responses (default lmefast.parallel.get_num_threads()).
     ``progress``: True prints, a callable(stage, done, total) receives reports."""
@@ -272,7 +307,8 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
     if ddf == "kenward-roger":
         raise InferenceError("fit_many computes Satterthwaite, residual or z tests; for Kenward-Roger "
                              "take one response's fit: res.result(name).coef_table(ddf='kenward-roger')")
-    w, off = prior_weights_and_offset(weights, offset, n)
+    W = per_response_weights(weights, n, names)
+    w, off = prior_weights_and_offset(None if W is not None else weights, offset, n)
     if w is not None and not np.all(w > 0):       # zero weights: those rows are dropped
         keep = np.nonzero(w > 0)[0]
         df, Y, w = df.iloc[keep].reset_index(drop=True), np.asfortranarray(Y[keep]), w[keep]
@@ -284,7 +320,7 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
     frame = df.copy(deep=False)
     frame[PLACEHOLDER] = np.arange(n, dtype=float)
     f = f"{PLACEHOLDER} ~ {rhs}"
-    rowwise = {"weights": w, "offset": off}
+    rowwise = {"weights": w, "offset": off}     # of the designs (per-response weights: none)
 
     def design_model(rows: np.ndarray | None) -> MixedLM:
         if rows is None:
@@ -298,6 +334,9 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
     out = _Out.empty(m, len(beta_names), len(theta_names))
 
     finite = np.isfinite(Y)
+    n_finite = finite.sum(axis=0)
+    if W is not None:          # a zero weight drops that row of that response, as a missing value
+        finite &= W > 0
     complete = finite.all(axis=0)
     n_obs = finite.sum(axis=0)
     spread = np.zeros(m)
@@ -306,8 +345,10 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
         spread[j] = np.ptp(Y[finite[:, j], j])
     groups: dict[bytes, list[int]] = defaultdict(list)
     for j in range(m):
-        if n_obs[j] == 0:
+        if n_finite[j] == 0:
             out.reason[j] = "all values are missing"
+        elif n_obs[j] == 0:
+            out.reason[j] = "every weight of its observed rows is zero"
         elif not spread[j] > 0:
             out.reason[j] = "the response is constant: there is no variance to model"
         else:
@@ -347,12 +388,13 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
                 Yb = Yb - off[rows, None]
             if w is not None:
                 Yb = Yb * np.sqrt(w[rows])[:, None]
-            _fit_block(design, Yb, idx, out, reml, ddf == "satterthwaite", beta_pos, theta_pos, nth)
+            Wb = None if W is None else W[np.ix_(np.arange(n)[rows], idx)]
+            _fit_block(design, Yb, Wb, idx, out, reml, ddf == "satterthwaite", beta_pos, theta_pos, nth)
             done += len(idx)
             if report is not None:
                 report("responses", done, total)
-    return ManyResults(names, beta_names, theta_names, out, reml, ddf, n_obs, n, rhs, frame,
-                       Y, rowwise, main.model)
+    return ManyResults(names, beta_names, theta_names, out, reml, ddf, n_finite, n, rhs, frame,
+                       Y, rowwise, main.model, W)
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -363,7 +405,8 @@ class ManyResults:
 
     def __init__(self, names: list[str], beta_names: list[str], theta_names: list[str], out: _Out,
                  reml: bool, ddf: str | None, n_observed: np.ndarray, n_rows: int, rhs: str,
-                 frame: pd.DataFrame, Y: np.ndarray, rowwise: dict, template: MixedLM) -> None:
+                 frame: pd.DataFrame, Y: np.ndarray, rowwise: dict, template: MixedLM,
+                 weights: np.ndarray | None = None) -> None:
         self.names = list(names)
         self.exog_names = list(beta_names)
         self.theta_names = list(theta_names)
@@ -377,6 +420,7 @@ class ManyResults:
         self._Y = Y
         self._rowwise = rowwise
         self._template = template
+        self._W = weights
         self._index = {name: j for j, name in enumerate(self.names)}
 
     # -- per response ----------------------------------------------------------------------------
@@ -418,10 +462,14 @@ class ManyResults:
 
     def status(self) -> pd.DataFrame:
         """One row per response: fitted, the reason when not, observations used, rows dropped
-        for missing values, convergence, singularity, log-likelihood."""
+        for missing values (and, with per-response weights, for zero weights), convergence,
+        singularity, log-likelihood."""
         o = self._out
+        extra = {}
+        if self._W is not None:
+            extra["dropped_zero_weight"] = np.sum(np.isfinite(self._Y) & (self._W == 0), axis=0)
         return pd.DataFrame({"fitted": o.reason == "", "reason": o.reason, "nobs": o.nobs,
-                             "dropped_missing": self._n_rows - self._n_observed,
+                             "dropped_missing": self._n_rows - self._n_observed, **extra,
                              "converged": o.converged, "singular": o.singular, "llf": o.llf},
                             index=pd.Index(self.names, name="response"))
 
@@ -525,8 +573,11 @@ class ManyResults:
         rows = np.nonzero(np.isfinite(y))[0]
         frame = self._frame.iloc[rows].reset_index(drop=True).copy(deep=False)
         frame[PLACEHOLDER] = y[rows]
+        rowwise = dict(self._rowwise)
+        if self._W is not None:
+            rowwise["weights"] = self._W[:, j]
         model = lmer_model(f"{PLACEHOLDER} ~ {self._rhs}", frame,
-                           **{k: None if v is None else v[rows] for k, v in self._rowwise.items()})
+                           **{k: None if v is None else v[rows] for k, v in rowwise.items()})
         model.endog_name = str(name)
         return model
 

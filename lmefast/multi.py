@@ -482,6 +482,14 @@ class BlockedEngine(Engine):
         return self.crossprods.with_response(np.reshape(zty[:q1], (t1.m, t1.k)), zty[q1:], xty,
                                              yty, t1.k)
 
+    def weighted_crossprods(self, y: np.ndarray, weights: np.ndarray) -> MultiCrossProducts:
+        """The cross-products of response y with prior weights w (all > 0) on this design's
+        rows, which carry no weights of their own: the sums over √w y, √w X, √w Z."""
+        s = np.sqrt(weights)
+        terms = [replace(t, Z=np.ascontiguousarray(t.Z * s[:, None])) for t in self.terms]
+        cp = compute_multi_crossprods(y * s, np.ascontiguousarray(self.X * s[:, None]), terms)
+        return replace(cp, log_weights=float(np.sum(np.log(weights))))
+
     # -- at a solution -----------------------------------------------------------------------
     def modes_by_factor(self, obj: MultiObjective, sol: Solution) -> dict[str, pd.DataFrame]:
         return {t.name: pd.DataFrame(b, index=pd.Index(t.labels, name=t.name),

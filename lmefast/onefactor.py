@@ -204,6 +204,15 @@ class OneFactorEngine(Engine):
         order of ``response_design``)."""
         return self.crossprods.with_response(zty, xty, yty)
 
+    def weighted_crossprods(self, y: np.ndarray, weights: np.ndarray) -> CrossProducts:
+        """The cross-products of response y with prior weights w (all > 0) on this design's
+        rows, which carry no weights of their own: one pass over √w y, √w X, √w Z."""
+        spec, s = self.spec, np.sqrt(weights)
+        rows = replace(spec, y=np.ascontiguousarray(y * s), X=np.ascontiguousarray(spec.X * s[:, None]),
+                       Zre=np.ascontiguousarray(spec.Zre * s[:, None]),
+                       layout=replace(spec.layout, vc_val=np.ascontiguousarray(spec.layout.vc_val * s)))
+        return replace(compute_crossprods(rows, 1), log_weights=float(np.sum(np.log(weights))))
+
     # -- at a solution -----------------------------------------------------------------------
     def coefficient_modes(self, obj: ProfiledObjective, sol: Solution) -> pd.DataFrame:
         """Modes of the random coefficients, one row per group (k columns)."""
