@@ -21,6 +21,11 @@ and makes one cheap pass over the rows for its y-parts only — the first factor
 while Z'Z, Z'X and X'X (and the kernel's layout) are reused. Replicate r uses the generator
 seeded with the r-th of n integers drawn from `seed` (MultiSimulator.seeds), so results do
 not depend on n_jobs and a replicate's response can be rebuilt (MultiSimulator.response).
+
+Prior weights w and an offset o: the engines' rows are the working rows √w (y − o), √w X,
+√w Z, on which the weighted model is an unweighted one (errors N(0, σ²I)). Drawing and
+refitting there is lme4's simulation on the data's scale, y* = o + Xβ̂ + Zb* + ε*,
+ε*ᵢ ~ N(0, σ̂²/wᵢ), with nothing else to change; ``simulate`` returns the data's scale.
 """
 from __future__ import annotations
 
@@ -191,18 +196,21 @@ def bootstrap(res: MixedLMResults, n: int, seed: int | np.random.Generator | Non
 def simulate(res: MixedLMResults, n: int = 1, seed: int | np.random.Generator | None = None,
              include_random: bool = True) -> np.ndarray:
     """n responses simulated from the fit, n × nobs (rows in the data's order):
-    Xβ̂ + Zb* + ε* with new random effects b* (include_random=True, lme4's simulate) or
-    conditional on the estimated modes b̂ (include_random=False: Xβ̂ + Zb̂ + ε*)."""
+    o + Xβ̂ + Zb* + ε* with new random effects b* (include_random=True, lme4's simulate) or
+    conditional on the estimated modes b̂ (include_random=False: o + Xβ̂ + Zb̂ + ε*), with
+    ε*ᵢ ~ N(0, σ̂²/wᵢ) under prior weights w and o the offset (0 without one): lme4's meaning.
+
+    On the working scale of a weighted fit (rows √w, DESIGN.md §4) the errors are N(0, σ̂²I)
+    and Zb* is √w Z b*, so both are drawn there and divided by √w."""
     if not isinstance(n, int | np.integer) or n < 1:
         raise BootstrapError(f"n must be a positive integer, got {n!r}")
-    if res.engine.weights is not None or res.engine.offset is not None:
-        raise BootstrapError("simulate with prior weights or an offset is not implemented "
-                             "(bootstrap is: it works on the weighted cross-products)")
+    engine = res.engine
     rng = np.random.default_rng(seed)
     if include_random:
-        sim = res.engine.simulator(res.theta, res._sol.beta, res.sigma)
-        out = res.engine.fixed_part(res._sol.beta)[None, :] + sim.random_part(rng, int(n))
-    else:
-        out = np.tile(np.asarray(res.fittedvalues, dtype=float), (int(n), 1))
-    out += res.sigma * rng.standard_normal(out.shape)
-    return out
+        sim = engine.simulator(res.theta, res._sol.beta, res.sigma)
+        working = sim.random_part(rng, int(n))
+        working += res.sigma * rng.standard_normal(working.shape)
+        return engine.fixed_part(res._sol.beta)[None, :] + engine.to_data_scale(working)
+    fitted = np.asarray(res.fittedvalues, dtype=float)
+    noise = res.sigma * rng.standard_normal((int(n), fitted.shape[0]))
+    return fitted[None, :] + engine.to_data_scale(noise, offset=False)
