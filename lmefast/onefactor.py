@@ -324,9 +324,9 @@ class OneFactorEngine(Engine):
         covariances), one per variance component, and σ²."""
         if not self.has_rows:
             raise self.no_rows("the design")
-        if self.weights is not None:
-            raise InferenceError("Kenward-Roger with prior weights is not implemented (pbkrtest has no "
-                                 "weights either): use ddf='satterthwaite'")
+        # prior weights: on the working rows (√w X, √w Z, errors σ²I) V is S(ZΣZ' + σ²W⁻¹)S,
+        # S = diag(√w), and every trace and X'V⁻¹…V⁻¹X below is unchanged by S: these are the
+        # weighted model's, with ∂V/∂σ² = W⁻¹
         spec = self.spec
         lay = spec.layout
         codes = spec.group_codes
