@@ -136,18 +136,21 @@ def lmer_model(formula: str, data: Any, missing: str = "raise", weights: Any = N
 SCALE_OUT_OPTIONS = ("progress", "client", "batch_rows", "split_every")
 
 
-def scale_out_lmer_model(formula: str, data: Any, missing: str, **options: Any):
+def scale_out_lmer_model(formula: str, data: Any, missing: str, weights: str | None = None,
+                         offset: str | None = None, **options: Any):
     """An lme4 formula on a Parquet path or a Dask DataFrame. One grouping factor (a plain
     column): its first term as the random coefficients and any further terms of one numeric
     column as variance components — so ``(x|g)`` and ``(1 + x || g)`` are fitted out of core,
     θ in statsmodels' order (coefficients, then components). Several factors (or a:b): the
-    blocked cross-products summed over the chunks (lmefast.chunked_multi)."""
+    blocked cross-products summed over the chunks (lmefast.chunked_multi). ``weights`` and
+    ``offset`` name columns (prior weights, an offset)."""
     response, fixed, random = parse_lmer(formula)
     groups = list(dict.fromkeys(t.group for t in random))
     if len(groups) != 1 or ":" in groups[0]:
         used = used_columns(response, fixed, random)
         source, progress = chunk_source(data, **options)
-        return multi_model_from_chunks(response, fixed, random, used, source, missing, progress)
+        return multi_model_from_chunks(response, fixed, random, used, source, missing, progress,
+                                       weights, offset)
     vc = {}
     for t in random[1:]:
         parts = [p.strip() for p in t.expr.split("+")]
@@ -157,7 +160,7 @@ def scale_out_lmer_model(formula: str, data: Any, missing: str, **options: Any):
                 "must be a single uncorrelated column like (0 + x | g)")
         vc[parts[1]] = t.expr
     return mixedlm(f"{response} ~ {fixed}", data, groups=groups[0], re_formula=random[0].expr,
-                   vc_formula=vc or None, missing=missing, **options)
+                   vc_formula=vc or None, missing=missing, weights=weights, offset=offset, **options)
 
 
 def lmer(formula: str, data: Any, reml: bool = True, missing: str = "raise",
@@ -169,14 +172,10 @@ def lmer(formula: str, data: Any, reml: bool = True, missing: str = "raise",
     factor, crossed factors. Results follow lme4's shapes (random effects per grouping factor).
 
     ``data`` may also be a Parquet path or a Dask DataFrame; ``progress``, ``client``,
-    ``batch_rows``, ``split_every`` then go to the data pass, the other keywords to ``fit``."""
+    ``batch_rows``, ``split_every`` and ``weights``/``offset`` (then names of columns) go to the
+    data pass, the other keywords to ``fit``."""
     if _is_scale_out(data):
-        options = {k: kwargs.pop(k) for k in SCALE_OUT_OPTIONS if k in kwargs}
-        if kwargs.get("weights") is not None or kwargs.get("offset") is not None:
-            raise SpecificationError("weights and offset are for data in memory; Parquet and Dask "
-                                     "data do not take them yet")
-        kwargs.pop("weights", None)
-        kwargs.pop("offset", None)
+        options = {k: kwargs.pop(k) for k in SCALE_OUT_OPTIONS + ("weights", "offset") if k in kwargs}
         return scale_out_lmer_model(formula, data, missing, **options).fit(reml=reml, **kwargs)
     weights, offset = kwargs.pop("weights", None), kwargs.pop("offset", None)
     return lmer_model(formula, data, missing, weights, offset).fit(reml=reml, **kwargs)

@@ -20,6 +20,10 @@ again (fitted values, residuals, predictions) is another pass, delegated to the 
 One grouping factor: random coefficients (``re_formula``) and variance components nested in
 the groups (``vc_formula``). statsmodels' spelling of crossed effects (a single group) is not
 supported here.
+
+Prior weights and an offset (lme4's meaning) are columns named by the plan (``weights``,
+``offset``): each chunk's rows enter the sums as the working rows √w (y − o), √w X, √w Z
+(DESIGN.md §4), zero weights drop their rows, and Σ log w is summed with the rest.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from lmefast.checks import (
     warn_dropped,
 )
 from lmefast.crossprods import CrossProducts, record_offsets
-from lmefast.errors import RowsUnavailableError, SpecificationError
+from lmefast.errors import PredictionError, RowsUnavailableError, SpecificationError
 from lmefast.formula import _not_finite, _rhs, _variables, _vc_column_label, design_matrix
 from lmefast.model import MixedLM
 from lmefast.onefactor import OneFactorEngine
@@ -346,6 +350,8 @@ class ChunkPlan:
     c_vars: frozenset[str]
     vc_names: tuple[str, ...] = ()
     vc_formulas: tuple[str, ...] = ()
+    weights: str | None = None         # columns of prior weights and of an offset
+    offset: str | None = None
     kinds: dict[str, str] = field(default_factory=dict)
     levels: dict[str, list] = field(default_factory=dict)
     xnames: list[str] | None = None
@@ -361,8 +367,9 @@ class ChunkPlan:
 
     @classmethod
     def from_formula(cls, formula: str, groups: Any, re_formula: str | None,
-                     vc_formula: Any, missing: str) -> ChunkPlan:
+                     vc_formula: Any, missing: str, weights: Any = None, offset: Any = None) -> ChunkPlan:
         check_missing_policy(missing)
+        rowwise = check_rowwise_columns(weights, offset)
         vc_formula = dict(vc_formula or {})
         if not isinstance(formula, str) or "~" not in formula:
             raise SpecificationError(f"formula {formula!r} has no '~'")
@@ -386,6 +393,7 @@ class ChunkPlan:
         for vf in vc_formula.values():
             used |= _variables(_rhs(vf))
         used.add(groups)
+        used |= set(rowwise)
         c_vars = set()
         for text in texts:
             c_vars |= set(_C_CALL.findall(text))
@@ -397,7 +405,13 @@ class ChunkPlan:
                                          "numbers: not supported for Parquet or Dask data")
         return cls(formula=formula, yname=yname, rhs=rhs, re_formula=re_formula, group=groups,
                    missing=missing, used=sorted(used), c_vars=frozenset(c_vars),
-                   vc_names=tuple(str(k) for k in vc_formula), vc_formulas=tuple(vc_formula.values()))
+                   vc_names=tuple(str(k) for k in vc_formula), vc_formulas=tuple(vc_formula.values()),
+                   weights=weights, offset=offset)
+
+    @property
+    def fit_only_columns(self) -> list[str]:
+        """Columns a fit reads that predictions for new data do not: the response, weights, offset."""
+        return [c for c in (self.yname, self.weights, self.offset) if c is not None]
 
     # -- kinds and levels ---------------------------------------------------------------------
     def set_kinds(self, dtypes: pd.Series, where: str) -> None:
@@ -412,11 +426,14 @@ class ChunkPlan:
             self.kinds[c] = "numeric" if _is_numeric(dtypes[c]) else "categorical"
         if self.kinds[self.yname] != "numeric":
             raise SpecificationError(f"response '{self.yname}' is not numeric (dtype {dtypes[self.yname]})")
+        for what, c in (("weights", self.weights), ("offset", self.offset)):
+            if c is not None and self.kinds[c] != "numeric":
+                raise SpecificationError(f"{what} column {c!r} is not numeric (dtype {dtypes[c]})")
 
     @property
     def level_vars(self) -> list[str]:
         """Predictors whose levels are fixed in pass (a): categorical columns and C() arguments."""
-        return sorted(c for c in self.used if c != self.group and c != self.yname
+        return sorted(c for c in self.used if c != self.group and c not in self.fit_only_columns
                       and (self.kinds.get(c) == "categorical" or c in self.c_vars))
 
     def label_columns(self) -> list[str]:
@@ -424,7 +441,7 @@ class ChunkPlan:
         labels must not count), else the group and the categorical predictors."""
         if self.missing == "drop":
             return list(self.used)
-        return [self.group, *self.level_vars]
+        return [self.group, *self.level_vars, *([self.weights] if self.weights is not None else [])]
 
     def new_label_sets(self) -> dict[str, LabelSet]:
         out = {self.group: LabelSet(self.group, f"group column {self.group!r}")}
@@ -439,7 +456,9 @@ class ChunkPlan:
         self._check_columns(df, self.label_columns(), where)
         if self.missing == "drop":
             df = df.loc[self._complete(df, where)]
-        elif self.missing == "raise":
+        if self.weights is not None:
+            df = df.loc[positive_weights(df[self.weights], where)]
+        if self.missing == "raise":
             na = int(df[self.group].isna().sum())
             if na:
                 raise SpecificationError(f"group column {self.group!r} has {na} missing labels in "
@@ -462,7 +481,7 @@ class ChunkPlan:
         """Columns read in pass (a'): the group and the variance components' variables."""
         if self.missing == "drop":
             return list(self.used)
-        cols = {self.group}
+        cols = {self.group} | ({self.weights} if self.weights is not None else set())
         for vf in self.vc_formulas:
             cols |= _variables(_rhs(vf))
         return sorted(cols)
@@ -475,6 +494,8 @@ class ChunkPlan:
         cols = self.vc_columns
         self._check_columns(df, cols, where)
         keep = self._complete(df, where, cols)
+        if self.weights is not None:
+            keep &= positive_weights(df[self.weights], where, keep)
         if not keep.all():
             df = df.loc[keep]
         df = self._categorise(df[cols], where)
@@ -574,10 +595,15 @@ class ChunkPlan:
                missing: str | None = None
                ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, pd.Series | None, np.ndarray, list]:
         """(y, X, Zre, group labels, kept-rows mask, variance-component designs) of one chunk,
-        with the columns of the model (checked). ``missing``: as the plan's (default) or 'drop'."""
-        cols = [c for c in self.used if (need_y or c != self.yname) and (need_group or c != self.group)]
+        with the columns of the model (checked). ``missing``: as the plan's (default) or 'drop'.
+        With ``need_y`` (the rows of the fit) rows of zero weight are not kept; without it
+        (new data) the weights and offset are not read."""
+        cols = [c for c in self.used if (need_y or c not in self.fit_only_columns)
+                and (need_group or c != self.group)]
         self._check_columns(df, cols, where)
         keep = self._complete(df, where, cols, missing)
+        if need_y and self.weights is not None:
+            keep &= positive_weights(df[self.weights], where, keep)
         if not keep.all():
             df = df.loc[keep]
         df = self._categorise(df[cols], where)
@@ -592,6 +618,29 @@ class ChunkPlan:
         y = df[self.yname].to_numpy(dtype=float) if need_y else None
         V = self._vc_designs(df, where) if self.vc_formulas and need_group else []
         return y, X, np.ascontiguousarray(Zre), df[self.group] if need_group else None, keep, V
+
+
+def check_rowwise_columns(weights: Any, offset: Any) -> list[str]:
+    """The names of the weights and offset columns (None: not given); anything but a name raises."""
+    out = []
+    for what, v in (("weights", weights), ("offset", offset)):
+        if v is None:
+            continue
+        if not isinstance(v, str):
+            raise SpecificationError(f"{what} for Parquet or Dask data must be the name of a column, "
+                                     f"not a {type(v).__name__}")
+        out.append(v)
+    return out
+
+
+def positive_weights(w: pd.Series, where: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """Rows of positive weight (zero weights drop their rows); negative weights (among ``rows``)
+    raise. Missing weights are not positive (the missing-value policy decides about them)."""
+    v = w.to_numpy(dtype=float, na_value=np.nan)
+    neg = v < 0 if rows is None else (v < 0) & rows
+    if neg.any():
+        raise SpecificationError(f"weights must be non-negative ({int(neg.sum())} are negative in {where})")
+    return v > 0
 
 
 def _is_numeric(dtype: Any) -> bool:
@@ -695,6 +744,7 @@ class ChunkStats:
     counts: np.ndarray = field(default=None)  # type: ignore[assignment]
     ymin: float = np.inf
     ymax: float = -np.inf
+    log_weights: float = 0.0
     xnames: list[str] | None = None
     znames: list[str] | None = None
     vnames: list[tuple[str, ...]] | None = None
@@ -706,7 +756,10 @@ class ChunkStats:
                    counts=np.zeros(m, dtype=np.int64))
 
     def add(self, y: np.ndarray, X: np.ndarray, Zre: np.ndarray, codes: np.ndarray, q_off: np.ndarray,
-            s_off: np.ndarray, vc_coord: np.ndarray, vc_val: np.ndarray, n_threads: int = 1) -> None:
+            s_off: np.ndarray, vc_coord: np.ndarray, vc_val: np.ndarray, n_threads: int = 1,
+            raw_y: np.ndarray | None = None, log_weights: float = 0.0) -> None:
+        """Rows (working rows with weights or an offset; ``raw_y`` the response as given, for
+        its range) added in place."""
         if y.shape[0] == 0:
             return
         accumulate(y, X, Zre, codes, q_off, s_off, vc_coord, vc_val, self.S, n_threads)
@@ -715,8 +768,10 @@ class ChunkStats:
         self.yty += float(y @ y)
         self.n += int(y.shape[0])
         self.counts += np.bincount(codes, minlength=self.counts.shape[0])
-        self.ymin = min(self.ymin, float(y.min()))
-        self.ymax = max(self.ymax, float(y.max()))
+        raw_y = y if raw_y is None else raw_y
+        self.ymin = min(self.ymin, float(raw_y.min()))
+        self.ymax = max(self.ymax, float(raw_y.max()))
+        self.log_weights += log_weights
 
     def merge(self, other: ChunkStats) -> ChunkStats:
         """In place: self += other (the names must agree)."""
@@ -732,6 +787,7 @@ class ChunkStats:
         self.Xty += other.Xty
         self.yty += other.yty
         self.n += other.n
+        self.log_weights += other.log_weights
         self.counts += other.counts
         self.ymin = min(self.ymin, other.ymin)
         self.ymax = max(self.ymax, other.ymax)
@@ -744,9 +800,10 @@ def chunk_stats(plan: ChunkPlan, coder: LabelCoder, df: pd.DataFrame, where: str
     chunk). Empty chunks add nothing."""
     if len(df) == 0:
         return stats
-    y, X, Zre, g, _, V = plan.design(df, where, need_y=True)
+    y, X, Zre, g, keep, V = plan.design(df, where, need_y=True)
     if y.shape[0] == 0:
         return stats
+    raw_y, log_w = y, 0.0
     codes = _group_codes(coder, g, where)
     m = coder.labels.shape[0]
     layout, s_off = plan.offsets(m, X.shape[1])
@@ -754,10 +811,18 @@ def chunk_stats(plan: ChunkPlan, coder: LabelCoder, df: pd.DataFrame, where: str
         vc_coord, vc_val = plan.vcmap.entries(codes, V, where)
     else:
         vc_coord, vc_val = np.zeros((0, y.shape[0]), dtype=np.int64), np.zeros((0, y.shape[0]))
+    if plan.offset is not None:
+        y = y - df[plan.offset].to_numpy(dtype=float)[keep]
+    if plan.weights is not None:       # the working rows (module docstring)
+        w = df[plan.weights].to_numpy(dtype=float)[keep]
+        sw = np.sqrt(w)
+        y, X, Zre, vc_val = y * sw, X * sw[:, None], Zre * sw[:, None], vc_val * sw
+        log_w = float(np.sum(np.log(w)))
     if stats is None:
         stats = ChunkStats.zeros(s_off, X.shape[1])
         stats.xnames, stats.znames, stats.vnames = plan.xnames, plan.znames, plan.vnames
-    stats.add(y, np.ascontiguousarray(X), Zre, codes, layout.q_off, s_off, vc_coord, vc_val, n_threads)
+    stats.add(np.ascontiguousarray(y), np.ascontiguousarray(X), np.ascontiguousarray(Zre), codes,
+              layout.q_off, s_off, vc_coord, np.ascontiguousarray(vc_val), n_threads, raw_y, log_w)
     return stats
 
 
@@ -842,7 +907,8 @@ def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None,
     m = labels.shape[0]
     check_not_constant(stats.ymin, stats.ymax, yname)
     cp = CrossProducts(S=np.ascontiguousarray(S), s_off=record_offsets(layout, p), XtX=stats.XtX,
-                       Xty=stats.Xty, yty=stats.yty, n=stats.n, layout=layout)
+                       Xty=stats.Xty, yty=stats.yty, n=stats.n, layout=layout,
+                       log_weights=stats.log_weights)
     keep = full_rank_columns_from_xtx(stats.XtX, stats.n)
     dropped = tuple(xnames[j] for j in range(p) if j not in set(keep.tolist()))
     if dropped:
@@ -893,6 +959,10 @@ class PredictPayload:
         return self.plan.yname
 
     @property
+    def fit_only_columns(self) -> list[str]:
+        return self.plan.fit_only_columns
+
+    @property
     def group_columns(self) -> list[str]:
         return [self.plan.group]
 
@@ -910,9 +980,14 @@ def predict_chunk(payload: PredictPayload, df: pd.DataFrame, where: str, *, incl
     if len(df) == 0:
         return out
     plan = payload.plan
+    if plan.offset is not None and not (resid or fitted_rows):
+        raise PredictionError("predictions for new rows of a model with an offset are not implemented "
+                              "(the fitted rows' predictions include it: res.fittedvalues)")
     y, X, Zre, g, keep, V = plan.design(df, where, need_y=resid or fitted_rows,
                                         need_group=include_random, missing="drop")
     pred = X @ payload.beta_full
+    if plan.offset is not None and (resid or fitted_rows):
+        pred = pred + df[plan.offset].to_numpy(dtype=float)[keep]
     if include_random:
         codes = payload.coder.codes(g)
         new = codes < 0

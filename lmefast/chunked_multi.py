@@ -6,11 +6,13 @@ memory); (b) the (first-factor level, trailing level) pairs that occur; (c) the 
 the statistics — the first factor's per-level records, the pairs, the trailing block — plus one
 chunk. Fixed effects and random terms must be plain numeric columns (their design must not
 depend on the chunk). The model keeps no rows: fitted values and residuals need another pass.
+Prior weights and an offset are columns: each chunk's rows enter the sums as the working rows
+√w (y − o), √w X, √w Z (DESIGN.md §4); zero weights drop their rows.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -18,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from lmefast.checks import check_not_constant, full_rank_columns_from_xtx, warn_dropped
-from lmefast.chunked import ChunkSource
-from lmefast.errors import SpecificationError
+from lmefast.chunked import ChunkSource, check_rowwise_columns, positive_weights
+from lmefast.errors import PredictionError, SpecificationError
 from lmefast.formula import _not_finite, _parse, _plain_columns, _rhs, design_matrix
 from lmefast.lmer import RandomTerm, build_terms, factor_key
 from lmefast.model import MixedLM
@@ -34,7 +36,7 @@ from lmefast.progress import ProgressFn
 from lmefast.structure import Term
 
 
-def _clean(df: pd.DataFrame, used: list[str], missing: str) -> pd.DataFrame:
+def _clean(df: pd.DataFrame, used: list[str], missing: str, weights: str | None = None) -> pd.DataFrame:
     absent = sorted(c for c in used if c not in df.columns)
     if absent:
         raise SpecificationError(f"a chunk of the data has no column(s) {absent}")
@@ -47,6 +49,8 @@ def _clean(df: pd.DataFrame, used: list[str], missing: str) -> pd.DataFrame:
                 f"missing or infinite values in column(s) {sorted(bad)}; pass missing='drop' to "
                 "drop incomplete rows")
         df = df.loc[~np.logical_or.reduce(list(bad.values()))]
+    if weights is not None:
+        df = df.loc[positive_weights(df[weights], "a chunk of the data")]
     return df.reset_index(drop=True)
 
 
@@ -58,9 +62,16 @@ class _Passes:
     """What each chunk needs in the passes (picklable: sent to the workers)."""
 
     def __init__(self, response: str, fixed: str, random: list[RandomTerm], used: list[str],
-                 missing: str, labels: dict[str, pd.Index] | None = None) -> None:
+                 missing: str, labels: dict[str, pd.Index] | None = None, weights: str | None = None,
+                 offset: str | None = None) -> None:
         self.response, self.fixed, self.random = response, fixed, random
         self.used, self.missing, self.labels = used, missing, labels
+        self.weights, self.offset = weights, offset
+
+    @property
+    def fit_only_columns(self) -> list[str]:
+        """Columns a fit reads that predictions for new data do not: the response, weights, offset."""
+        return [c for c in (self.response, self.weights, self.offset) if c is not None]
 
     def factor(self, df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
         codes = self.labels[group].get_indexer(factor_key(df, group))
@@ -89,6 +100,10 @@ class MultiPayload:
         return self.passes.response
 
     @property
+    def fit_only_columns(self) -> list[str]:
+        return self.passes.fit_only_columns
+
+    @property
     def group_columns(self) -> list[str]:
         return sorted({c for t in self.passes.random for c in t.group.split(":")})
 
@@ -98,18 +113,27 @@ class MultiPayload:
         not in the fit contributes 0 for its factor, or raises with new_levels='error')."""
         out = np.full(len(df), np.nan)
         need_y = resid or fitted_rows
-        needed = [c for c in self.columns if (c != self.yname or need_y)
+        if self.passes.offset is not None and not need_y:
+            raise PredictionError("predictions for new rows of a model with an offset are not implemented "
+                                  "(the fitted rows' predictions include it: res.fittedvalues)")
+        fit_only = self.fit_only_columns
+        needed = [c for c in self.columns if (c not in fit_only or need_y)
                   and (include_random or c not in self.group_columns)]
         absent = sorted(c for c in needed if c not in df.columns)
         if absent:
             raise SpecificationError(f"{where} is missing column(s) {absent}")
         if len(df) == 0:
             return out
-        bad = np.logical_or.reduce([_not_finite(df[c]) for c in needed])
-        keep = ~bad
+        keep = np.ones(len(df), dtype=bool)
+        for c in needed:
+            keep &= ~_not_finite(df[c])
+        if need_y and self.passes.weights is not None:     # the rows of the fit
+            keep &= positive_weights(df[self.passes.weights], where, keep)
         rows = df.loc[keep].reset_index(drop=True)
         X, _ = design_matrix(self.passes.fixed, rows)
         pred = X @ self.beta_full
+        if need_y and self.passes.offset is not None:
+            pred = pred + rows[self.passes.offset].to_numpy(dtype=float)
         if include_random:
             for t in self.passes.terms(rows):
                 new = t.codes < 0
@@ -134,8 +158,13 @@ def multi_payload(res: Any, passes: _Passes, xnames: list[str]) -> MultiPayload:
 
 
 def _labels_part(df: pd.DataFrame, where: str, used: list[str], missing: str, response: str,
-                 formulas: list[str], groups: list[str]) -> tuple[dict[str, np.ndarray], bool]:
-    df = _clean(df, used, missing)
+                 formulas: list[str], groups: list[str], rowwise: tuple[str | None, str | None] = (None, None)
+                 ) -> tuple[dict[str, np.ndarray], bool]:
+    for what, c in (("weights", rowwise[0]), ("offset", rowwise[1])):
+        if c is not None and c in df.columns and not (pd.api.types.is_numeric_dtype(df[c])
+                                                      and not pd.api.types.is_bool_dtype(df[c])):
+            raise SpecificationError(f"{what} column {c!r} is not numeric (dtype {df[c].dtype})")
+    df = _clean(df, used, missing, rowwise[0])
     if not pd.api.types.is_numeric_dtype(df[response]) or pd.api.types.is_bool_dtype(df[response]):
         raise SpecificationError(f"response '{response}' is not numeric")
     plain = all(_plain_columns(_parse(_rhs(f)), df) is not None for f in formulas)
@@ -156,42 +185,55 @@ def _merge_sums(*parts: tuple | None) -> tuple | None:
     parts = tuple(p for p in parts if p is not None)
     if not parts:
         return None
-    sums, sizes, xnames, terms, (ymin, ymax) = parts[0]
+    sums, sizes, xnames, terms, (ymin, ymax), log_w = parts[0]
     for other in parts[1:]:
         if other[2] != xnames:
             raise SpecificationError(f"chunks give different fixed-effects columns: {xnames} and {other[2]}")
         sums = sums + other[0]
         sizes = {name: sizes[name] + other[1][name] for name in sizes}
         ymin, ymax = min(ymin, other[4][0]), max(ymax, other[4][1])
-    return sums, sizes, xnames, terms, (ymin, ymax)
+        log_w += other[5]
+    return sums, sizes, xnames, terms, (ymin, ymax), log_w
 
 
 def _pairs_part(df: pd.DataFrame, where: str, passes: _Passes) -> np.ndarray:
-    df = _clean(df, passes.used, passes.missing)
+    df = _clean(df, passes.used, passes.missing, passes.weights)
     return pair_keys(passes.terms(df)) if len(df) else np.zeros(0, dtype=np.int64)
 
 
 def _sums_part(df: pd.DataFrame, where: str, passes: _Passes, keys: np.ndarray) -> tuple | None:
-    df = _clean(df, passes.used, passes.missing)
+    df = _clean(df, passes.used, passes.missing, passes.weights)
     if len(df) == 0:
         return None
     terms = passes.terms(df)
     X, xnames = design_matrix(passes.fixed, df)
-    y = df[passes.response].to_numpy(dtype=float)
+    raw_y = df[passes.response].to_numpy(dtype=float)
+    y, log_w = raw_y, 0.0
+    if passes.offset is not None:
+        y = y - df[passes.offset].to_numpy(dtype=float)
+    if passes.weights is not None:       # the working rows (module docstring)
+        w = df[passes.weights].to_numpy(dtype=float)
+        sw = np.sqrt(w)
+        y, X = y * sw, np.ascontiguousarray(X * sw[:, None])
+        terms = [replace(t, Z=np.ascontiguousarray(t.Z * sw[:, None])) for t in terms]
+        log_w = float(np.sum(np.log(w)))
     sizes = {t.name: np.bincount(t.codes, minlength=t.m) for t in terms}
     rowless = [Term(t.name, np.zeros(0, dtype=np.int64), t.labels, np.zeros((0, t.k)), t.coef_names,
                     t.pattern) for t in terms]
-    return multi_sums(y, X, terms, keys), sizes, list(xnames), rowless, (float(y.min()), float(y.max()))
+    return (multi_sums(y, X, terms, keys), sizes, list(xnames), rowless,
+            (float(raw_y.min()), float(raw_y.max())), log_w)
 
 
 def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm], used: list[str],
-                            source: ChunkSource, missing: str, progress: ProgressFn | None = None
-                            ) -> MixedLM:
-    """The three passes over the chunks of any source (module docstring)."""
+                            source: ChunkSource, missing: str, progress: ProgressFn | None = None,
+                            weights: str | None = None, offset: str | None = None) -> MixedLM:
+    """The three passes over the chunks of any source (module docstring); ``weights`` and
+    ``offset`` name columns of prior weights and of an offset."""
     groups = list(dict.fromkeys(t.group for t in random))
+    used = sorted(set(used) | set(check_rowwise_columns(weights, offset)))
     unit = source.unit
     first = source.map_reduce(used, _labels_part, (used, missing, response, [fixed] + [t.expr for t in random],
-                                                   groups), _merge_labels,
+                                                   groups, (weights, offset)), _merge_labels,
                               stage=f"pass 1/3 (labels), {unit}", progress=progress)
     if first is None:
         raise SpecificationError("the data are empty: no rows to fit")
@@ -202,7 +244,7 @@ def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm],
             "columns (their design may not depend on the chunk): compute categorical dummies or "
             "transforms beforehand")
     labels = {g: pd.Index(values[g]).sort_values() for g in groups}
-    rules = _Passes(response, fixed, random, used, missing, labels)
+    rules = _Passes(response, fixed, random, used, missing, labels, weights, offset)
     passes = source.shared(rules)
     keys = source.map_reduce(used, _pairs_part, (passes,), _merge_keys,
                              stage=f"pass 2/3 (level pairs), {unit}", progress=progress)
@@ -210,11 +252,11 @@ def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm],
                                stage=f"pass 3/3 (cross-products), {unit}", progress=progress)
     if result is None:
         raise SpecificationError("the data are empty: no rows to fit")
-    sums, sizes, xnames, terms, (ymin, ymax) = result
+    sums, sizes, xnames, terms, (ymin, ymax), log_w = result
     design_names = list(xnames)
     xnames = ["(Intercept)" if c == "Intercept" else c for c in xnames]
     check_not_constant(ymin, ymax, response)
-    cp = assemble_crossprods(sums, terms, keys)
+    cp = replace(assemble_crossprods(sums, terms, keys), log_weights=log_w)
     keep = full_rank_columns_from_xtx(sums.XtX, sums.n)
     dropped = tuple(xnames[j] for j in range(len(xnames)) if j not in set(keep.tolist()))
     if dropped:

@@ -193,6 +193,8 @@ def mixedlm(
     progress: bool | ProgressFn | None = None,
     n_threads: int = 1,
     split_every: int = 8,
+    weights: str | None = None,
+    offset: str | None = None,
 ) -> MixedLM:
     """statsmodels' ``mixedlm`` on a Dask DataFrame: reads the data (two passes on the cluster)
     and returns a model whose ``fit()`` runs on the client from the cross-products.
@@ -204,12 +206,14 @@ def mixedlm(
     configured scheduler even when a client exists). ``progress``: True prints
     partitions done per pass to stderr; a callable receives (stage, partitions done, total).
     ``n_threads``: threads per partition task (default 1: Dask runs partitions in parallel).
+    ``weights``, ``offset``: names of columns of prior weights and of an offset (lme4's meaning;
+    zero weights drop their rows).
     """
     if not is_dask_dataframe(data):
         raise SpecificationError(f"data must be a dask.dataframe.DataFrame, not {type(data).__name__}")
     if int(split_every) < 2:
         raise SpecificationError(f"split_every must be at least 2, got {split_every}")
-    plan = ChunkPlan.from_formula(formula, groups, re_formula, vc_formula, missing)
+    plan = ChunkPlan.from_formula(formula, groups, re_formula, vc_formula, missing, weights, offset)
     source = DaskSource(data, client=client, split_every=split_every)
     return model_from_chunks(plan, source, progress_function(progress), n_threads)
 
@@ -282,7 +286,7 @@ def predict_lazy(res: MixedLMResults, newdata: Any, include_random: bool, new_le
     """Predictions for a Dask DataFrame: a lazy Dask Series (partitions as newdata's)."""
     payload = res.model.source.payload(res)
     cols = [c for c in payload.columns
-            if c != payload.yname and (include_random or c not in payload.group_columns)]
+            if c not in payload.fit_only_columns and (include_random or c not in payload.group_columns)]
     absent = sorted(c for c in cols if c not in newdata.columns)
     if absent:
         raise SpecificationError(f"newdata is missing column(s) {absent}")

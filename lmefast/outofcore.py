@@ -229,6 +229,8 @@ def mixedlm_parquet(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     progress: bool | ProgressFn | None = None,
     n_threads: int | None = None,
+    weights: str | None = None,
+    offset: str | None = None,
 ) -> MixedLM:
     """statsmodels' ``mixedlm`` on Parquet data, out of core: reads the data (two passes) and
     returns a model whose ``fit()`` uses the cross-products only.
@@ -240,8 +242,10 @@ def mixedlm_parquet(
     rows per chunk at most (row groups are read whole up to this size). ``progress``: True prints
     the data passes' progress to stderr; a callable receives (stage, rows done, total rows).
     ``n_threads``: threads for the pass over each chunk (default: all cores for many groups).
+    ``weights``, ``offset``: names of columns of prior weights and of an offset (lme4's meaning;
+    zero weights drop their rows).
     """
-    plan = ChunkPlan.from_formula(formula, groups, re_formula, vc_formula, missing)
+    plan = ChunkPlan.from_formula(formula, groups, re_formula, vc_formula, missing, weights, offset)
     return model_from_chunks(plan, ParquetSource(path, batch_rows), progress_function(progress), n_threads)
 
 
