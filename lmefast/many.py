@@ -137,60 +137,85 @@ def _theta_names(model: MixedLM) -> list[str]:
 
 
 # -- one response ---------------------------------------------------------------------------------
+def _stencil(d: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The points of the central differences (in units of the steps h): the centre, ±e_i, then
+    for i > j the four (±e_i ±e_j); and the pairs (i, j) of those mixed points."""
+    pts = [np.zeros(d)]
+    for i in range(d):
+        for sgn in (1.0, -1.0):
+            e = np.zeros(d)
+            e[i] = sgn
+            pts.append(e)
+    pairs = [(i, j) for i in range(d) for j in range(i)]
+    for i, j in pairs:
+        for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+            e = np.zeros(d)
+            e[i], e[j] = si, sj
+            pts.append(e)
+    return np.array(pts), pairs
+
+
 def satterthwaite_parts(obj: Any, sol: Any) -> tuple[np.ndarray, np.ndarray]:
     """(A, J) of lmerTest's Satterthwaite df at a solution (module docstring): A = 2 H⁻¹ over
-    varpar = (θ, σ), J = ∂ vcov(β̂)/∂varpar (p × p × (d + 1))."""
+    varpar = (θ, σ), J = ∂ vcov(β̂)/∂varpar (p × p × (d + 1)).
+
+    The kernel is evaluated at every point of the stencil but the centre (the solution's own
+    values), for two step sizes; the differences are then formed for all points at once."""
     theta = sol.theta
     d, p = theta.shape[0], sol.beta.shape[0]
     s2 = sol.sigma2
     sigma = float(np.sqrt(s2))
     c = obj.dof
     h = 1e-2 * np.maximum(np.abs(theta), 0.05)
+    unit, pairs = _stencil(d)
+    K = unit.shape[0] - 1                     # points per step size besides the centre
+    points = np.concatenate([theta[None, :], theta + unit[1:] * h, theta + unit[1:] * (0.5 * h)])
+    logdet = np.empty(2 * K + 1)
+    r2 = np.empty(2 * K + 1)
+    Lx = np.empty((2 * K + 1, p, p))
+    logdet[0], r2[0], Lx[0] = sol.logdet_L, sol.r2, sol.Lx
+    kernel = obj.kernel
+    for k in range(1, 2 * K + 1):
+        _, r2[k], logdet[k], status, _, Lx[k], _ = kernel.evaluate(points[k], False)
+        if status != 0:
+            obj.solve(points[k])      # raises the ObjectiveError that names the failure
+    if p:
+        diag = np.einsum("kii->ki", Lx)
+        if obj.reml:
+            logdet = logdet + 2.0 * np.log(diag).sum(axis=1)
+        Linv = np.linalg.inv(Lx)
+        C = np.einsum("kji,kjl->kil", Linv, Linv)
+    else:
+        C = np.zeros((2 * K + 1, 0, 0))
+    g = logdet + r2 / s2
 
-    def at(th: np.ndarray) -> tuple[float, float, np.ndarray]:
-        s = obj.solve(th)
-        a = s.logdet_L + (2.0 * float(np.sum(np.log(np.diag(s.Lx)))) if obj.reml and p else 0.0)
-        Linv = np.linalg.inv(s.Lx) if p else np.zeros((0, 0))
-        return a + s.r2 / s2, s.r2, Linv.T @ Linv
-
-    g0, r0, C0 = at(theta)
-
-    def central(scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        hh = h * scale
+    def differences(o: int, hh: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         Hg = np.empty((d, d))
-        dr = np.empty(d)
-        dC = np.empty((p, p, d))
-        for i in range(d):
-            e = np.zeros(d)
-            e[i] = hh[i]
-            gp, rp, Cp = at(theta + e)
-            gm, rm, Cm = at(theta - e)
-            Hg[i, i] = (gp - 2 * g0 + gm) / hh[i] ** 2
-            dr[i] = (rp - rm) / (2 * hh[i])
-            dC[:, :, i] = (Cp - Cm) / (2 * hh[i])
-            for j in range(i):
-                f = np.zeros(d)
-                f[j] = hh[j]
-                Hg[i, j] = Hg[j, i] = (at(theta + e + f)[0] - at(theta + e - f)[0]
-                                       - at(theta - e + f)[0] + at(theta - e - f)[0]) / (4 * hh[i] * hh[j])
+        idx = o + 1 + 2 * np.arange(d)          # +e_i at idx, −e_i at idx + 1; the centre at 0
+        Hg[np.arange(d), np.arange(d)] = (g[idx] - 2 * g[0] + g[idx + 1]) / hh ** 2
+        dr = (r2[idx] - r2[idx + 1]) / (2 * hh)
+        dC = np.moveaxis((C[idx] - C[idx + 1]) / (2 * hh)[:, None, None], 0, -1)
+        for n, (i, j) in enumerate(pairs):
+            b = o + 1 + 2 * d + 4 * n
+            Hg[i, j] = Hg[j, i] = (g[b] - g[b + 1] - g[b + 2] + g[b + 3]) / (4 * hh[i] * hh[j])
         return Hg, dr, dC
 
-    H1, r1, C1 = central(1.0)
-    H2, r2, C2 = central(0.5)
+    H1, r1, C1 = differences(0, h)
+    H2, r2h, C2 = differences(K, 0.5 * h)
     Hg = (4 * H2 - H1) / 3
-    dr = (4 * r2 - r1) / 3
+    dr = (4 * r2h - r1) / 3
     dC = (4 * C2 - C1) / 3
     H = np.empty((d + 1, d + 1))
     H[:d, :d] = 0.5 * (Hg + Hg.T)
     H[:d, d] = H[d, :d] = -2.0 * dr / sigma ** 3
-    H[d, d] = 6.0 * r0 / sigma ** 4 - 2.0 * c / s2
+    H[d, d] = 6.0 * sol.r2 / sigma ** 4 - 2.0 * c / s2
     try:
         A = 2.0 * np.linalg.inv(H)
     except np.linalg.LinAlgError:
         A = 2.0 * np.linalg.pinv(H)
     J = np.empty((p, p, d + 1))
     J[:, :, :d] = s2 * dC
-    J[:, :, d] = 2.0 * sigma * C0
+    J[:, :, d] = 2.0 * sigma * C[0]
     return A, J
 
 
