@@ -235,6 +235,7 @@ class _Out:
     singular: np.ndarray
     n_evals: np.ndarray
     reason: np.ndarray
+    n_zero_weight: np.ndarray       # observed rows dropped for a zero per-response weight
 
     @classmethod
     def empty(cls, m: int, p: int, d: int) -> _Out:
@@ -244,7 +245,13 @@ class _Out:
                    J=np.full((m, p, p, d + 1), nan), llf=np.full(m, nan), sigma2=np.full(m, nan),
                    nobs=np.zeros(m, dtype=np.int64), converged=np.zeros(m, dtype=bool),
                    singular=np.zeros(m, dtype=bool), n_evals=np.zeros(m, dtype=np.int64),
-                   reason=np.full(m, "", dtype=object))
+                   reason=np.full(m, "", dtype=object), n_zero_weight=np.zeros(m, dtype=np.int64))
+
+    @classmethod
+    def concatenate(cls, parts: list[_Out]) -> _Out:
+        """The responses of several parts, in order."""
+        return cls(**{f: np.concatenate([getattr(o, f) for o in parts])
+                      for f in cls.__dataclass_fields__})
 
 
 def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.ndarray, out: _Out,
@@ -322,7 +329,15 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
     ``ddf``: 'satterthwaite' (lmerTest),
     'residual', or None (z tests).
     ``n_threads``: threads across responses (default lmefast.parallel.get_num_threads()).
-    ``progress``: True prints, a callable(stage, done, total) receives reports."""
+    ``progress``: True prints, a callable(stage, done, total) receives reports.
+
+    ``responses`` may be a Dask array or DataFrame (more responses than one machine holds): its
+    blocks of columns are fitted on the workers (lmefast.dask.fit_many)."""
+    if type(responses).__module__.split(".")[0] == "dask":
+        from lmefast.dask import fit_many as dask_fit_many
+
+        return dask_fit_many(formula, data, responses, reml=reml, weights=weights, offset=offset,
+                             ddf=ddf, n_threads=n_threads, progress=progress)
     rhs = _right_hand_side(formula)
     df = as_dataframe(data)
     n = len(df)
@@ -361,6 +376,7 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
     finite = np.isfinite(Y)
     n_finite = finite.sum(axis=0)
     if W is not None:          # a zero weight drops that row of that response, as a missing value
+        out.n_zero_weight[:] = np.sum(finite & (W == 0), axis=0)
         finite &= W > 0
     complete = finite.all(axis=0)
     n_obs = finite.sum(axis=0)
@@ -490,9 +506,7 @@ class ManyResults:
         for missing values (and, with per-response weights, for zero weights), convergence,
         singularity, log-likelihood."""
         o = self._out
-        extra = {}
-        if self._W is not None:
-            extra["dropped_zero_weight"] = np.sum(np.isfinite(self._Y) & (self._W == 0), axis=0)
+        extra = {} if self._W is None else {"dropped_zero_weight": o.n_zero_weight}
         return pd.DataFrame({"fitted": o.reason == "", "reason": o.reason, "nobs": o.nobs,
                              "dropped_missing": self._n_rows - self._n_observed, **extra,
                              "converged": o.converged, "singular": o.singular, "llf": o.llf},
@@ -594,13 +608,13 @@ class ManyResults:
         if name not in self._index:
             raise KeyError(f"no response {name!r}")
         j = self._index[name]
-        y = self._Y[:, j]
+        y = np.asarray(self._Y[:, j], dtype=float)      # a Dask array's column is computed
         rows = np.nonzero(np.isfinite(y))[0]
         frame = self._frame.iloc[rows].reset_index(drop=True).copy(deep=False)
         frame[PLACEHOLDER] = y[rows]
         rowwise = dict(self._rowwise)
         if self._W is not None:
-            rowwise["weights"] = self._W[:, j]
+            rowwise["weights"] = np.asarray(self._W[:, j], dtype=float)
         model = lmer_model(f"{PLACEHOLDER} ~ {self._rhs}", frame,
                            **{k: None if v is None else v[rows] for k, v in rowwise.items()})
         model.endog_name = str(name)
