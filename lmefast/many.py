@@ -38,6 +38,7 @@ import pandas as pd
 from scipy import stats
 
 from lmefast.api import lmer_model
+from lmefast.dask import _default_client, _shared, is_dask_dataframe
 from lmefast.errors import InferenceError, ObjectiveError, SpecificationError
 from lmefast.formula import as_dataframe
 from lmefast.inference import normalize_ddf, parse_contrast
@@ -332,11 +333,9 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
     ``progress``: True prints, a callable(stage, done, total) receives reports.
 
     ``responses`` may be a Dask array or DataFrame (more responses than one machine holds): its
-    blocks of columns are fitted on the workers (lmefast.dask.fit_many)."""
+    blocks of columns are fitted on the workers (``fit_many_dask``)."""
     if type(responses).__module__.split(".")[0] == "dask":
-        from lmefast.dask import fit_many as dask_fit_many
-
-        return dask_fit_many(formula, data, responses, reml=reml, weights=weights, offset=offset,
+        return fit_many_dask(formula, data, responses, reml=reml, weights=weights, offset=offset,
                              ddf=ddf, n_threads=n_threads, progress=progress)
     rhs = _right_hand_side(formula)
     df = as_dataframe(data)
@@ -632,3 +631,89 @@ class ManyResults:
         return (f"<ManyResults {'REML' if self.reml else 'ML'}: {nf} of {len(self.names)} responses "
                 f"fitted, {int(self._out.converged.sum())} converged>")
 
+
+# -- responses in Dask: blocks of columns on the workers ------------------------------------------
+def _fit_columns(data: pd.DataFrame, formula: str, Y: np.ndarray, W: np.ndarray | None, reml: bool,
+                 weights: Any, offset: Any, ddf: str | None, n_threads: int) -> tuple[Any, np.ndarray]:
+    """fit_many on one block of columns (on a worker): the per-response results and counts."""
+    res = fit_many(formula, data, np.asarray(Y, dtype=float), reml=reml,
+                        weights=weights if W is None else np.asarray(W, dtype=float), offset=offset,
+                        ddf=ddf, n_threads=n_threads)
+    return res._out, res._n_observed
+
+
+def fit_many_dask(formula: str, data: Any, responses: Any, *, reml: bool = True, weights: Any = None,
+                  offset: Any = None, ddf: str | None = "satterthwaite", n_threads: int | None = None,
+                  progress: Any = False, client: Any = None, block: int | None = None) -> ManyResults:
+    """``lmefast.fit_many`` with the responses in a Dask array or DataFrame (n × m, rows in the
+    order of ``data``, which is in memory): the responses are split by columns into blocks of
+    ``block`` (default lmefast.many.BLOCK) with all rows, each block is fitted on a worker by
+    the in-memory fit_many (``n_threads`` threads, default 1), and only the per-response results
+    (O(m·k)) come back. ``weights``: one vector (shared) or n × m per-response weights (a Dask or
+    NumPy array, split like the responses). ``client``: a distributed client (default: the
+    current one, else Dask's configured scheduler; False: that scheduler), as lmefast.dask.mixedlm's.
+    ``result(name)`` computes that response's column."""
+    import dask
+    import dask.array as da
+
+
+    df = as_dataframe(data)
+    n = len(df)
+    if is_dask_dataframe(responses):
+        names = [str(c) for c in responses.columns]
+        Y = responses.to_dask_array(lengths=True)
+    elif isinstance(responses, da.Array):
+        Y = responses if responses.ndim == 2 else responses[:, None]
+        names = [f"y{j}" for j in range(Y.shape[1])]
+    else:
+        raise SpecificationError(f"responses must be a Dask array or DataFrame, not {type(responses).__name__}")
+    if Y.ndim != 2 or Y.shape[0] != n:
+        raise SpecificationError(f"responses must be an n × m matrix with the {n} rows of data, "
+                                 f"got shape {Y.shape}")
+    if len(set(names)) != len(names):
+        raise SpecificationError("responses have duplicate column names")
+    m = Y.shape[1]
+    width = int(block or BLOCK)
+    Y = Y.astype(float).rechunk({0: -1, 1: width})
+    per_response = weights is not None and np.ndim(weights) == 2
+    W = None
+    if per_response:
+        W = da.asarray(weights.to_dask_array(lengths=True) if is_dask_dataframe(weights) else weights)
+        if W.shape != (n, m):
+            raise SpecificationError(f"per-response weights must be n × m = {n} × {m}, got {W.shape}")
+        W = W.astype(float).rechunk(Y.chunks)
+    shared = None if per_response else weights
+    # the design, its checks and names: the in-memory fit_many on no responses
+    base = fit_many(formula, df, np.empty((n, 0)), reml=reml, weights=shared, offset=offset, ddf=ddf)
+    nth = 1 if n_threads is None else int(n_threads)
+    cl = _default_client(client)
+    data_ref = _shared(df, cl)
+    y_blocks = Y.to_delayed().ravel()
+    if shared is not None:    # rows of zero shared weight are not in the design (the workers drop them)
+        w = np.asarray(shared, dtype=float).ravel()
+        if not np.all(w > 0):
+            Y = Y[np.nonzero(w > 0)[0]]
+    w_blocks = W.to_delayed().ravel() if W is not None else [None] * len(y_blocks)
+    tasks = [dask.delayed(_fit_columns, pure=False)(data_ref, formula, yb, wb, reml, shared, offset, ddf, nth)
+             for yb, wb in zip(y_blocks, w_blocks, strict=True)]
+    report = progress_function(progress)
+    if report:
+        report("response blocks", 0, len(tasks))
+    if cl is not None:
+        from distributed import as_completed
+
+        futures = cl.compute(tasks)
+        order = {f.key: i for i, f in enumerate(futures)}
+        parts: list[Any] = [None] * len(futures)
+        for done, fut in enumerate(as_completed(futures), start=1):
+            parts[order[fut.key]] = fut.result()
+            if report:
+                report("response blocks", done, len(tasks))
+    else:
+        parts = list(dask.compute(*tasks))
+        if report:
+            report("response blocks", len(tasks), len(tasks))
+    out = _Out.concatenate([p[0] for p in parts])
+    n_observed = np.concatenate([p[1] for p in parts])
+    return ManyResults(names, base.exog_names, base.theta_names, out, reml, base.ddf, n_observed,
+                       base._n_rows, base._rhs, base._frame, Y, base._rowwise, base._template, W)

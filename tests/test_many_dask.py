@@ -12,6 +12,7 @@ from test_many import crossed_data, sleep_responses
 
 import lmefast
 from lmefast import SpecificationError
+from lmefast.many import fit_many_dask
 
 
 def same_results(a: lmefast.ManyResults, b: lmefast.ManyResults) -> None:
@@ -34,7 +35,7 @@ def test_dask_array_blocks_equal_in_memory() -> None:
     same_results(big, mem)
     assert not big.fitted["y4"]
     assert big.result("y3").llf == pytest.approx(mem.result("y3").llf, rel=1e-10)
-    blocks = lmefast.dask.fit_many(rhs, data, da.from_array(Y.to_numpy()), block=2, client=False)
+    blocks = fit_many_dask(rhs, data, da.from_array(Y.to_numpy()), block=2, client=False)
     same_results(blocks, mem)
 
 
@@ -63,7 +64,7 @@ def test_distributed_client_and_progress() -> None:
     seen: list[tuple[str, int, int]] = []
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        big = lmefast.dask.fit_many(rhs, data, da.from_array(Y.to_numpy()), block=2, client=client,
+        big = fit_many_dask(rhs, data, da.from_array(Y.to_numpy()), block=2, client=client,
                                     progress=lambda *a: seen.append(a))
     same_results(big, mem)
     assert seen[0] == ("response blocks", 0, 3) and seen[-1] == ("response blocks", 3, 3)
