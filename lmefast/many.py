@@ -272,6 +272,10 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
     start = tm.start()
     kept = beta_pos >= 0
 
+    bp, tp = beta_pos[kept], theta_pos
+    tv = np.append(tp, -1)
+    cov_at, A_at, J_at = np.ix_(bp, bp), np.ix_(tv, tv), np.ix_(bp, bp, tv)
+
     def work(cols: range) -> None:
         template = engine.objective(reml, 1)
         for i in cols:
@@ -287,15 +291,14 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
             except (ObjectiveError, FloatingPointError, np.linalg.LinAlgError) as exc:
                 out.reason[j] = f"the fit failed: {exc}"
                 continue
-            p = sol.beta.shape[0]
-            Linv = np.linalg.inv(sol.Lx) if p else np.zeros((0, 0))
-            bp, tp = beta_pos[kept], theta_pos
             out.theta[j, tp] = sol.theta
             out.beta[j, bp] = sol.beta
-            out.cov[j][np.ix_(bp, bp)] = sol.sigma2 * (Linv.T @ Linv)
+            if bp.shape[0]:
+                Linv = np.linalg.inv(sol.Lx)
+                out.cov[j][cov_at] = sol.sigma2 * (Linv.T @ Linv)
             if satterthwaite:
-                out.A[j][np.ix_(np.append(tp, -1), np.append(tp, -1))] = A
-                out.J[j][np.ix_(bp, bp, np.append(tp, -1))] = J
+                out.A[j][A_at] = A
+                out.J[j][J_at] = J
             out.llf[j] = -0.5 * sol.objective
             out.sigma2[j] = sol.sigma2
             out.nobs[j] = engine.nobs
