@@ -51,6 +51,11 @@ from lmefast.results import MixedLMResults
 PLACEHOLDER = "__lmefast_response__"
 _DEFAULT = object()       # ddf of the tables: fit_many's unless given
 BLOCK = 512           # responses whose Z'y, X'y, y'y are formed together
+#: threads across responses by default only for designs with this many levels (of the largest
+#: factor): below, a response's kernel work (which runs without the GIL) is short against its
+#: Python work, and threads contend for the GIL (sleepstudy's 18 subjects: 2 threads take 2.2×
+#: the time of one; 100 donors × 6 batches crossed: 0.8× — bench/RESULTS.md)
+THREADS_MIN_LEVELS = 100
 
 
 def _right_hand_side(formula: str) -> str:
@@ -332,7 +337,8 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
     row for that response only); ``offset`` (one per row) is subtracted from every response.
     ``ddf``: 'satterthwaite' (lmerTest),
     'residual', or None (z tests).
-    ``n_threads``: threads across responses (default lmefast.parallel.get_num_threads()).
+    ``n_threads``: threads across responses (default lmefast.parallel.get_num_threads() for
+    designs of at least THREADS_MIN_LEVELS levels, else 1).
     ``progress``: True prints, a callable(stage, done, total) receives reports.
 
     ``responses`` may be a Dask array or DataFrame (more responses than one machine holds): its
@@ -356,7 +362,7 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
         df, Y, w = df.iloc[keep].reset_index(drop=True), np.asfortranarray(Y[keep]), w[keep]
         off = off[keep] if off is not None else None
         n = len(df)
-    nth = get_num_threads() if n_threads is None else check_threads(n_threads)
+    n_threads = None if n_threads is None else check_threads(n_threads)
     report = progress_function(progress)
 
     frame = df.copy(deep=False)
@@ -371,6 +377,8 @@ def fit_many(formula: str, data: Any, responses: Any, *, reml: bool = True, weig
                           **{k: None if v is None else v[rows] for k, v in rowwise.items()})
 
     main = _Design(None, design_model(None))
+    nth = n_threads if n_threads is not None else (
+        get_num_threads() if main.model.engine.n_levels >= THREADS_MIN_LEVELS else 1)
     beta_names = main.model.exog_names
     theta_names = _theta_names(main.model)
     out = _Out.empty(m, len(beta_names), len(theta_names))
