@@ -7,11 +7,15 @@
     ~ trait + age + (1 | donor) + (1 | batch), m responses (default 20,000) with Satterthwaite
     df: lmefast.fit_many on all of them against lmerTest (lmer + summary per response) and
     against a plain loop of lmefast.lmer + coef_table, both timed on a subset and scaled to m.
+(c) the design of (b) with per-response precision weights (voom/dream's case: an n × m matrix
+    of weights, each response its own cross-products): fit_many on --m-weighted responses
+    against lmerTest with weights=, timed on --subset-r responses and scaled.
 
 The machine is shared: every comparison is run `--pairs` times in turn (lmefast, peer,
 lmefast, peer, ...) and medians are reported with their ratio.
 
     python bench/many_bench.py [--m 20000] [--subset-r 100] [--subset-py 200] [--pairs 3]
+                               [--m-weighted 2000]
 """
 from __future__ import annotations
 
@@ -45,6 +49,19 @@ d$donor <- factor(d$donor); d$batch <- factor(d$batch)
 t <- system.time(for (j in seq_len(ncol(Y))) {
   d$y <- Y[, j]
   s <- summary(lmer(y ~ trait + age + (1 | donor) + (1 | batch), d))$coefficients
+})[["elapsed"]]
+cat(sprintf('{"seconds": %.6f, "n": %d}\n', t, ncol(Y)))
+"""
+
+
+R_LMERTEST_W = r"""
+suppressMessages(library(lmerTest))
+args <- commandArgs(TRUE); d <- read.csv(args[1]); Y <- as.matrix(read.csv(args[2]))
+W <- as.matrix(read.csv(args[3]))
+d$donor <- factor(d$donor); d$batch <- factor(d$batch)
+t <- system.time(for (j in seq_len(ncol(Y))) {
+  d$y <- Y[, j]; d$w <- W[, j]
+  s <- summary(lmer(y ~ trait + age + (1 | donor) + (1 | batch), d, weights = w))$coefficients
 })[["elapsed"]]
 cat(sprintf('{"seconds": %.6f, "n": %d}\n', t, ncol(Y)))
 """
@@ -87,6 +104,7 @@ def main() -> None:
     ap.add_argument("--subset-r", type=int, default=100)
     ap.add_argument("--subset-py", type=int, default=200)
     ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--m-weighted", type=int, default=2000)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
@@ -135,6 +153,19 @@ def main() -> None:
     res = lmefast.fit_many(f"~ {rhs}", data, Y[:, :1000], n_threads=1)
     print(f"    objective evaluations per response (first 1,000, deterministic): "
           f"{res._out.n_evals.mean():.1f} to fit, + 16 solves for Satterthwaite")
+
+    # (c) per-response precision weights
+    mw = args.m_weighted
+    W = np.random.default_rng(5).uniform(0.2, 3.0, (Y.shape[0], mw))
+    pd.DataFrame(W[:, :args.subset_r]).to_csv(tmp / "w.csv", index=False)
+    c_many, c_r = [], []
+    for _ in range(args.pairs):
+        c_many.append(timed(lambda: lmefast.fit_many(f"~ {rhs}", data, Y[:, :mw], weights=W)))
+        c_r.append(run_r(R_LMERTEST_W, tmp / "d.csv", tmp / "y.csv", tmp / "w.csv") * mw / args.subset_r)
+    print(f"(c) {mw:,} responses with per-response weights, Satterthwaite df: fit_many "
+          f"{np.median(c_many):.2f} s; lmerTest loop with weights {np.median(c_r):.0f} s (from "
+          f"{args.subset_r}; {np.median(c_many) / np.median(c_r):.4f}×)  [runs: fit_many "
+          f"{np.round(c_many, 2).tolist()}, lmerTest {np.round(c_r, 0).tolist()}]")
 
 
 if __name__ == "__main__":
