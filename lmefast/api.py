@@ -145,6 +145,14 @@ def scale_out_lmer_model(formula: str, data: Any, missing: str, weights: str | N
     blocked cross-products summed over the chunks (lmefast.chunked_multi). ``weights`` and
     ``offset`` name columns (prior weights, an offset)."""
     response, fixed, random = parse_lmer(formula)
+    fixed, offset_terms = split_offsets(fixed)
+    if offset_terms:        # offset(o) of one column: the same as offset="o"
+        if offset is not None or len(offset_terms) > 1 or not offset_terms[0].isidentifier():
+            raise SpecificationError(
+                f"for Parquet or Dask data the offset is one column, given once: offset(o) in the "
+                f"formula or offset='o' (got {['offset(' + t + ')' for t in offset_terms]}"
+                f"{'' if offset is None else f' and offset={offset!r}'})")
+        offset = offset_terms[0]
     groups = list(dict.fromkeys(t.group for t in random))
     if len(groups) != 1 or ":" in groups[0]:
         used = used_columns(response, fixed, random)

@@ -89,6 +89,21 @@ def test_dask_weights_and_offset_equal_in_memory(case) -> None:
     close(pred, lmefast.lmer(formula, df, reml=reml, weights="w").predict(new), 1e-7)
 
 
+def test_offset_term_in_the_formula(tmp_path: Path) -> None:
+    df = frame("sleepstudy", zeros=True)
+    path = write_parquet(df, tmp_path / "data", n_files=2, row_group_size=40)
+    formula = "Reaction ~ Days + offset(o) + (Days | Subject)"
+    same(lmefast.lmer(formula, path, weights="w"), lmefast.lmer(formula, df, weights="w"))
+    pen = frame("penicillin")
+    pen_path = write_parquet(pen, tmp_path / "pen", n_files=2, row_group_size=40)
+    formula = "diameter ~ 1 + offset(o) + (1 | plate) + (1 | sample)"
+    same(lmefast.lmer(formula, pen_path), lmefast.lmer(formula, pen))
+    with pytest.raises(SpecificationError, match="one column"):
+        lmefast.lmer("Reaction ~ Days + offset(o) + (1 | Subject)", path, offset="o")
+    with pytest.raises(SpecificationError, match="one column"):
+        lmefast.lmer("Reaction ~ Days + offset(log(w)) + (1 | Subject)", path)
+
+
 def test_statsmodels_spelling_and_bad_weights(tmp_path: Path) -> None:
     df = frame("sleepstudy")
     path = write_parquet(df, tmp_path / "data", n_files=2, row_group_size=40)
