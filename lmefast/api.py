@@ -18,7 +18,7 @@ from lmefast.chunked_multi import multi_model_from_chunks, used_columns
 from lmefast.dask import DaskSource
 from lmefast.dask import mixedlm as dask_mixedlm
 from lmefast.errors import SpecificationError
-from lmefast.formula import as_dataframe, design_matrix
+from lmefast.formula import as_dataframe, design_matrix, formula_environment, formula_namespace
 from lmefast.lmer import build_terms, lmer_frame, offset_values, parse_lmer, split_offsets
 from lmefast.model import MixedLM, checked_response_and_design, prior_weights_and_offset, working_rows
 from lmefast.multi import BlockedEngine
@@ -63,7 +63,8 @@ def mixedlm(
             return dask_mixedlm(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
         return mixedlm_parquet(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
     # data in memory: weights, offset and statsmodels' from_formula keywords (warned about there);
-    # others raise
+    # others raise. Formulas see the caller's names (eval_env, lmefast.formula).
+    scale_out["eval_env"] = formula_namespace(scale_out.get("eval_env", 0))
     return MixedLM.from_formula(formula, data, groups=groups, re_formula=re_formula,
                                 vc_formula=vc_formula, missing=missing, **scale_out)
 
@@ -87,13 +88,19 @@ def _with_column(df: pd.DataFrame, values: Any, name: str, what: str) -> pd.Data
 
 
 def lmer_model(formula: str, data: Any, missing: str = "raise", weights: Any = None,
-               offset: Any = None) -> MixedLM:
+               offset: Any = None, eval_env: Any = 0) -> MixedLM:
     """The model of an lme4 formula (not yet fitted). One grouping factor (after merging terms
     on the same factor) runs on the one-factor engine, several on the blocked one.
 
     ``weights`` (prior weights: residual variance σ²/wᵢ; a column name or one per row; zero
     weights drop their rows) and ``offset`` (subtracted from y, like ``offset(x)`` terms of
-    the formula) have lme4's meaning."""
+    the formula) have lme4's meaning. ``eval_env``: where names that are not columns are found
+    (statsmodels' meaning: frames above the caller, or a mapping; lmefast.formula)."""
+    with formula_environment(formula_namespace(eval_env)):
+        return _lmer_model(formula, data, missing, weights, offset)
+
+
+def _lmer_model(formula: str, data: Any, missing: str, weights: Any, offset: Any) -> MixedLM:
     df = as_dataframe(data)
     extra = []
     if weights is not None:
@@ -179,4 +186,5 @@ def lmer(formula: str, data: Any, reml: bool = True, missing: str = "raise",
         kwargs.pop("offset", None)
         return scale_out_lmer_model(formula, data, missing, **options).fit(reml=reml, **kwargs)
     weights, offset = kwargs.pop("weights", None), kwargs.pop("offset", None)
-    return lmer_model(formula, data, missing, weights, offset).fit(reml=reml, **kwargs)
+    env = formula_namespace(kwargs.pop("eval_env", 0))
+    return lmer_model(formula, data, missing, weights, offset, env).fit(reml=reml, **kwargs)

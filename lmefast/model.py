@@ -44,7 +44,7 @@ from lmefast.structure import Term, factorize_groups
 #: an IgnoredArgumentWarning (optimiser settings, covariance types, statsmodels' storage)
 IGNORED_FIT_KEYWORDS = ("gtol", "eps", "maxcor", "ftol", "tol", "disp", "maxls", "retall",
                         "cov_type", "use_sqrt", "use_sparse")
-IGNORED_FORMULA_KEYWORDS = ("use_sparse", "eval_env", "subset", "drop_cols")
+IGNORED_FORMULA_KEYWORDS = ("use_sparse", "subset", "drop_cols")
 
 
 @dataclass(frozen=True)
@@ -374,15 +374,18 @@ class MixedLM:
         missing: str = "raise",
         weights: Any = None,
         offset: Any = None,
+        eval_env: Any = 0,
         **ignored: Any,
     ) -> MixedLM:
         """statsmodels' ``MixedLM.from_formula``: formulas evaluated by formulaic (data in
         memory; ``lmefast.mixedlm`` also takes Parquet paths and Dask DataFrames). As in
         statsmodels, variance components without ``re_formula`` add no random intercept.
         ``weights`` and ``offset``: lme4's prior weights and offset (a column name or one per
-        row). statsmodels' ``use_sparse`` (lmefast's kernels are sparse in the groups anyway) and
-        ``eval_env`` are accepted with an IgnoredArgumentWarning; other keywords raise."""
-        from lmefast.formula import formula_arrays
+        row). ``eval_env``: where names that are not columns are found (statsmodels' meaning:
+        frames above the caller, or a mapping; lmefast.formula). statsmodels' ``use_sparse``
+        (lmefast's kernels are sparse in the groups anyway) is accepted with an
+        IgnoredArgumentWarning; other keywords raise."""
+        from lmefast.formula import formula_arrays, formula_environment, formula_namespace
 
         unknown = sorted(set(ignored) - set(IGNORED_FORMULA_KEYWORDS))
         if unknown:
@@ -390,7 +393,8 @@ class MixedLM:
         if ignored:
             warnings.warn(f"Argument(s) {', '.join(sorted(ignored))} ignored by lmefast's "
                           "MixedLM.from_formula", IgnoredArgumentWarning, stacklevel=2)
-        kwargs = formula_arrays(formula, data, groups, re_formula, vc_formula, missing, weights, offset)
+        with formula_environment(formula_namespace(eval_env)):
+            kwargs = formula_arrays(formula, data, groups, re_formula, vc_formula, missing, weights, offset)
         if re_formula is None and vc_formula:
             kwargs["exog_re"], kwargs["exog_re_names"] = None, None
         return cls(**kwargs)
@@ -765,6 +769,20 @@ class MixedLM:
                                     exog_names=self.exog_names, dropped_exog=self.dropped_exog)
         model.use_sqrt, model.pandas_output = self.use_sqrt, self.pandas_output
         return model
+
+    def fit_regularized(self, start_params: Any = None, method: Any = "l1", alpha: Any = 0,
+                        ceps: float = 1e-4, ptol: float = 1e-6, maxit: int = 200, **fit_kwargs: Any):
+        """statsmodels' L1-penalised (or smooth-penalty) fixed effects: lmefast.regularized."""
+        from lmefast.regularized import fit_regularized
+
+        return fit_regularized(self, start_params, method, alpha, ceps, ptol, maxit, **fit_kwargs)
+
+    def get_distribution(self, params: Any, scale: float, exog: Any = None, exog_re: Any = None):
+        """statsmodels' ``get_distribution``: an object whose ``rvs`` draws responses from the
+        model at ``params`` (lmefast.distribution)."""
+        from lmefast.distribution import ModelDistribution
+
+        return ModelDistribution(self, params, scale, exog, exog_re)
 
 
 def working_rows(y: np.ndarray, X: np.ndarray, Z: np.ndarray, vc_designs: list,

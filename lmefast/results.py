@@ -646,3 +646,11 @@ class MixedLMResults:
             return pickle.load(fname)
         with open(fname, "rb") as fh:
             return pickle.load(fh)
+
+    def profile_re(self, re_ix, vtype: str, num_low: int = 5, dist_low: float = 1.0, num_high: int = 5,
+                   dist_high: float = 1.0, **fit_kwargs) -> np.ndarray:
+        """statsmodels' profile likelihood of one variance parameter (lmefast.profile.profile_re):
+        rows of (variance, llf)."""
+        from lmefast.profile import profile_re
+
+        return profile_re(self, re_ix, vtype, num_low, dist_low, num_high, dist_high, **fit_kwargs)

@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"onefactor", "multi"},
     {"optimize", "smparams"},
     {"results"},
-    {"model"},
+    {"model", "regularized", "distribution"},
     {"summary", "inference", "profile", "bootstrap", "predict", "plots"},
     {"chunked"},
     {"chunked_multi", "outofcore", "dask"},
