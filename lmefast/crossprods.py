@@ -117,6 +117,27 @@ class CrossProducts:
         keep = np.array([c for c in range(self.p) if c != j], dtype=np.int64)
         return self._with_columns(keep, j, float(value))
 
+    def with_fixed_map(self, N: np.ndarray, d: np.ndarray) -> CrossProducts:
+        """β = d + Nγ: the design X N and the response y − X d (a linear constraint on β, e.g.
+        a fixed effect held at a value on another scale of the columns)."""
+        lay, p, r = self.layout, self.p, N.shape[1]
+        q = np.diff(lay.q_off)
+        s_new = record_offsets(lay, r)
+        S = np.empty(int(s_new[-1]))
+        for qi in np.unique(q):
+            gs = np.nonzero(q == qi)[0]
+            qi = int(qi)
+            rec = self.records(qi, gs)
+            B = rec[:, qi * qi:qi * qi + qi * p].reshape(-1, qi, p)
+            c = rec[:, qi * qi + qi * p:] - B @ d
+            new = np.concatenate([rec[:, :qi * qi], (B @ N).reshape(gs.shape[0], -1), c], axis=1)
+            S[s_new[gs][:, None] + np.arange(new.shape[1])[None, :]] = new
+        XtX, Xty = self.XtX, self.Xty
+        Xty_d = Xty - XtX @ d
+        return CrossProducts(S=S, s_off=s_new, XtX=np.ascontiguousarray(N.T @ XtX @ N),
+                             Xty=np.ascontiguousarray(N.T @ Xty_d),
+                             yty=float(self.yty - 2 * d @ Xty + d @ XtX @ d), n=self.n, layout=lay)
+
     def _with_columns(self, keep: np.ndarray, j: int | None, value: float) -> CrossProducts:
         lay, p = self.layout, self.p
         q = np.diff(lay.q_off)
