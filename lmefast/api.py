@@ -122,8 +122,8 @@ def lmer_model(formula: str, data: Any, missing: str = "raise", weights: Any = N
         return MixedLM(y, X, pd.Series(t.labels[t.codes]), exog_re=t.Z, endog_name=response,
                        exog_names=xnames, exog_re_names=list(t.coef_names), group_name=t.name,
                        re_pattern=t.pattern, api="lme4", weights=w, offset=off)
-    X, xnames, dropped = checked_response_and_design(y, response, X, xnames, stacklevel=4)
-    engine = blocked_engine(y, np.ascontiguousarray(X), terms, weights=w, offset=off)
+    X, xnames, dropped, S = checked_response_and_design(y, response, X, xnames, stacklevel=4)
+    engine = blocked_engine(y, np.ascontiguousarray(X), terms, weights=w, offset=off, S=S)
     return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames,
                                dropped_exog=dropped)
 

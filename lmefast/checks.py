@@ -47,12 +47,14 @@ def warn_dropped(dropped: list[str] | tuple[str, ...], stacklevel: int = 3) -> N
                       stacklevel=stacklevel + 1)
 
 
-def full_rank_columns(X: np.ndarray) -> np.ndarray:
-    """Indices of a maximal set of linearly independent columns (pivoted QR, lme4's tol)."""
+def full_rank_columns(X: np.ndarray, XtX: np.ndarray | None = None) -> np.ndarray:
+    """Indices of a maximal set of linearly independent columns (pivoted QR, lme4's tol);
+    ``XtX``: X'X when the caller has it."""
     p = X.shape[1]
     if p == 0:
         return np.arange(0)
-    XtX = X.T @ X
+    if XtX is None:
+        XtX = X.T @ X
     scale = np.sqrt(np.diag(XtX))
     if np.any(scale == 0):
         nz = np.nonzero(scale)[0]
@@ -114,14 +116,15 @@ def check_unique_columns(columns, used) -> None:
                                  "cannot tell which to use; rename or drop the duplicates")
 
 
-def check_random_design(Z: np.ndarray, names: list[str] | tuple[str, ...], term: str) -> None:
+def check_random_design(Z: np.ndarray, names: list[str] | tuple[str, ...], term: str,
+                        ZtZ: np.ndarray | None = None) -> None:
     """The design of one random-effects term (n × k, as the engine sees it: centred and scaled
     where it needs it, lmefast.scaling): an all-zero column, or columns that are linearly
     dependent (a constant slope beside an intercept, a slope repeated or a multiple of
     another), leave a variance that the data cannot inform: an error naming the term and the
     columns."""
     k = Z.shape[1]
-    G = Z.T @ Z
+    G = Z.T @ Z if ZtZ is None else ZtZ
     zero = [str(names[j]) for j in range(k) if G[j, j] == 0]
     if zero:
         raise SpecificationError(

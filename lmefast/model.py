@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from lmefast._crossprods import column_moments
 from lmefast.checks import (
     check_identifiable,
     check_missing_policy,
@@ -37,7 +38,7 @@ from lmefast.optimize import fit_theta
 from lmefast.parallel import limit_blas_threads, resolve_threads
 from lmefast.params import MixedLMParams, free_pattern
 from lmefast.results import MixedLMResults
-from lmefast.scaling import DesignScaling, column_map, component_scale, random_map, scaled
+from lmefast.scaling import DesignScaling, column_map, component_scale, mapped_gram, random_map, scaled
 from lmefast.smparams import loglike_at, theta_of, to_params, vc_order
 from lmefast.spec import GroupThetaMap, ModelSpec, build_layout
 from lmefast.structure import Term, factorize_groups
@@ -145,19 +146,23 @@ def prior_weights_and_offset(weights: Any, offset: Any, n: int
 
 
 def checked_response_and_design(y: np.ndarray, yname: str, X: np.ndarray, xnames: list[str],
-                                stacklevel: int = 2) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
+                                stacklevel: int = 2
+                                ) -> tuple[np.ndarray, list[str], tuple[str, ...], np.ndarray]:
     """Refuse a constant response; drop linearly dependent fixed-effects columns with a warning
     naming them (lme4's behaviour), judged on the centred and scaled columns (a change of units
-    or origin does not make a column dependent). Returns (X, names, dropped names)."""
+    or origin does not make a column dependent). Returns (X, names, dropped names, the
+    centring and scaling map of the kept columns, lmefast.scaling.column_map)."""
     check_not_constant(float(np.min(y)), float(np.max(y)), yname)
-    S = column_map(X, centre=True)
-    keep = full_rank_columns(X if np.array_equal(S, np.eye(S.shape[0])) else X @ S)
+    moments = column_moments(X)
+    S = column_map(X, centre=True, moments=moments)
+    keep = full_rank_columns(scaled(X, S), XtX=mapped_gram(moments[1], S))
     dropped = tuple(xnames[j] for j in range(X.shape[1]) if j not in set(keep.tolist()))
     if dropped:
         warn_dropped(dropped, stacklevel=stacklevel)
         X = np.ascontiguousarray(X[:, keep])
         xnames = [xnames[j] for j in keep]
-    return X, list(xnames), dropped
+        S = column_map(X, centre=True)
+    return X, list(xnames), dropped, S
 
 
 def _vc_matrices(exog_vc: Mapping, codes: np.ndarray, labels: np.ndarray,
@@ -313,11 +318,10 @@ class MixedLM:
         else:
             vnames, vmats, vcols = [], [], []
 
-        X, xnames, dropped = checked_response_and_design(y, yname, X, xnames, stacklevel=3)
-        crossed = single_group_as_crossed(y, X, Zre, m, vnames, vmats, vcols)
         # the centring and scaling maps are chosen on the user's columns (before the prior
         # weights make the intercept column non-constant), applied to the working rows
-        S = column_map(X, centre=True)
+        X, xnames, dropped, S = checked_response_and_design(y, yname, X, xnames, stacklevel=3)
+        crossed = single_group_as_crossed(y, X, Zre, m, vnames, vmats, vcols)
         Z_user = Zre
         y, X, Zre, vmats = working_rows(y, X, Zre, vmats, w, off)
         Xs = scaled(X, S)
@@ -338,9 +342,12 @@ class MixedLM:
                 "least two groups (for crossed effects written as one group with variance "
                 "components, pass re_formula='0')")
         theta_map = GroupThetaMap(k, len(vnames), tuple(znames), tuple(vnames), re_pattern)
-        C = random_map(Z_user, theta_map.patterns[0]) if k else np.eye(0)
+        C = np.eye(0)
         if k:
-            check_random_design(scaled(Z_user, C), znames, f"({' + '.join(znames)} | {gname})")
+            mz = column_moments(Z_user)
+            C = random_map(Z_user, theta_map.patterns[0], moments=mz)
+            check_random_design(scaled(Z_user, C), znames, f"({' + '.join(znames)} | {gname})",
+                                ZtZ=mapped_gram(mz[1], C))
         Zs = scaled(Zre, C)
         vc_scale = [component_scale(V) for V in vmats]
         vmats = [V if s == 1.0 else V * s for V, s in zip(vmats, vc_scale, strict=True)]
@@ -821,15 +828,20 @@ def _user_callback(callback: Callable[[int, np.ndarray, float], None] | None, en
 
 
 def blocked_engine(y: np.ndarray, X: np.ndarray, terms: list[Term], weights: np.ndarray | None = None,
-                   offset: np.ndarray | None = None) -> BlockedEngine:
+                   offset: np.ndarray | None = None, S: np.ndarray | None = None) -> BlockedEngine:
     """The engine of several grouping factors on the rows in memory: each term's design
     checked (lmefast.checks.check_random_design); the centring and scaling maps
     (lmefast.scaling) chosen on the user's columns and applied to the working rows (prior
-    weights and offset, working_rows), the maps kept with the engine."""
-    S = column_map(X, centre=True)
-    Cs = [random_map(t.Z, t.pattern) for t in terms]
-    for t, C in zip(terms, Cs, strict=True):
-        check_random_design(scaled(t.Z, C), t.coef_names, f"({' + '.join(t.coef_names)} | {t.name})")
+    weights and offset, working_rows), the maps kept with the engine. ``S``: the fixed
+    effects' map when the caller has it (checked_response_and_design)."""
+    S = column_map(X, centre=True) if S is None else S
+    Cs = []
+    for t in terms:
+        mz = column_moments(t.Z)
+        C = random_map(t.Z, t.pattern, moments=mz)
+        check_random_design(scaled(t.Z, C), t.coef_names, f"({' + '.join(t.coef_names)} | {t.name})",
+                            ZtZ=mapped_gram(mz[1], C))
+        Cs.append(C)
     y, X, _, _ = working_rows(y, X, np.zeros((len(y), 0)), [], weights, offset)
     sw = None if weights is None else np.sqrt(weights)[:, None]
     terms = [replace(t, Z=scaled(t.Z if sw is None else t.Z * sw, C)) for t, C in zip(terms, Cs, strict=True)]

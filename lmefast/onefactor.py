@@ -61,6 +61,13 @@ class ProfiledObjective(KernelObjective):
     def n_blocks(self) -> int:
         return int(self.cp.layout.q_off.shape[0] - 1)
 
+    def sample(self, n_blocks: int) -> tuple[ProfiledObjective, float] | None:
+        m = self.n_blocks
+        if m < 2 * n_blocks:
+            return None
+        cp, f = self.cp.sample_of_blocks(m // n_blocks)
+        return ProfiledObjective(cp, self.theta_map, self.reml, self.n_threads), f
+
     def moment_theta(self) -> np.ndarray | None:
         """The Cholesky factor of Ψ/σ² (or √ of its diagonal for a diagonal T) from moment
         estimates on the structure's basis; a variance component: the mean relative variance

@@ -33,6 +33,11 @@ from functools import cached_property
 
 import numpy as np
 
+from lmefast._crossprods import column_moments
+
+# (column sums, A'A, column minima, column maxima): lmefast._crossprods.column_moments
+Moments = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
 CENTRE_RATIO = 8.0      # centre a column whose |mean| exceeds this many standard deviations
 SCALE_RANGE = 4         # scale a column whose spread is outside 2^-4 .. 2^4
 
@@ -44,12 +49,12 @@ def _pow2(s: np.ndarray) -> np.ndarray:
     return np.where(ok, np.exp2(np.round(np.log2(np.where(ok, s, 1.0)))), 1.0)
 
 
-def constant_column(A: np.ndarray) -> int | None:
+def constant_column(A: np.ndarray, moments: Moments | None = None) -> int | None:
     """Index of the first column that is constant and non-zero (an intercept), or None."""
     if A.shape[0] == 0:
         return None
-    const = np.all(A == A[:1], axis=0) & (A[0] != 0)
-    idx = np.nonzero(const)[0]
+    _, _, lo, hi = column_moments(A) if moments is None else moments
+    idx = np.nonzero((lo == hi) & (lo != 0))[0]
     return int(idx[0]) if idx.size else None
 
 
@@ -60,28 +65,41 @@ def _scale_of(spread: float) -> float:
     return s if not 2.0 ** -SCALE_RANGE <= s <= 2.0 ** SCALE_RANGE else 1.0
 
 
-def column_map(A: np.ndarray, centre: bool) -> np.ndarray:
+def column_map(A: np.ndarray, centre: bool, moments: Moments | None = None) -> np.ndarray:
     """The k × k map M (Ã = A M) that centres (when ``centre`` and A has a constant column)
     and scales the columns of A where they need it: a column whose mean is more than
     CENTRE_RATIO of its standard deviations from zero is centred; a column whose spread
     (standard deviation when centred, else root mean square) is outside 2^±SCALE_RANGE is
     divided by the power of two nearest it. Other columns, and columns without spread, are
     left as they are (the same design, and so the same fit, as the chunked paths, which do not
-    centre). Exact for the model: any invertible M is."""
+    centre). Exact for the model: any invertible M is.
+
+    The statistics come from one pass over the rows (``column_moments``, or ``moments`` when
+    the caller has them): the variance from the second moment, except for a column whose
+    variance is small beside its mean square (more than six digits cancel), which gets a
+    second, exact pass; constant columns are told by their minimum and maximum."""
     k = A.shape[1]
     M = np.eye(k)
     if k == 0 or A.shape[0] == 0:
         return M
     n = A.shape[0]
-    mean = A.sum(axis=0) / n
-    dev = A - mean
-    sd = np.sqrt(np.einsum("ij,ij->j", dev, dev) / n)
-    rms = np.sqrt(mean * mean + sd * sd)
+    moments = column_moments(A) if moments is None else moments
+    sums, G, lo_col, hi_col = moments
+    mean = sums / n
+    second = np.diag(G) / n
+    var = second - mean * mean
+    constant = lo_col == hi_col
+    var[constant] = 0.0
+    for j in np.nonzero(~constant & ~(var > 1e-6 * second))[0]:
+        dev = A[:, j] - mean[j]
+        var[j] = float(dev @ dev) / n
+    sd = np.sqrt(np.maximum(var, 0.0))
+    rms = np.sqrt(second)
     lo, hi = 2.0 ** (-SCALE_RANGE - 0.5), 2.0 ** (SCALE_RANGE + 0.5)
     far = (sd > 0) & (np.abs(mean) > CENTRE_RATIO * sd)
     if not np.any(far | (rms > 0) & ((rms < lo) | (rms > hi))):
         return M                         # nothing to centre or scale (the common case)
-    c0 = constant_column(A) if centre else None
+    c0 = constant_column(A, moments) if centre else None
     ok = np.isfinite(sd) & np.isfinite(rms) & (rms > 0)
     centred = ok & (sd > 0) & (np.abs(mean) > CENTRE_RATIO * sd) if c0 is not None else np.zeros(k, bool)
     spread = np.where(centred, sd, rms)
@@ -96,6 +114,16 @@ def column_map(A: np.ndarray, centre: bool) -> np.ndarray:
     if c0 is not None and centred.any():
         M[c0, centred] = -mean[centred] / (A[0, c0] * s[centred])
     return M
+
+
+def mapped_gram(G: np.ndarray, M: np.ndarray) -> np.ndarray | None:
+    """(AM)'(AM) from A'A when that is exact: M diagonal with powers of two (or the
+    identity); None when M centres (then the Gram matrix of AM must be formed from its rows:
+    from A'A it would lose the digits the centring is there to keep)."""
+    if np.count_nonzero(M - np.diag(np.diag(M))):
+        return None
+    d = np.diag(M)
+    return G * np.outer(d, d)
 
 
 def tri(A: np.ndarray) -> np.ndarray:
@@ -195,24 +223,13 @@ def _pack(theta_map, Ts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def random_map(Z: np.ndarray, pattern: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def random_map(Z: np.ndarray, pattern: tuple[np.ndarray, np.ndarray],
+               moments: Moments | None = None) -> np.ndarray:
     """C_j for a term with design Z (n × k) and the free entries ``pattern`` of its T: centre
     and scale when T is a full lower triangle (unstructured Σ_j), else scale only."""
     k = Z.shape[1]
     full = pattern[0].shape[0] == k * (k + 1) // 2
-    return column_map(Z, centre=full)
-
-
-def scale_fixed(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(X̃, S): the fixed-effects design centred (with a constant column) and scaled."""
-    S = column_map(X, centre=True)
-    return (X if _is_eye(S) else np.ascontiguousarray(X @ S)), S
-
-
-def scale_random(Z: np.ndarray, pattern: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(Z̃, C): a term's design, centred and scaled where its covariance allows it exactly."""
-    C = random_map(Z, pattern)
-    return (Z if _is_eye(C) else np.ascontiguousarray(Z @ C)), C
+    return column_map(Z, centre=full, moments=moments)
 
 
 def scaled(A: np.ndarray, M: np.ndarray) -> np.ndarray:
