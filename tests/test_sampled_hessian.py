@@ -38,10 +38,11 @@ def test_sampled_curvature_is_close_to_the_full_one(objective) -> None:
     assert sub.n_blocks == pytest.approx(f * objective.n_blocks, abs=1)
     Hs = hessian_fd(sub, theta, sub.solve(theta, want_grad=True).grad, free) / f
     # a fifth of the groups: the curvature agrees to sampling error (diagonal within 15%,
-    # every entry within 5% of the largest), far closer than a Hessian that ignored the
-    # fraction (5× off)
+    # off-diagonal entries within 5% of the largest entry), far closer than a Hessian that
+    # ignored the fraction (5× off)
     np.testing.assert_allclose(np.diag(Hs), np.diag(H), rtol=0.15)
-    np.testing.assert_allclose(Hs, H, atol=0.05 * np.abs(H).max())
+    off = ~np.eye(3, dtype=bool)
+    np.testing.assert_allclose(Hs[off], H[off], atol=0.05 * np.abs(H).max())
 
 
 def test_large_fits_start_from_the_sampled_hessian_and_reach_the_same_optimum() -> None:
