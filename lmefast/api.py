@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,8 +19,7 @@ from lmefast.dask import mixedlm as dask_mixedlm
 from lmefast.errors import SpecificationError
 from lmefast.formula import as_dataframe, design_matrix, formula_environment, formula_namespace
 from lmefast.lmer import build_terms, lmer_frame, offset_values, parse_lmer, split_offsets
-from lmefast.model import MixedLM, checked_response_and_design, prior_weights_and_offset, working_rows
-from lmefast.multi import BlockedEngine
+from lmefast.model import MixedLM, blocked_engine, checked_response_and_design, prior_weights_and_offset
 from lmefast.outofcore import ParquetSource, mixedlm_parquet
 from lmefast.progress import ProgressFn, progress_function
 from lmefast.results import MixedLMResults
@@ -131,11 +129,8 @@ def _lmer_model(formula: str, data: Any, missing: str, weights: Any, offset: Any
         return MixedLM(y, X, pd.Series(t.labels[t.codes]), exog_re=t.Z, endog_name=response,
                        exog_names=xnames, exog_re_names=list(t.coef_names), group_name=t.name,
                        re_pattern=t.pattern, api="lme4", weights=w, offset=off)
-    X, xnames, dropped = checked_response_and_design(y, response, X, xnames, stacklevel=4)
-    y, X, _, _ = working_rows(y, X, np.zeros((len(y), 0)), [], w, off)
-    if w is not None:
-        terms = [replace(t, Z=np.ascontiguousarray(t.Z * np.sqrt(w)[:, None])) for t in terms]
-    engine = BlockedEngine(y, np.ascontiguousarray(X), terms, weights=w, offset=off)
+    X, xnames, dropped, S = checked_response_and_design(y, response, X, xnames, stacklevel=4)
+    engine = blocked_engine(y, np.ascontiguousarray(X), terms, weights=w, offset=off, S=S)
     return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames,
                                dropped_exog=dropped)
 

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from formulaic import Formula, model_matrix
 from formulaic.parser.types.factor import Factor
 
-from lmefast.checks import check_missing_policy
+from lmefast.checks import check_missing_policy, check_unique_columns
 from lmefast.errors import SpecificationError
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -238,6 +238,7 @@ def formula_arrays(
         raise SpecificationError("groups is required: a column name or one label per row")
     else:
         gname = str(getattr(groups, "name", None) or "Group")
+    check_unique_columns(df.columns, used | {yname})
     missing_cols = sorted(c for c in used if c not in df.columns and not in_environment(c))
     if missing_cols:
         raise SpecificationError(f"column(s) {missing_cols} not found in data "

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmefast.checks import check_missing_policy
+from lmefast.checks import check_missing_policy, check_unique_columns
 from lmefast.errors import SpecificationError
 from lmefast.formula import _not_finite, _parse, _rhs, as_dataframe, design_matrix, in_environment
 from lmefast.structure import Term, factorize_groups
@@ -258,6 +258,7 @@ def lmer_frame(formula: str, data: Any, missing: str, extra: tuple[str, ...] = (
     for t in random:
         used |= {str(v) for v in _parse(_rhs(t.expr)).required_variables}
         used |= set(t.group.split(":"))
+    check_unique_columns(df.columns, used)
     unknown = sorted(c for c in used if c not in df.columns and not in_environment(c))
     if unknown:
         raise SpecificationError(f"column(s) {unknown} not found in data")

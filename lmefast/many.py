@@ -208,6 +208,8 @@ def _fit_block(design: _Design, Yb: np.ndarray, idx: np.ndarray, out: _Out, reml
     tm = engine.theta_map
     start = tm.start()
     kept = beta_pos >= 0
+    sc = engine.scaling
+    reml_offset = sc.reml_offset() if reml else 0.0
 
     def work(cols: range) -> None:
         template = engine.objective(reml, 1)
@@ -224,13 +226,17 @@ def _fit_block(design: _Design, Yb: np.ndarray, idx: np.ndarray, out: _Out, reml
             p = sol.beta.shape[0]
             Linv = np.linalg.inv(sol.Lx) if p else np.zeros((0, 0))
             bp, tp = beta_pos[kept], theta_pos
-            out.theta[j, tp] = sol.theta
-            out.beta[j, bp] = sol.beta
-            out.cov[j][np.ix_(bp, bp)] = sol.sigma2 * (Linv.T @ Linv)
+            # on the user's scale (lmefast.scaling): θ, β = Sβ̃, cov = S cov S'; the
+            # Satterthwaite parts stay in the engine's θ (df do not depend on θ's coordinates)
+            # with the Jacobian of cov(β) mapped as cov is
+            out.theta[j, tp] = sc.theta(tm, sol.theta)
+            out.beta[j, bp] = sc.beta(sol.beta)
+            out.cov[j][np.ix_(bp, bp)] = sc.cov_beta(sol.sigma2 * (Linv.T @ Linv))
             if satterthwaite:
                 out.A[j][np.ix_(np.append(tp, -1), np.append(tp, -1))] = A
-                out.J[j][np.ix_(bp, bp, np.append(tp, -1))] = J
-            out.llf[j] = -0.5 * sol.objective
+                out.J[j][np.ix_(bp, bp, np.append(tp, -1))] = (
+                    J if sc.is_identity else np.einsum("ab,bcd,ec->aed", sc.fixed, J, sc.fixed))
+            out.llf[j] = -0.5 * (sol.objective + reml_offset)
             out.sigma2[j] = sol.sigma2
             out.nobs[j] = engine.nobs
             out.converged[j] = opt.converged

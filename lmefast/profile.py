@@ -43,7 +43,8 @@ def _coef_label(name: str, group: str) -> str:
 
 def _term_entries(res: MixedLMResults, theta: np.ndarray
                   ) -> list[tuple[str, list[str], np.ndarray, list[tuple[int, int]]]]:
-    """(group, coefficient names, T, free entries of T in θ's order) per term."""
+    """(group, coefficient names, T on the user's scale, free entries of T in θ's order) per
+    term, at the engine's θ."""
     terms = res.model.covariance_terms(np.asarray(theta, dtype=float))
     patterns = res.engine.theta_map.patterns
     return [(g, c, T, list(zip(rows.tolist(), cols.tolist(), strict=True)))
@@ -112,11 +113,11 @@ def _psd_cholesky(C: np.ndarray) -> np.ndarray:
 
 
 def theta_from_sdcor(res: MixedLMResults, values: np.ndarray) -> tuple[np.ndarray, float]:
-    """Inverse of sdcor_from_theta: (θ, σ)."""
+    """Inverse of sdcor_from_theta: (the engine's θ, σ)."""
     sigma = float(values[-1])
     out = []
     pos = 0
-    for _group, _coefs, T, entries in _term_entries(res, res.theta):
+    for _group, _coefs, T, entries in _term_entries(res, res._sol.theta):
         k = T.shape[0]
         sd = np.zeros(k)
         cor = np.eye(k)
@@ -128,7 +129,7 @@ def theta_from_sdcor(res: MixedLMResults, values: np.ndarray) -> tuple[np.ndarra
         pos += len(entries)
         Tn = _psd_cholesky(cor * np.outer(sd, sd)) / sigma
         out.extend(Tn[i, j] for i, j in entries)
-    return np.array(out), sigma
+    return res._scaling.theta_internal(res.engine.theta_map, np.array(out)), sigma
 
 
 class Profiler:
@@ -138,7 +139,7 @@ class Profiler:
         self.res = res
         if res.reml:
             obj = res.engine.objective(False)
-            sol, _ = fit_theta(obj, res.theta)
+            sol, _ = fit_theta(obj, res._sol.theta)
         else:
             obj, sol = res._objective, res._sol
         self.obj, self.sol = obj, sol
@@ -154,7 +155,7 @@ class Profiler:
         for nm in self.sd_names:
             self.kind.append("sigma" if nm == "sigma" else nm.split("_", 1)[0])
         self.kind += ["beta"] * len(self.fe_names)
-        self.estimate = np.concatenate([self.sd_hat, sol.beta])
+        self.estimate = np.concatenate([self.sd_hat, res._scaling.beta(sol.beta)])
         self._warm: dict[int, np.ndarray] = {}
 
     # -- deviance with variance parameters fixed ------------------------------------------------
@@ -241,14 +242,37 @@ class Profiler:
             jb = j - len(self.sd_names)
             if C is None:
                 Linv = np.linalg.inv(self.sol.Lx)
-                C = self.sol.sigma2 * (Linv.T @ Linv)
+                C = self.res._scaling.cov_beta(self.sol.sigma2 * (Linv.T @ Linv))
             return float(np.sqrt(C[jb, jb]))
         if self.kind[j] == "cor":
             return 0.1
         return 0.1 * max(abs(est), 1e-3 * self.sd_hat[-1])
 
+    def _check_conditioned(self, j: int) -> None:
+        """Refuse the profile of a variance parameter of a term whose correlation is within
+        1e-6 of ±1 on the user's scale while the engine centred it (a predictor far from its
+        origin): the sd/cor parametrisation the profile moves in is degenerate there, and its
+        search would stop at the estimate."""
+        if self.kind[j] in ("beta", "sigma"):
+            return
+        sc, pos = self.res._scaling, 0
+        for C, (_group, _coefs, _T, entries) in zip(sc.terms, _term_entries(self.res, self.sol.theta),
+                                                   strict=True):
+            idx = range(pos, pos + len(entries))
+            pos += len(entries)
+            if j not in idx or np.count_nonzero(np.triu(C, 1)) == 0:
+                continue
+            cors = [self.sd_hat[i] for i in idx if self.kind[i] == "cor"]
+            if cors and np.max(np.abs(cors)) > 1 - 1e-6:
+                raise ProfileError(
+                    f"the profile of {self.names[j]} is not available: the term's correlation is "
+                    f"{max(cors, key=abs):.9g} on the data's scale (a predictor far from its origin), "
+                    "where standard deviations and correlations are degenerate; centre the "
+                    "predictor, or use method='bootstrap'")
+
     def endpoint(self, j: int, target: float) -> float:
         """The value where ζ = target (target < 0: below the estimate), or the boundary."""
+        self._check_conditioned(j)
         est = self.estimate[j]
         lo_b, hi_b = self._bounds(j)
         side = np.sign(target)
@@ -311,10 +335,10 @@ def profile_intervals(res: MixedLMResults, level: float = 0.95, parm=None) -> pd
 def wald_intervals(res: MixedLMResults, level: float = 0.95) -> pd.DataFrame:
     """lme4's confint(method='Wald'): β̂ ± z se for the fixed effects, NaN for the variance
     parameters."""
-    names, _ = sdcor_from_theta(res, res.theta, res.sigma)
+    names, _ = sdcor_from_theta(res, res._sol.theta, res.sigma)
     z = stats.norm.ppf(1 - (1 - level) / 2)
     se = np.sqrt(np.diag(res._cov_fe))
-    beta = res._sol.beta
+    beta = res._beta
     lo = np.concatenate([np.full(len(names), np.nan), beta - z * se])
     hi = np.concatenate([np.full(len(names), np.nan), beta + z * se])
     return pd.DataFrame(dict(zip(_labels(level), [lo, hi], strict=True)),

@@ -15,11 +15,11 @@ PACKAGE = Path(lmefast.__file__).parent
 
 # lowest first; a module may import modules of its own layer or below
 LAYERS: list[set[str]] = [
-    {"errors", "parallel", "progress", "datasets", "_testing",
+    {"errors", "parallel", "progress", "datasets", "_testing", "scaling",
      "_bfgs", "_kernel", "_kernels", "_multi", "_crossprods", "_threads"},
     {"structure", "formula", "design", "checks", "params"},
     {"spec", "lmer"},
-    {"crossprods", "objective"},
+    {"crossprods", "objective", "userobjective"},
     {"engine"},
     {"onefactor", "multi"},
     {"optimize", "smparams"},
