@@ -57,6 +57,7 @@ def mixedlm(
     ``data`` may also be a path to Parquet data (lmefast.outofcore.mixedlm_parquet) or a Dask
     DataFrame (lmefast.dask.mixedlm); ``scale_out`` keywords (progress=...) go to those."""
     if _is_scale_out(data):
+        _refuse_eval_env(scale_out.pop("eval_env", 0))
         if type(data).__module__.startswith("dask."):
             return dask_mixedlm(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
         return mixedlm_parquet(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
@@ -65,6 +66,14 @@ def mixedlm(
     scale_out["eval_env"] = formula_namespace(scale_out.get("eval_env", 0))
     return MixedLM.from_formula(formula, data, groups=groups, re_formula=re_formula,
                                 vc_formula=vc_formula, missing=missing, **scale_out)
+
+
+def _refuse_eval_env(eval_env: Any) -> None:
+    """Formulas on Parquet and Dask data are evaluated chunk by chunk from their columns
+    only: an eval_env other than the default would be ignored, so it raises."""
+    if not (eval_env is None or (isinstance(eval_env, int) and not isinstance(eval_env, bool))):
+        raise SpecificationError("eval_env: formulas on Parquet and Dask data see only the data's "
+                                 "columns (transform the columns first)")
 
 
 _WEIGHTS, _OFFSET = "__lmefast_weights__", "__lmefast_offset__"
@@ -173,6 +182,7 @@ def lmer(formula: str, data: Any, reml: bool = True, missing: str = "raise",
     ``data`` may also be a Parquet path or a Dask DataFrame; ``progress``, ``client``,
     ``batch_rows``, ``split_every`` then go to the data pass, the other keywords to ``fit``."""
     if _is_scale_out(data):
+        _refuse_eval_env(kwargs.pop("eval_env", 0))
         options = {k: kwargs.pop(k) for k in SCALE_OUT_OPTIONS if k in kwargs}
         if kwargs.get("weights") is not None or kwargs.get("offset") is not None:
             raise SpecificationError("weights and offset are for data in memory; Parquet and Dask "
