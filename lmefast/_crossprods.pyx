@@ -187,3 +187,110 @@ def accumulate(
         run_chunks(row_chunk, &c, nth)
     free(coord)
     free(val)
+
+
+
+
+cdef enum:
+    MOMENT_MAX_K = 8      # column_moments: up to this many columns in C, above numpy
+    MOMENT_BLOCK = 256    # rows transposed into a column buffer at a time
+
+
+cdef inline double _dot4(const double* a, const double* b, Py_ssize_t m) noexcept nogil:
+    """Σ a_i b_i with four independent partial sums (no chain of dependent additions)."""
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= m:
+        s0 += a[i] * b[i]
+        s1 += a[i + 1] * b[i + 1]
+        s2 += a[i + 2] * b[i + 2]
+        s3 += a[i + 3] * b[i + 3]
+        i += 4
+    while i < m:
+        s0 += a[i] * b[i]
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+cdef inline double _sum4(const double* a, Py_ssize_t m) noexcept nogil:
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= m:
+        s0 += a[i]
+        s1 += a[i + 1]
+        s2 += a[i + 2]
+        s3 += a[i + 3]
+        i += 4
+    while i < m:
+        s0 += a[i]
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+def column_moments(const double[:, :] A, const double[:] y=None, bint extremes=True):
+    """(column sums, A'A, column minima, column maxima) of an n × k matrix (any strides) in one
+    pass over its rows: the statistics the centring/scaling map and the rank checks need,
+    without the n × k temporaries of numpy (or BLAS calls, slow for a handful of columns).
+    With ``y`` (n values), the moments of [A | y]: X'X, X'y and y'y of the pass over the
+    rows in one go. ``extremes=False`` skips the minima and maxima (returned as NaN). Rows
+    are moved in blocks into a column buffer, whose sums and dot
+    products run with independent partial sums (the order of addition is fixed: the same
+    numbers on any machine of the same kind). Above MOMENT_MAX_K columns: numpy."""
+    cdef Py_ssize_t n = A.shape[0], k = A.shape[1], kk, i, j, l, r0, m
+    cdef bint with_y = y is not None
+    if with_y and y.shape[0] != n:
+        raise ValueError(f"y has {y.shape[0]} values, A {n} rows")
+    kk = k + 1 if with_y else k
+    if kk == 0 or n == 0 or kk > MOMENT_MAX_K:
+        arr = np.column_stack([np.asarray(A), np.asarray(y)]) if with_y else np.asarray(A)
+        if n == 0:
+            return arr.sum(axis=0), arr.T @ arr, np.full(kk, np.inf), np.full(kk, -np.inf)
+        return arr.sum(axis=0), arr.T @ arr, arr.min(axis=0), arr.max(axis=0)
+    cdef double sums[MOMENT_MAX_K]
+    cdef double lo[MOMENT_MAX_K]
+    cdef double hi[MOMENT_MAX_K]
+    cdef double v
+    cdef double gram[MOMENT_MAX_K][MOMENT_MAX_K]
+    cdef double buf[MOMENT_MAX_K][MOMENT_BLOCK]
+    cdef Py_ssize_t s0 = A.strides[0] // sizeof(double), s1 = A.strides[1] // sizeof(double)
+    cdef Py_ssize_t sy = y.strides[0] // sizeof(double) if with_y else 0
+    cdef const double* base = &A[0, 0] if k > 0 else NULL
+    cdef const double* yb = &y[0] if with_y else NULL
+    cdef const double* r
+    for j in range(kk):
+        sums[j] = 0.0
+        v = A[0, j] if j < k else y[0]
+        lo[j] = v
+        hi[j] = v
+        for l in range(kk):
+            gram[j][l] = 0.0
+    with nogil:
+        r0 = 0
+        while r0 < n:
+            m = min(<Py_ssize_t>MOMENT_BLOCK, n - r0)
+            for i in range(m):
+                r = base + (r0 + i) * s0
+                for j in range(k):
+                    buf[j][i] = r[j * s1]
+            if with_y:
+                for i in range(m):
+                    buf[k][i] = yb[(r0 + i) * sy]
+            for j in range(kk):
+                if extremes:
+                    for i in range(m):
+                        v = buf[j][i]
+                        lo[j] = v if v < lo[j] else lo[j]
+                        hi[j] = v if v > hi[j] else hi[j]
+                sums[j] += _sum4(buf[j], m)
+                for l in range(j + 1):
+                    gram[j][l] += _dot4(buf[j], buf[l], m)
+            r0 += m
+    sums_arr = np.array([sums[j] for j in range(kk)])
+    gram_arr = np.zeros((kk, kk))
+    for j in range(kk):
+        for l in range(j + 1):
+            gram_arr[j, l] = gram_arr[l, j] = gram[j][l]
+    if not extremes:
+        return sums_arr, gram_arr, np.full(kk, np.nan), np.full(kk, np.nan)
+    return (sums_arr, gram_arr, np.array([lo[j] for j in range(kk)]),
+            np.array([hi[j] for j in range(kk)]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,10 +17,9 @@ from lmefast.chunked_multi import multi_model_from_chunks, used_columns
 from lmefast.dask import DaskSource
 from lmefast.dask import mixedlm as dask_mixedlm
 from lmefast.errors import SpecificationError
-from lmefast.formula import as_dataframe, design_matrix
+from lmefast.formula import as_dataframe, design_matrix, formula_environment, formula_namespace
 from lmefast.lmer import build_terms, lmer_frame, offset_values, parse_lmer, split_offsets
-from lmefast.model import MixedLM, checked_response_and_design, prior_weights_and_offset, working_rows
-from lmefast.multi import BlockedEngine
+from lmefast.model import MixedLM, blocked_engine, checked_response_and_design, prior_weights_and_offset
 from lmefast.outofcore import ParquetSource, mixedlm_parquet
 from lmefast.progress import ProgressFn, progress_function
 from lmefast.results import MixedLMResults
@@ -59,13 +57,23 @@ def mixedlm(
     ``data`` may also be a path to Parquet data (lmefast.outofcore.mixedlm_parquet) or a Dask
     DataFrame (lmefast.dask.mixedlm); ``scale_out`` keywords (progress=...) go to those."""
     if _is_scale_out(data):
+        _refuse_eval_env(scale_out.pop("eval_env", 0))
         if type(data).__module__.startswith("dask."):
             return dask_mixedlm(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
         return mixedlm_parquet(formula, data, groups, re_formula, vc_formula, missing, **scale_out)
     # data in memory: weights, offset and statsmodels' from_formula keywords (warned about there);
-    # others raise
+    # others raise. Formulas see the caller's names (eval_env, lmefast.formula).
+    scale_out["eval_env"] = formula_namespace(scale_out.get("eval_env", 0))
     return MixedLM.from_formula(formula, data, groups=groups, re_formula=re_formula,
                                 vc_formula=vc_formula, missing=missing, **scale_out)
+
+
+def _refuse_eval_env(eval_env: Any) -> None:
+    """Formulas on Parquet and Dask data are evaluated chunk by chunk from their columns
+    only: an eval_env other than the default would be ignored, so it raises."""
+    if not (eval_env is None or (isinstance(eval_env, int) and not isinstance(eval_env, bool))):
+        raise SpecificationError("eval_env: formulas on Parquet and Dask data see only the data's "
+                                 "columns (transform the columns first)")
 
 
 _WEIGHTS, _OFFSET = "__lmefast_weights__", "__lmefast_offset__"
@@ -87,13 +95,19 @@ def _with_column(df: pd.DataFrame, values: Any, name: str, what: str) -> pd.Data
 
 
 def lmer_model(formula: str, data: Any, missing: str = "raise", weights: Any = None,
-               offset: Any = None) -> MixedLM:
+               offset: Any = None, eval_env: Any = 0) -> MixedLM:
     """The model of an lme4 formula (not yet fitted). One grouping factor (after merging terms
     on the same factor) runs on the one-factor engine, several on the blocked one.
 
     ``weights`` (prior weights: residual variance σ²/wᵢ; a column name or one per row; zero
     weights drop their rows) and ``offset`` (subtracted from y, like ``offset(x)`` terms of
-    the formula) have lme4's meaning."""
+    the formula) have lme4's meaning. ``eval_env``: where names that are not columns are found
+    (statsmodels' meaning: frames above the caller, or a mapping; lmefast.formula)."""
+    with formula_environment(formula_namespace(eval_env)):
+        return _lmer_model(formula, data, missing, weights, offset)
+
+
+def _lmer_model(formula: str, data: Any, missing: str, weights: Any, offset: Any) -> MixedLM:
     df = as_dataframe(data)
     extra = []
     if weights is not None:
@@ -124,11 +138,8 @@ def lmer_model(formula: str, data: Any, missing: str = "raise", weights: Any = N
         return MixedLM(y, X, pd.Series(t.labels[t.codes]), exog_re=t.Z, endog_name=response,
                        exog_names=xnames, exog_re_names=list(t.coef_names), group_name=t.name,
                        re_pattern=t.pattern, api="lme4", weights=w, offset=off)
-    X, xnames, dropped = checked_response_and_design(y, response, X, xnames, stacklevel=4)
-    y, X, _, _ = working_rows(y, X, np.zeros((len(y), 0)), [], w, off)
-    if w is not None:
-        terms = [replace(t, Z=np.ascontiguousarray(t.Z * np.sqrt(w)[:, None])) for t in terms]
-    engine = BlockedEngine(y, np.ascontiguousarray(X), terms, weights=w, offset=off)
+    X, xnames, dropped, S = checked_response_and_design(y, response, X, xnames, stacklevel=4)
+    engine = blocked_engine(y, np.ascontiguousarray(X), terms, weights=w, offset=off, S=S)
     return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames,
                                dropped_exog=dropped)
 
@@ -183,7 +194,9 @@ def lmer(formula: str, data: Any, reml: bool = True, missing: str = "raise",
     ``batch_rows``, ``split_every`` and ``weights``/``offset`` (then names of columns) go to the
     data pass, the other keywords to ``fit``."""
     if _is_scale_out(data):
+        _refuse_eval_env(kwargs.pop("eval_env", 0))
         options = {k: kwargs.pop(k) for k in SCALE_OUT_OPTIONS + ("weights", "offset") if k in kwargs}
         return scale_out_lmer_model(formula, data, missing, **options).fit(reml=reml, **kwargs)
     weights, offset = kwargs.pop("weights", None), kwargs.pop("offset", None)
-    return lmer_model(formula, data, missing, weights, offset).fit(reml=reml, **kwargs)
+    env = formula_namespace(kwargs.pop("eval_env", 0))
+    return lmer_model(formula, data, missing, weights, offset, env).fit(reml=reml, **kwargs)

@@ -162,7 +162,7 @@ def bootstrap(res: MixedLMResults, n: int, seed: int | np.random.Generator | Non
     if not isinstance(n, int | np.integer) or n < 1:
         raise BootstrapError(f"n must be a positive integer, got {n!r}")
     t0 = time.perf_counter()
-    sim = res.derived("simulator", lambda: res.engine.simulator(res.theta, res._sol.beta, res.sigma))
+    sim = res.derived("simulator", lambda: res.engine.simulator(res._sol.theta, res._sol.beta, res.sigma))
     draws = sim.draws(seed, int(n))
     nt = res.engine.theta_map.n_theta
     th = np.empty((n, nt))
@@ -171,7 +171,7 @@ def bootstrap(res: MixedLMResults, n: int, seed: int | np.random.Generator | Non
     f = np.empty(n)
     conv = np.ones(n, dtype=bool)
     jobs = max(1, min(int(n_jobs or os.cpu_count() or 1), n))
-    theta0 = res.theta
+    theta0 = res._sol.theta
     with _single_threaded_blas() if jobs > 1 else nullcontext():
         if jobs == 1:
             _refit(res, sim, draws, range(n), theta0, th, beta, s2, f, conv)
@@ -182,13 +182,16 @@ def bootstrap(res: MixedLMResults, n: int, seed: int | np.random.Generator | Non
                                   th, beta, s2, f, conv) for i in range(jobs)]
                 for fu in futs:
                     fu.result()
-    names, _ = sdcor_names_values(res, res.theta, res.sigma)
+    names, _ = sdcor_names_values(res, theta0, res.sigma)
     vals = np.array([sdcor_names_values(res, th[r], np.sqrt(s2[r]))[1] if np.isfinite(s2[r])
                      else np.full(len(names), np.nan) for r in range(n)])
     fe = list(res.model.exog_names)
+    sc, tm = res._scaling, res.engine.theta_map      # replicates on the user's scale
+    beta = sc.beta(beta)
+    th = np.array([sc.theta(tm, t) if np.all(np.isfinite(t)) else t for t in th]).reshape(n, nt)
     table = pd.DataFrame(np.concatenate([vals.reshape(n, len(names)), beta], axis=1), columns=names + fe)
-    est_names, est_vals = sdcor_names_values(res, res.theta, res.sigma)
-    estimate = pd.Series(np.concatenate([est_vals, res._sol.beta]), index=est_names + fe)
+    est_names, est_vals = sdcor_names_values(res, theta0, res.sigma)
+    estimate = pd.Series(np.concatenate([est_vals, res._beta]), index=est_names + fe)
     return BootstrapResult(replicates=table, theta=th, objective=f, converged=conv, estimate=estimate,
                            seconds=time.perf_counter() - t0)
 
@@ -207,10 +210,10 @@ def simulate(res: MixedLMResults, n: int = 1, seed: int | np.random.Generator | 
     engine = res.engine
     rng = np.random.default_rng(seed)
     if include_random:
-        sim = engine.simulator(res.theta, res._sol.beta, res.sigma)
+        sim = engine.simulator(res._sol.theta, res._sol.beta, res.sigma)
         working = sim.random_part(rng, int(n))
         working += res.sigma * rng.standard_normal(working.shape)
-        return engine.fixed_part(res._sol.beta)[None, :] + engine.to_data_scale(working)
+        return engine.fixed_part(res._beta)[None, :] + engine.to_data_scale(working)
     fitted = np.asarray(res.fittedvalues, dtype=float)
     noise = res.sigma * rng.standard_normal((int(n), fitted.shape[0]))
     return fitted[None, :] + engine.to_data_scale(noise, offset=False)

@@ -47,12 +47,14 @@ def warn_dropped(dropped: list[str] | tuple[str, ...], stacklevel: int = 3) -> N
                       stacklevel=stacklevel + 1)
 
 
-def full_rank_columns(X: np.ndarray) -> np.ndarray:
-    """Indices of a maximal set of linearly independent columns (pivoted QR, lme4's tol)."""
+def full_rank_columns(X: np.ndarray, XtX: np.ndarray | None = None) -> np.ndarray:
+    """Indices of a maximal set of linearly independent columns (pivoted QR, lme4's tol);
+    ``XtX``: X'X when the caller has it."""
     p = X.shape[1]
     if p == 0:
         return np.arange(0)
-    XtX = X.T @ X
+    if XtX is None:
+        XtX = X.T @ X
     scale = np.sqrt(np.diag(XtX))
     if np.any(scale == 0):
         nz = np.nonzero(scale)[0]
@@ -101,3 +103,45 @@ def full_rank_columns_from_xtx(XtX: np.ndarray, n: int) -> np.ndarray:
             break
         G[j + 1:, j + 1:] -= np.outer(G[j + 1:, j], G[j, j + 1:]) / G[j, j]
     return np.sort(piv[:int(np.sum(d > RANK_TOL * d[0]))])
+
+
+def check_unique_columns(columns, used) -> None:
+    """A column name that appears more than once in the data and is used by a formula is
+    ambiguous: an error naming it (rather than one of the columns taken silently)."""
+    names = [str(c) for c in columns]
+    seen: set[str] = set()
+    dup = sorted({c for c in names if c in seen or seen.add(c)} & {str(u) for u in used})
+    if dup:
+        raise SpecificationError(f"data have more than one column named {dup}: the formula "
+                                 "cannot tell which to use; rename or drop the duplicates")
+
+
+def check_random_design(Z: np.ndarray, names: list[str] | tuple[str, ...], term: str,
+                        ZtZ: np.ndarray | None = None) -> None:
+    """The design of one random-effects term (n × k, as the engine sees it: centred and scaled
+    where it needs it, lmefast.scaling): an all-zero column, or columns that are linearly
+    dependent (a constant slope beside an intercept, a slope repeated or a multiple of
+    another), leave a variance that the data cannot inform: an error naming the term and the
+    columns."""
+    k = Z.shape[1]
+    G = Z.T @ Z if ZtZ is None else ZtZ
+    zero = [str(names[j]) for j in range(k) if G[j, j] == 0]
+    if zero:
+        raise SpecificationError(
+            f"random-effects term {term}: column(s) {zero} are all zero, so their variance is not "
+            "identifiable; remove them from the term")
+    if k < 2:
+        return
+    d = 1.0 / np.sqrt(np.diag(G))
+    try:                                  # well conditioned: no pivoting needed to say so
+        if np.min(np.diag(np.linalg.cholesky(G * np.outer(d, d)))) > 1e-3:
+            return
+    except np.linalg.LinAlgError:
+        pass
+    keep = full_rank_columns_from_xtx(G, Z.shape[0])
+    if keep.shape[0] < k:
+        dropped = [str(names[j]) for j in range(k) if j not in set(keep.tolist())]
+        raise SpecificationError(
+            f"random-effects term {term}: column(s) {dropped} are linearly dependent on the term's "
+            "other columns (e.g. a constant slope beside an intercept), so the covariance of the "
+            "term is not identifiable; remove them from the term")

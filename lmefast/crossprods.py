@@ -6,7 +6,7 @@ from functools import cached_property
 
 import numpy as np
 
-from lmefast._crossprods import accumulate
+from lmefast._crossprods import accumulate, column_moments
 from lmefast.parallel import default_threads
 from lmefast.spec import BlockLayout, ModelSpec
 
@@ -66,6 +66,33 @@ class CrossProducts:
         S[self.response_positions] = zty
         return replace(self, S=S, Xty=np.ascontiguousarray(xty, dtype=float), yty=float(yty))
 
+    def sample_of_blocks(self, stride: int) -> tuple[CrossProducts, float]:
+        """The cross-products of every ``stride``-th group, with X'X, X'y, y'y, n and Σ log w
+        scaled by the fraction f of groups kept: an objective of the same shape whose
+        curvature is about f times the full one's (each group adds its own terms; the
+        profiled terms are sums over rows). For a start of the optimiser, not for estimates.
+        Returns (the sample, f)."""
+        lay, p = self.layout, self.p
+        m = lay.q_off.shape[0] - 1
+        groups = np.arange(0, m, max(1, int(stride)))
+        f = groups.shape[0] / m
+        q = np.diff(lay.q_off)[groups]
+        size = q * (q + p + 1)
+        s_off = np.zeros(groups.shape[0] + 1, dtype=np.int64)
+        np.cumsum(size, out=s_off[1:])
+        S = self.S[np.repeat(self.s_off[groups] - s_off[:-1], size) + np.arange(int(s_off[-1]))]
+        q_off = np.zeros(groups.shape[0] + 1, dtype=np.int64)
+        np.cumsum(q, out=q_off[1:])
+        coord = np.repeat(lay.q_off[groups] - q_off[:-1], q) + np.arange(int(q_off[-1]))
+        a_off = np.zeros(groups.shape[0] + 1, dtype=np.int64)
+        np.cumsum(q * q, out=a_off[1:])
+        ne = lay.vc_coord.shape[0]
+        layout = BlockLayout(q_off, a_off, lay.comp[coord], lay.col[coord],
+                             np.zeros((ne, 0), dtype=np.int64), np.zeros((ne, 0)))
+        return CrossProducts(S=S, s_off=s_off, XtX=self.XtX * f, Xty=self.Xty * f,
+                             yty=self.yty * f, n=max(int(round(self.n * f)), p + 1),
+                             layout=layout, log_weights=self.log_weights * f), f
+
     def moment_estimates(self, basis: np.ndarray) -> tuple[np.ndarray, float] | None:
         """Moment estimates (Ψ, σ²) for one grouping factor whose groups all have the same q
         coordinates (random coefficients, then variance-component levels in the same order), with
@@ -117,6 +144,27 @@ class CrossProducts:
         keep = np.array([c for c in range(self.p) if c != j], dtype=np.int64)
         return self._with_columns(keep, j, float(value))
 
+    def with_fixed_map(self, N: np.ndarray, d: np.ndarray) -> CrossProducts:
+        """β = d + Nγ: the design X N and the response y − X d (a linear constraint on β, e.g.
+        a fixed effect held at a value on another scale of the columns)."""
+        lay, p, r = self.layout, self.p, N.shape[1]
+        q = np.diff(lay.q_off)
+        s_new = record_offsets(lay, r)
+        S = np.empty(int(s_new[-1]))
+        for qi in np.unique(q):
+            gs = np.nonzero(q == qi)[0]
+            qi = int(qi)
+            rec = self.records(qi, gs)
+            B = rec[:, qi * qi:qi * qi + qi * p].reshape(-1, qi, p)
+            c = rec[:, qi * qi + qi * p:] - B @ d
+            new = np.concatenate([rec[:, :qi * qi], (B @ N).reshape(gs.shape[0], -1), c], axis=1)
+            S[s_new[gs][:, None] + np.arange(new.shape[1])[None, :]] = new
+        XtX, Xty = self.XtX, self.Xty
+        Xty_d = Xty - XtX @ d
+        return CrossProducts(S=S, s_off=s_new, XtX=np.ascontiguousarray(N.T @ XtX @ N),
+                             Xty=np.ascontiguousarray(N.T @ Xty_d),
+                             yty=float(self.yty - 2 * d @ Xty + d @ XtX @ d), n=self.n, layout=lay)
+
     def _with_columns(self, keep: np.ndarray, j: int | None, value: float) -> CrossProducts:
         lay, p = self.layout, self.p
         q = np.diff(lay.q_off)
@@ -142,15 +190,18 @@ class CrossProducts:
 
 
 def compute_crossprods(spec: ModelSpec, n_threads: int | None = None) -> CrossProducts:
-    """One pass over the rows for the per-group blocks; X'X, X'y, y'y by BLAS."""
+    """One pass over the rows for the per-group blocks; X'X, X'y, y'y in a second
+    (lmefast._crossprods.column_moments)."""
     lay = spec.layout
     s_off = record_offsets(lay, spec.k_fe)
     S = np.zeros(int(s_off[-1]))
     accumulate(spec.y, spec.X, spec.Zre, spec.group_codes, lay.q_off, s_off,
                lay.vc_coord, lay.vc_val, S,
                default_threads(spec.n_groups) if n_threads is None else n_threads)
-    X, y = spec.X, spec.y
-    return CrossProducts(S=S, s_off=s_off, XtX=X.T @ X, Xty=X.T @ y, yty=float(y @ y),
+    p = spec.k_fe
+    _, G, _, _ = column_moments(spec.X, spec.y, extremes=False)   # [X | y]'[X | y]
+    return CrossProducts(S=S, s_off=s_off, XtX=np.ascontiguousarray(G[:p, :p]),
+                         Xty=np.ascontiguousarray(G[:p, p]), yty=float(G[p, p]),
                          n=spec.nobs, layout=lay)
 
 

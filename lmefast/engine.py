@@ -24,6 +24,7 @@ import pandas as pd
 
 from lmefast.errors import RowsUnavailableError
 from lmefast.objective import KernelObjective, Solution
+from lmefast.scaling import DesignScaling
 from lmefast.structure import ThetaMap
 
 
@@ -65,6 +66,18 @@ class Engine(ABC):
 
     #: whether the kernels make large BLAS calls (then a fit holds BLAS to its threads)
     uses_blas: bool = False
+    #: the map between the user's designs and the engine's centred and scaled ones
+    #: (lmefast.scaling); None: the engine works on the user's designs
+    design_scaling: DesignScaling | None = None
+
+    @property
+    def scaling(self) -> DesignScaling:
+        """The design map (identity when the engine works on the user's designs). θ, β, the
+        objective and the cross-products are the engine's; what it reports at a solution
+        (modes, conditional variances) and ``fixed_part``'s β are on the user's scale."""
+        if self.design_scaling is None:
+            self.design_scaling = DesignScaling.identity(self.k_fe, self.theta_map.ks)
+        return self.design_scaling
 
     @property
     def n_levels(self) -> int:
@@ -132,7 +145,7 @@ class Engine(ABC):
 
     @abstractmethod
     def fixed_part(self, beta: np.ndarray) -> np.ndarray:
-        """Xβ for the rows of the fit."""
+        """Xβ for the rows of the fit (the user's X and β: columns of ``beta`` are β's)."""
 
     @abstractmethod
     def response(self) -> np.ndarray:
@@ -141,8 +154,8 @@ class Engine(ABC):
     # -- inference ---------------------------------------------------------------------------
     @abstractmethod
     def without_fixed(self, j: int, value: float) -> Any:
-        """Cross-products of the model with β_j held at value: column j of X removed and
-        value · x_j taken from the response (profiles of fixed effects)."""
+        """Cross-products of the model with the user's β_j held at value (profiles of fixed
+        effects): on the engine's design, the constraint of ``scaling.fixed_constraint``."""
 
     @abstractmethod
     def simulator(self, theta: np.ndarray, beta: np.ndarray, sigma: float) -> Any:

@@ -4,11 +4,21 @@ Used columns are checked first, so that a missing column, a NaN or a non-numeric
 reported by name. Formulas are parsed once (cached); terms that are plain numeric columns are
 copied directly, anything else (categoricals, transforms, interactions) is evaluated by
 formulaic.
+
+Names that are not columns of the data (a function like ``times_two(x)``, a constant) are
+looked up in the formula's environment, statsmodels' ``eval_env``: by default the namespace
+(locals, then globals) of the code that called the front end (``mixedlm``, ``lmer``,
+``MixedLM.from_formula``, ``lmer_model``). A front end resolves it once
+(``formula_namespace``) and evaluates its formulas inside ``formula_environment``.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import sys
+from collections import ChainMap
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
 
@@ -18,10 +28,53 @@ import scipy.sparse as sp
 from formulaic import Formula, model_matrix
 from formulaic.parser.types.factor import Factor
 
-from lmefast.checks import check_missing_policy
+from lmefast.checks import check_missing_policy, check_unique_columns
 from lmefast.errors import SpecificationError
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+#: the environment of the formulas being evaluated (set by a front end: formula_environment)
+_ENVIRONMENT: ContextVar[Mapping[str, object] | None] = ContextVar("lmefast_formula_environment",
+                                                                   default=None)
+
+
+def formula_namespace(eval_env: object = 0, depth: int = 1) -> Mapping[str, object]:
+    """statsmodels' ``eval_env`` as a mapping of the names a formula may use besides the data's
+    columns. A mapping (or an object with a ``namespace`` mapping, like patsy's
+    EvalEnvironment) is used as it is; an integer n means the namespace of the frame n levels
+    above the front end's caller, the front end being ``depth`` frames above the caller of
+    this function (1: the function that calls this)."""
+    if isinstance(eval_env, Mapping):
+        return eval_env
+    namespace = getattr(eval_env, "namespace", None)
+    if isinstance(namespace, Mapping):
+        return namespace
+    if isinstance(eval_env, bool) or not isinstance(eval_env, int):
+        raise TypeError(f"eval_env must be an integer (frames above the caller) or a mapping of "
+                        f"names, not {type(eval_env).__name__}")
+    if eval_env < 0:
+        raise ValueError(f"eval_env must be >= 0, got {eval_env}")
+    try:
+        frame = sys._getframe(depth + eval_env + 1)
+    except ValueError:
+        raise ValueError(f"eval_env={eval_env} reaches above the outermost frame") from None
+    return ChainMap(dict(frame.f_locals), frame.f_globals)
+
+
+@contextmanager
+def formula_environment(namespace: Mapping[str, object]) -> Iterator[None]:
+    """Formulas evaluated inside see ``namespace`` (after the data's columns)."""
+    token = _ENVIRONMENT.set(namespace)
+    try:
+        yield
+    finally:
+        _ENVIRONMENT.reset(token)
+
+
+def in_environment(name: str) -> bool:
+    """Whether a name a formula uses is defined in the current formula environment."""
+    env = _ENVIRONMENT.get()
+    return env is not None and name in env
 
 
 def formula_error(action: str, formula: str, exc: Exception) -> SpecificationError:
@@ -118,7 +171,8 @@ def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False) -> 
             X[:, j] = 1.0 if col is None else data[col].to_numpy(dtype=float)
         return X, ["Intercept" if c is None else c for c in plain]
     try:
-        mm = model_matrix(parsed, data, na_action="ignore", output="sparse" if sparse else "pandas")
+        mm = model_matrix(parsed, data, na_action="ignore", output="sparse" if sparse else "pandas",
+                          context=_ENVIRONMENT.get() or {})
     except Exception as exc:
         raise formula_error("evaluate", formula, exc) from None
     names = [str(c) for c in mm.model_spec.column_names]
@@ -184,10 +238,12 @@ def formula_arrays(
         raise SpecificationError("groups is required: a column name or one label per row")
     else:
         gname = str(getattr(groups, "name", None) or "Group")
-    missing_cols = sorted(c for c in used if c not in df.columns)
+    check_unique_columns(df.columns, used | {yname})
+    missing_cols = sorted(c for c in used if c not in df.columns and not in_environment(c))
     if missing_cols:
         raise SpecificationError(f"column(s) {missing_cols} not found in data "
                                  f"(columns are {[str(c) for c in df.columns][:20]})")
+    used = {c for c in used if c in df.columns}
     if yname not in df.columns:
         raise SpecificationError(f"response {yname!r} must be a column of data")
     if not pd.api.types.is_numeric_dtype(df[yname]) or pd.api.types.is_bool_dtype(df[yname]):

@@ -126,7 +126,7 @@ def satterthwaite_parts(res: MixedLMResults) -> tuple[np.ndarray, np.ndarray]:
     derivatives of vcov(β̂) with respect to varpar. Cached on the results object."""
     def make():
         obj = res._objective
-        varpar = np.concatenate([res.theta, [res.sigma]])
+        varpar = np.concatenate([res._sol.theta, [res.sigma]])
         h = _steps(varpar, 1e-2, 0.05)
         H = hessian(lambda v: varpar_deviance(obj, v), varpar, h)
         try:
@@ -141,10 +141,10 @@ def satterthwaite_parts(res: MixedLMResults) -> tuple[np.ndarray, np.ndarray]:
 
 
 def satterthwaite_df(res: MixedLMResults, L: np.ndarray) -> float:
-    """Satterthwaite df of one contrast l (length p)."""
+    """Satterthwaite df of one contrast l (length p) of the user's β (as l S of the engine's)."""
     A, J = satterthwaite_parts(res)
-    L = np.asarray(L, dtype=float)
-    var = float(L @ res._cov_fe @ L)
+    L = res._scaling.contrast(L)
+    var = float(L @ res._cov_fe_engine @ L)
     g = np.einsum("i,ijk,j->k", L, J, L)
     denom = float(g @ A @ g)
     if denom <= 0:
@@ -162,7 +162,7 @@ def kenward_roger_parts(res: MixedLMResults) -> tuple[np.ndarray, list[np.ndarra
                              "(as in pbkrtest/lmerTest): refit with reml=True")
 
     def make():
-        Ktr, P, Q = res.engine.kenward_roger_traces(res.theta, res.scale)
+        Ktr, P, Q = res.engine.kenward_roger_traces(res._sol.theta, res.scale)
         return _kr_finish(res, Ktr, P, Q)
 
     return res.derived("kr", make)
@@ -171,12 +171,12 @@ def kenward_roger_parts(res: MixedLMResults) -> tuple[np.ndarray, list[np.ndarra
 def _kr_finish(res: MixedLMResults, Ktr: np.ndarray, P: list[np.ndarray], Q: dict
                ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """pbkrtest's vcovAdj from the traces tr(G_r V⁻¹ G_s V⁻¹) (upper triangle), the P_r and the
-    Q_rs (r ≤ s)."""
+    Q_rs (r ≤ s), all on the engine's design (β̃; the user's contrasts enter as L S)."""
     R = len(P)
     p = res.k_fe
     Ktr = np.triu(Ktr) + np.triu(Ktr, 1).T
     P = [0.5 * (Pr + Pr.T) for Pr in P]
-    Phi = res._cov_fe
+    Phi = res._cov_fe_engine
     IE2 = np.empty((R, R))
     for r in range(R):
         PhiPr = Phi @ P[r]
@@ -200,8 +200,8 @@ def _kr_finish(res: MixedLMResults, Ktr: np.ndarray, P: list[np.ndarray], Q: dic
 def _kr_stats(res: MixedLMResults, L: np.ndarray) -> tuple[float, float, float]:
     """pbkrtest's .KR_adjust for the rows of L: (ddf, F scaling, A2/q)."""
     PhiA, P, W = kenward_roger_parts(res)
-    Phi = res._cov_fe
-    L = np.atleast_2d(np.asarray(L, dtype=float))
+    Phi = res._cov_fe_engine
+    L = res._scaling.contrast(np.atleast_2d(np.asarray(L, dtype=float)))
     Theta = L.T @ np.linalg.solve(L @ Phi @ L.T, L)
     TPhi = Theta @ Phi
     R = len(P)
@@ -245,13 +245,15 @@ def _ddf_of(res: MixedLMResults, L: np.ndarray, ddf: str | None) -> float:
 
 
 def _vcov(res: MixedLMResults, ddf: str | None) -> np.ndarray:
-    return kenward_roger_parts(res)[0] if ddf == "kenward-roger" else res._cov_fe
+    if ddf == "kenward-roger":
+        return res._scaling.cov_beta(kenward_roger_parts(res)[0])
+    return res._cov_fe
 
 
 def _t_rows(res: MixedLMResults, L: np.ndarray, rhs: np.ndarray, ddf: str | None, alpha: float,
             names: Sequence[str]) -> pd.DataFrame:
     C = _vcov(res, ddf)
-    beta = res._sol.beta
+    beta = res._beta
     est = L @ beta
     se = np.sqrt(np.einsum("ij,jk,ik->i", L, C, L))
     df = np.array([_ddf_of(res, L[i], ddf) for i in range(L.shape[0])])
@@ -407,13 +409,13 @@ def f_test(res: MixedLMResults, L: np.ndarray, rhs: np.ndarray | None = None,
     ddf = normalize_ddf(ddf)
     L = np.atleast_2d(np.asarray(L, dtype=float))
     rhs = np.zeros(L.shape[0]) if rhs is None else np.asarray(rhs, dtype=float)
-    beta = res._sol.beta
+    beta = res._beta
     if np.any(rhs != 0):
         beta = beta - np.linalg.pinv(L) @ rhs
     C = res._cov_fe
     if ddf == "kenward-roger":
         df2, scaling, q = _kr_stats(res, L)
-        PhiA = kenward_roger_parts(res)[0]
+        PhiA = res._scaling.cov_beta(kenward_roger_parts(res)[0])
         Lb = L @ beta
         Fu = float(Lb @ np.linalg.solve(L @ PhiA @ L.T, Lb)) / q
         F = Fu * scaling

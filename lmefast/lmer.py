@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmefast.checks import check_missing_policy
+from lmefast.checks import check_missing_policy, check_unique_columns
 from lmefast.errors import SpecificationError
-from lmefast.formula import _not_finite, _parse, _rhs, as_dataframe, design_matrix
+from lmefast.formula import _not_finite, _parse, _rhs, as_dataframe, design_matrix, in_environment
 from lmefast.structure import Term, factorize_groups
 
 
@@ -258,9 +258,11 @@ def lmer_frame(formula: str, data: Any, missing: str, extra: tuple[str, ...] = (
     for t in random:
         used |= {str(v) for v in _parse(_rhs(t.expr)).required_variables}
         used |= set(t.group.split(":"))
-    unknown = sorted(c for c in used if c not in df.columns)
+    check_unique_columns(df.columns, used)
+    unknown = sorted(c for c in used if c not in df.columns and not in_environment(c))
     if unknown:
         raise SpecificationError(f"column(s) {unknown} not found in data")
+    used = {c for c in used if c in df.columns}
     if not pd.api.types.is_numeric_dtype(df[response]) or pd.api.types.is_bool_dtype(df[response]):
         raise SpecificationError(f"response '{response}' is not numeric (dtype {df[response].dtype})")
     na = {c: _not_finite(df[c]) for c in sorted(used)}

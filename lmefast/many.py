@@ -276,6 +276,8 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
     tm = engine.theta_map
     start = tm.start()
     kept = beta_pos >= 0
+    sc = engine.scaling
+    reml_offset = sc.reml_offset() if reml else 0.0
 
     bp, tp = beta_pos[kept], theta_pos
     tv = np.append(tp, -1)
@@ -296,15 +298,18 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
             except (ObjectiveError, FloatingPointError, np.linalg.LinAlgError) as exc:
                 out.reason[j] = f"the fit failed: {exc}"
                 continue
-            out.theta[j, tp] = sol.theta
-            out.beta[j, bp] = sol.beta
+            # on the user's scale (lmefast.scaling): θ, β = Sβ̃, cov = S cov S'; the
+            # Satterthwaite parts stay in the engine's θ (df do not depend on θ's coordinates)
+            # with the Jacobian of cov(β) mapped as cov is
+            out.theta[j, tp] = sc.theta(tm, sol.theta)
+            out.beta[j, bp] = sc.beta(sol.beta)
             if bp.shape[0]:
                 Linv = np.linalg.inv(sol.Lx)
-                out.cov[j][cov_at] = sol.sigma2 * (Linv.T @ Linv)
+                out.cov[j][cov_at] = sc.cov_beta(sol.sigma2 * (Linv.T @ Linv))
             if satterthwaite:
                 out.A[j][A_at] = A
-                out.J[j][J_at] = J
-            out.llf[j] = -0.5 * sol.objective
+                out.J[j][J_at] = J if sc.is_identity else np.einsum("ab,bcd,ec->aed", sc.fixed, J, sc.fixed)
+            out.llf[j] = -0.5 * (sol.objective + reml_offset)
             out.sigma2[j] = sol.sigma2
             out.nobs[j] = engine.nobs
             out.converged[j] = opt.converged

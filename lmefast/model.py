@@ -20,10 +20,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from lmefast._crossprods import column_moments
 from lmefast.checks import (
     check_identifiable,
     check_missing_policy,
     check_not_constant,
+    check_random_design,
     full_rank_columns,
     warn_dropped,
 )
@@ -36,15 +38,17 @@ from lmefast.optimize import fit_theta
 from lmefast.parallel import limit_blas_threads, resolve_threads
 from lmefast.params import MixedLMParams, free_pattern
 from lmefast.results import MixedLMResults
+from lmefast.scaling import DesignScaling, column_map, component_scale, mapped_gram, random_map, scaled
 from lmefast.smparams import loglike_at, theta_of, to_params, vc_order
 from lmefast.spec import GroupThetaMap, ModelSpec, build_layout
 from lmefast.structure import Term, factorize_groups
+from lmefast.userobjective import UserScaleObjective
 
 #: statsmodels' keywords of fit() and from_formula() that have no meaning here: accepted with
 #: an IgnoredArgumentWarning (optimiser settings, covariance types, statsmodels' storage)
 IGNORED_FIT_KEYWORDS = ("gtol", "eps", "maxcor", "ftol", "tol", "disp", "maxls", "retall",
                         "cov_type", "use_sqrt", "use_sparse")
-IGNORED_FORMULA_KEYWORDS = ("use_sparse", "eval_env", "subset", "drop_cols")
+IGNORED_FORMULA_KEYWORDS = ("use_sparse", "subset", "drop_cols")
 
 
 @dataclass(frozen=True)
@@ -142,17 +146,23 @@ def prior_weights_and_offset(weights: Any, offset: Any, n: int
 
 
 def checked_response_and_design(y: np.ndarray, yname: str, X: np.ndarray, xnames: list[str],
-                                stacklevel: int = 2) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
+                                stacklevel: int = 2
+                                ) -> tuple[np.ndarray, list[str], tuple[str, ...], np.ndarray]:
     """Refuse a constant response; drop linearly dependent fixed-effects columns with a warning
-    naming them (lme4's behaviour). Returns (X, names, dropped names)."""
+    naming them (lme4's behaviour), judged on the centred and scaled columns (a change of units
+    or origin does not make a column dependent). Returns (X, names, dropped names, the
+    centring and scaling map of the kept columns, lmefast.scaling.column_map)."""
     check_not_constant(float(np.min(y)), float(np.max(y)), yname)
-    keep = full_rank_columns(X)
+    moments = column_moments(X)
+    S = column_map(X, centre=True, moments=moments)
+    keep = full_rank_columns(scaled(X, S), XtX=mapped_gram(moments[1], S))
     dropped = tuple(xnames[j] for j in range(X.shape[1]) if j not in set(keep.tolist()))
     if dropped:
         warn_dropped(dropped, stacklevel=stacklevel)
         X = np.ascontiguousarray(X[:, keep])
         xnames = [xnames[j] for j in keep]
-    return X, list(xnames), dropped
+        S = column_map(X, centre=True)
+    return X, list(xnames), dropped, S
 
 
 def _vc_matrices(exog_vc: Mapping, codes: np.ndarray, labels: np.ndarray,
@@ -308,14 +318,19 @@ class MixedLM:
         else:
             vnames, vmats, vcols = [], [], []
 
-        X, xnames, dropped = checked_response_and_design(y, yname, X, xnames, stacklevel=3)
+        # the centring and scaling maps are chosen on the user's columns (before the prior
+        # weights make the intercept column non-constant), applied to the working rows
+        X, xnames, dropped, S = checked_response_and_design(y, yname, X, xnames, stacklevel=3)
         crossed = single_group_as_crossed(y, X, Zre, m, vnames, vmats, vcols)
+        Z_user = Zre
         y, X, Zre, vmats = working_rows(y, X, Zre, vmats, w, off)
+        Xs = scaled(X, S)
         if crossed is not None:
             if w is not None:
                 crossed = [replace(t, Z=np.ascontiguousarray(t.Z * np.sqrt(w)[:, None])) for t in crossed]
-            engine: Engine = BlockedEngine(y, X, crossed, statsmodels_group=labels[0],
+            engine: Engine = BlockedEngine(y, Xs, crossed, statsmodels_group=labels[0],
                                            vc_order=tuple(vnames), weights=w, offset=off)
+            engine.design_scaling = DesignScaling(S, tuple(np.eye(t.k) for t in crossed))
             self._init(engine, api, yname, xnames, dropped)
             return
         k = Zre.shape[1]
@@ -326,17 +341,28 @@ class MixedLM:
                 f"grouping factor '{gname}' has a single level: random coefficients need at "
                 "least two groups (for crossed effects written as one group with variance "
                 "components, pass re_formula='0')")
+        theta_map = GroupThetaMap(k, len(vnames), tuple(znames), tuple(vnames), re_pattern)
+        C = np.eye(0)
+        if k:
+            mz = column_moments(Z_user)
+            C = random_map(Z_user, theta_map.patterns[0], moments=mz)
+            check_random_design(scaled(Z_user, C), znames, f"({' + '.join(znames)} | {gname})",
+                                ZtZ=mapped_gram(mz[1], C))
+        Zs = scaled(Zre, C)
+        vc_scale = [component_scale(V) for V in vmats]
+        vmats = [V if s == 1.0 else V * s for V, s in zip(vmats, vc_scale, strict=True)]
         layout = build_layout(codes, m, k, vmats)
         identifiable = check_identifiable(n, int(layout.q_off[-1]), f"grouping factor '{gname}'",
                                           refuse=api == "lme4")
         spec = ModelSpec(
-            y=y, X=X, group_codes=codes, group_labels=labels, Zre=np.ascontiguousarray(Zre),
-            layout=layout,
-            theta_map=GroupThetaMap(k, len(vnames), tuple(znames), tuple(vnames), re_pattern),
+            y=y, X=Xs, group_codes=codes, group_labels=labels, Zre=Zs,
+            layout=layout, theta_map=theta_map,
             endog_name=yname, exog_names=tuple(xnames), group_name=gname,
             vc_col_names=tuple(vcols), dropped_exog=dropped)
         engine = OneFactorEngine(spec, lme4_names=api == "lme4", weights=w, offset=off)
         engine.identifiable = identifiable
+        engine.design_scaling = DesignScaling(
+            S, ((C,) if k else ()) + tuple(np.array([[s]]) for s in vc_scale))
         self._init(engine, api, yname, xnames, dropped)
 
     def _init(self, engine: Engine, api: str, endog_name: str, exog_names: list[str],
@@ -374,15 +400,18 @@ class MixedLM:
         missing: str = "raise",
         weights: Any = None,
         offset: Any = None,
+        eval_env: Any = 0,
         **ignored: Any,
     ) -> MixedLM:
         """statsmodels' ``MixedLM.from_formula``: formulas evaluated by formulaic (data in
         memory; ``lmefast.mixedlm`` also takes Parquet paths and Dask DataFrames). As in
         statsmodels, variance components without ``re_formula`` add no random intercept.
         ``weights`` and ``offset``: lme4's prior weights and offset (a column name or one per
-        row). statsmodels' ``use_sparse`` (lmefast's kernels are sparse in the groups anyway) and
-        ``eval_env`` are accepted with an IgnoredArgumentWarning; other keywords raise."""
-        from lmefast.formula import formula_arrays
+        row). ``eval_env``: where names that are not columns are found (statsmodels' meaning:
+        frames above the caller, or a mapping; lmefast.formula). statsmodels' ``use_sparse``
+        (lmefast's kernels are sparse in the groups anyway) is accepted with an
+        IgnoredArgumentWarning; other keywords raise."""
+        from lmefast.formula import formula_arrays, formula_environment, formula_namespace
 
         unknown = sorted(set(ignored) - set(IGNORED_FORMULA_KEYWORDS))
         if unknown:
@@ -390,7 +419,8 @@ class MixedLM:
         if ignored:
             warnings.warn(f"Argument(s) {', '.join(sorted(ignored))} ignored by lmefast's "
                           "MixedLM.from_formula", IgnoredArgumentWarning, stacklevel=2)
-        kwargs = formula_arrays(formula, data, groups, re_formula, vc_formula, missing, weights, offset)
+        with formula_environment(formula_namespace(eval_env)):
+            kwargs = formula_arrays(formula, data, groups, re_formula, vc_formula, missing, weights, offset)
         if re_formula is None and vc_formula:
             kwargs["exog_re"], kwargs["exog_re_names"] = None, None
         return cls(**kwargs)
@@ -428,8 +458,9 @@ class MixedLM:
 
     def covariance_terms(self, theta: np.ndarray
                          ) -> list[tuple[str, list[str], np.ndarray, np.ndarray]]:
-        """(factor, coefficient names, T, free entries of T) per block of θ."""
-        Ts = self.engine.theta_map.Ts(np.asarray(theta, dtype=float))
+        """(factor, coefficient names, T on the user's scale, free entries of T) per block of
+        the engine's θ."""
+        Ts = self.engine.scaling.Ts(self.engine.theta_map.Ts(np.asarray(theta, dtype=float)))
         return [(c.factor, list(c.coef_names), T, c.free)
                 for c, T in zip(self.engine.covariance_terms(), Ts, strict=True)]
 
@@ -479,8 +510,11 @@ class MixedLM:
         return self.endog_name
 
     def objective(self, reml: bool = True, n_threads: int | None = None) -> KernelObjective:
-        """The profiled objective θ → −2 log-likelihood (ML) or REML criterion."""
-        return self.engine.objective(reml, n_threads)
+        """The profiled objective θ → −2 log-likelihood (ML) or REML criterion, θ and β on the
+        user's scale (lmefast.userobjective; the engine's own is ``engine.objective``)."""
+        inner = self.engine.objective(reml, n_threads)
+        sc = self.engine.scaling
+        return inner if sc.is_identity else UserScaleObjective(inner, sc)
 
     # -- statsmodels' parametrisation (lmefast.smparams) ---------------------------------------
     def _objective_for(self, reml: bool) -> KernelObjective:
@@ -701,7 +735,7 @@ class MixedLM:
             raise NotImplementedError("do_cg=False (results at the starting values) is not supported")
         model = self if free is None else self._constrained(free)
         nth = resolve_threads(n_threads, model.engine.n_levels)
-        obj = model.objective(reml, nth)
+        obj = model.engine.objective(reml, nth)   # the engine's θ (its centred, scaled designs)
         tm = model.engine.theta_map
         if start_params is not None and start_theta is not None:
             raise TypeError("give start_params (statsmodels' parameters) or start_theta (θ), not both")
@@ -715,15 +749,19 @@ class MixedLM:
                     f"start_theta must have {tm.n_theta} entries (θ), got {theta0.shape}")
         else:
             theta0 = tm.start()
+        if (start_params is not None or start_theta is not None) and np.all(np.isfinite(theta0)):
+            with np.errstate(all="ignore"):   # θ on the user's scale → the engine's
+                theta0 = model.engine.scaling.theta_internal(tm, theta0)
         hist: list[dict] | None = [] if full_output else None
         user_callback = callback
-        if hist is not None:
+        if hist is not None:   # the path on the user's scale (θ and objective)
             def callback(it: int, theta: np.ndarray, f: float) -> None:
                 hist.append({"iteration": it, "theta": theta, "objective": f})
                 if user_callback is not None:
                     user_callback(it, theta, f)
         with limit_blas_threads(nth) if model.engine.uses_blas else nullcontext():
-            sol, opt = fit_theta(obj, theta0, maxiter=maxiter, verbose=verbose, callback=callback)
+            sol, opt = fit_theta(obj, theta0, maxiter=maxiter, verbose=verbose,
+                                 callback=_user_callback(callback, model.engine, reml))
         if not opt.converged:
             warnings.warn(f"the optimiser did not converge: {opt.return_code}; max |gradient| "
                           f"{np.max(np.abs(opt.projected_gradient)):.3g}", ConvergenceWarning, stacklevel=2)
@@ -766,6 +804,20 @@ class MixedLM:
         model.use_sqrt, model.pandas_output = self.use_sqrt, self.pandas_output
         return model
 
+    def fit_regularized(self, start_params: Any = None, method: Any = "l1", alpha: Any = 0,
+                        ceps: float = 1e-4, ptol: float = 1e-6, maxit: int = 200, **fit_kwargs: Any):
+        """statsmodels' L1-penalised (or smooth-penalty) fixed effects: lmefast.regularized."""
+        from lmefast.regularized import fit_regularized
+
+        return fit_regularized(self, start_params, method, alpha, ceps, ptol, maxit, **fit_kwargs)
+
+    def get_distribution(self, params: Any, scale: float, exog: Any = None, exog_re: Any = None):
+        """statsmodels' ``get_distribution``: an object whose ``rvs`` draws responses from the
+        model at ``params`` (lmefast.distribution)."""
+        from lmefast.distribution import ModelDistribution
+
+        return ModelDistribution(self, params, scale, exog, exog_re)
+
 
 def working_rows(y: np.ndarray, X: np.ndarray, Z: np.ndarray, vc_designs: list,
                  weights: np.ndarray | None, offset: np.ndarray | None
@@ -781,6 +833,39 @@ def working_rows(y: np.ndarray, X: np.ndarray, Z: np.ndarray, vc_designs: list,
     vcs = [scale @ sp.csr_matrix(V) if sp.issparse(V) else np.asarray(V) * s[:, None] for V in vc_designs]
     return (np.ascontiguousarray(y * s), np.ascontiguousarray(X * s[:, None]),
             np.ascontiguousarray(Z * s[:, None]), vcs)
+
+
+def _user_callback(callback: Callable[[int, np.ndarray, float], None] | None, engine: Engine,
+                   reml: bool) -> Callable[[int, np.ndarray, float], None] | None:
+    """The fit's callback given θ and the objective on the user's scale."""
+    sc = engine.scaling
+    if callback is None or sc.is_identity:
+        return callback
+    offset = sc.reml_offset() if reml else 0.0
+    return lambda it, theta, f: callback(it, sc.theta(engine.theta_map, theta), f + offset)
+
+
+def blocked_engine(y: np.ndarray, X: np.ndarray, terms: list[Term], weights: np.ndarray | None = None,
+                   offset: np.ndarray | None = None, S: np.ndarray | None = None) -> BlockedEngine:
+    """The engine of several grouping factors on the rows in memory: each term's design
+    checked (lmefast.checks.check_random_design); the centring and scaling maps
+    (lmefast.scaling) chosen on the user's columns and applied to the working rows (prior
+    weights and offset, working_rows), the maps kept with the engine. ``S``: the fixed
+    effects' map when the caller has it (checked_response_and_design)."""
+    S = column_map(X, centre=True) if S is None else S
+    Cs = []
+    for t in terms:
+        mz = column_moments(t.Z)
+        C = random_map(t.Z, t.pattern, moments=mz)
+        check_random_design(scaled(t.Z, C), t.coef_names, f"({' + '.join(t.coef_names)} | {t.name})",
+                            ZtZ=mapped_gram(mz[1], C))
+        Cs.append(C)
+    y, X, _, _ = working_rows(y, X, np.zeros((len(y), 0)), [], weights, offset)
+    sw = None if weights is None else np.sqrt(weights)[:, None]
+    terms = [replace(t, Z=scaled(t.Z if sw is None else t.Z * sw, C)) for t, C in zip(terms, Cs, strict=True)]
+    engine = BlockedEngine(y, scaled(X, S), terms, weights=weights, offset=offset)
+    engine.design_scaling = DesignScaling(S, tuple(Cs))
+    return engine
 
 
 def single_group_as_crossed(y: np.ndarray, X: np.ndarray, Zre: np.ndarray, m: int,

@@ -134,6 +134,22 @@ class MultiCrossProducts:
                        XtX=np.ascontiguousarray(self.XtX[np.ix_(keep, keep)]),
                        Xty=np.ascontiguousarray(self.Xty[keep]))
 
+    def with_fixed_map(self, N: np.ndarray, d: np.ndarray, k1: int) -> MultiCrossProducts:
+        """β = d + Nγ: the design X N and the response y − X d."""
+        p = self.p
+        rec = k1 * k1 + k1 * p + k1
+        S1 = self.S1.reshape(-1, rec)
+        B = S1[:, k1 * k1:k1 * k1 + k1 * p].reshape(-1, k1, p)
+        c1 = S1[:, k1 * k1 + k1 * p:] - B @ d
+        S0 = np.concatenate([S1[:, :k1 * k1], (B @ N).reshape(S1.shape[0], -1), c1], axis=1)
+        XtX = self.XtX
+        return replace(self, S1=np.ascontiguousarray(S0.ravel()),
+                       B2=np.ascontiguousarray(self.B2 @ N),
+                       c2=np.ascontiguousarray(self.c2 - self.B2 @ d),
+                       XtX=np.ascontiguousarray(N.T @ XtX @ N),
+                       Xty=np.ascontiguousarray(N.T @ (self.Xty - XtX @ d)),
+                       yty=float(self.yty - 2 * d @ self.Xty + d @ XtX @ d))
+
     def without_fixed(self, j: int, value: float, k1: int) -> MultiCrossProducts:
         """β_j held at value: column j of X removed, value · x_j taken from the response."""
         p = self.p
@@ -492,13 +508,15 @@ class BlockedEngine(Engine):
 
     # -- at a solution -----------------------------------------------------------------------
     def modes_by_factor(self, obj: MultiObjective, sol: Solution) -> dict[str, pd.DataFrame]:
-        return {t.name: pd.DataFrame(b, index=pd.Index(t.labels, name=t.name),
+        sc = self.scaling
+        return {t.name: pd.DataFrame(sc.modes(j, b), index=pd.Index(t.labels, name=t.name),
                                      columns=list(t.coef_names))
-                for t, b in zip(self.terms, self._modes(obj, sol), strict=True)}
+                for j, (t, b) in enumerate(zip(self.terms, self._modes(obj, sol), strict=True))}
 
     def condvar_by_factor(self, obj: MultiObjective, sol: Solution) -> dict[str, np.ndarray]:
         cvs = obj.conditional_variances(sol)
-        return {t.name: cv for t, cv in zip(self.terms, cvs, strict=True)}
+        sc = self.scaling
+        return {t.name: sc.condvar(j, cv) for j, (t, cv) in enumerate(zip(self.terms, cvs, strict=True))}
 
     def modes_by_group(self, obj: MultiObjective, sol: Solution) -> dict[Any, pd.Series]:
         """statsmodels' one-group spelling: {group: Series indexed "name[level]"}; otherwise
@@ -524,7 +542,7 @@ class BlockedEngine(Engine):
     def fixed_part(self, beta: np.ndarray) -> np.ndarray:
         if not self.has_rows:
             raise self.no_rows("the fixed-effects design")
-        return self.to_data_scale(self.X @ beta, offset=False)
+        return self.to_data_scale(self.X @ self.scaling.beta_internal(beta), offset=False)
 
     def response(self) -> np.ndarray:
         if not self.has_rows:
@@ -533,7 +551,10 @@ class BlockedEngine(Engine):
 
     # -- inference ---------------------------------------------------------------------------
     def without_fixed(self, j: int, value: float) -> MultiCrossProducts:
-        return self.crossprods.without_fixed(j, value, self.terms[0].k)
+        k, v, N, d = self.scaling.fixed_constraint(j, value)
+        if N is None:
+            return self.crossprods.without_fixed(k, v, self.terms[0].k)
+        return self.crossprods.with_fixed_map(N, d, self.terms[0].k)
 
     def simulator(self, theta: np.ndarray, beta: np.ndarray, sigma: float) -> MultiSimulator:
         if not self.has_rows:

@@ -62,6 +62,12 @@ class KernelObjective:
         σ² (from the cross-products alone), or None where the engine has none."""
         return None
 
+    def sample(self, n_blocks: int) -> tuple[KernelObjective, float] | None:
+        """The objective on a sample of about ``n_blocks`` of its blocks, and the fraction f
+        kept (its curvature is about f times this one's): for the optimiser's first Hessian,
+        at a fraction of an evaluation's cost. None where the engine has no such sample."""
+        return None
+
     @property
     def n_evals(self) -> int:
         return int(self.kernel.n_evals)

@@ -61,6 +61,13 @@ class ProfiledObjective(KernelObjective):
     def n_blocks(self) -> int:
         return int(self.cp.layout.q_off.shape[0] - 1)
 
+    def sample(self, n_blocks: int) -> tuple[ProfiledObjective, float] | None:
+        m = self.n_blocks
+        if m < 2 * n_blocks:
+            return None
+        cp, f = self.cp.sample_of_blocks(m // n_blocks)
+        return ProfiledObjective(cp, self.theta_map, self.reml, self.n_threads), f
+
     def moment_theta(self) -> np.ndarray | None:
         """The Cholesky factor of Ψ/σ² (or √ of its diagonal for a diagonal T) from moment
         estimates on the structure's basis; a variance component: the mean relative variance
@@ -213,11 +220,42 @@ class OneFactorEngine(Engine):
                        layout=replace(spec.layout, vc_val=np.ascontiguousarray(spec.layout.vc_val * s)))
         return replace(compute_crossprods(rows, 1), log_weights=float(np.sum(np.log(weights))))
 
+    def _user_modes(self, obj: ProfiledObjective, sol: Solution) -> tuple[np.ndarray, np.ndarray]:
+        """The modes and conditional covariances on the user's scale: per group
+        D = blockdiag(C, the components' factors), b = D b̃, D V D' (lmefast.scaling)."""
+        b, cv = self._modes(obj, sol)
+        sc = self.scaling
+        if sc.is_identity:
+            return b, cv
+        lay, k = self.spec.layout, self.theta_map.k
+        q = np.diff(lay.q_off)
+        local = np.arange(b.shape[0]) - np.repeat(lay.q_off[:-1], q)
+        factors = np.array([C[0, 0] for C in sc.terms[1 if k else 0:]] + [1.0])
+        d = np.where(local >= k, factors[np.where(local >= k, lay.comp, -1)], 1.0)
+        b = b * d
+        cv = cv.copy()
+        C = sc.terms[0] if k else None
+        if k:
+            idx = lay.q_off[:-1, None] + np.arange(k)
+            b[idx] = b[idx] @ C.T
+        for qi in np.unique(q):
+            gs = np.nonzero(q == qi)[0]
+            qi = int(qi)
+            pos = lay.a_off[gs][:, None] + np.arange(qi * qi)[None, :]
+            blocks = cv[pos].reshape(-1, qi, qi)
+            dg = d[lay.q_off[gs][:, None] + np.arange(qi)[None, :]]
+            blocks = blocks * dg[:, :, None] * dg[:, None, :]
+            if k:
+                blocks[:, :k, :] = np.einsum("ab,gbc->gac", C, blocks[:, :k, :])
+                blocks[:, :, :k] = np.einsum("gab,cb->gac", blocks[:, :, :k], C)
+            cv[pos] = blocks.reshape(gs.shape[0], -1)
+        return b, cv
+
     # -- at a solution -----------------------------------------------------------------------
     def coefficient_modes(self, obj: ProfiledObjective, sol: Solution) -> pd.DataFrame:
         """Modes of the random coefficients, one row per group (k columns)."""
         lay, k = self.spec.layout, self.theta_map.k
-        b, _ = self._modes(obj, sol)
+        b, _ = self._user_modes(obj, sol)
         idx = lay.q_off[:-1, None] + np.arange(k)
         return pd.DataFrame(b[idx], index=pd.Index(self.spec.group_labels, name=self.spec.group_name),
                             columns=list(self.theta_map.re_names))
@@ -228,7 +266,7 @@ class OneFactorEngine(Engine):
         frame = self.coefficient_modes(obj, sol)
         tm, lay = self.theta_map, self.spec.layout
         if tm.n_vc:
-            b, _ = self._modes(obj, sol)
+            b, _ = self._user_modes(obj, sol)
             for v, name in enumerate(tm.vc_names):
                 col = np.zeros(self.n_groups)
                 coords = np.nonzero(lay.comp == v)[0]
@@ -240,7 +278,7 @@ class OneFactorEngine(Engine):
         return {self.spec.group_name: frame}
 
     def condvar_by_factor(self, obj: ProfiledObjective, sol: Solution) -> dict[str, np.ndarray]:
-        _, cv = self._modes(obj, sol)
+        _, cv = self._user_modes(obj, sol)
         lay, k = self.spec.layout, self.theta_map.k
         q = np.diff(lay.q_off)
         idx = (lay.a_off[:-1, None, None] + np.arange(k)[None, :, None] * q[:, None, None]
@@ -248,13 +286,13 @@ class OneFactorEngine(Engine):
         return {self.spec.group_name: cv[idx]}
 
     def modes_by_group(self, obj: ProfiledObjective, sol: Solution) -> dict[Any, pd.Series]:
-        b, _ = self._modes(obj, sol)
+        b, _ = self._user_modes(obj, sol)
         lay, spec = self.spec.layout, self.spec
         return {lab: pd.Series(b[lay.q_off[g]:lay.q_off[g + 1]], index=spec.coord_names(g))
                 for g, lab in enumerate(spec.group_labels.tolist())}
 
     def condvar_by_group(self, obj: ProfiledObjective, sol: Solution) -> dict[Any, pd.DataFrame]:
-        _, cv = self._modes(obj, sol)
+        _, cv = self._user_modes(obj, sol)
         lay, spec = self.spec.layout, self.spec
         out = {}
         for g, lab in enumerate(spec.group_labels.tolist()):
@@ -282,7 +320,7 @@ class OneFactorEngine(Engine):
     def fixed_part(self, beta: np.ndarray) -> np.ndarray:
         if not self.has_rows:
             raise self.no_rows("the fixed-effects design")
-        return self.to_data_scale(self.spec.X @ beta, offset=False)
+        return self.to_data_scale(self.spec.X @ self.scaling.beta_internal(beta), offset=False)
 
     def response(self) -> np.ndarray:
         if not self.has_rows:
@@ -291,7 +329,10 @@ class OneFactorEngine(Engine):
 
     # -- inference ---------------------------------------------------------------------------
     def without_fixed(self, j: int, value: float) -> CrossProducts:
-        return self.crossprods.without_fixed(j, value)
+        k, v, N, d = self.scaling.fixed_constraint(j, value)
+        if N is None:
+            return self.crossprods.without_fixed(k, v)
+        return self.crossprods.with_fixed_map(N, d)
 
     def simulator(self, theta: np.ndarray, beta: np.ndarray, sigma: float) -> YPartSimulator:
         if not self.has_rows:

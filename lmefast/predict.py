@@ -32,7 +32,7 @@ def predict(res: MixedLMResults, newdata: Any = None, include_random: bool = Tru
     arrays exog (n × p) / exog_re (n × k) / groups (n labels)."""
     if new_levels not in ("population", "error"):
         raise PredictionError(f"new_levels must be 'population' or 'error', not {new_levels!r}")
-    beta = res._sol.beta
+    beta = res._beta
     engine = res.engine
     if newdata is None and exog is None:
         return res._fitted.copy() if include_random else engine.fixed_part(beta)

@@ -21,14 +21,17 @@ interaction factor in any order).
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from lmefast.errors import ProfileError
+from lmefast.errors import IgnoredArgumentWarning, ProfileError
+from lmefast.model import IGNORED_FIT_KEYWORDS
 from lmefast.optimize import fit_theta
+from lmefast.smparams import theta_of, vc_order
 
 if TYPE_CHECKING:
     from lmefast.results import MixedLMResults
@@ -40,7 +43,8 @@ def _coef_label(name: str, group: str) -> str:
 
 def _term_entries(res: MixedLMResults, theta: np.ndarray
                   ) -> list[tuple[str, list[str], np.ndarray, list[tuple[int, int]]]]:
-    """(group, coefficient names, T, free entries of T in θ's order) per term."""
+    """(group, coefficient names, T on the user's scale, free entries of T in θ's order) per
+    term, at the engine's θ."""
     terms = res.model.covariance_terms(np.asarray(theta, dtype=float))
     patterns = res.engine.theta_map.patterns
     return [(g, c, T, list(zip(rows.tolist(), cols.tolist(), strict=True)))
@@ -109,11 +113,11 @@ def _psd_cholesky(C: np.ndarray) -> np.ndarray:
 
 
 def theta_from_sdcor(res: MixedLMResults, values: np.ndarray) -> tuple[np.ndarray, float]:
-    """Inverse of sdcor_from_theta: (θ, σ)."""
+    """Inverse of sdcor_from_theta: (the engine's θ, σ)."""
     sigma = float(values[-1])
     out = []
     pos = 0
-    for _group, _coefs, T, entries in _term_entries(res, res.theta):
+    for _group, _coefs, T, entries in _term_entries(res, res._sol.theta):
         k = T.shape[0]
         sd = np.zeros(k)
         cor = np.eye(k)
@@ -125,7 +129,7 @@ def theta_from_sdcor(res: MixedLMResults, values: np.ndarray) -> tuple[np.ndarra
         pos += len(entries)
         Tn = _psd_cholesky(cor * np.outer(sd, sd)) / sigma
         out.extend(Tn[i, j] for i, j in entries)
-    return np.array(out), sigma
+    return res._scaling.theta_internal(res.engine.theta_map, np.array(out)), sigma
 
 
 class Profiler:
@@ -135,7 +139,7 @@ class Profiler:
         self.res = res
         if res.reml:
             obj = res.engine.objective(False)
-            sol, _ = fit_theta(obj, res.theta)
+            sol, _ = fit_theta(obj, res._sol.theta)
         else:
             obj, sol = res._objective, res._sol
         self.obj, self.sol = obj, sol
@@ -151,7 +155,7 @@ class Profiler:
         for nm in self.sd_names:
             self.kind.append("sigma" if nm == "sigma" else nm.split("_", 1)[0])
         self.kind += ["beta"] * len(self.fe_names)
-        self.estimate = np.concatenate([self.sd_hat, sol.beta])
+        self.estimate = np.concatenate([self.sd_hat, res._scaling.beta(sol.beta)])
         self._warm: dict[int, np.ndarray] = {}
 
     # -- deviance with variance parameters fixed ------------------------------------------------
@@ -238,14 +242,37 @@ class Profiler:
             jb = j - len(self.sd_names)
             if C is None:
                 Linv = np.linalg.inv(self.sol.Lx)
-                C = self.sol.sigma2 * (Linv.T @ Linv)
+                C = self.res._scaling.cov_beta(self.sol.sigma2 * (Linv.T @ Linv))
             return float(np.sqrt(C[jb, jb]))
         if self.kind[j] == "cor":
             return 0.1
         return 0.1 * max(abs(est), 1e-3 * self.sd_hat[-1])
 
+    def _check_conditioned(self, j: int) -> None:
+        """Refuse the profile of a variance parameter of a term whose correlation is within
+        1e-6 of ±1 on the user's scale while the engine centred it (a predictor far from its
+        origin): the sd/cor parametrisation the profile moves in is degenerate there, and its
+        search would stop at the estimate."""
+        if self.kind[j] in ("beta", "sigma"):
+            return
+        sc, pos = self.res._scaling, 0
+        for C, (_group, _coefs, _T, entries) in zip(sc.terms, _term_entries(self.res, self.sol.theta),
+                                                   strict=True):
+            idx = range(pos, pos + len(entries))
+            pos += len(entries)
+            if j not in idx or np.count_nonzero(np.triu(C, 1)) == 0:
+                continue
+            cors = [self.sd_hat[i] for i in idx if self.kind[i] == "cor"]
+            if cors and np.max(np.abs(cors)) > 1 - 1e-6:
+                raise ProfileError(
+                    f"the profile of {self.names[j]} is not available: the term's correlation is "
+                    f"{max(cors, key=abs):.9g} on the data's scale (a predictor far from its origin), "
+                    "where standard deviations and correlations are degenerate; centre the "
+                    "predictor, or use method='bootstrap'")
+
     def endpoint(self, j: int, target: float) -> float:
         """The value where ζ = target (target < 0: below the estimate), or the boundary."""
+        self._check_conditioned(j)
         est = self.estimate[j]
         lo_b, hi_b = self._bounds(j)
         side = np.sign(target)
@@ -308,10 +335,10 @@ def profile_intervals(res: MixedLMResults, level: float = 0.95, parm=None) -> pd
 def wald_intervals(res: MixedLMResults, level: float = 0.95) -> pd.DataFrame:
     """lme4's confint(method='Wald'): β̂ ± z se for the fixed effects, NaN for the variance
     parameters."""
-    names, _ = sdcor_from_theta(res, res.theta, res.sigma)
+    names, _ = sdcor_from_theta(res, res._sol.theta, res.sigma)
     z = stats.norm.ppf(1 - (1 - level) / 2)
     se = np.sqrt(np.diag(res._cov_fe))
-    beta = res._sol.beta
+    beta = res._beta
     lo = np.concatenate([np.full(len(names), np.nan), beta - z * se])
     hi = np.concatenate([np.full(len(names), np.nan), beta + z * se])
     return pd.DataFrame(dict(zip(_labels(level), [lo, hi], strict=True)),
@@ -368,3 +395,136 @@ def profile(res: MixedLMResults, parm=None, alphamax: float = 0.01, n_points: in
             z = float(np.sign(v - prof.estimate[j]) * np.sqrt(max(d - prof.dmin, 0.0)))
             rows.append((prof.names[j], float(v), z, d))
     return pd.DataFrame(rows, columns=["parameter", "value", "zeta", "deviance"])
+
+
+# -- statsmodels' profile_re ----------------------------------------------------------------------
+def _covariance_pattern(free_T: np.ndarray) -> np.ndarray:
+    """Which entries of cov = TT' can be non-zero, from the free entries of T."""
+    F = np.asarray(free_T, dtype=float) != 0
+    return (F.astype(float) @ F.T.astype(float)) > 0
+
+
+def _profile_point(obj, engine, unpack, u0: np.ndarray, bounds: list) -> tuple[np.ndarray, object]:
+    """Minimise the objective over the free parameters u (L-BFGS-B, central differences) from
+    u0; returns (u, solution)."""
+    def f(u: np.ndarray) -> float:
+        cov, vcomp = unpack(u)
+        return obj(theta_of(engine, cov, vcomp))
+
+    def grad(u: np.ndarray) -> np.ndarray:
+        g = np.empty_like(u)
+        for i in range(u.shape[0]):
+            h = 1e-6 * max(abs(u[i]), 1e-2)
+            up, dn = u.copy(), u.copy()
+            up[i] += h
+            dn[i] -= h
+            if bounds[i][0] is not None:
+                dn[i] = max(dn[i], bounds[i][0])
+            g[i] = (f(up) - f(dn)) / (up[i] - dn[i])
+        return g
+
+    if u0.shape[0]:
+        out = optimize.minimize(f, u0, jac=grad, method="L-BFGS-B", bounds=bounds,
+                                options={"ftol": 1e-14, "gtol": 1e-9, "maxiter": 1000})
+        u = out.x if out.fun <= f(u0) else u0
+    else:
+        u = u0
+    cov, vcomp = unpack(u)
+    return u, obj.solve(theta_of(engine, cov, vcomp))
+
+
+def profile_re(res: MixedLMResults, re_ix, vtype: str, num_low: int = 5, dist_low: float = 1.0,
+               num_high: int = 5, dist_high: float = 1.0, **fit_kwargs) -> np.ndarray:
+    """statsmodels' ``profile_re``: the profile log-likelihood of one variance parameter.
+
+    ``vtype='re'``: the variance of random coefficient ``re_ix`` (an index); ``'vc'``: the
+    variance component named ``re_ix``. As statsmodels, the parameter is held on the scale of
+    the residual variance: at values x from (v̂ − dist_low)/σ̂² to v̂/σ̂² (num_low + 1 points)
+    and on to (v̂ + dist_high)/σ̂² (num_high more), with v̂ its estimate, x is fixed and every
+    other covariance parameter, σ² and β are re-fitted by the fit's criterion (REML or ML).
+    Returns an array of rows (x σ̃², llf) with σ̃² the re-fitted residual variance.
+
+    A coefficient's variance is fixed by ordering it first: with P the Cholesky factor of the
+    reordered relative covariance (on the fit's pattern), x = P₀₀², and the free entries of P
+    and √vcomp are optimised (θ follows by lmefast.smparams.theta_of); each point starts
+    from its neighbour nearer the estimate; the point at the estimate is the fit itself.
+    ``fit_kwargs``: statsmodels' optimiser settings
+    (lmefast.model.IGNORED_FIT_KEYWORDS) are accepted with an IgnoredArgumentWarning."""
+    unknown = sorted(set(fit_kwargs) - set(IGNORED_FIT_KEYWORDS))
+    if unknown:
+        raise TypeError(f"profile_re() got unexpected keyword argument(s) {unknown}")
+    if fit_kwargs:
+        warnings.warn(f"Argument(s) {', '.join(sorted(fit_kwargs))} ignored by lmefast's profile_re",
+                      IgnoredArgumentWarning, stacklevel=3)
+    if vtype not in ("re", "vc"):
+        raise ValueError(f"vtype must be 're' or 'vc', not {vtype!r}")
+    if int(num_low) < 0 or int(num_high) < 0:
+        raise ValueError("num_low and num_high must be non-negative")
+    engine, obj = res.engine, res._objective
+    pa = res.params_object
+    C = np.atleast_2d(np.asarray(pa.cov_re, dtype=float))
+    vcomp0 = np.asarray(pa.vcomp, dtype=float).ravel()
+    k = C.shape[0] if pa.k_re else 0
+    names = list(vc_order(engine))
+    coef = [c for c in engine.covariance_terms() if c.role == "coef"]
+    pattern = _covariance_pattern(coef[0].free) if coef else np.zeros((0, 0), dtype=bool)
+    order = np.arange(k)
+    if vtype == "re":
+        if not (isinstance(re_ix, int | np.integer) and 0 <= re_ix < k):
+            raise ValueError(f"re_ix must be the index of a random coefficient (0 to {k - 1}), got {re_ix!r}")
+        order[0], order[re_ix] = re_ix, 0
+        x0 = float(C[re_ix, re_ix])
+    else:
+        if re_ix not in names:
+            raise ValueError(f"re_ix must name a variance component ({names}), got {re_ix!r}")
+        x0 = float(vcomp0[names.index(re_ix)])
+    scale = res.scale
+    low, high = (scale * x0 - dist_low) / scale, (scale * x0 + dist_high) / scale
+    if low <= 0:
+        raise ValueError("dist_low is too large and would result in a negative variance; "
+                         "try a smaller value")
+    values = np.concatenate([np.linspace(low, x0, int(num_low) + 1),
+                             np.linspace(x0, high, int(num_high) + 1)[1:]])
+    # the free parameters u: entries of P (lower, on the reordered pattern) then √vcomp
+    mask = np.tril(pattern[np.ix_(order, order)])
+    rows, cols = np.nonzero(mask)
+    fixed_p = (vtype == "re")
+    keep_p = ~((rows == 0) & (cols == 0)) if fixed_p else np.ones(rows.shape[0], dtype=bool)
+    fixed_vc = names.index(re_ix) if vtype == "vc" else -1
+    keep_vc = np.array([i != fixed_vc for i in range(len(names))], dtype=bool)
+    inverse = np.argsort(order)
+
+    def pack(P: np.ndarray, sqrt_vc: np.ndarray) -> np.ndarray:
+        return np.concatenate([P[rows, cols][keep_p], sqrt_vc[keep_vc]])
+
+    def unpacker(x: float):
+        def unpack(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            P = np.zeros((k, k))
+            n_p = int(keep_p.sum())
+            vals = np.empty(rows.shape[0])
+            vals[keep_p] = u[:n_p]
+            if fixed_p:
+                vals[~keep_p] = np.sqrt(x)
+            P[rows, cols] = vals
+            sqrt_vc = np.empty(len(names))
+            sqrt_vc[keep_vc] = u[n_p:]
+            if fixed_vc >= 0:
+                sqrt_vc[fixed_vc] = np.sqrt(x)
+            cov = (P @ P.T)[np.ix_(inverse, inverse)]
+            return cov, sqrt_vc ** 2
+        return unpack
+
+    bounds = [(0.0, None) if r == c else (None, None) for r, c in zip(rows[keep_p], cols[keep_p], strict=True)]
+    bounds += [(0.0, None)] * int(keep_vc.sum())
+    u_hat = pack(_psd_cholesky(C[np.ix_(order, order)]) if k else np.zeros((0, 0)), np.sqrt(vcomp0))
+    out = np.empty((values.shape[0], 2))
+    n_left = int(num_low) + 1
+    for idx in [*range(n_left - 1, -1, -1), *range(n_left, values.shape[0])]:
+        x = float(values[idx])
+        if idx == n_left - 1:            # the estimate itself: the fit
+            u_prev, sol = u_hat, res._sol
+        else:
+            start = u_hat if idx == n_left else u_prev
+            u_prev, sol = _profile_point(obj, engine, unpacker(x), start, bounds)
+        out[idx] = (x * sol.sigma2, -0.5 * sol.objective)
+    return out

@@ -15,6 +15,7 @@ array, ``random_effects`` {group label: Series}; lme4's (``lmer``): ``cov_re`` a
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +41,8 @@ class MixedLMResults:
         self.model = model
         self._objective = objective
         self._sol = solution
-        self.optsummary = optsummary
         self._derived: dict[str, Any] = {}
+        self.optsummary = self._user_optsummary(optsummary)
 
     # -- pickling: the C kernel is not pickled but rebuilt from the cross-products ----------------
     def __getstate__(self) -> dict[str, Any]:
@@ -82,8 +83,9 @@ class MixedLMResults:
 
     @property
     def theta(self) -> np.ndarray:
-        """θ̂: lower triangle of T by columns, then the variance components' θ (lme4's order)."""
-        return self._sol.theta.copy()
+        """θ̂: lower triangle of T by columns, then the variance components' θ (lme4's order),
+        on the user's scale."""
+        return self._scaling.theta(self.engine.theta_map, self._sol.theta)
 
     @property
     def unidentifiable(self) -> bool:
@@ -165,12 +167,12 @@ class MixedLMResults:
     @property
     def llf(self) -> float:
         """Log-likelihood (REML log-likelihood for REML fits, as lme4's and statsmodels')."""
-        return -0.5 * self._sol.objective
+        return -0.5 * self.objective
 
     @property
     def objective(self) -> float:
         """lme4's objective: REML criterion or deviance (−2 llf)."""
-        return self._sol.objective
+        return self._sol.objective + self._objective_offset
 
     @property
     def aic(self) -> float:
@@ -186,15 +188,12 @@ class MixedLMResults:
     # -- fixed effects ---------------------------------------------------------------------
     @cached_property
     def _fe_params_pd(self) -> pd.Series:
-        return pd.Series(self._sol.beta.copy(), index=self.model.exog_names)
+        return pd.Series(self._beta, index=self.model.exog_names)
 
     @cached_property
     def _cov_fe(self) -> np.ndarray:
-        p = self.k_fe
-        if p == 0:
-            return np.zeros((0, 0))
-        Linv = np.linalg.inv(self._sol.Lx)
-        return self.scale * (Linv.T @ Linv)
+        """vcov(β̂) on the user's scale."""
+        return self._scaling.cov_beta(self._cov_fe_engine)
 
     @cached_property
     def _bse_fe_pd(self) -> pd.Series:
@@ -203,7 +202,7 @@ class MixedLMResults:
     # -- variance parameters ----------------------------------------------------------------
     @cached_property
     def _Ts(self) -> list[np.ndarray]:
-        return self.engine.theta_map.Ts(self._sol.theta)
+        return self._scaling.Ts(self.engine.theta_map.Ts(self._sol.theta))
 
     def _cov_of(self, j: int) -> np.ndarray:
         T = self._Ts[j]
@@ -245,7 +244,7 @@ class MixedLMResults:
         remembers the criterion of the fit, so ``model.loglike(res.params_object)`` is llf."""
         from lmefast.smparams import params_at
 
-        pa = params_at(self.engine, self._sol.theta, self._sol.beta)
+        pa = params_at(self.engine, self.theta, self._beta)
         pa.reml = self.reml
         return pa
 
@@ -266,9 +265,9 @@ class MixedLMResults:
         return out
 
     def _psi_at(self, theta: np.ndarray) -> np.ndarray:
-        """statsmodels' variance parameters at θ: the entries of T_j T_j' (= covariance /
-        scale) in the engine's order of params."""
-        Ts = self.engine.theta_map.Ts(np.asarray(theta, dtype=float))
+        """statsmodels' variance parameters at the engine's θ: the entries of T_j T_j' on the
+        user's scale (= covariance / scale) in the engine's order of params."""
+        Ts = self._scaling.Ts(self.engine.theta_map.Ts(np.asarray(theta, dtype=float)))
         S = [T @ T.T for T in Ts]
         return np.array([S[j][r, c] for j, r, c in self._variance_params], dtype=float)
 
@@ -310,7 +309,7 @@ class MixedLMResults:
     @cached_property
     def _params_pd(self) -> pd.Series:
         """statsmodels' params: fixed effects, then cov_re/scale (lower triangle), vcomp/scale."""
-        return pd.Series(np.concatenate([self._sol.beta, self._psi]),
+        return pd.Series(np.concatenate([self._beta, self._psi]),
                          index=self.model.exog_names + self._re_param_names)
 
     def _cov_params_pd(self) -> pd.DataFrame:
@@ -503,6 +502,45 @@ class MixedLMResults:
         return (f"<MixedLMResults {self.method}: llf={self.llf:.4f}, "
                 f"converged={self.converged}, singular={self.singular}>")
 
+    # -- the user's scale (lmefast.scaling) ---------------------------------------------------
+    # The engine fits centred and scaled designs; ``_sol`` and ``_objective`` are the engine's
+    # (θ̃, β̃, its objective), and inference that evaluates the objective works on them. What
+    # the results report is mapped back here, once.
+    @property
+    def _scaling(self):
+        return self.engine.scaling
+
+    @cached_property
+    def _beta(self) -> np.ndarray:
+        """β̂ = S β̃."""
+        return self._scaling.beta(self._sol.beta)
+
+    @cached_property
+    def _cov_fe_engine(self) -> np.ndarray:
+        """vcov(β̃) = σ̂² (Rx Rx')⁻¹ on the engine's design."""
+        if self.k_fe == 0:
+            return np.zeros((0, 0))
+        Linv = np.linalg.inv(self._sol.Lx)
+        return self.scale * (Linv.T @ Linv)
+
+    @property
+    def _objective_offset(self) -> float:
+        """The user's REML criterion minus the engine's (log|X'V⁻¹X| changes with the design's
+        scale); 0 for ML, whose deviance is invariant."""
+        return self._scaling.reml_offset() if self.reml else 0.0
+
+    def _user_optsummary(self, opt: OptSummary) -> OptSummary:
+        sc, tm = self._scaling, self.engine.theta_map
+        if sc.is_identity:
+            return opt
+        off = self._objective_offset
+        with np.errstate(all="ignore"):
+            return replace(opt, theta_initial=sc.theta(tm, opt.theta_initial),
+                           theta_final=sc.theta(tm, opt.theta_final),
+                           objective_initial=opt.objective_initial + off,
+                           objective_final=opt.objective_final + off,
+                           log=[(i, f + off) for i, f in opt.log])
+
     # -- inference (issue 4) --
     def coef_table(self, ddf: str | None = "satterthwaite", alpha: float = 0.05) -> pd.DataFrame:
         """Fixed effects with small-sample t-tests (lmefast.inference.coef_table)."""
@@ -646,3 +684,11 @@ class MixedLMResults:
             return pickle.load(fname)
         with open(fname, "rb") as fh:
             return pickle.load(fh)
+
+    def profile_re(self, re_ix, vtype: str, num_low: int = 5, dist_low: float = 1.0, num_high: int = 5,
+                   dist_high: float = 1.0, **fit_kwargs) -> np.ndarray:
+        """statsmodels' profile likelihood of one variance parameter (lmefast.profile.profile_re):
+        rows of (variance, llf)."""
+        from lmefast.profile import profile_re
+
+        return profile_re(self, re_ix, vtype, num_low, dist_low, num_high, dist_high, **fit_kwargs)

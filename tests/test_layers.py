@@ -15,16 +15,16 @@ PACKAGE = Path(lmefast.__file__).parent
 
 # lowest first; a module may import modules of its own layer or below
 LAYERS: list[set[str]] = [
-    {"errors", "parallel", "progress", "datasets", "_testing",
+    {"errors", "parallel", "progress", "datasets", "_testing", "scaling",
      "_bfgs", "_kernel", "_kernels", "_multi", "_crossprods", "_threads"},
     {"structure", "formula", "design", "checks", "params"},
     {"spec", "lmer"},
-    {"crossprods", "objective"},
+    {"crossprods", "objective", "userobjective"},
     {"engine"},
     {"onefactor", "multi"},
     {"optimize", "smparams"},
     {"results"},
-    {"model"},
+    {"model", "regularized", "distribution"},
     {"summary", "inference", "profile", "bootstrap", "predict", "plots"},
     {"chunked"},
     {"chunked_multi", "outofcore", "dask"},

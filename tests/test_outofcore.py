@@ -296,3 +296,13 @@ def test_one_changed_row_is_beyond_the_tolerances() -> None:
     moved = in_memory(df, "y ~ x1 + x2", "g", "~x1", True)
     err = np.max(np.abs(moved.theta - mem.theta)) / np.max(np.abs(mem.theta))
     assert err > 10 * RTOL, f"one changed row moves θ̂ by only {err:.2g} (relative)"
+
+
+def test_eval_env_on_parquet_is_refused_not_ignored(parquet_dir) -> None:
+    """Formulas on Parquet data see only the data's columns: a caller's namespace would be
+    ignored, so it raises (the default, depth 0, is accepted)."""
+    path = parquet_dir(MODEL_IDS[0])
+    with pytest.raises(lmefast.SpecificationError, match="eval_env"):
+        lmefast.mixedlm("y ~ x", str(path), groups="g", eval_env={"f": abs})
+    with pytest.raises(lmefast.SpecificationError, match="eval_env"):
+        lmefast.lmer("y ~ x + (1 | g)", str(path), eval_env={"f": abs})

@@ -55,6 +55,9 @@ DIFFERENCES: dict[str, str] = {
     **{f"TestMixedLM::test_compare_numdiff[{a}-{b}-{c}]": _VC_FORMAT
        for a in ("False", "True") for b in ("False", "True") for c in ("False", "True")},
     "TestMixedLM::test_vcomp_formula": _VC_FORMAT,
+    "TestMixedLM::test_profile_inference":
+        _VC_FORMAT + "; its profile_re calls on that model, compared with statsmodels': "
+        "tests/test_statsmodels_more.py::test_profile_re_variance_component",
     "TestMixedLM::test_vcomp_1":
         "exog_vc as a dict of dicts is lmefast's format, so no 'deprecated format' FutureWarning "
         "(the fit itself: tests/test_statsmodels_api.py::"
@@ -62,16 +65,7 @@ DIFFERENCES: dict[str, str] = {
 }
 
 # statsmodels features lmefast does not have yet. Test id → what is missing.
-_REGULARIZED = "fit_regularized (L1-penalised fixed effects) is not implemented"
-NOT_YET: dict[str, str] = {
-    "TestMixedLM::test_profile_inference": "profile_re is not implemented",
-    "test_profile_re_likelihood_peaks_at_mle": "profile_re (statsmodels' signature) is not implemented",
-    "TestMixedLM::test_vcomp_2": "formulas do not see functions of the caller's namespace (eval_env)",
-    "TestMixedLM::test_regularized": _REGULARIZED,
-    **{f"TestMixedLMSummaryRegularized::{t}": _REGULARIZED
-       for t in ("test_summary", "test_summary_xname_fe", "test_summary_xname_re", "test_summary_title")},
-    "test_get_distribution": "model.get_distribution is not implemented",
-}
+NOT_YET: dict[str, str] = {}
 
 EXPECTED_FAILURES = {**DIFFERENCES, **NOT_YET}
 
