@@ -26,6 +26,7 @@ MAX_THETA_FD_START = 6   # finite-difference Hessian at the moment start up to t
 MOMENT_MIN_BLOCKS = 2_000  # the moment start (driven from Python) only for objectives of at least
                            # this many blocks: below, an evaluation costs less than the Python
                            # around it, and the optimiser runs in C from lme4's start
+INTERIOR_DIAGONAL = 0.5        # interior_start: zero diagonal entries of T restart here
 HESSIAN_SAMPLE_BLOCKS = 5_000  # blocks in the sample whose Hessian starts BFGS (start_hessian)
 POLISH_STEPS = 3         # at most this many quasi-Newton steps past the BFGS test (`polish`)
 POLISH_RTOL = 1e-18      # ... while the predicted decrease is above this × |objective|
@@ -281,7 +282,38 @@ def fit_theta(
                 summary = replace(summary_d, theta_initial=theta0, log=summary.log + summary_d.log,
                                   n_evals=summary.n_evals + summary_d.n_evals,
                                   n_iter=summary.n_iter + summary_d.n_iter)
+    stopped = summary.return_code in (RETURN_MESSAGES[3], RETURN_MESSAGES[6])
+    if summary.singular and not stopped:
+        # A boundary fit can be a local optimum of the boundary (a covariance of lower rank,
+        # e.g. T = [[0, 0], [t, 0]]) rather than the optimum: a second fit from an interior
+        # start, the better of the two kept (a true boundary optimum is found again).
+        began_at_moments = (obj.n_blocks >= MOMENT_MIN_BLOCKS
+                            and np.array_equal(summary.theta_initial, default))
+        second = interior_start(obj, summary.theta_final, lower, not began_at_moments)
+        if second is not None:
+            sol_2, summary_2 = _fit_from(obj, second, lower, maxiter, False, None)
+            tol = 1e-8 * max(1.0, abs(sol.objective))
+            n_evals = summary.n_evals + summary_2.n_evals
+            if np.isfinite(sol_2.objective) and sol_2.objective < sol.objective - tol:
+                sol = sol_2
+                summary = replace(summary_2, theta_initial=summary.theta_initial,
+                                  log=summary.log + summary_2.log,
+                                  n_iter=summary.n_iter + summary_2.n_iter)
+            summary = replace(summary, n_evals=n_evals)
     return sol, summary
+
+
+def interior_start(obj: KernelObjective, theta: np.ndarray, lower: np.ndarray,
+                   moments: bool = True) -> np.ndarray | None:
+    """A second start for a fit that ended on the boundary: the moment start where the
+    objective has one (and ``moments``: the fit did not begin there), else θ with its zero
+    diagonal entries at INTERIOR_DIAGONAL and off-diagonal entries at zero."""
+    start = moment_start(obj) if moments else None
+    if start is not None and np.all(np.isfinite(start)) and np.all(start >= lower):
+        return np.maximum(start, lower)
+    diag = obj.theta_map.diagonal_mask()
+    x = np.where(diag, np.maximum(theta, INTERIOR_DIAGONAL), 0.0)
+    return None if np.array_equal(x, theta) else x
 
 
 def usable_start(theta0: np.ndarray, lower: np.ndarray, default: np.ndarray,
