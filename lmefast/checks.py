@@ -60,6 +60,8 @@ def full_rank_columns(X: np.ndarray, XtX: np.ndarray | None = None) -> np.ndarra
         nz = np.nonzero(scale)[0]
         keep = full_rank_columns(X[:, nz]) if nz.size else np.arange(0)
         return nz[keep]
+    if well_conditioned(XtX / np.outer(scale, scale)):
+        return np.arange(p)               # clearly of full rank: no pivoted QR needed to say so
     if X.shape[0] <= 200_000:
         R, piv = sla.qr(X / scale, mode="r", pivoting=True)
         d = np.abs(np.diag(R))
@@ -70,6 +72,17 @@ def full_rank_columns(X: np.ndarray, XtX: np.ndarray | None = None) -> np.ndarra
         d = np.abs(np.diag(R))
         rank = int(np.sum(d > RANK_TOL**2 * d[0]))
     return np.sort(piv[:rank])
+
+
+def well_conditioned(C: np.ndarray) -> bool:
+    """Whether a Gram matrix with unit diagonal is clearly of full rank: every pivot of its
+    Cholesky factor above 1e-3 (each column keeps at least 0.1% of its length off the span of
+    the ones before it: far above the rank tolerances, so the pivoted factorisations would keep
+    every column)."""
+    try:
+        return bool(np.min(np.diag(np.linalg.cholesky(C)), initial=np.inf) > 1e-3)
+    except np.linalg.LinAlgError:
+        return False
 
 
 def full_rank_columns_from_xtx(XtX: np.ndarray, n: int) -> np.ndarray:
@@ -133,11 +146,8 @@ def check_random_design(Z: np.ndarray, names: list[str] | tuple[str, ...], term:
     if k < 2:
         return
     d = 1.0 / np.sqrt(np.diag(G))
-    try:                                  # well conditioned: no pivoting needed to say so
-        if np.min(np.diag(np.linalg.cholesky(G * np.outer(d, d)))) > 1e-3:
-            return
-    except np.linalg.LinAlgError:
-        pass
+    if well_conditioned(G * np.outer(d, d)):   # no pivoting needed to say so
+        return
     keep = full_rank_columns_from_xtx(G, Z.shape[0])
     if keep.shape[0] < k:
         dropped = [str(names[j]) for j in range(k) if j not in set(keep.tolist())]

@@ -246,7 +246,8 @@ class MixedLM:
             raise SpecificationError("the data are empty: no rows to fit")
         y = np.ascontiguousarray(y_arr, dtype=float)
         X = _as_matrix(exog, "exog", n)
-        xnames = exog_names or _names(exog, _default_exog_names(X))
+        xnames = exog_names or (_names(exog, []) if isinstance(exog, pd.DataFrame | pd.Series) else
+                                [] ) or _default_exog_names(X)
         if exog_re is None and vc_designs is None and exog_vc is None:
             Zre, znames = np.ones((n, 1)), ["Group"]
         elif exog_re is None:   # variance components only: no random intercept (statsmodels)

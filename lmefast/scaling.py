@@ -86,7 +86,7 @@ def column_map(A: np.ndarray, centre: bool, moments: Moments | None = None) -> n
     moments = column_moments(A) if moments is None else moments
     sums, G, lo_col, hi_col = moments
     mean = sums / n
-    second = np.diag(G) / n
+    second = G.diagonal() / n
     var = second - mean * mean
     constant = lo_col == hi_col
     var[constant] = 0.0
@@ -95,10 +95,12 @@ def column_map(A: np.ndarray, centre: bool, moments: Moments | None = None) -> n
         var[j] = float(dev @ dev) / n
     sd = np.sqrt(np.maximum(var, 0.0))
     rms = np.sqrt(second)
-    lo, hi = 2.0 ** (-SCALE_RANGE - 0.5), 2.0 ** (SCALE_RANGE + 0.5)
-    far = (sd > 0) & (np.abs(mean) > CENTRE_RATIO * sd)
-    if not np.any(far | (rms > 0) & ((rms < lo) | (rms > hi))):
-        return M                         # nothing to centre or scale (the common case)
+    # nothing to centre or scale (the common case): every |mean| within CENTRE_RATIO sd, every
+    # root mean square within 2^±(SCALE_RANGE + 1/2) or zero
+    lo, hi = 2.0 ** (-2 * SCALE_RANGE - 1), 2.0 ** (2 * SCALE_RANGE + 1)
+    if ((var <= 0) | (mean * mean <= CENTRE_RATIO * CENTRE_RATIO * var)).all() and (
+            ((second >= lo) & (second <= hi)) | (second == 0)).all():
+        return M
     c0 = constant_column(A, moments) if centre else None
     ok = np.isfinite(sd) & np.isfinite(rms) & (rms > 0)
     centred = ok & (sd > 0) & (np.abs(mean) > CENTRE_RATIO * sd) if c0 is not None else np.zeros(k, bool)
@@ -120,10 +122,10 @@ def mapped_gram(G: np.ndarray, M: np.ndarray) -> np.ndarray | None:
     """(AM)'(AM) from A'A when that is exact: M diagonal with powers of two (or the
     identity); None when M centres (then the Gram matrix of AM must be formed from its rows:
     from A'A it would lose the digits the centring is there to keep)."""
-    if np.count_nonzero(M - np.diag(np.diag(M))):
+    d = M.diagonal()
+    if np.count_nonzero(M) > np.count_nonzero(d):
         return None
-    d = np.diag(M)
-    return G * np.outer(d, d)
+    return G if (d == 1.0).all() else G * np.outer(d, d)
 
 
 def tri(A: np.ndarray) -> np.ndarray:
@@ -238,7 +240,7 @@ def scaled(A: np.ndarray, M: np.ndarray) -> np.ndarray:
 
 
 def _is_eye(M: np.ndarray) -> bool:
-    return bool(np.array_equal(M, np.eye(M.shape[0])))
+    return bool(np.count_nonzero(M) == M.shape[0] and (M.diagonal() == 1.0).all())
 
 
 def component_scale(V) -> float:
