@@ -36,10 +36,12 @@ cdef enum:
 cdef void accumulate_range(
     const double* y, const double* X, const double* Zre, const i64* gcode, i64 n, int p, int k,
     const i64* q_off, const i64* s_off, const i64* vc_coord, const double* vc_val, int ne,
-    double* S, i64 g_lo, i64 g_hi, int* coord, double* val,
+    double* S, i64 g_lo, i64 g_hi, int* coord, double* val, const i64* rows, i64 n_rows,
 ) noexcept nogil:
-    """Rows whose group code is in [g_lo, g_hi) add z z', z x', z y into their group's record."""
-    cdef i64 r, g
+    """Rows whose group code is in [g_lo, g_hi) add z z', z x', z y into their group's record.
+    With ``rows`` (not NULL): only those n_rows rows, all of them in the range (a thread's own
+    rows, in increasing order: each group's rows are added in the same order as without)."""
+    cdef i64 r, g, ii, n_iter = n_rows if rows != NULL else n
     cdef int e, e2, nz, q, l, ci
     cdef double v, yr
     cdef double* A_g
@@ -50,12 +52,13 @@ cdef void accumulate_range(
     cdef i64 g2
     if ne == 0:
         # random coefficients only: every group's block is k × k
-        for r in range(n):
-            if r + PREFETCH_AHEAD < n:
-                g2 = gcode[r + PREFETCH_AHEAD]
+        for ii in range(n_iter):
+            if ii + PREFETCH_AHEAD < n_iter:
+                g2 = gcode[rows[ii + PREFETCH_AHEAD] if rows != NULL else ii + PREFETCH_AHEAD]
                 if g_lo <= g2 < g_hi:
                     LMEFAST_PREFETCH(&S[s_off[g2]])
                     LMEFAST_PREFETCH(&S[s_off[g2]] + 8)
+            r = rows[ii] if rows != NULL else ii
             g = gcode[r]
             if g < g_lo or g >= g_hi:
                 continue
@@ -73,7 +76,8 @@ cdef void accumulate_range(
                 for e2 in range(k):
                     A_g[e * k + e2] += v * z[e2]
         return
-    for r in range(n):
+    for ii in range(n_iter):
+        r = rows[ii] if rows != NULL else ii
         g = gcode[r]
         if g < g_lo or g >= g_hi:
             continue
@@ -124,13 +128,44 @@ cdef struct RowPass:
     int* coord            # per chunk: width ints and doubles of scratch
     double* val
     int width
+    const i64* rows       # NULL, or chunk t's rows at rows[row_off[t]:row_off[t + 1]]
+    const i64* row_off
 
 
 cdef void row_chunk(void* vctx, int t) noexcept nogil:
     cdef RowPass* c = <RowPass*>vctx
-    accumulate_range(c.y, c.X, c.Zre, c.gcode, c.n, c.p, c.k, c.q_off, c.s_off, c.vc_coord,
-                     c.vc_val, c.ne, c.S, c.bounds[t], c.bounds[t + 1], c.coord + t * c.width,
-                     c.val + t * c.width)
+    if c.rows != NULL:
+        accumulate_range(c.y, c.X, c.Zre, c.gcode, c.n, c.p, c.k, c.q_off, c.s_off, c.vc_coord,
+                         c.vc_val, c.ne, c.S, c.bounds[t], c.bounds[t + 1], c.coord + t * c.width,
+                         c.val + t * c.width, c.rows + c.row_off[t], c.row_off[t + 1] - c.row_off[t])
+    else:
+        accumulate_range(c.y, c.X, c.Zre, c.gcode, c.n, c.p, c.k, c.q_off, c.s_off, c.vc_coord,
+                         c.vc_val, c.ne, c.S, c.bounds[t], c.bounds[t + 1], c.coord + t * c.width,
+                         c.val + t * c.width, NULL, 0)
+
+
+cdef void rows_by_chunk(const i64* gcode, i64 n, const i64* chunk_of_group, int nth,
+                        i64* row_off, i64* rows) noexcept nogil:
+    """Each chunk's rows (a counting sort of the rows by chunk, stable: increasing row order
+    within a chunk), so that a thread reads its own rows only, not every row."""
+    cdef i64 r
+    cdef int t
+    for t in range(nth + 1):
+        row_off[t] = 0
+    for r in range(n):
+        row_off[chunk_of_group[gcode[r]] + 1] += 1
+    for t in range(nth):
+        row_off[t + 1] += row_off[t]
+    cdef i64* fill = <i64*>malloc(nth * sizeof(i64))
+    if fill == NULL:
+        return
+    for t in range(nth):
+        fill[t] = row_off[t]
+    for r in range(n):
+        t = <int>chunk_of_group[gcode[r]]
+        rows[fill[t]] = r
+        fill[t] += 1
+    free(fill)
 
 
 def accumulate(
@@ -183,6 +218,20 @@ def accumulate(
     c.coord = coord
     c.val = val
     c.width = width
+    c.rows = NULL
+    c.row_off = NULL
+    cdef i64[::1] rows_arr, row_off_arr, chunk_of
+    if nth > 1:
+        # each chunk reads only its own rows (listed once, in row order): each group's rows are
+        # still added in increasing row order, so the sums are those of one thread, bit for bit
+        chunk_of = np.repeat(np.arange(nth, dtype=np.int64), np.diff(np.asarray(bounds)))
+        rows_arr = np.empty(n, dtype=np.int64)
+        row_off_arr = np.empty(nth + 1, dtype=np.int64)
+        with nogil:
+            rows_by_chunk(&gcode[0], n, &chunk_of[0], nth, &row_off_arr[0], &rows_arr[0])
+        if row_off_arr[nth] == n:
+            c.rows = &rows_arr[0]
+            c.row_off = &row_off_arr[0]
     with nogil:
         run_chunks(row_chunk, &c, nth)
     free(coord)
