@@ -428,6 +428,17 @@ cdef class OneFactorKernel(Kernel):
         self.c.st.nt = ntri + nvc
         self.c.st.n_evals = 0
 
+    def set_response(self, const double[::1] S, const double[::1] Xty, double yty):
+        """Another response on the same design, in place (no new buffers): the records S
+        (the same layout and length as before: only the c_i parts differ), X'y and y'y."""
+        if S.shape[0] != (<object>self.keep[0]).shape[0] or Xty.shape[0] != (<object>self.keep[5]).shape[0]:
+            raise ValueError("set_response: the records or X'y differ in size from the design's")
+        self.keep[0] = S
+        self.keep[5] = Xty
+        self.c.bl.S = &S[0] if S.shape[0] > 0 else NULL
+        self.c.Xty = &Xty[0] if Xty.shape[0] > 0 else NULL
+        self.c.yty = yty
+
     def __dealloc__(self):
         cdef int t
         if self.c.ws != NULL:

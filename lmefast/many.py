@@ -71,7 +71,8 @@ def _right_hand_side(formula: str) -> str:
 
 def _response_matrix(responses: Any, n: int) -> tuple[np.ndarray, list[str]]:
     if isinstance(responses, pd.DataFrame):
-        bad = [str(c) for c in responses.columns if not pd.api.types.is_numeric_dtype(responses[c])]
+        bad = [str(c) for c, dt in zip(responses.columns, responses.dtypes, strict=True)
+               if not pd.api.types.is_numeric_dtype(dt)]
         if bad:
             raise SpecificationError(f"responses: column(s) {bad[:10]} are not numeric")
         names = [str(c) for c in responses.columns]
@@ -278,6 +279,7 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
     kept = beta_pos >= 0
     sc = engine.scaling
     reml_offset = sc.reml_offset() if reml else 0.0
+    identity = sc.is_identity
 
     bp, tp = beta_pos[kept], theta_pos
     tv = np.append(tp, -1)
@@ -289,7 +291,7 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
             j = idx[i]
             try:
                 if Wb is None:        # only the response parts differ from the template's
-                    obj = template.with_crossprods(engine.with_response(ZtY[:, i], XtY[:, i], yty[i]))
+                    obj = template.respond(engine.with_response(ZtY[:, i], XtY[:, i], yty[i]))
                 else:
                     obj = engine.objective(reml, 1, engine.weighted_crossprods(Yb[:, i], Wb[:, i]))
                 sol, opt = fit_theta(obj, start)
@@ -301,11 +303,12 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
             # on the user's scale (lmefast.scaling): θ, β = Sβ̃, cov = S cov S'; the
             # Satterthwaite parts stay in the engine's θ (df do not depend on θ's coordinates)
             # with the Jacobian of cov(β) mapped as cov is
-            out.theta[j, tp] = sc.theta(tm, sol.theta)
-            out.beta[j, bp] = sc.beta(sol.beta)
+            out.theta[j, tp] = sol.theta if identity else sc.theta(tm, sol.theta)
+            out.beta[j, bp] = sol.beta if identity else sc.beta(sol.beta)
             if bp.shape[0]:
                 Linv = np.linalg.inv(sol.Lx)
-                out.cov[j][cov_at] = sc.cov_beta(sol.sigma2 * (Linv.T @ Linv))
+                cov = sol.sigma2 * (Linv.T @ Linv)
+                out.cov[j][cov_at] = cov if identity else sc.cov_beta(cov)
             if satterthwaite:
                 out.A[j][A_at] = A
                 out.J[j][J_at] = J if sc.is_identity else np.einsum("ab,bcd,ec->aed", sc.fixed, J, sc.fixed)

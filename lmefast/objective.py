@@ -62,6 +62,13 @@ class KernelObjective:
         σ² (from the cross-products alone), or None where the engine has none."""
         return None
 
+    def respond(self, cp: Any) -> KernelObjective:
+        """This objective on cross-products that differ in the response parts only (Z'y, X'y,
+        y'y): a new objective (``with_crossprods``), or this one changed in place where the
+        kernel can swap them without new buffers (one response after another on one thread,
+        as fit_many does)."""
+        return self.with_crossprods(cp)
+
     def sample(self, n_blocks: int) -> tuple[KernelObjective, float] | None:
         """The objective on a sample of about ``n_blocks`` of its blocks, and the fraction f
         kept (its curvature is about f times this one's): for the optimiser's first Hessian,
