@@ -165,6 +165,10 @@ def test_arrays_and_bad_input() -> None:
         lmefast.fit_many("~ Days + (1 | Subject)", data, Y.iloc[:10])
     with pytest.raises(InferenceError, match="Kenward-Roger"):
         lmefast.fit_many("~ Days + (1 | Subject)", data, Y, ddf="kenward-roger")
+    with pytest.raises(SpecificationError, match=r"\['label'\] are not numeric"):
+        lmefast.fit_many("~ Days + (1 | Subject)", data, Y.assign(label="a"))
+    with pytest.raises(SpecificationError, match="duplicate"):
+        lmefast.fit_many("~ Days + (1 | Subject)", data, pd.concat([Y, Y], axis=1))
 
 
 def test_weights_and_offset_equal_lmer() -> None:
