@@ -406,7 +406,8 @@ def _fit_from(obj: KernelObjective, theta0: np.ndarray, lower: np.ndarray, maxit
     # Newton decrement from the quasi-Newton inverse Hessian; only when that does not show
     # convergence, a finite-difference Hessian (one gradient per θ) checks and polishes.
     free = ~((theta <= lower) & (sol.grad > 0))
-    decrement = float(sol.grad[free] @ Hinv[np.ix_(free, free)] @ sol.grad[free])
+    g_free = np.where(free, sol.grad, 0.0)      # g'H⁻¹g over the free θ (rows/columns of
+    decrement = float(g_free @ Hinv @ g_free)   # fixed ones meet zeros)
     dec_tol = max(DECREMENT_TOL, DECREMENT_RTOL * abs(sol.objective))
     if not 0.0 <= decrement < dec_tol:
         sol, decrement = newton_check(obj, sol, lower)

@@ -36,17 +36,22 @@ class ThetaMap:
     def n_theta(self) -> int:
         return int(self.offsets[-1])
 
-    def diagonal_mask(self) -> np.ndarray:
+    @cached_property
+    def _diagonal(self) -> np.ndarray:
         if not self.patterns:
             return np.zeros(0, dtype=bool)
         return np.concatenate([rows == cols for rows, cols in self.patterns])
 
+    def diagonal_mask(self) -> np.ndarray:
+        """Which entries of θ are diagonal entries of their T (a new array each call)."""
+        return self._diagonal.copy()
+
     def lower_bounds(self) -> np.ndarray:
-        return np.where(self.diagonal_mask(), 0.0, -np.inf)
+        return np.where(self._diagonal, 0.0, -np.inf)
 
     def start(self) -> np.ndarray:
         """lme4's start: T = I for every term."""
-        return self.diagonal_mask().astype(float)
+        return self._diagonal.astype(float)
 
     def Ts(self, theta: np.ndarray) -> list[np.ndarray]:
         """θ → the T of every term (k × k, lower triangular)."""
