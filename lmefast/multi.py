@@ -303,6 +303,11 @@ class MultiObjective(KernelObjective):
     lmefast._multi.MultiKernel (its blocks are the first factor's levels, then the trailing
     block, reported as a level beyond the last)."""
 
+    # an evaluation costs far more per block than one factor's (the trailing block's
+    # factorisation and its level loops): the moment start pays from ~50 blocks (a 100 × 6
+    # crossed design: 16.9 → 9.7 evaluations, 1.12 → 0.95 ms per fit with df)
+    moment_start_blocks = 50
+
     block_name = "level of the first factor"
     lazy_gradient = True
 

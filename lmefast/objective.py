@@ -52,6 +52,12 @@ class KernelObjective:
     #: its factorisation, so an accepted point's gradient is cheap afterwards)
     lazy_gradient = False
 
+    #: from this many blocks (n_blocks) the optimiser starts at the moment estimates
+    #: (moment_theta) instead of lme4's start: where the evaluations it saves cost more than
+    #: computing them (engine-specific; the Python-driven BFGS with a finite-difference
+    #: Hessian only from lmefast.optimize.MOMENT_MIN_BLOCKS)
+    moment_start_blocks: int = 2_000
+
     @property
     def n_blocks(self) -> int:
         """How many blocks an evaluation factorises (its cost grows with it)."""

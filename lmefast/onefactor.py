@@ -35,6 +35,9 @@ _INTERCEPTS = {"Intercept", "(Intercept)", "const"}
 class ProfiledObjective(KernelObjective):
     """The profiled objective of one grouping factor (lmefast._kernels.OneFactorKernel)."""
 
+    # the moment start (~70 µs of numpy) pays where an evaluation costs ~20 µs or more
+    moment_start_blocks = 500
+
     def __init__(self, cp: CrossProducts, theta_map: GroupThetaMap, reml: bool,
                  n_threads: int | None = None) -> None:
         self.cp = cp

@@ -186,3 +186,32 @@ def test_weights_and_offset_equal_lmer() -> None:
         assert res.status().nobs[name] == ref.nobs
         assert_same_as_lmer(res, name, ref)
         assert res.result(name).llf == pytest.approx(ref.llf, rel=1e-10)
+
+
+def test_designs_that_start_at_the_moment_estimates_equal_lmer() -> None:
+    """A crossed design of 60 donors × 4 batches (64 blocks: the optimiser starts at the moment
+    estimates, MultiObjective.moment_start_blocks) and one factor of 600 groups (above
+    ProfiledObjective.moment_start_blocks): every response equals lmer on it, and the optimum
+    equals the one reached from lme4's start."""
+    rng = np.random.default_rng(11)
+    donors, batches = 60, 4
+    data = pd.DataFrame({"donor": np.repeat([f"d{i}" for i in range(donors)], batches),
+                         "batch": np.tile([f"b{j}" for j in range(batches)], donors)})
+    data["age"] = rng.normal(40, 10, len(data))
+    b_d, b_b = rng.normal(0, 1, donors), rng.normal(0, 0.7, batches)
+    Y = pd.DataFrame({f"g{k}": 0.02 * data["age"] + np.repeat(b_d, batches) * (k % 3)
+                      + np.tile(b_b, donors) + rng.normal(0, 1, len(data)) for k in range(4)})
+    res = lmefast.fit_many("~ age + (1 | donor) + (1 | batch)", data, Y)
+    for name in Y.columns:
+        model = lmefast.lmer_model(f"{name} ~ age + (1 | donor) + (1 | batch)", data.assign(**{name: Y[name]}))
+        assert model.engine.objective(True).n_blocks >= model.engine.objective(True).moment_start_blocks
+        assert_same_as_lmer(res, name, model.fit())
+        from_lme4_start = model.fit(start_theta=1.001 * model.engine.theta_map.start())  # near lme4's
+        assert from_lme4_start.llf == pytest.approx(res.llf[name], rel=1e-9)
+    one = pd.DataFrame({"g": np.repeat(np.arange(600), 3), "x": rng.normal(size=1800)})
+    Y1 = pd.DataFrame({f"h{k}": one["x"] + np.repeat(rng.normal(0, 1, 600), 3) + rng.normal(0, 1, 1800)
+                       for k in range(2)})
+    res1 = lmefast.fit_many("~ x + (1 | g)", one, Y1)
+    for name in Y1.columns:
+        ref = lmefast.lmer(f"{name} ~ x + (1 | g)", one.assign(**{name: Y1[name]}))
+        assert_same_as_lmer(res1, name, ref)
