@@ -1,6 +1,7 @@
 """Cross-products: everything the profiled objective needs, from one pass over the rows."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -147,7 +148,33 @@ class CrossProducts:
     def with_fixed_map(self, N: np.ndarray, d: np.ndarray) -> CrossProducts:
         """β = d + Nγ: the design X N and the response y − X d (a linear constraint on β, e.g.
         a fixed effect held at a value on another scale of the columns)."""
-        lay, p, r = self.layout, self.p, N.shape[1]
+        S, s_new = self._map_fixed(N.shape[1], lambda B, c: (B @ N, c - B @ d))
+        XtX, Xty = self.XtX, self.Xty
+        Xty_d = Xty - XtX @ d
+        return CrossProducts(S=S, s_off=s_new, XtX=np.ascontiguousarray(N.T @ XtX @ N),
+                             Xty=np.ascontiguousarray(N.T @ Xty_d),
+                             yty=float(self.yty - 2 * d @ Xty + d @ XtX @ d), n=self.n,
+                             layout=self.layout, log_weights=self.log_weights)
+
+    def _with_columns(self, keep: np.ndarray, j: int | None, value: float) -> CrossProducts:
+        def part(B: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return B[:, :, keep], (c if j is None else c - value * B[:, :, j])
+
+        S, s_new = self._map_fixed(keep.shape[0], part)
+        XtX, Xty, yty = self.XtX, self.Xty, self.yty
+        if j is not None:
+            Xty = Xty - value * XtX[:, j]
+            yty = yty - 2 * value * self.Xty[j] + value * value * XtX[j, j]
+        return CrossProducts(S=S, s_off=s_new, XtX=np.ascontiguousarray(XtX[np.ix_(keep, keep)]),
+                             Xty=np.ascontiguousarray(Xty[keep]), yty=float(yty), n=self.n,
+                             layout=self.layout, log_weights=self.log_weights)
+
+    def _map_fixed(self, r: int, part: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Records with r fixed-effects columns: each group's (B_i, c_i) → part(B_i, c_i), for all
+        groups of one size at once (B: groups × q × p, c: groups × q); A_i unchanged. Returns
+        (S, s_off)."""
+        lay, p = self.layout, self.p
         q = np.diff(lay.q_off)
         s_new = record_offsets(lay, r)
         S = np.empty(int(s_new[-1]))
@@ -156,38 +183,10 @@ class CrossProducts:
             qi = int(qi)
             rec = self.records(qi, gs)
             B = rec[:, qi * qi:qi * qi + qi * p].reshape(-1, qi, p)
-            c = rec[:, qi * qi + qi * p:] - B @ d
-            new = np.concatenate([rec[:, :qi * qi], (B @ N).reshape(gs.shape[0], -1), c], axis=1)
+            B_new, c_new = part(B, rec[:, qi * qi + qi * p:])
+            new = np.concatenate([rec[:, :qi * qi], B_new.reshape(gs.shape[0], -1), c_new], axis=1)
             S[s_new[gs][:, None] + np.arange(new.shape[1])[None, :]] = new
-        XtX, Xty = self.XtX, self.Xty
-        Xty_d = Xty - XtX @ d
-        return CrossProducts(S=S, s_off=s_new, XtX=np.ascontiguousarray(N.T @ XtX @ N),
-                             Xty=np.ascontiguousarray(N.T @ Xty_d),
-                             yty=float(self.yty - 2 * d @ Xty + d @ XtX @ d), n=self.n, layout=lay)
-
-    def _with_columns(self, keep: np.ndarray, j: int | None, value: float) -> CrossProducts:
-        lay, p = self.layout, self.p
-        q = np.diff(lay.q_off)
-        s_new = record_offsets(lay, keep.shape[0])
-        S = np.empty(int(s_new[-1]))
-        for qi in np.unique(q):
-            gs = np.nonzero(q == qi)[0]
-            qi = int(qi)
-            rec = self.records(qi, gs)
-            B = rec[:, qi * qi:qi * qi + qi * p].reshape(-1, qi, p)
-            c = rec[:, qi * qi + qi * p:]
-            if j is not None:
-                c = c - value * B[:, :, j]
-            new = np.concatenate([rec[:, :qi * qi], B[:, :, keep].reshape(gs.shape[0], -1), c], axis=1)
-            S[s_new[gs][:, None] + np.arange(new.shape[1])[None, :]] = new
-        XtX, Xty, yty = self.XtX, self.Xty, self.yty
-        if j is not None:
-            Xty = Xty - value * XtX[:, j]
-            yty = yty - 2 * value * self.Xty[j] + value * value * XtX[j, j]
-        return CrossProducts(S=S, s_off=s_new, XtX=np.ascontiguousarray(XtX[np.ix_(keep, keep)]),
-                             Xty=np.ascontiguousarray(Xty[keep]), yty=float(yty), n=self.n,
-                             layout=lay, log_weights=self.log_weights)
-
+        return S, s_new
 
 def compute_crossprods(spec: ModelSpec, n_threads: int | None = None) -> CrossProducts:
     """One pass over the rows for the per-group blocks; X'X, X'y, y'y in a second

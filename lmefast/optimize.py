@@ -76,6 +76,22 @@ def projected_gradient(theta: np.ndarray, grad: np.ndarray, lower: np.ndarray) -
     return np.where(at_bound, 0.0, grad)
 
 
+def central_gradient(f: Callable[[np.ndarray], float], x: np.ndarray,
+                     lower: np.ndarray | None = None) -> np.ndarray:
+    """∇f(x) by central differences (step 1e-6 × max(|x_i|, 0.01)), the lower point held at
+    its bound where ``lower`` has one (the difference is then over the shorter interval)."""
+    g = np.empty_like(x, dtype=float)
+    for i in range(x.shape[0]):
+        h = 1e-6 * max(abs(x[i]), 1e-2)
+        up, dn = x.copy(), x.copy()
+        up[i] += h
+        dn[i] -= h
+        if lower is not None and np.isfinite(lower[i]):
+            dn[i] = max(dn[i], lower[i])
+        g[i] = (f(up) - f(dn)) / (up[i] - dn[i])
+    return g
+
+
 def hessian_fd(obj: KernelObjective, theta: np.ndarray, grad: np.ndarray,
                free: np.ndarray) -> np.ndarray:
     """Hessian of the objective on the free coordinates by forward differences of the

@@ -30,7 +30,7 @@ from scipy import optimize, stats
 
 from lmefast.errors import IgnoredArgumentWarning, ProfileError
 from lmefast.model import IGNORED_FIT_KEYWORDS
-from lmefast.optimize import fit_theta
+from lmefast.optimize import central_gradient, fit_theta
 from lmefast.smparams import theta_of, vc_order
 
 if TYPE_CHECKING:
@@ -411,17 +411,10 @@ def _profile_point(obj, engine, unpack, u0: np.ndarray, bounds: list) -> tuple[n
         cov, vcomp = unpack(u)
         return obj(theta_of(engine, cov, vcomp))
 
+    lower = np.array([-np.inf if lo is None else lo for lo, _ in bounds], dtype=float)
+
     def grad(u: np.ndarray) -> np.ndarray:
-        g = np.empty_like(u)
-        for i in range(u.shape[0]):
-            h = 1e-6 * max(abs(u[i]), 1e-2)
-            up, dn = u.copy(), u.copy()
-            up[i] += h
-            dn[i] -= h
-            if bounds[i][0] is not None:
-                dn[i] = max(dn[i], bounds[i][0])
-            g[i] = (f(up) - f(dn)) / (up[i] - dn[i])
-        return g
+        return central_gradient(f, u, lower)
 
     if u0.shape[0]:
         out = optimize.minimize(f, u0, jac=grad, method="L-BFGS-B", bounds=bounds,

@@ -38,6 +38,7 @@ import numpy as np
 from scipy import optimize
 
 from lmefast.objective import KernelObjective, Solution
+from lmefast.optimize import central_gradient
 from lmefast.results import MixedLMResults
 from lmefast.smparams import loglike_at
 
@@ -138,14 +139,7 @@ def _penalized_theta(obj: KernelObjective, theta0: np.ndarray, lower: np.ndarray
         return sol.objective + 2.0 * float(penalty.func(sol.beta))
 
     def grad(theta: np.ndarray) -> np.ndarray:
-        g = np.empty_like(theta)
-        for j in range(theta.shape[0]):
-            h = 1e-6 * max(abs(theta[j]), 1e-2)
-            up, dn = theta.copy(), theta.copy()
-            up[j] += h
-            dn[j] = max(theta[j] - h, lower[j])
-            g[j] = (f(up) - f(dn)) / (up[j] - dn[j])
-        return g
+        return central_gradient(f, theta, lower)
 
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
     out = optimize.minimize(f, theta0, jac=grad, method="L-BFGS-B", bounds=bounds,

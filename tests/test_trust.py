@@ -287,3 +287,19 @@ def test_fit_many_in_other_units_equals_lmer() -> None:
                                    rtol=1e-5)
         ct = ref.coef_table(ddf="satterthwaite")
         np.testing.assert_allclose(table.loc[name, "df"].to_numpy(), ct["df"].to_numpy(), rtol=1e-4)
+
+
+def test_profile_of_a_centred_fixed_effect_keeps_the_prior_weights_term() -> None:
+    """A weighted fit whose intercept is profiled through the centring map (β held by a linear
+    constraint, CrossProducts.with_fixed_map): the constrained objective keeps Σ log w, so the
+    interval is a real interval around the estimate, as wide as the Wald interval to a few per
+    cent (it collapsed to the estimate when the term was lost)."""
+    df = datasets.load_dietox().copy()
+    w = np.random.default_rng(3).uniform(0.5, 2.0, len(df))
+    df["Time"] = df["Time"].astype(float) + 2000.0
+    res = lmefast.lmer("Weight ~ Time + (1 | Pig)", df, weights=w)
+    assert not res.model.engine.scaling.is_identity
+    lo, hi = res.conf_int(method="profile", parm="(Intercept)").to_numpy()[0]
+    est, se = res.fe_params.iloc[0], res.bse_fe.iloc[0]
+    assert lo < est < hi
+    assert (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.05)
