@@ -53,6 +53,7 @@ from lmefast.onefactor import OneFactorEngine
 from lmefast.parallel import resolve_threads
 from lmefast.progress import ProgressFn, progress_function
 from lmefast.results import MixedLMResults
+from lmefast.scaling import DesignScaling, column_map_from_gram
 from lmefast.spec import (
     BlockLayout,
     GroupThetaMap,
@@ -188,7 +189,45 @@ def model_from_chunks(plan: ChunkPlan, source: ChunkSource, progress: ProgressFn
     stats = source.map_reduce(plan.used, stats_part, (source.shared((plan, coder)), nth), merge_stats,
                               stage=f"pass {n_pass}/{n_pass} (cross-products), {unit}",
                               progress=progress, fold=stats_fold)
+    maps = design_maps(plan, stats)
+    if maps is not None:
+        # columns far from zero or of extreme spread (a year-like origin, seconds since 1970,
+        # micrometres): the pass again on centred and scaled designs, as the rows in memory are
+        # (lmefast.scaling), so that the fit does not depend on the units
+        plan.maps = maps
+        stats = source.map_reduce(plan.used, stats_part, (source.shared((plan, coder)), nth), merge_stats,
+                                  stage=f"pass {n_pass}/{n_pass} again (centred and scaled "
+                                        f"cross-products), {unit}", progress=progress, fold=stats_fold)
     return build_model(plan, labels, stats, source)
+
+
+def design_maps(plan: ChunkPlan, stats: ChunkStats | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The centring and scaling maps (S of X, C of the random coefficients' Z) that the rows in
+    memory would get, from the cross-products of a pass (lmefast.scaling.column_map_from_gram);
+    None when both are the identity (the common case)."""
+    if stats is None or stats.n == 0 or stats.xnames is None:
+        return None
+    xnames, znames = list(stats.xnames), list(stats.znames or [])
+    c_x = next((j for j, c in enumerate(xnames) if c in ("Intercept", "(Intercept)")), None)
+    n_x = stats.XtX[c_x, c_x] if c_x is not None else float(stats.n)
+    S = column_map_from_gram(stats.XtX, n_x, c_x, centre=True)
+    k = len(znames)
+    C = np.eye(k)
+    if k:
+        q = np.diff(plan.layout(stats.counts.shape[0]).q_off)
+        s_off = record_offsets(plan.layout(stats.counts.shape[0]), stats.p)
+        rc = np.arange(k)
+        ZtZ = np.array([[stats.S[s_off[:-1] + r * q + c].sum() for c in rc] for r in rc])
+        c_z = znames.index(plan.group) if plan.group in znames else None
+        n_z = ZtZ[c_z, c_z] if c_z is not None else float(stats.n)
+        C = column_map_from_gram(ZtZ, n_z, c_z, centre=True)
+    if _identity(S) and _identity(C):
+        return None
+    return S, C
+
+
+def _identity(M: np.ndarray) -> bool:
+    return bool(np.array_equal(M, np.eye(M.shape[0])))
 
 
 def label_kind(values: pd.Series, what: str, where: str) -> str | None:
@@ -358,6 +397,9 @@ class ChunkPlan:
     znames: list[str] | None = None
     vnames: list[tuple[str, ...]] | None = None
     vcmap: VCMap | None = None
+    #: (S, C): the centring and scaling maps of X and of the random coefficients' Z
+    #: (lmefast.scaling), applied to every chunk's design; None: the designs as they are
+    maps: tuple[np.ndarray, np.ndarray] | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -803,6 +845,8 @@ def chunk_stats(plan: ChunkPlan, coder: LabelCoder, df: pd.DataFrame, where: str
     y, X, Zre, g, keep, V = plan.design(df, where, need_y=True)
     if y.shape[0] == 0:
         return stats
+    if plan.maps is not None:                  # centred and scaled designs (design_maps)
+        X, Zre = X @ plan.maps[0], Zre @ plan.maps[1]
     raw_y, log_w = y, 0.0
     codes = _group_codes(coder, g, where)
     m = coder.labels.shape[0]
@@ -933,6 +977,12 @@ def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None,
     source.plan, source.coder = plan, LabelCoder(labels)
     source.make_payload = one_factor_payload
     engine = OneFactorEngine(spec, crossprods=cp, group_sizes=counts, source=source)
+    if plan.maps is not None:
+        S_map, C_map = plan.maps
+        if dropped:
+            S_map = S_map[np.ix_(keep, keep)]
+        engine.design_scaling = DesignScaling(
+            S_map, ((C_map,) if k else ()) + tuple(np.eye(1) for _ in plan.vc_names))
     return MixedLM.from_engine(engine, api="statsmodels", endog_name=yname, exog_names=xnames,
                                dropped_exog=dropped)
 

@@ -33,6 +33,7 @@ from lmefast.multi import (
     sorted_unique,
 )
 from lmefast.progress import ProgressFn
+from lmefast.scaling import DesignScaling, column_map_from_gram
 from lmefast.structure import Term
 
 
@@ -67,6 +68,9 @@ class _Passes:
         self.response, self.fixed, self.random = response, fixed, random
         self.used, self.missing, self.labels = used, missing, labels
         self.weights, self.offset = weights, offset
+        #: (S, [C_j]): centring and scaling maps of X and of each term's Z (lmefast.scaling),
+        #: applied to every chunk's designs; None: the designs as they are
+        self.maps: tuple[np.ndarray, list[np.ndarray]] | None = None
 
     @property
     def fit_only_columns(self) -> list[str]:
@@ -185,7 +189,7 @@ def _merge_sums(*parts: tuple | None) -> tuple | None:
     parts = tuple(p for p in parts if p is not None)
     if not parts:
         return None
-    sums, sizes, xnames, terms, (ymin, ymax), log_w = parts[0]
+    sums, sizes, xnames, terms, (ymin, ymax), log_w, ztz = parts[0]
     for other in parts[1:]:
         if other[2] != xnames:
             raise SpecificationError(f"chunks give different fixed-effects columns: {xnames} and {other[2]}")
@@ -193,7 +197,25 @@ def _merge_sums(*parts: tuple | None) -> tuple | None:
         sizes = {name: sizes[name] + other[1][name] for name in sizes}
         ymin, ymax = min(ymin, other[4][0]), max(ymax, other[4][1])
         log_w += other[5]
-    return sums, sizes, xnames, terms, (ymin, ymax), log_w
+        ztz = [a + b for a, b in zip(ztz, other[6], strict=True)]
+    return sums, sizes, xnames, terms, (ymin, ymax), log_w, ztz
+
+
+def design_maps(XtX: np.ndarray, n: int, xnames: list[str], terms: list[Term], ztz: list[np.ndarray]
+                ) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """The centring and scaling maps the rows in memory would get (model.blocked_engine), from
+    the cross-products of a pass: S of X (X'X; unweighted-equivalent where there are no
+    weights), C_j of each term's Z (its Z'Z, before weights); None when all are the identity."""
+    c_x = next((j for j, c in enumerate(xnames) if c in ("Intercept", "(Intercept)")), None)
+    S = column_map_from_gram(XtX, XtX[c_x, c_x] if c_x is not None else float(n), c_x, centre=True)
+    Cs = []
+    for t, G in zip(terms, ztz, strict=True):
+        c_z = next((j for j, c in enumerate(t.coef_names) if c == "(Intercept)"), None)
+        full = t.pattern[0].shape[0] == t.k * (t.k + 1) // 2
+        Cs.append(column_map_from_gram(G, G[c_z, c_z] if c_z is not None else float(n), c_z, centre=full))
+    if all(np.array_equal(M, np.eye(M.shape[0])) for M in [S, *Cs]):
+        return None
+    return S, Cs
 
 
 def _pairs_part(df: pd.DataFrame, where: str, passes: _Passes) -> np.ndarray:
@@ -207,6 +229,12 @@ def _sums_part(df: pd.DataFrame, where: str, passes: _Passes, keys: np.ndarray) 
         return None
     terms = passes.terms(df)
     X, xnames = design_matrix(passes.fixed, df)
+    # the terms' Z'Z (before any map or weights): what the maps are chosen from (design_maps)
+    ztz = [t.Z.T @ t.Z for t in terms]
+    if passes.maps is not None:         # centred and scaled designs (multi_model_from_chunks)
+        X = np.ascontiguousarray(X @ passes.maps[0])
+        terms = [replace(t, Z=np.ascontiguousarray(t.Z @ C))
+                 for t, C in zip(terms, passes.maps[1], strict=True)]
     raw_y = df[passes.response].to_numpy(dtype=float)
     y, log_w = raw_y, 0.0
     if passes.offset is not None:
@@ -221,7 +249,7 @@ def _sums_part(df: pd.DataFrame, where: str, passes: _Passes, keys: np.ndarray) 
     rowless = [Term(t.name, np.zeros(0, dtype=np.int64), t.labels, np.zeros((0, t.k)), t.coef_names,
                     t.pattern) for t in terms]
     return (multi_sums(y, X, terms, keys), sizes, list(xnames), rowless,
-            (float(raw_y.min()), float(raw_y.max())), log_w)
+            (float(raw_y.min()), float(raw_y.max())), log_w, ztz)
 
 
 def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm], used: list[str],
@@ -252,7 +280,17 @@ def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm],
                                stage=f"pass 3/3 (cross-products), {unit}", progress=progress)
     if result is None:
         raise SpecificationError("the data are empty: no rows to fit")
-    sums, sizes, xnames, terms, (ymin, ymax), log_w = result
+    maps = design_maps(result[0].XtX, result[0].n, result[2], result[3], result[6])
+    if maps is not None:
+        # columns far from zero or of extreme spread: the pass again on centred and scaled
+        # designs, as the rows in memory are (lmefast.scaling), so that the fit does not depend
+        # on the units
+        rules.maps = maps
+        passes = source.shared(rules)
+        result = source.map_reduce(used, _sums_part, (passes, source.shared(keys)), _merge_sums,
+                                   stage=f"pass 3/3 again (centred and scaled cross-products), {unit}",
+                                   progress=progress)
+    sums, sizes, xnames, terms, (ymin, ymax), log_w, _ = result
     design_names = list(xnames)
     xnames = ["(Intercept)" if c == "Intercept" else c for c in xnames]
     check_not_constant(ymin, ymax, response)
@@ -266,6 +304,9 @@ def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm],
     source.make_payload = partial(multi_payload, passes=rules,
                                   xnames=["(Intercept)" if c == "Intercept" else c for c in design_names])
     engine = BlockedEngine(None, None, terms, crossprods=cp, group_sizes=sizes, nobs=sums.n, source=source)
+    if maps is not None:
+        engine.design_scaling = DesignScaling(maps[0][np.ix_(keep, keep)] if dropped else maps[0],
+                                              tuple(maps[1]))
     return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames,
                                dropped_exog=dropped)
 

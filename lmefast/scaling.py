@@ -19,7 +19,8 @@ a constant column to absorb the centre) and of unit spread:
   diagonal keeps the pattern of T);
 * a column is scaled when its spread is far from 1 (column_map has the thresholds): columns
   already well conditioned are left as they are, so ordinary data are fitted on their own
-  design (and as the chunked paths fit them, which do not centre yet).
+  design (and data in chunks with one pass: the chunk paths choose the same maps from their
+  cross-products, column_map_from_gram, and repeat the pass only when a map is needed).
 
 Scale factors are powers of two, so scaling alone is exact in floating point. The ML deviance
 is invariant; the REML criterion changes by the constant log|S'S| (it holds log|X'V⁻¹X|),
@@ -71,8 +72,8 @@ def column_map(A: np.ndarray, centre: bool, moments: Moments | None = None) -> n
     CENTRE_RATIO of its standard deviations from zero is centred; a column whose spread
     (standard deviation when centred, else root mean square) is outside 2^±SCALE_RANGE is
     divided by the power of two nearest it. Other columns, and columns without spread, are
-    left as they are (the same design, and so the same fit, as the chunked paths, which do not
-    centre). Exact for the model: any invertible M is.
+    left as they are (the common case: no copy, and one pass for data in chunks). Exact for
+    the model: any invertible M is.
 
     The statistics come from one pass over the rows (``column_moments``, or ``moments`` when
     the caller has them): the variance from the second moment, except for a column whose
@@ -93,6 +94,32 @@ def column_map(A: np.ndarray, centre: bool, moments: Moments | None = None) -> n
     for j in np.nonzero(~constant & ~(var > 1e-6 * second))[0]:
         dev = A[:, j] - mean[j]
         var[j] = float(dev @ dev) / n
+    c0 = constant_column(A, moments) if centre else None
+    return _map_from_moments(mean, var, second, c0, float(A[0, c0]) if c0 is not None else 1.0)
+
+
+def column_map_from_gram(G: np.ndarray, n: float, constant: int | None, centre: bool) -> np.ndarray:
+    """column_map from A'A alone (data seen only through their cross-products: Parquet, Dask),
+    where column ``constant`` (or None) is a column of ones: means from its row of A'A. The
+    variance of a column far from zero loses digits to cancellation here, but the map needs
+    only its power of two; exact for the model whatever it is."""
+    k = G.shape[0]
+    if k == 0 or n <= 0:
+        return np.eye(k)
+    second = G.diagonal() / n
+    mean = G[constant] / n if constant is not None else np.zeros(k)
+    var = np.maximum(second - mean * mean, 0.0) if constant is not None else second.copy()
+    if constant is not None:
+        var[constant] = 0.0
+    return _map_from_moments(mean, var, second, constant if centre else None, 1.0)
+
+
+def _map_from_moments(mean: np.ndarray, var: np.ndarray, second: np.ndarray, c0: int | None,
+                      c0_value: float) -> np.ndarray:
+    """The map of column_map from the columns' means, variances and mean squares; c0: the
+    constant column (value c0_value) that absorbs the centres, or None (scaling only)."""
+    k = mean.shape[0]
+    M = np.eye(k)
     sd = np.sqrt(np.maximum(var, 0.0))
     rms = np.sqrt(second)
     # nothing to centre or scale (the common case): every |mean| within CENTRE_RATIO sd, every
@@ -101,7 +128,6 @@ def column_map(A: np.ndarray, centre: bool, moments: Moments | None = None) -> n
     if ((var <= 0) | (mean * mean <= CENTRE_RATIO * CENTRE_RATIO * var)).all() and (
             ((second >= lo) & (second <= hi)) | (second == 0)).all():
         return M
-    c0 = constant_column(A, moments) if centre else None
     ok = np.isfinite(sd) & np.isfinite(rms) & (rms > 0)
     centred = ok & (sd > 0) & (np.abs(mean) > CENTRE_RATIO * sd) if c0 is not None else np.zeros(k, bool)
     spread = np.where(centred, sd, rms)
@@ -114,7 +140,7 @@ def column_map(A: np.ndarray, centre: bool, moments: Moments | None = None) -> n
         return M
     M[np.diag_indices(k)] = 1.0 / s
     if c0 is not None and centred.any():
-        M[c0, centred] = -mean[centred] / (A[0, c0] * s[centred])
+        M[c0, centred] = -mean[centred] / (c0_value * s[centred])
     return M
 
 
