@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from lmefast.model import MixedLM, blocked_engine, checked_response_and_design, 
 from lmefast.outofcore import ParquetSource, mixedlm_parquet
 from lmefast.progress import ProgressFn, progress_function
 from lmefast.results import MixedLMResults
+from lmefast.spec import GroupThetaMap
 
 
 def _is_scale_out(data: Any) -> bool:
@@ -178,8 +180,19 @@ def scale_out_lmer_model(formula: str, data: Any, missing: str, weights: str | N
                 f"lmer on Parquet or Dask data: the term ({t.expr} | {t.group}) after the first "
                 "must be a single uncorrelated column like (0 + x | g)")
         vc[parts[1]] = t.expr
-    return mixedlm(f"{response} ~ {fixed}", data, groups=groups[0], re_formula=random[0].expr,
-                   vc_formula=vc or None, missing=missing, weights=weights, offset=offset, **options)
+    model = mixedlm(f"{response} ~ {fixed}", data, groups=groups[0], re_formula=random[0].expr,
+                    vc_formula=vc or None, missing=missing, weights=weights, offset=offset, **options)
+    # the same structure, in lme4's shapes and names (as lmer on rows in memory)
+    engine = model.engine
+    tm = engine.spec.theta_map
+    re_names = tuple("(Intercept)" if c == groups[0] else c for c in tm.re_names)
+    engine.spec = replace(engine.spec, theta_map=GroupThetaMap(tm.k, tm.n_vc, re_names, tm.vc_names, tm.tril))
+    engine.theta_map = engine.spec.theta_map
+    engine.lme4_names = True
+    return MixedLM.from_engine(model.engine, api="lme4", endog_name=model.endog_name,
+                               exog_names=["(Intercept)" if c == "Intercept" else c
+                                           for c in model.exog_names],
+                               dropped_exog=model.dropped_exog)
 
 
 def lmer(formula: str, data: Any, reml: bool = True, missing: str = "raise",

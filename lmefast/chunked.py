@@ -1062,7 +1062,8 @@ def one_factor_payload(res: MixedLMResults) -> PredictPayload:
     plan = source.plan
     beta = np.zeros(len(plan.xnames or []))
     pos = {n: j for j, n in enumerate(plan.xnames or [])}
-    for name, b in zip(res.model.exog_names, res._sol.beta, strict=True):
+    pos.setdefault("(Intercept)", pos.get("Intercept", -1))      # lme4's name of the intercept
+    for name, b in zip(res.model.exog_names, res._beta, strict=True):   # β on the user's scale
         beta[pos[name]] = b
     modes = res.engine.coefficient_modes(res._objective, res._sol).to_numpy()
     b = res.engine._modes(res._objective, res._sol)[0] if plan.vcmap is not None else np.zeros(0)

@@ -155,7 +155,7 @@ class MultiPayload:
 def multi_payload(res: Any, passes: _Passes, xnames: list[str]) -> MultiPayload:
     beta = np.zeros(len(xnames))
     pos = {n: j for j, n in enumerate(xnames)}
-    for name, b in zip(res.model.exog_names, res._sol.beta, strict=True):
+    for name, b in zip(res.model.exog_names, res._beta, strict=True):   # β on the user's scale
         beta[pos[name]] = b
     frames = res.engine.modes_by_factor(res._objective, res._sol)
     return MultiPayload(passes, beta, {name: np.ascontiguousarray(f.to_numpy()) for name, f in frames.items()})

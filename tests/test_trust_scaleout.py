@@ -64,3 +64,28 @@ def test_dask_fit_in_other_units() -> None:
     ddf = dd.from_pandas(_frame(1.7e9, 86400.0), npartitions=3)
     res = lmefast.lmer(FORMULAS[1], ddf, reml=False)
     assert res.llf == pytest.approx(base.llf, rel=1e-9)
+
+
+@pytest.mark.parametrize("formula", FORMULAS)
+def test_predictions_from_parquet_in_other_units_equal_memory(formula: str, tmp_path: Path) -> None:
+    """Predictions of a chunked fit use β on the user's scale (the designs the engine saw were
+    centred and scaled)."""
+    df = _frame(1.7e9, 86400.0)
+    path = _parquet(df, tmp_path / "epoch")
+    mem, ooc = lmefast.lmer(formula, df), lmefast.lmer(formula, path)
+    np.testing.assert_allclose(np.asarray(ooc.predict(df.head(20))), np.asarray(mem.predict(df.head(20))),
+                               rtol=1e-7)
+
+
+def test_lmer_with_one_factor_on_parquet_has_lme4_shapes(tmp_path: Path) -> None:
+    """lmer on Parquet data with one grouping factor: lme4's shapes and names, as in memory
+    (it is built by the one-factor chunk passes)."""
+    df = datasets.load_sleepstudy()
+    path = _parquet(df, tmp_path / "sleep")
+    mem = lmefast.lmer("Reaction ~ Days + (Days | Subject)", df)
+    ooc = lmefast.lmer("Reaction ~ Days + (Days | Subject)", path)
+    assert ooc.model.api == "lme4"
+    assert list(ooc.fe_params.index) == ["(Intercept)", "Days"]
+    assert isinstance(ooc.cov_re, dict) and list(ooc.cov_re) == ["Subject"]
+    np.testing.assert_allclose(ooc.cov_re["Subject"].to_numpy(), mem.cov_re["Subject"].to_numpy(), rtol=1e-6)
+    assert str(ooc.summary()) == str(mem.summary())
