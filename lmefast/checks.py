@@ -136,8 +136,12 @@ def check_random_design(Z: np.ndarray, names: list[str] | tuple[str, ...], term:
     dependent (a constant slope beside an intercept, a slope repeated or a multiple of
     another), leave a variance that the data cannot inform: an error naming the term and the
     columns."""
-    k = Z.shape[1]
-    G = Z.T @ Z if ZtZ is None else ZtZ
+    check_random_gram(Z.T @ Z if ZtZ is None else ZtZ, Z.shape[0], names, term)
+
+
+def check_random_gram(G: np.ndarray, n: int, names: list[str] | tuple[str, ...], term: str) -> None:
+    """check_random_design from the term's Z'Z over n rows (data in chunks)."""
+    k = G.shape[0]
     zero = [str(names[j]) for j in range(k) if G[j, j] == 0]
     if zero:
         raise SpecificationError(
@@ -148,7 +152,7 @@ def check_random_design(Z: np.ndarray, names: list[str] | tuple[str, ...], term:
     d = 1.0 / np.sqrt(np.diag(G))
     if well_conditioned(G * np.outer(d, d)):   # no pivoting needed to say so
         return
-    keep = full_rank_columns_from_xtx(G, Z.shape[0])
+    keep = full_rank_columns_from_xtx(G, n)
     if keep.shape[0] < k:
         dropped = [str(names[j]) for j in range(k) if j not in set(keep.tolist())]
         raise SpecificationError(

@@ -42,6 +42,7 @@ from lmefast.checks import (
     check_identifiable,
     check_missing_policy,
     check_not_constant,
+    check_random_gram,
     full_rank_columns_from_xtx,
     warn_dropped,
 )
@@ -963,6 +964,11 @@ def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None,
     q = np.diff(layout.q_off)
     if k and not np.any(S[s_off[:-1, None] + np.arange(k) * (q[:, None] + 1)]):
         raise SpecificationError("exog_re is all zero")
+    if k:     # the random coefficients' Z'Z (as the engine sees Z), as MixedLM checks it
+        rc = np.arange(k)
+        ztz = np.array([[S[s_off[:-1] + r * q + c].sum() for c in rc] for r in rc])
+        coef = ["(Intercept)" if c == gname else c for c in znames]
+        check_random_gram(ztz, stats.n, coef, f"({' + '.join(coef)} | {gname})")
     if m < 2 and k > 0:
         raise SpecificationError(f"grouping factor '{gname}' has a single level: random coefficients "
                                  "need at least two groups")

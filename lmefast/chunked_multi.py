@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmefast.checks import check_not_constant, full_rank_columns_from_xtx, warn_dropped
+from lmefast.checks import check_not_constant, check_random_gram, full_rank_columns_from_xtx, warn_dropped
 from lmefast.chunked import ChunkSource, check_rowwise_columns, positive_weights
 from lmefast.errors import PredictionError, SpecificationError
 from lmefast.formula import _not_finite, _parse, _plain_columns, _rhs, design_matrix
@@ -229,12 +229,13 @@ def _sums_part(df: pd.DataFrame, where: str, passes: _Passes, keys: np.ndarray) 
         return None
     terms = passes.terms(df)
     X, xnames = design_matrix(passes.fixed, df)
-    # the terms' Z'Z (before any map or weights): what the maps are chosen from (design_maps)
-    ztz = [t.Z.T @ t.Z for t in terms]
     if passes.maps is not None:         # centred and scaled designs (multi_model_from_chunks)
         X = np.ascontiguousarray(X @ passes.maps[0])
         terms = [replace(t, Z=np.ascontiguousarray(t.Z @ C))
                  for t, C in zip(terms, passes.maps[1], strict=True)]
+    # the terms' Z'Z (before weights): what the maps are chosen from (design_maps), and, on the
+    # designs the engine sees, what the random-design check judges
+    ztz = [t.Z.T @ t.Z for t in terms]
     raw_y = df[passes.response].to_numpy(dtype=float)
     y, log_w = raw_y, 0.0
     if passes.offset is not None:
@@ -290,7 +291,9 @@ def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm],
         result = source.map_reduce(used, _sums_part, (passes, source.shared(keys)), _merge_sums,
                                    stage=f"pass 3/3 again (centred and scaled cross-products), {unit}",
                                    progress=progress)
-    sums, sizes, xnames, terms, (ymin, ymax), log_w, _ = result
+    sums, sizes, xnames, terms, (ymin, ymax), log_w, ztz = result
+    for t, G in zip(terms, ztz, strict=True):
+        check_random_gram(G, sums.n, t.coef_names, f"({' + '.join(t.coef_names)} | {t.name})")
     design_names = list(xnames)
     xnames = ["(Intercept)" if c == "Intercept" else c for c in xnames]
     check_not_constant(ymin, ymax, response)

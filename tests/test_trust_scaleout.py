@@ -89,3 +89,22 @@ def test_lmer_with_one_factor_on_parquet_has_lme4_shapes(tmp_path: Path) -> None
     assert isinstance(ooc.cov_re, dict) and list(ooc.cov_re) == ["Subject"]
     np.testing.assert_allclose(ooc.cov_re["Subject"].to_numpy(), mem.cov_re["Subject"].to_numpy(), rtol=1e-6)
     assert str(ooc.summary()) == str(mem.summary())
+
+
+@pytest.mark.parametrize("formula, column", [
+    ("Reaction ~ Days + (1 + zero | Subject)", "zero"),
+    ("Reaction ~ Days + (1 + z | Subject)", "z"),
+    ("Reaction ~ Days + (1 + z | Subject) + (1 | Days)", "z"),
+    ("Reaction ~ Days + (Days + d2 | Subject) + (1 | Days)", "d2"),
+])
+def test_degenerate_random_slopes_on_parquet_are_errors_as_in_memory(formula: str, column: str,
+                                                                     tmp_path: Path) -> None:
+    """An all-zero slope, a constant slope beside an intercept, a slope that is a multiple of
+    another: errors naming the term's column, from Parquet as from rows in memory (the chunk
+    paths judge each term's Z'Z)."""
+    df = datasets.load_sleepstudy().copy()
+    df["z"], df["zero"], df["d2"] = 3.0, 0.0, 2.0 * df["Days"]
+    path = _parquet(df, tmp_path / "sleep")
+    for data in (df, path):
+        with pytest.raises(lmefast.SpecificationError, match=rf"\['{column}'\]"):
+            lmefast.lmer(formula, data)
