@@ -42,7 +42,7 @@ from lmefast.dask import _default_client, _shared, is_dask_dataframe
 from lmefast.errors import InferenceError, ObjectiveError, SpecificationError
 from lmefast.formula import as_dataframe
 from lmefast.inference import normalize_ddf, parse_contrast
-from lmefast.model import MixedLM, prior_weights_and_offset
+from lmefast.model import MixedLM, as_matrix, prior_weights_and_offset
 from lmefast.optimize import fit_theta
 from lmefast.parallel import check_threads, get_num_threads
 from lmefast.progress import progress_function
@@ -70,32 +70,18 @@ def _right_hand_side(formula: str) -> str:
 
 
 def _response_matrix(responses: Any, n: int) -> tuple[np.ndarray, list[str]]:
+    """The responses as an n × m matrix (column order: one response a column) and their names
+    (a DataFrame's columns, a Series' name, else y0, y1, ...; duplicates raise)."""
+    Y = as_matrix(responses, "responses", n, rows_of="data", order="F")
     if isinstance(responses, pd.DataFrame):
-        bad = [str(c) for c, dt in zip(responses.columns, responses.dtypes, strict=True)
-               if not pd.api.types.is_numeric_dtype(dt)]
-        if bad:
-            raise SpecificationError(f"responses: column(s) {bad[:10]} are not numeric")
         names = [str(c) for c in responses.columns]
-    elif isinstance(responses, pd.Series):
-        names = [str(responses.name) if responses.name is not None else "y0"]
+    elif isinstance(responses, pd.Series) and responses.name is not None:
+        names = [str(responses.name)]
     else:
-        names = []
-    try:
-        Y = np.asarray(responses, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise SpecificationError(f"responses are not numeric: {exc}") from None
-    if Y.ndim == 1:
-        Y = Y[:, None]
-    if Y.ndim != 2:
-        raise SpecificationError(f"responses must be an n × m matrix, got {Y.ndim} dimensions")
-    if Y.shape[0] != n:
-        raise SpecificationError(f"responses have {Y.shape[0]} rows but data has {n}")
-    if not names:
         names = [f"y{j}" for j in range(Y.shape[1])]
     if len(set(names)) != len(names):
         raise SpecificationError("responses have duplicate column names")
-    return np.asfortranarray(Y), names
-
+    return Y, names
 
 def per_response_weights(weights: Any, n: int, names: list[str]) -> np.ndarray | None:
     """An n × m matrix of prior weights, one column per response (a DataFrame's columns are

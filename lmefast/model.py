@@ -79,11 +79,16 @@ def _names(obj: Any, default: list[str]) -> list[str]:
     return default
 
 
-def _as_matrix(obj: Any, what: str, n: int | None) -> np.ndarray:
+def as_matrix(obj: Any, what: str, n: int | None, rows_of: str = "the response",
+              order: str = "C") -> np.ndarray:
+    """A one- or two-dimensional numeric input as an n × k float matrix (a vector as one
+    column) in memory order ``order``: a non-numeric DataFrame column (named, at most ten),
+    another shape, or a number of rows other than ``rows_of``'s n raise."""
     if isinstance(obj, pd.DataFrame):
-        bad = [str(c) for c in obj.columns if not pd.api.types.is_numeric_dtype(obj[c])]
+        bad = [str(c) for c, dt in zip(obj.columns, obj.dtypes, strict=True)
+               if not pd.api.types.is_numeric_dtype(dt)]
         if bad:
-            raise SpecificationError(f"{what}: column(s) {bad} are not numeric")
+            raise SpecificationError(f"{what}: column(s) {bad[:10]} are not numeric")
     try:
         arr = np.asarray(obj, dtype=float)
     except (TypeError, ValueError) as exc:
@@ -93,8 +98,8 @@ def _as_matrix(obj: Any, what: str, n: int | None) -> np.ndarray:
     if arr.ndim != 2:
         raise SpecificationError(f"{what} must be one- or two-dimensional, got {arr.ndim} dimensions")
     if n is not None and arr.shape[0] != n:
-        raise SpecificationError(f"{what} has {arr.shape[0]} rows but the response has {n}")
-    return np.ascontiguousarray(arr)
+        raise SpecificationError(f"{what} has {arr.shape[0]} rows but {rows_of} has {n}")
+    return np.asfortranarray(arr) if order == "F" else np.ascontiguousarray(arr)
 
 
 def _default_exog_names(X: np.ndarray) -> list[str]:
@@ -245,7 +250,7 @@ class MixedLM:
         if n == 0:
             raise SpecificationError("the data are empty: no rows to fit")
         y = np.ascontiguousarray(y_arr, dtype=float)
-        X = _as_matrix(exog, "exog", n)
+        X = as_matrix(exog, "exog", n)
         xnames = exog_names or (_names(exog, []) if isinstance(exog, pd.DataFrame | pd.Series) else
                                 [] ) or _default_exog_names(X)
         if exog_re is None and vc_designs is None and exog_vc is None:
@@ -253,7 +258,7 @@ class MixedLM:
         elif exog_re is None:   # variance components only: no random intercept (statsmodels)
             Zre, znames = np.zeros((n, 0)), []
         else:
-            Zre = _as_matrix(exog_re, "exog_re", n)
+            Zre = as_matrix(exog_re, "exog_re", n)
             znames = exog_re_names or _names(exog_re, [f"x_re{j + 1}" for j in range(Zre.shape[1])])
         g_arr = groups if isinstance(groups, pd.Series) else pd.Series(np.asarray(groups))
         if g_arr.ndim != 1 or g_arr.shape[0] != n:
