@@ -79,6 +79,14 @@ def _names(obj: Any, default: list[str]) -> list[str]:
     return default
 
 
+def _rows(keep: np.ndarray, y: np.ndarray, X: np.ndarray, Zre: np.ndarray, w: np.ndarray | None,
+          off: np.ndarray | None, g: pd.Series, vc_designs: list | None) -> tuple:
+    """The rows ``keep`` of every per-row input of MixedLM (None stays None)."""
+    return (y[keep], X[keep], Zre[keep], None if w is None else w[keep],
+            None if off is None else off[keep], g[keep].reset_index(drop=True),
+            [V[keep] for V in vc_designs] if vc_designs else vc_designs)
+
+
 def as_matrix(obj: Any, what: str, n: int | None, rows_of: str = "the response",
               order: str = "C") -> np.ndarray:
     """A one- or two-dimensional numeric input as an n × k float matrix (a vector as one
@@ -275,11 +283,7 @@ class MixedLM:
             # in n and reports a log-likelihood of −Inf)
             if exog_vc is not None:
                 raise SpecificationError("zero weights are not supported with exog_vc; drop those rows")
-            keep_w = w > 0
-            y, X, Zre, w = y[keep_w], X[keep_w], Zre[keep_w], w[keep_w]
-            off = off[keep_w] if off is not None else None
-            g_arr = g_arr[keep_w].reset_index(drop=True)
-            vc_designs = [V[keep_w] for V in vc_designs] if vc_designs else vc_designs
+            y, X, Zre, w, off, g_arr, vc_designs = _rows(w > 0, y, X, Zre, w, off, g_arr, vc_designs)
             n = y.shape[0]
             if n == 0:
                 raise SpecificationError("every weight is zero: no rows to fit")
@@ -293,11 +297,7 @@ class MixedLM:
                 if exog_vc is not None:
                     raise SpecificationError("missing='drop' is not supported with exog_vc; "
                                              "drop incomplete rows before building exog_vc")
-                y, X, Zre = y[keep], X[keep], Zre[keep]
-                w = w[keep] if w is not None else None
-                off = off[keep] if off is not None else None
-                g_arr = g_arr[keep].reset_index(drop=True)
-                vc_designs = [V[keep] for V in vc_designs] if vc_designs else vc_designs
+                y, X, Zre, w, off, g_arr, vc_designs = _rows(keep, y, X, Zre, w, off, g_arr, vc_designs)
                 n = y.shape[0]
                 if n == 0:
                     raise SpecificationError("no complete rows remain after dropping missing values")
