@@ -46,6 +46,32 @@ cdef class Kernel:
         return (f, self.st.r2, self.st.logdet, self.st.status, beta, Lx,
                 np.asarray(g[:nt]).copy() if want_grad else None)
 
+    def evaluate_points(self, points):
+        """Each row of ``points`` (K × n_theta) evaluated in turn, without gradients:
+        (r² (K), log|L|² (K), status (K), Lx (K × p × p)), one call for a stencil of
+        finite differences."""
+        cdef double[:, ::1] pts = np.ascontiguousarray(points, dtype=np.float64)
+        cdef int nt = self.st.nt, p = self.st.p, K = pts.shape[0], k, a
+        if pts.shape[1] != nt:
+            raise ValueError(f"points must have {nt} columns, got {pts.shape[1]}")
+        r2_np = np.empty(K)
+        logdet_np = np.empty(K)
+        status_np = np.empty(K, dtype=np.int64)
+        Lx_np = np.zeros((K, p, p))
+        cdef double[::1] r2 = r2_np, logdet = logdet_np
+        cdef long long[::1] status = status_np
+        cdef double[:, :, ::1] Lx = Lx_np
+        cdef double f = 0.0
+        with nogil:
+            for k in range(K):
+                self.fg(self.ctx, &pts[k, 0] if nt > 0 else NULL, &f, NULL)
+                r2[k] = self.st.r2
+                logdet[k] = self.st.logdet
+                status[k] = self.st.status
+                for a in range(p * p):
+                    Lx[k, a // p, a % p] = self.st.Lx[a]
+        return r2_np, logdet_np, status_np, Lx_np
+
     def minimize(self, theta0, lower, double gtol=1e-9, int maxiter=500, on_iter=None):
         """Projected BFGS from θ0: returns (θ, f, gradient, f at θ0, inverse-Hessian
         approximation, iterations, return code: lmefast._bfgs.RETURN_MESSAGES)."""

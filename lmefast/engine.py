@@ -173,6 +173,13 @@ class Engine(ABC):
                           groups: Any, new_levels: str) -> np.ndarray:
         """Z b̂ for new rows (a level not in the fit contributes 0, or raises)."""
 
+    def moment_thetas(self, zty: np.ndarray, xty: np.ndarray, yty: np.ndarray) -> np.ndarray | None:
+        """The moment starts of θ for m responses on this design at once (m × n_theta; a row of
+        NaN where a response has none), given their parts (Z'y in ``response_design``'s
+        coordinate order, X'y, y'y: q × m, p × m, m); or None where the engine has no such
+        computation (each response's objective then makes its own, ``moment_theta``)."""
+        return None
+
     def to_data_scale(self, working: np.ndarray, offset: bool = True) -> np.ndarray:
         """Rows of the working scale (√w ·) back on the data's scale (and + o)."""
         out = working if self.weights is None else working / np.sqrt(self.weights)

@@ -167,11 +167,9 @@ def satterthwaite_parts(obj: Any, sol: Any) -> tuple[np.ndarray, np.ndarray]:
     r2 = np.empty(2 * K + 1)
     Lx = np.empty((2 * K + 1, p, p))
     logdet[0], r2[0], Lx[0] = sol.logdet_L, sol.r2, sol.Lx
-    kernel = obj.kernel
-    for k in range(1, 2 * K + 1):
-        _, r2[k], logdet[k], status, _, Lx[k], _ = kernel.evaluate(points[k], False)
-        if status != 0:
-            obj.solve(points[k])      # raises the ObjectiveError that names the failure
+    r2[1:], logdet[1:], status, Lx[1:] = obj.kernel.evaluate_points(points[1:])
+    for k in np.nonzero(status != 0)[0][:1]:
+        obj.solve(points[1 + k])      # raises the ObjectiveError that names the failure
     if p:
         diag = np.einsum("kii->ki", Lx)
         if obj.reml:
@@ -260,6 +258,7 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
         ZtY = np.asarray(Z.T @ Yb)
         XtY = X.T @ Yb
         yty = np.einsum("ij,ij->j", Yb, Yb)
+        starts = engine.moment_thetas(ZtY, XtY, yty)     # all responses at once, where it can
     tm = engine.theta_map
     start = tm.start()
     kept = beta_pos >= 0
@@ -277,7 +276,8 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
             j = idx[i]
             try:
                 if Wb is None:        # only the response parts differ from the template's
-                    obj = template.respond(engine.with_response(ZtY[:, i], XtY[:, i], yty[i]))
+                    obj = template.respond(engine.with_response(ZtY[:, i], XtY[:, i], yty[i]),
+                                           None if starts is None else starts[i])
                 else:
                     obj = engine.objective(reml, 1, engine.weighted_crossprods(Yb[:, i], Wb[:, i]))
                 sol, opt = fit_theta(obj, start)
@@ -508,12 +508,13 @@ class ManyResults:
     def status(self) -> pd.DataFrame:
         """One row per response: fitted, the reason when not, observations used, rows dropped
         for missing values (and, with per-response weights, for zero weights), convergence,
-        singularity, log-likelihood."""
+        singularity, log-likelihood, evaluations of the objective."""
         o = self._out
         extra = {} if self._W is None else {"dropped_zero_weight": o.n_zero_weight}
         return pd.DataFrame({"fitted": o.reason == "", "reason": o.reason, "nobs": o.nobs,
                              "dropped_missing": self._n_rows - self._n_observed, **extra,
-                             "converged": o.converged, "singular": o.singular, "llf": o.llf},
+                             "converged": o.converged, "singular": o.singular, "llf": o.llf,
+                             "n_evals": o.n_evals},
                             index=pd.Index(self.names, name="response"))
 
     # -- tables over all responses -----------------------------------------------------------------

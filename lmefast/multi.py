@@ -21,7 +21,7 @@ from lmefast.checks import check_identifiable
 from lmefast.design import design, level_index
 from lmefast.engine import CovarianceTerm, Engine
 from lmefast.errors import InferenceError, ObjectiveError, PredictionError, SpecificationError
-from lmefast.objective import KernelObjective, Solution, relative_factor
+from lmefast.objective import KernelObjective, Solution, relative_factor, relative_scalars
 from lmefast.parallel import default_threads
 from lmefast.structure import Term, ThetaMap
 
@@ -60,10 +60,25 @@ class MultiCrossProducts:
 
     def scalar_moments(self, terms: list) -> tuple[np.ndarray, float] | None:
         """Moment estimates (ψ_j per term, σ²) for several grouping factors with one random
-        coefficient each. With r = (I − H)y the OLS residuals, u_j = Z_j'r and C_jl = Z_j'Z_l,
+        coefficient each (``scalar_moments_many`` with this response)."""
+        if any(t.k != 1 for t in terms):
+            return None
+        p = self.p
+        c1 = self.S1.reshape(terms[0].m, 2 + p)[:, 1 + p]
+        est = self.scalar_moments_many(terms, c1[:, None], self.c2[:, None], self.Xty[:, None],
+                                       np.array([self.yty]))
+        return None if est is None else (est[0][:, 0], float(est[1][0]))
+
+    def scalar_moments_many(self, terms: list, Z1y: np.ndarray, Z2y: np.ndarray, XtY: np.ndarray,
+                            yty: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Moment estimates (ψ_j per term: J × m, σ²: m) for m responses on this design, each
+        given by its parts Z_1'y (m1 × m), trailing Z'y (q2 × m), X'y (p × m), y'y (m); several
+        grouping factors with one random coefficient each, else None. With r = (I − H)y the
+        OLS residuals, u_j = Z_j'r and C_jl = Z_j'Z_l,
         E[u_j'u_j] = Σ_l ψ_l ‖Z_j'(I − H)Z_l‖² + σ² tr(Z_j'(I − H)Z_j) and
         E[r'r] = Σ_l ψ_l tr(Z_l'(I − H)Z_l) + (n − p) σ², where
-        Z_j'(I − H)Z_l = C_jl − B_j (X'X)⁻¹ B_l': one linear system of J + 1 equations."""
+        Z_j'(I − H)Z_l = C_jl − B_j (X'X)⁻¹ B_l': one linear system of J + 1 equations, whose
+        matrix is the design's and whose right-hand side is each response's."""
         J, p = len(terms), self.p
         if any(t.k != 1 for t in terms):
             return None
@@ -71,12 +86,12 @@ class MultiCrossProducts:
             W = np.linalg.inv(self.XtX)
         except np.linalg.LinAlgError:
             return None
-        beta = W @ self.Xty
-        rr = self.yty - 2.0 * beta @ self.Xty + beta @ self.XtX @ beta
+        beta = W @ XtY
+        rr = yty - 2.0 * np.einsum("lm,lm->m", beta, XtY) + np.einsum("lm,lm->m", beta, self.XtX @ beta)
         rec = self.S1.reshape(terms[0].m, 2 + p)
         a, B = [rec[:, 0]], [rec[:, 1:1 + p]]
-        u = [rec[:, 1 + p] - B[0] @ beta]
-        diag22, u2 = self.A22.diagonal(), self.c2 - self.B2 @ beta
+        u = [Z1y - B[0] @ beta]
+        diag22, u2 = self.A22.diagonal(), Z2y - self.B2 @ beta
         for c0, t in zip(self.trail_c0, terms[1:], strict=True):
             a.append(diag22[c0:c0 + t.m])
             B.append(self.B2[c0:c0 + t.m])
@@ -107,11 +122,12 @@ class MultiCrossProducts:
         M[:J, :J] = G
         M[:J, J] = M[J, :J] = tr_j
         M[J, J] = self.n - p
+        rhs = np.vstack([np.einsum("lm,lm->m", x, x) for x in u] + [rr[None, :]])
         try:
-            sol = np.linalg.solve(M, np.array([x @ x for x in u] + [rr]))
+            sol = np.linalg.solve(M, rhs)
         except np.linalg.LinAlgError:
             return None
-        return sol[:J], float(sol[J])
+        return sol[:J], sol[J]
 
     def with_response(self, S1_y: np.ndarray, c2: np.ndarray, Xty: np.ndarray, yty: float,
                       k1: int) -> MultiCrossProducts:
@@ -502,6 +518,12 @@ class BlockedEngine(Engine):
         q1 = t1.m * t1.k
         return self.crossprods.with_response(np.reshape(zty[:q1], (t1.m, t1.k)), zty[q1:], xty,
                                              yty, t1.k)
+
+    def moment_thetas(self, zty: np.ndarray, xty: np.ndarray, yty: np.ndarray) -> np.ndarray | None:
+        t1 = self.terms[0]
+        q1 = t1.m * t1.k
+        est = self.crossprods.scalar_moments_many(list(self.terms), zty[:q1], zty[q1:], xty, yty)
+        return None if est is None else relative_scalars(*est)
 
     def weighted_crossprods(self, y: np.ndarray, weights: np.ndarray) -> MultiCrossProducts:
         """The cross-products of response y with prior weights w (all > 0) on this design's

@@ -18,7 +18,7 @@ import numpy as np
 
 from lmefast.errors import ObjectiveError
 
-__all__ = ["KernelObjective", "ObjectiveError", "Solution", "relative_factor"]
+__all__ = ["KernelObjective", "ObjectiveError", "Solution", "relative_factor", "relative_scalars"]
 
 MOMENT_FLOOR = 1e-2      # eigenvalues of the moment estimate of Ψ/σ² floored at this × largest
 
@@ -68,11 +68,22 @@ class KernelObjective:
         σ² (from the cross-products alone), or None where the engine has none."""
         return None
 
-    def respond(self, cp: Any) -> KernelObjective:
+    #: the moment start of this objective's response when its caller has computed it (for many
+    #: responses at once, ``Engine.moment_thetas``): used in place of ``moment_theta()``
+    given_moment_theta: np.ndarray | None = None
+
+    def respond(self, cp: Any, moment_theta: np.ndarray | None = None) -> KernelObjective:
         """This objective on cross-products that differ in the response parts only (Z'y, X'y,
         y'y): a new objective (``with_crossprods``), or this one changed in place where the
         kernel can swap them without new buffers (one response after another on one thread,
-        as fit_many does)."""
+        as fit_many does). ``moment_theta``: that response's moment start, when known (a row
+        with NaN: none)."""
+        obj = self._respond(cp)
+        known = moment_theta is not None and bool(np.all(np.isfinite(moment_theta)))
+        obj.given_moment_theta = np.asarray(moment_theta, dtype=float) if known else None
+        return obj
+
+    def _respond(self, cp: Any) -> KernelObjective:
         return self.with_crossprods(cp)
 
     def sample(self, n_blocks: int) -> tuple[KernelObjective, float] | None:
@@ -137,3 +148,16 @@ def relative_factor(psi: np.ndarray, sigma2: float) -> np.ndarray | None:
     if not w[-1] > 0:
         return None
     return (V * np.maximum(w, MOMENT_FLOOR * w[-1])) @ V.T
+
+
+def relative_scalars(psi: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """``relative_factor`` of diagonal Ψ for many responses at once, as θ: psi (J × m) and
+    sigma2 (m) → √ of the floored ψ_j/σ² (m × J), a row of NaN where relative_factor gives
+    None (σ² or every ψ_j not positive, or not finite)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = psi / sigma2
+        top = rel.max(axis=0)
+        ok = (sigma2 > 0) & np.all(np.isfinite(psi), axis=0) & (top > 0)
+        theta = np.sqrt(np.maximum(rel, MOMENT_FLOOR * top)).T
+    theta[~ok] = np.nan
+    return theta

@@ -64,7 +64,7 @@ class ProfiledObjective(KernelObjective):
     def n_blocks(self) -> int:
         return int(self.cp.layout.q_off.shape[0] - 1)
 
-    def respond(self, cp: CrossProducts) -> ProfiledObjective:
+    def _respond(self, cp: CrossProducts) -> ProfiledObjective:
         self.kernel.set_response(cp.S, np.ascontiguousarray(cp.Xty, dtype=float), float(cp.yty))
         self.cp = cp
         return self

@@ -157,8 +157,8 @@ def mapped_gram(G: np.ndarray, M: np.ndarray) -> np.ndarray | None:
 def tri(A: np.ndarray) -> np.ndarray:
     """The lower-triangular L with a non-negative diagonal and L L' = A A'."""
     k = A.shape[0]
-    if k == 0:
-        return A.copy()
+    if k <= 1:
+        return np.abs(A)
     if np.count_nonzero(np.triu(A, 1)) == 0 and np.all(np.diag(A) >= 0):
         return A.copy()
     R = np.linalg.qr(A.T, mode="r")

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import lmefast
 from lmefast import _crossprods
 from lmefast.crossprods import compute_crossprods
+from lmefast.datasets import load_penicillin, load_sleepstudy
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LOG_2PI = np.log(2 * np.pi)
@@ -305,3 +306,25 @@ def test_both_kernels_share_one_python_face() -> None:
         assert np.all(np.abs(g[free]) < 1e-6 * abs(fmin))
         assert kernel.n_evals > n_iter
     assert one.kernel.n_threads == 1 and crossed.kernel.n_threads == 2
+
+
+@pytest.mark.parametrize("formula", ["Reaction ~ Days + (Days | Subject)",
+                                     "diameter ~ 1 + (1 | plate) + (1 | sample)"])
+def test_evaluate_points_is_evaluate_at_each_point(formula: str) -> None:
+    """Kernel.evaluate_points (the finite-difference stencils of fit_many's Satterthwaite df)
+    gives, row by row, what evaluate gives at that θ — one grouping factor and several."""
+    data = load_sleepstudy() if "Days" in formula else load_penicillin()
+    model = lmefast.lmer_model(formula, data)
+    kernel = model.engine.objective(True, 1).kernel
+    rng = np.random.default_rng(2)
+    d = model.engine.theta_map.n_theta
+    points = np.abs(rng.normal(1.0, 0.5, (5, d)))
+    r2, logdet, status, Lx = kernel.evaluate_points(points)
+    for k in range(points.shape[0]):
+        _, r2_k, logdet_k, status_k, _, Lx_k, _ = kernel.evaluate(points[k], False)
+        assert status[k] == status_k == 0
+        assert r2[k] == pytest.approx(r2_k, rel=1e-13)
+        assert logdet[k] == pytest.approx(logdet_k, rel=1e-13)
+        np.testing.assert_allclose(Lx[k], Lx_k, rtol=1e-13, atol=1e-15)
+    with pytest.raises(ValueError, match="columns"):
+        kernel.evaluate_points(points[:, :1])

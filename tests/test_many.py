@@ -215,3 +215,51 @@ def test_designs_that_start_at_the_moment_estimates_equal_lmer() -> None:
     for name in Y1.columns:
         ref = lmefast.lmer(f"{name} ~ x + (1 | g)", one.assign(**{name: Y1[name]}))
         assert_same_as_lmer(res1, name, ref)
+
+
+def test_moment_starts_for_all_responses_at_once_equal_each_response_s_own() -> None:
+    """Engine.moment_thetas (one linear system for the design, one right-hand side per
+    response) gives each response the moment start its own objective computes, on two and three
+    crossed scalar factors; fit_many then follows lmer's path from it (the same evaluations)."""
+    rng = np.random.default_rng(5)
+    n = 480
+    data = pd.DataFrame({"a": rng.integers(0, 60, n), "b": rng.integers(0, 8, n), "c": rng.integers(0, 5, n),
+                         "x": rng.normal(50, 10, n)})
+    Y = np.column_stack([0.1 * data.x + rng.normal(0, 1 + j, 60)[data.a] + rng.normal(0, 0.5 * j, 8)[data.b]
+                         + rng.normal(0, 0.3, 5)[data.c] + rng.normal(0, 1, n) for j in range(6)])
+    for rhs in ("x + (1 | a) + (1 | b)", "x + (1 | a) + (1 | b) + (1 | c)"):
+        model = lmefast.lmer_model(f"y ~ {rhs}", data.assign(y=Y[:, 0]))
+        eng = model.engine
+        X, Z = eng.response_design()
+        zty, xty, yty = np.asarray(Z.T @ Y), X.T @ Y, np.einsum("ij,ij->j", Y, Y)
+        starts = eng.moment_thetas(zty, xty, yty)
+        assert starts.shape == (Y.shape[1], eng.theta_map.n_theta)
+        template = eng.objective(True, 1)
+        checked = 0
+        for j in range(Y.shape[1]):
+            own = template.respond(eng.with_response(zty[:, j], xty[:, j], yty[j])).moment_theta()
+            if own is None:
+                assert np.isnan(starts[j]).all()
+            else:
+                np.testing.assert_allclose(starts[j], own, rtol=1e-10)
+                checked += 1
+        assert checked >= 4
+        res = lmefast.fit_many(f"~ {rhs}", data, Y)
+        for j in range(Y.shape[1]):
+            ref = lmefast.lmer_model(f"y ~ {rhs}", data.assign(y=Y[:, j])).fit()
+            assert res.status().n_evals.iloc[j] == ref.optsummary.n_evals
+            assert res.llf.iloc[j] == pytest.approx(ref.llf, rel=1e-9)
+
+
+def test_relative_scalars_is_relative_factor_of_a_diagonal() -> None:
+    from lmefast.objective import relative_factor, relative_scalars
+    psi = np.array([[2.0, -1.0, 0.0, 1e-5, -1.0, 3.0],
+                    [0.5, 4.0, 0.0, 1.0, -2.0, 1.0]])
+    sigma2 = np.array([1.5, 2.0, 1.0, 0.7, 1.0, -1.0])
+    got = relative_scalars(psi, sigma2)
+    for j in range(psi.shape[1]):
+        want = relative_factor(np.diag(psi[:, j]), sigma2[j])
+        if want is None:
+            assert np.isnan(got[j]).all()
+        else:
+            np.testing.assert_allclose(got[j], np.sqrt(np.diag(want)), rtol=1e-14)
