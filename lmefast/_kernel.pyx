@@ -72,9 +72,12 @@ cdef class Kernel:
                     Lx[k, a // p, a % p] = self.st.Lx[a]
         return r2_np, logdet_np, status_np, Lx_np
 
-    def minimize(self, theta0, lower, double gtol=1e-9, int maxiter=500, on_iter=None):
+    def minimize(self, theta0, lower, double gtol=1e-9, int maxiter=500, on_iter=None,
+                 bint at_theta=False):
         """Projected BFGS from θ0: returns (θ, f, gradient, f at θ0, inverse-Hessian
-        approximation, iterations, return code: lmefast._bfgs.RETURN_MESSAGES)."""
+        approximation, iterations, return code: lmefast._bfgs.RETURN_MESSAGES), and with
+        ``at_theta`` what ``evaluate`` gives at θ without the gradient (evaluated once more in
+        C, so that the caller needs no call of its own)."""
         cdef double[::1] x = np.array(theta0, dtype=np.float64)
         cdef double[::1] lo = np.ascontiguousarray(lower, dtype=np.float64)
         cdef int d = x.shape[0]
@@ -87,7 +90,16 @@ cdef class Kernel:
         cdef int n_iter = 0, code
         code = bfgs_bounded(self.fg, self.ctx, d, &x[0], &lo[0], gtol, maxiter, &f, &g[0],
                             &f0, &H[0, 0], &n_iter, on_iter, self.st.lazy_grad)
-        return np.asarray(x), f, np.asarray(g), f0, np.asarray(H), n_iter, code
+        if not at_theta:
+            return np.asarray(x), f, np.asarray(g), f0, np.asarray(H), n_iter, code
+        cdef double fx = np.nan
+        cdef int p = self.st.p
+        with nogil:
+            self.fg(self.ctx, &x[0] if d > 0 else NULL, &fx, NULL)
+        beta = np.array(<double[:p]>self.st.beta) if p > 0 else np.zeros(0)
+        Lx = np.array(<double[:p * p]>self.st.Lx).reshape(p, p) if p > 0 else np.zeros((0, 0))
+        at = (fx, self.st.r2, self.st.logdet, self.st.status, beta, Lx)
+        return np.asarray(x), f, np.asarray(g), f0, np.asarray(H), n_iter, code, at
 
 
 cdef void fill_factor_map(FactorMap* fm, const int[::1] term, const int[::1] row,

@@ -99,7 +99,11 @@ class KernelObjective:
     def solve(self, theta: np.ndarray, want_grad: bool = False) -> Solution:
         """The profiled solution at θ (β̂, σ̂², Lx, objective; gradient if asked)."""
         theta = np.array(theta, dtype=float)
-        obj, r2, logdet, status, beta, Lx, grad = self.kernel.evaluate(theta, want_grad)
+        return self._solution(theta, *self.kernel.evaluate(theta, want_grad))
+
+    def _solution(self, theta: np.ndarray, obj: float, r2: float, logdet: float, status: int,
+                  beta: np.ndarray, Lx: np.ndarray, grad: np.ndarray | None) -> Solution:
+        """The Solution from what the kernel gives at θ, or the ObjectiveError its status names."""
         p = self.cp.p
         if status > 0:
             raise ObjectiveError(f"block of {self.block_name} {status - 1} is not positive definite")
@@ -132,11 +136,19 @@ class KernelObjective:
 
     def minimize(self, theta0: np.ndarray, lower: np.ndarray, *, gtol: float, maxiter: int,
                  on_iter: Callable | None
-                 ) -> tuple[np.ndarray, float, np.ndarray, float, np.ndarray, int, int]:
+                 ) -> tuple[np.ndarray, float, np.ndarray, float, np.ndarray, int, int,
+                            Solution | None]:
         """Projected BFGS (lmefast._bfgs) with the objective in C: (θ, f, g, f at θ0,
-        inverse-Hessian approximation, iterations, return code)."""
-        theta, f, g, f0, H, n_iter, code = self.kernel.minimize(theta0, lower, gtol, maxiter, on_iter)
-        return theta, f - self.cp.log_weights, g, f0 - self.cp.log_weights, H, n_iter, code
+        inverse-Hessian approximation, iterations, return code, the Solution at θ with the
+        gradient g, or None where θ is not a point of the objective)."""
+        theta, f, g, f0, H, n_iter, code, at = self.kernel.minimize(theta0, lower, gtol, maxiter,
+                                                                    on_iter, True)
+        g = np.asarray(g, dtype=float).copy()
+        try:
+            sol = self._solution(np.array(theta, dtype=float), *at, g)
+        except ObjectiveError:
+            sol = None
+        return theta, f - self.cp.log_weights, g, f0 - self.cp.log_weights, H, n_iter, code, sol
 
 
 def relative_factor(psi: np.ndarray, sigma2: float) -> np.ndarray | None:

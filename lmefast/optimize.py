@@ -8,6 +8,7 @@ first steps are Newton steps. From a start of the caller's, BFGS starts from the
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -219,7 +220,8 @@ def bfgs_from_moments(obj: KernelObjective, start: np.ndarray, lower: np.ndarray
 
 
 def polish(obj: KernelObjective, theta: np.ndarray, f: float, grad: np.ndarray,
-           Hinv: np.ndarray, lower: np.ndarray) -> tuple[Solution | None, np.ndarray]:
+           Hinv: np.ndarray, lower: np.ndarray, have_solution: bool = False
+           ) -> tuple[Solution | None, np.ndarray]:
     """Quasi-Newton steps −H g (free θ, projected on the bounds) past the BFGS stopping test,
     with the Solution (and gradient) at the last one kept, or None when the first is not
     kept; and the inverse Hessian, BFGS-updated.
@@ -229,14 +231,16 @@ def polish(obj: KernelObjective, theta: np.ndarray, f: float, grad: np.ndarray,
     that fits of one model along different paths (another spelling, another engine,
     another start) agree to many more digits. The first step costs the evaluation that the
     solution at θ would cost otherwise. A step is kept when it lowers g'Hg: at the rounding
-    level of the objective a comparison of objectives would keep it or not by chance."""
+    level of the objective a comparison of objectives would keep it or not by chance.
+    ``have_solution``: the caller holds the Solution at θ, so that even the first step is
+    taken only while the predicted decrease is above the threshold."""
     best: Solution | None = None
     H = Hinv.copy()
     for _ in range(POLISH_STEPS):
         free = ~((theta <= lower) & (grad > 0))
         step = np.zeros_like(theta)
         step[free] = -H[np.ix_(free, free)] @ grad[free]
-        if best is not None and -(grad @ step) < POLISH_RTOL * max(1.0, abs(f)):
+        if (best is not None or have_solution) and -(grad @ step) < POLISH_RTOL * max(1.0, abs(f)):
             break
         new_theta = np.maximum(theta + step, lower)
         if np.array_equal(new_theta, theta) or not np.all(np.isfinite(new_theta)):
@@ -378,7 +382,7 @@ def _fit_from(obj: KernelObjective, theta0: np.ndarray, lower: np.ndarray, maxit
         theta, f, grad, f0, Hinv, n_iter, code, kept = bfgs_from_moments(obj, start, lower,
                                                                          maxiter, hook)
     else:
-        theta, f, grad, f0, Hinv, n_iter, code = obj.minimize(
+        theta, f, grad, f0, Hinv, n_iter, code, kept = obj.minimize(
             theta0 if start is None else start, lower, gtol=1e-9, maxiter=maxiter, on_iter=hook)
     diag = obj.theta_map.diagonal_mask()
     # A diagonal θ at zero can be a saddle, not a minimum: the objective is even in the last
@@ -401,24 +405,24 @@ def _fit_from(obj: KernelObjective, theta0: np.ndarray, lower: np.ndarray, maxit
                     best_f, best_x = fx, x
         if best_x is None:
             break
-        theta, f, grad, _, Hinv, more_iter, code = obj.minimize(best_x, lower, gtol=1e-9,
-                                                                 maxiter=maxiter, on_iter=hook)
+        theta, f, grad, _, Hinv, more_iter, code, kept = obj.minimize(best_x, lower, gtol=1e-9,
+                                                                       maxiter=maxiter, on_iter=hook)
         n_iter += more_iter
-        kept = None
     if raised:
         raise raised[0]
     message = RETURN_MESSAGES[code]
     polished = None
     if large and code in (0, 1, 2):   # small objectives: the C optimiser's answer, as it was
-        polished, Hinv = polish(obj, theta, f, grad, Hinv, lower)
+        polished, Hinv = polish(obj, theta, f, grad, Hinv, lower, kept is not None)
     if polished is not None:
         theta, sol = polished.theta, polished
-    elif kept is not None:      # the Python-driven BFGS kept the Solution at θ
+    elif kept is not None:      # the optimiser's Solution at θ
         sol = kept
     else:   # the optimiser returns the gradient at θ: the solve needs the objective's parts only
         sol = replace(obj.solve(theta), grad=np.asarray(grad, dtype=float).copy())
-    snapped = np.where(diag & (theta < 1e-9), 0.0, theta)
-    if not np.array_equal(snapped, theta):
+    tiny = diag & (theta < 1e-9) & (theta != 0.0)
+    if tiny.any():
+        snapped = np.where(tiny, 0.0, theta)
         sol_s = obj.solve(snapped, want_grad=True)
         if sol_s.objective <= sol.objective + 1e-10:
             theta, sol = snapped, sol_s
@@ -434,9 +438,10 @@ def _fit_from(obj: KernelObjective, theta0: np.ndarray, lower: np.ndarray, maxit
     pg = projected_gradient(theta, sol.grad, lower)
     # converged: the gradient or Newton-decrement test passed, at a finite objective; a run
     # stopped by the iteration limit or the callback is not, wherever it stopped
-    converged = bool(code not in (3, 6) and np.isfinite(sol.objective) and np.all(np.isfinite(pg))
-                     and (np.max(np.abs(pg), initial=0.0) < GRAD_TOL or decrement < dec_tol))
-    singular = bool(np.any(theta[diag] < SINGULAR_TOL))
+    pg_max = float(np.abs(pg).max(initial=0.0))       # NaN when an entry is NaN
+    converged = bool(code not in (3, 6) and math.isfinite(sol.objective) and math.isfinite(pg_max)
+                     and (pg_max < GRAD_TOL or decrement < dec_tol))
+    singular = bool(theta[diag].min(initial=np.inf) < SINGULAR_TOL)
     summary = OptSummary(
         theta_initial=theta0,
         theta_final=theta,

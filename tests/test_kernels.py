@@ -328,3 +328,31 @@ def test_evaluate_points_is_evaluate_at_each_point(formula: str) -> None:
         np.testing.assert_allclose(Lx[k], Lx_k, rtol=1e-13, atol=1e-15)
     with pytest.raises(ValueError, match="columns"):
         kernel.evaluate_points(points[:, :1])
+
+
+def test_minimize_gives_the_solution_at_its_result() -> None:
+    """Kernel.minimize(at_theta=True) adds what evaluate gives at the θ it returns (the
+    optimiser's final Solution needs no Python call of its own), for both kernels."""
+    data = Path(__file__).parent / "data"
+    sleep = pd.read_csv(data / "sleepstudy.csv")
+    penicillin = pd.read_csv(data / "Penicillin.csv")
+    one = lmefast.mixedlm("Reaction ~ Days", sleep, groups="Subject", re_formula="~Days").objective(True, 1)
+    crossed = lmefast.lmer_model("diameter ~ 1 + (1|plate) + (1|sample)", penicillin).objective(True, 1)
+    for obj in (one, crossed):
+        nt = obj.theta_map.n_theta
+        theta, fmin, g, _, _, _, code, at = obj.kernel.minimize(np.ones(nt), np.zeros(nt), 1e-9, 200,
+                                                                None, True)
+        f, r2, logdet, status, beta, Lx, _ = obj.kernel.evaluate(theta, False)
+        assert at[0] == pytest.approx(fmin, rel=1e-14) and at[0] == pytest.approx(f, rel=1e-14)
+        assert at[1] == pytest.approx(r2, rel=1e-14) and at[2] == pytest.approx(logdet, rel=1e-14)
+        assert at[3] == status == 0
+        np.testing.assert_allclose(at[4], beta, rtol=1e-13)
+        np.testing.assert_allclose(at[5], Lx, rtol=1e-13)
+        # the objective's minimize turns it into the Solution at θ, with the optimiser's gradient
+        th, _, g2, _, _, _, _, sol = obj.minimize(np.ones(nt), np.zeros(nt), gtol=1e-9, maxiter=200,
+                                                  on_iter=None)
+        ref = obj.solve(th, want_grad=True)
+        assert sol.objective == pytest.approx(ref.objective, rel=1e-14)
+        np.testing.assert_allclose(sol.beta, ref.beta, rtol=1e-13)
+        np.testing.assert_allclose(sol.grad, g2)
+        assert sol.sigma2 == pytest.approx(ref.sigma2, rel=1e-14)
