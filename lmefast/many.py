@@ -27,6 +27,7 @@ Richardson extrapolation at lmerTest's steps, from one set of solves per respons
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -130,9 +131,12 @@ def _theta_names(model: MixedLM) -> list[str]:
 
 
 # -- one response ---------------------------------------------------------------------------------
-def _stencil(d: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+@functools.cache
+def _stencil(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The points of the central differences (in units of the steps h): the centre, ±e_i, then
-    for i > j the four (±e_i ±e_j); and the pairs (i, j) of those mixed points."""
+    for i > j the four (±e_i ±e_j); and, for the points of both step sizes (the second set
+    after the first), the index of +e_i (2 × d; −e_i follows it), of the first of each pair's
+    four points (2 × pairs), and the pairs' i and j."""
     pts = [np.zeros(d)]
     for i in range(d):
         for sgn in (1.0, -1.0):
@@ -145,7 +149,16 @@ def _stencil(d: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
             e = np.zeros(d)
             e[i], e[j] = si, sj
             pts.append(e)
-    return np.array(pts), pairs
+    K = len(pts) - 1
+    first = np.array([0, K])[:, None]
+    plus = first + 1 + 2 * np.arange(d)
+    quad = first + 1 + 2 * d + 4 * np.arange(len(pairs))
+    pi = np.array([i for i, _ in pairs], dtype=int)
+    pj = np.array([j for _, j in pairs], dtype=int)
+    out = (np.array(pts), plus, quad, pi, pj)
+    for a in out:
+        a.flags.writeable = False
+    return out
 
 
 def satterthwaite_parts(obj: Any, sol: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -153,14 +166,15 @@ def satterthwaite_parts(obj: Any, sol: Any) -> tuple[np.ndarray, np.ndarray]:
     varpar = (θ, σ), J = ∂ vcov(β̂)/∂varpar (p × p × (d + 1)).
 
     The kernel is evaluated at every point of the stencil but the centre (the solution's own
-    values), for two step sizes; the differences are then formed for all points at once."""
+    values), for two step sizes h and h/2; the differences of both are formed at once, then
+    combined by Richardson's extrapolation (4 D(h/2) − D(h)) / 3."""
     theta = sol.theta
     d, p = theta.shape[0], sol.beta.shape[0]
     s2 = sol.sigma2
     sigma = float(np.sqrt(s2))
     c = obj.dof
     h = 1e-2 * np.maximum(np.abs(theta), 0.05)
-    unit, pairs = _stencil(d)
+    unit, plus, quad, pi, pj = _stencil(d)
     K = unit.shape[0] - 1                     # points per step size besides the centre
     points = np.concatenate([theta[None, :], theta + unit[1:] * h, theta + unit[1:] * (0.5 * h)])
     logdet = np.empty(2 * K + 1)
@@ -171,31 +185,25 @@ def satterthwaite_parts(obj: Any, sol: Any) -> tuple[np.ndarray, np.ndarray]:
     for k in np.nonzero(status != 0)[0][:1]:
         obj.solve(points[1 + k])      # raises the ObjectiveError that names the failure
     if p:
-        diag = np.einsum("kii->ki", Lx)
         if obj.reml:
-            logdet = logdet + 2.0 * np.log(diag).sum(axis=1)
+            logdet = logdet + 2.0 * np.log(np.einsum("kii->ki", Lx)).sum(axis=1)
         Linv = np.linalg.inv(Lx)
         C = np.einsum("kji,kjl->kil", Linv, Linv)
     else:
         C = np.zeros((2 * K + 1, 0, 0))
     g = logdet + r2 / s2
-
-    def differences(o: int, hh: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        Hg = np.empty((d, d))
-        idx = o + 1 + 2 * np.arange(d)          # +e_i at idx, −e_i at idx + 1; the centre at 0
-        Hg[np.arange(d), np.arange(d)] = (g[idx] - 2 * g[0] + g[idx + 1]) / hh ** 2
-        dr = (r2[idx] - r2[idx + 1]) / (2 * hh)
-        dC = np.moveaxis((C[idx] - C[idx + 1]) / (2 * hh)[:, None, None], 0, -1)
-        for n, (i, j) in enumerate(pairs):
-            b = o + 1 + 2 * d + 4 * n
-            Hg[i, j] = Hg[j, i] = (g[b] - g[b + 1] - g[b + 2] + g[b + 3]) / (4 * hh[i] * hh[j])
-        return Hg, dr, dC
-
-    H1, r1, C1 = differences(0, h)
-    H2, r2h, C2 = differences(K, 0.5 * h)
-    Hg = (4 * H2 - H1) / 3
-    dr = (4 * r2h - r1) / 3
-    dC = (4 * C2 - C1) / 3
+    hh = np.stack([h, 0.5 * h])               # the two step sizes, as rows
+    Hg = np.zeros((2, d, d))
+    ar = np.arange(d)
+    Hg[:, ar, ar] = (g[plus] - 2 * g[0] + g[plus + 1]) / hh ** 2
+    mixed = (g[quad] - g[quad + 1] - g[quad + 2] + g[quad + 3]) / (4 * hh[:, pi] * hh[:, pj])
+    Hg[:, pi, pj] = mixed
+    Hg[:, pj, pi] = mixed
+    dr = (r2[plus] - r2[plus + 1]) / (2 * hh)
+    dC = (C[plus] - C[plus + 1]) / (2 * hh)[:, :, None, None]          # 2 × d × p × p
+    Hg = (4 * Hg[1] - Hg[0]) / 3
+    dr = (4 * dr[1] - dr[0]) / 3
+    dC = (4 * dC[1] - dC[0]) / 3
     H = np.empty((d + 1, d + 1))
     H[:d, :d] = 0.5 * (Hg + Hg.T)
     H[:d, d] = H[d, :d] = -2.0 * dr / sigma ** 3
@@ -205,7 +213,7 @@ def satterthwaite_parts(obj: Any, sol: Any) -> tuple[np.ndarray, np.ndarray]:
     except np.linalg.LinAlgError:
         A = 2.0 * np.linalg.pinv(H)
     J = np.empty((p, p, d + 1))
-    J[:, :, :d] = s2 * dC
+    J[:, :, :d] = s2 * np.moveaxis(dC, 0, -1)
     J[:, :, d] = 2.0 * sigma * C[0]
     return A, J
 
@@ -268,7 +276,13 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
 
     bp, tp = beta_pos[kept], theta_pos
     tv = np.append(tp, -1)
-    cov_at, A_at, J_at = np.ix_(bp, bp), np.ix_(tv, tv), np.ix_(bp, bp, tv)
+    n, pk, d = len(idx), bp.shape[0], tp.shape[0]
+    # per response on the engine's scale, mapped to the user's after the loop, all at once
+    theta_e, beta_e = np.full((n, d), np.nan), np.full((n, pk), np.nan)
+    Lx_e = np.tile(np.eye(pk), (n, 1, 1))
+    A_e = np.full((n, d + 1, d + 1), np.nan) if satterthwaite else None
+    J_e = np.full((n, pk, pk, d + 1), np.nan) if satterthwaite else None
+    ok = np.zeros(n, dtype=bool)
 
     def work(cols: range) -> None:
         template = engine.objective(reml, 1)
@@ -282,22 +296,12 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
                     obj = engine.objective(reml, 1, engine.weighted_crossprods(Yb[:, i], Wb[:, i]))
                 sol, opt = fit_theta(obj, start)
                 if satterthwaite:
-                    A, J = satterthwaite_parts(obj, sol)
+                    A_e[i], J_e[i] = satterthwaite_parts(obj, sol)
             except (ObjectiveError, FloatingPointError, np.linalg.LinAlgError) as exc:
                 out.reason[j] = f"the fit failed: {exc}"
                 continue
-            # on the user's scale (lmefast.scaling): θ, β = Sβ̃, cov = S cov S'; the
-            # Satterthwaite parts stay in the engine's θ (df do not depend on θ's coordinates)
-            # with the Jacobian of cov(β) mapped as cov is
-            out.theta[j, tp] = sol.theta if identity else sc.theta(tm, sol.theta)
-            out.beta[j, bp] = sol.beta if identity else sc.beta(sol.beta)
-            if bp.shape[0]:
-                Linv = np.linalg.inv(sol.Lx)
-                cov = sol.sigma2 * (Linv.T @ Linv)
-                out.cov[j][cov_at] = cov if identity else sc.cov_beta(cov)
-            if satterthwaite:
-                out.A[j][A_at] = A
-                out.J[j][J_at] = J if sc.is_identity else np.einsum("ab,bcd,ec->aed", sc.fixed, J, sc.fixed)
+            ok[i] = True
+            theta_e[i], beta_e[i], Lx_e[i] = sol.theta, sol.beta, sol.Lx
             out.llf[j] = -0.5 * (sol.objective + reml_offset)
             out.sigma2[j] = sol.sigma2
             out.nobs[j] = engine.nobs
@@ -305,13 +309,33 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
             out.singular[j] = opt.singular
             out.n_evals[j] = opt.n_evals
 
-    nth = max(1, min(n_threads, len(idx)))
+    nth = max(1, min(n_threads, n))
     if nth == 1:
-        work(range(len(idx)))
-        return
-    bounds = np.linspace(0, len(idx), nth + 1).astype(int)
-    with ThreadPoolExecutor(nth) as pool:
-        list(pool.map(work, [range(bounds[t], bounds[t + 1]) for t in range(nth)]))
+        work(range(n))
+    else:
+        bounds = np.linspace(0, n, nth + 1).astype(int)
+        with ThreadPoolExecutor(nth) as pool:
+            list(pool.map(work, [range(bounds[t], bounds[t + 1]) for t in range(nth)]))
+    # on the user's scale (lmefast.scaling): θ, β = Sβ̃, cov = S cov S'; the Satterthwaite
+    # parts stay in the engine's θ (df do not depend on θ's coordinates) with the Jacobian of
+    # cov(β) mapped as cov is
+    rows, at = np.nonzero(ok)[0], idx[ok]
+    if identity:
+        out.theta[np.ix_(at, tp)] = theta_e[rows]
+    else:
+        for i, j in zip(rows.tolist(), at.tolist(), strict=True):
+            out.theta[j, tp] = sc.theta(tm, theta_e[i])
+    out.beta[np.ix_(at, bp)] = beta_e[rows] if identity else sc.beta(beta_e[rows])
+    if pk:
+        Linv = np.linalg.inv(Lx_e[rows])
+        cov = out.sigma2[at][:, None, None] * np.einsum("kji,kjl->kil", Linv, Linv)
+        if not identity:
+            cov = np.einsum("ab,kbc,dc->kad", sc.fixed, cov, sc.fixed)
+        out.cov[np.ix_(at, bp, bp)] = cov
+    if satterthwaite:
+        out.A[np.ix_(at, tv, tv)] = A_e[rows]
+        J = J_e[rows] if identity else np.einsum("ab,kbcd,ec->kaed", sc.fixed, J_e[rows], sc.fixed)
+        out.J[np.ix_(at, bp, bp, tv)] = J
 
 
 # -- the front door -------------------------------------------------------------------------------
