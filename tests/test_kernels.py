@@ -277,16 +277,24 @@ def test_threaded_kernels_match_single_thread(case: Case, reml: bool, threads: i
     np.testing.assert_allclose(ct, c1, rtol=1e-9, atol=1e-12 * max(1.0, float(np.max(np.abs(c1)))))
 
 
+def _one_and_crossed(crossed_threads: int) -> tuple:
+    """The objectives of sleepstudy's random slopes (one factor, one thread) and of Penicillin's
+    crossed factors (the blocked kernel)."""
+    data = Path(__file__).parent / "data"
+    sleep = pd.read_csv(data / "sleepstudy.csv")
+    penicillin = pd.read_csv(data / "Penicillin.csv")
+    one = lmefast.mixedlm("Reaction ~ Days", sleep, groups="Subject", re_formula="~Days").objective(True, 1)
+    crossed = lmefast.lmer_model("diameter ~ 1 + (1|plate) + (1|sample)", penicillin).objective(
+        True, crossed_threads)
+    return one, crossed
+
+
 def test_both_kernels_share_one_python_face() -> None:
     """One wrapper layer (lmefast._kernel.Kernel) for the one-factor and the blocked kernel: the
     same checks of θ, the same results from evaluate and minimize, the same counters."""
     from lmefast._kernel import Kernel
 
-    data = Path(__file__).parent / "data"
-    penicillin = pd.read_csv(data / "Penicillin.csv")
-    sleep = pd.read_csv(data / "sleepstudy.csv")
-    one = lmefast.mixedlm("Reaction ~ Days", sleep, groups="Subject", re_formula="~Days").objective(True, 1)
-    crossed = lmefast.lmer_model("diameter ~ 1 + (1|plate) + (1|sample)", penicillin).objective(True, 2)
+    one, crossed = _one_and_crossed(crossed_threads=2)
     for obj in (one, crossed):
         kernel = obj.kernel
         assert isinstance(kernel, Kernel)
@@ -333,11 +341,7 @@ def test_evaluate_points_is_evaluate_at_each_point(formula: str) -> None:
 def test_minimize_gives_the_solution_at_its_result() -> None:
     """Kernel.minimize(at_theta=True) adds what evaluate gives at the θ it returns (the
     optimiser's final Solution needs no Python call of its own), for both kernels."""
-    data = Path(__file__).parent / "data"
-    sleep = pd.read_csv(data / "sleepstudy.csv")
-    penicillin = pd.read_csv(data / "Penicillin.csv")
-    one = lmefast.mixedlm("Reaction ~ Days", sleep, groups="Subject", re_formula="~Days").objective(True, 1)
-    crossed = lmefast.lmer_model("diameter ~ 1 + (1|plate) + (1|sample)", penicillin).objective(True, 1)
+    one, crossed = _one_and_crossed(crossed_threads=1)
     for obj in (one, crossed):
         nt = obj.theta_map.n_theta
         theta, fmin, g, _, _, _, code, at = obj.kernel.minimize(np.ones(nt), np.zeros(nt), 1e-9, 200,
