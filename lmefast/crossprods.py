@@ -134,6 +134,43 @@ class CrossProducts:
             return None
         return (sol[:nb] @ basis).reshape(q, q), float(sol[nb])
 
+    def moment_estimates_many(self, basis: np.ndarray, zty: np.ndarray, xty: np.ndarray,
+                              yty: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``moment_estimates`` for R responses on this design at once, given their parts
+        (Z'y in the layout's coordinate order: q_total × R, X'y: p × R, y'y: R): the matrix of
+        the linear system is the design's, its right-hand sides the responses'. Returns
+        (Ψ: R × q × q, σ²: R), or None where moment_estimates has none for the design."""
+        q_all = np.diff(self.layout.q_off)
+        m, p = q_all.shape[0], self.p
+        if m == 0 or np.any(q_all != q_all[0]):
+            return None
+        q = int(q_all[0])
+        qq, nb, R = q * q, basis.shape[0], zty.shape[1]
+        if basis.shape[1] != qq:
+            return None
+        if q > 1 and np.any(self.layout.comp.reshape(m, q) != self.layout.comp[:q]):
+            return None
+        try:
+            beta = np.linalg.solve(self.XtX, xty)
+        except np.linalg.LinAlgError:
+            return None
+        rec = self.S.reshape(m, qq + q * p + q)
+        A = rec[:, :qq]
+        B = np.ascontiguousarray(rec[:, qq:qq + q * p]).reshape(m * q, p)
+        u = (zty - B @ beta).reshape(m, q, R)
+        rr = yty - 2.0 * np.einsum("lr,lr->r", beta, xty) + np.einsum("lr,lr->r", beta, self.XtX @ beta)
+        K = (A.T @ A).reshape(q, q, q, q).transpose(0, 2, 1, 3).reshape(qq, qq)   # Σ A_i ⊗ A_i
+        M = np.empty((nb + 1, nb + 1))
+        M[:nb, :nb] = basis @ K @ basis.T
+        M[:nb, nb] = M[nb, :nb] = basis @ A.sum(axis=0)
+        M[nb, nb] = self.n
+        uu = np.einsum("iar,ibr->abr", u, u).reshape(qq, R)
+        try:
+            sol = np.linalg.solve(M, np.vstack([basis @ uu, rr[None, :]]))
+        except np.linalg.LinAlgError:
+            return None
+        return (sol[:nb].T @ basis).reshape(R, q, q), sol[nb]
+
     def keep_fixed(self, keep: np.ndarray) -> CrossProducts:
         """The cross-products with only the ``keep`` columns of X (a dropped column, a
         rank-deficient design)."""

@@ -18,7 +18,8 @@ import numpy as np
 
 from lmefast.errors import ObjectiveError
 
-__all__ = ["KernelObjective", "ObjectiveError", "Solution", "relative_factor", "relative_scalars"]
+__all__ = ["KernelObjective", "ObjectiveError", "Solution", "relative_factor", "relative_factors",
+           "relative_scalars"]
 
 MOMENT_FLOOR = 1e-2      # eigenvalues of the moment estimate of Ψ/σ² floored at this × largest
 
@@ -71,6 +72,14 @@ class KernelObjective:
     #: the moment start of this objective's response when its caller has computed it (for many
     #: responses at once, ``Engine.moment_thetas``): used in place of ``moment_theta()``
     given_moment_theta: np.ndarray | None = None
+
+    @property
+    def starts_at_moments(self) -> bool:
+        """Whether the optimiser starts at the moment estimates rather than at lme4's start
+        (from ``moment_start_blocks`` blocks). Not where a caller has given them: a fit of
+        one response in fit_many takes the path of lmer on it (from another start the C
+        optimiser stops ~1e-6 away in θ)."""
+        return self.n_blocks >= self.moment_start_blocks
 
     def respond(self, cp: Any, moment_theta: np.ndarray | None = None) -> KernelObjective:
         """This objective on cross-products that differ in the response parts only (Z'y, X'y,
@@ -154,22 +163,32 @@ class KernelObjective:
 def relative_factor(psi: np.ndarray, sigma2: float) -> np.ndarray | None:
     """Ψ/σ² with its eigenvalues floored at MOMENT_FLOOR × the largest (a start strictly
     inside the bounds), or None when σ² or every eigenvalue is not positive."""
-    if not (sigma2 > 0 and np.all(np.isfinite(psi))):
-        return None
-    w, V = np.linalg.eigh(0.5 * (psi + psi.T) / sigma2)
-    if not w[-1] > 0:
-        return None
-    return (V * np.maximum(w, MOMENT_FLOOR * w[-1])) @ V.T
+    rel = relative_factors(np.asarray(psi, dtype=float)[None], np.array([sigma2], dtype=float))[0]
+    return None if np.isnan(rel).any() else rel
+
+
+def relative_factors(psi: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """``relative_factor`` of many (Ψ, σ²) at once: psi (R × q × q), sigma2 (R) → R × q × q,
+    NaN where relative_factor gives None."""
+    R = psi.shape[0]
+    out = np.full(psi.shape, np.nan)
+    ok = (sigma2 > 0) & np.all(np.isfinite(psi.reshape(R, -1)), axis=1)
+    if not ok.any():
+        return out
+    w, V = np.linalg.eigh(0.5 * (psi[ok] + np.swapaxes(psi[ok], 1, 2)) / sigma2[ok, None, None])
+    top = w[:, -1:]
+    pos = top[:, 0] > 0
+    rel = np.einsum("rij,rj,rkj->rik", V, np.maximum(w, MOMENT_FLOOR * top), V)
+    rel[~pos] = np.nan
+    out[ok] = rel
+    return out
 
 
 def relative_scalars(psi: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
     """``relative_factor`` of diagonal Ψ for many responses at once, as θ: psi (J × m) and
-    sigma2 (m) → √ of the floored ψ_j/σ² (m × J), a row of NaN where relative_factor gives
-    None (σ² or every ψ_j not positive, or not finite)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = psi / sigma2
-        top = rel.max(axis=0)
-        ok = (sigma2 > 0) & np.all(np.isfinite(psi), axis=0) & (top > 0)
-        theta = np.sqrt(np.maximum(rel, MOMENT_FLOOR * top)).T
-    theta[~ok] = np.nan
-    return theta
+    sigma2 (m) → √ of the diagonal of the floored Ψ/σ² (m × J), a row of NaN where
+    relative_factor gives None."""
+    J, m = psi.shape
+    D = np.zeros((m, J, J))
+    D[:, np.arange(J), np.arange(J)] = psi.T
+    return np.sqrt(np.einsum("rii->ri", relative_factors(D, sigma2)))

@@ -22,7 +22,7 @@ from lmefast._kernels import OneFactorKernel, modes_pass
 from lmefast.crossprods import CrossProducts, compute_crossprods
 from lmefast.engine import CovarianceTerm, Engine
 from lmefast.errors import InferenceError, ObjectiveError, PredictionError
-from lmefast.objective import KernelObjective, Solution, relative_factor
+from lmefast.objective import KernelObjective, Solution, relative_factor, relative_factors
 from lmefast.parallel import default_threads
 from lmefast.spec import GroupThetaMap, ModelSpec
 
@@ -80,23 +80,39 @@ class ProfiledObjective(KernelObjective):
         """The Cholesky factor of Ψ/σ² (or √ of its diagonal for a diagonal T) from moment
         estimates on the structure's basis; a variance component: the mean relative variance
         of its coordinates. None when the groups' blocks differ or an estimate is not positive."""
-        tm, lay = self.theta_map, self.cp.layout
-        q = int(lay.q_off[1] - lay.q_off[0]) if lay.q_off.shape[0] > 1 else 0
-        basis = tm.covariance_basis(lay.comp[tm.k:q])
+        basis = self.moment_basis()
         est = None if basis is None else self.cp.moment_estimates(basis)
         rel = None if est is None else relative_factor(*est)
-        if rel is None:
-            return None
+        return None if rel is None else self.theta_from_relative(rel[None])[0]
+
+    def moment_basis(self) -> np.ndarray | None:
+        """The symmetric basis of Ψ of the structure (ThetaMap.covariance_basis) on the first
+        group's coordinates, or None."""
+        tm, lay = self.theta_map, self.cp.layout
+        q = int(lay.q_off[1] - lay.q_off[0]) if lay.q_off.shape[0] > 1 else 0
+        return tm.covariance_basis(lay.comp[tm.k:q])
+
+    def theta_from_relative(self, rel: np.ndarray) -> np.ndarray:
+        """θ (R × n_theta) from R relative covariances Ψ/σ² (R × q × q, NaN: none): T the
+        Cholesky factor of the k × k block (√ of its diagonal for a diagonal T), each variance
+        component the mean of its coordinates' diagonal entries."""
+        tm, lay = self.theta_map, self.cp.layout
         k, (rows, cols) = tm.k, tm.tril
+        R, q = rel.shape[0], rel.shape[1]
+        diag = np.einsum("rii->ri", rel)
+        out = np.full((R, tm.n_theta), np.nan)
+        ok = ~np.isnan(rel).reshape(R, -1).any(axis=1)
         if np.all(rows == cols):
-            theta_T = np.sqrt(np.diag(rel)[:k][rows])
-        else:
-            theta_T = np.linalg.cholesky(rel[:k, :k])[rows, cols]
-        comp = lay.comp[k:rel.shape[0]]
-        var = np.diag(rel)[k:]
-        theta_vc = [np.sqrt(var[comp == c].mean()) if np.any(comp == c) else 1.0
-                    for c in range(tm.n_vc)]
-        return np.concatenate([theta_T, theta_vc])
+            out[:, :rows.shape[0]] = np.sqrt(diag[:, :k][:, rows])
+        elif ok.any():
+            out[np.ix_(ok, np.arange(rows.shape[0]))] = np.linalg.cholesky(rel[ok][:, :k, :k])[:, rows, cols]
+        comp = lay.comp[k:q]
+        var = diag[:, k:]
+        for c in range(tm.n_vc):
+            sel = comp == c
+            out[:, rows.shape[0] + c] = np.sqrt(var[:, sel].mean(axis=1)) if sel.any() else 1.0
+        out[~ok] = np.nan
+        return out
 
     def modes(self, sol: Solution) -> tuple[np.ndarray, np.ndarray]:
         """Conditional modes b (one per coordinate, offsets q_off) and conditional covariances
@@ -218,6 +234,12 @@ class OneFactorEngine(Engine):
         """The cross-products of another response on this design (Z'y in the coordinate
         order of ``response_design``)."""
         return self.crossprods.with_response(zty, xty, yty)
+
+    def moment_thetas(self, zty: np.ndarray, xty: np.ndarray, yty: np.ndarray) -> np.ndarray | None:
+        obj = self.objective(True, 1)
+        basis = obj.moment_basis()
+        est = None if basis is None else self.crossprods.moment_estimates_many(basis, zty, xty, yty)
+        return None if est is None else obj.theta_from_relative(relative_factors(*est))
 
     def weighted_crossprods(self, y: np.ndarray, weights: np.ndarray) -> CrossProducts:
         """The cross-products of response y with prior weights w (all > 0) on this design's

@@ -309,8 +309,7 @@ def fit_theta(
         # A boundary fit can be a local optimum of the boundary (a covariance of lower rank,
         # e.g. T = [[0, 0], [t, 0]]) rather than the optimum: a second fit from an interior
         # start, the better of the two kept (a true boundary optimum is found again).
-        began_at_moments = (obj.n_blocks >= obj.moment_start_blocks
-                            and np.array_equal(summary.theta_initial, default))
+        began_at_moments = obj.starts_at_moments and np.array_equal(summary.theta_initial, default)
         second = interior_start(obj, summary.theta_final, lower, not began_at_moments)
         if second is not None:
             sol_2, summary_2 = _fit_from(obj, second, lower, maxiter, False, None)
@@ -375,8 +374,8 @@ def _fit_from(obj: KernelObjective, theta0: np.ndarray, lower: np.ndarray, maxit
 
     hook = on_iter if (verbose or callback is not None) else None
     large = obj.n_blocks >= MOMENT_MIN_BLOCKS
-    medium = obj.n_blocks >= obj.moment_start_blocks
-    start = moment_start(obj) if medium and np.array_equal(theta0, obj.theta_map.start()) else None
+    start = (moment_start(obj) if obj.starts_at_moments and np.array_equal(theta0, obj.theta_map.start())
+             else None)
     kept: Solution | None = None
     if large and start is not None and start.shape[0] <= MAX_THETA_FD_START:
         theta, f, grad, f0, Hinv, n_iter, code, kept = bfgs_from_moments(obj, start, lower,

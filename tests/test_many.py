@@ -263,3 +263,47 @@ def test_relative_scalars_is_relative_factor_of_a_diagonal() -> None:
             assert np.isnan(got[j]).all()
         else:
             np.testing.assert_allclose(got[j], np.sqrt(np.diag(want)), rtol=1e-14)
+
+
+@pytest.mark.parametrize("rhs", ["x + (1 + x | g)", "x + (1 + x || g)", "x + (1 | g)"])
+def test_one_factor_moment_starts_for_all_responses_at_once(rhs: str) -> None:
+    """The one-factor engine's moment_thetas (one system for the design, a right-hand side per
+    response; T the Cholesky factor of Ψ/σ², or √ of its diagonal) equal each response's own
+    moment_theta; and a design of ≥ 500 groups fitted by fit_many takes lmer's path from them."""
+    rng = np.random.default_rng(8)
+    m_groups, per = 600, 3
+    g = np.repeat(np.arange(m_groups), per)
+    x = rng.normal(size=g.shape[0])
+    data = pd.DataFrame({"g": g, "x": x})
+    Y = np.column_stack([1 + 0.5 * x + rng.normal(0, 1 + 0.3 * j, m_groups)[g]
+                         + rng.normal(0, 0.5, m_groups)[g] * x + rng.normal(size=g.shape[0]) for j in range(5)])
+    eng = lmefast.lmer_model(f"y ~ {rhs}", data.assign(y=Y[:, 0])).engine
+    X, Z = eng.response_design()
+    zty, xty, yty = np.asarray(Z.T @ Y), X.T @ Y, np.einsum("ij,ij->j", Y, Y)
+    starts = eng.moment_thetas(zty, xty, yty)
+    template = eng.objective(True, 1)
+    for j in range(Y.shape[1]):
+        own = template.respond(eng.with_response(zty[:, j], xty[:, j], yty[j])).moment_theta()
+        assert own is not None
+        np.testing.assert_allclose(starts[j], own, rtol=1e-9, atol=1e-12)
+    res = lmefast.fit_many(f"~ {rhs}", data, Y)
+    for j in range(Y.shape[1]):
+        ref = lmefast.lmer_model(f"y ~ {rhs}", data.assign(y=Y[:, j])).fit()
+        assert res.status().n_evals.iloc[j] == ref.optsummary.n_evals
+        assert res.llf.iloc[j] == pytest.approx(ref.llf, rel=1e-10)
+
+
+def test_relative_factor_floors_the_eigenvalues() -> None:
+    """Ψ/σ² = V diag(w) V' with its eigenvalues floored at 1e-2 × the largest; None without a
+    positive σ² or eigenvalue (the batched relative_factors: NaN there)."""
+    from lmefast.objective import MOMENT_FLOOR, relative_factor, relative_factors
+    V, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
+    w = np.array([-1.0, 1e-5, 4.0])
+    psi = V @ np.diag(w) @ V.T * 2.0
+    rel = relative_factor(psi, 2.0)
+    np.testing.assert_allclose(rel, V @ np.diag([4.0 * MOMENT_FLOOR, 4.0 * MOMENT_FLOOR, 4.0]) @ V.T,
+                               atol=1e-13)
+    assert relative_factor(psi, 0.0) is None and relative_factor(-psi - 10 * np.eye(3), 1.0) is None
+    batch = relative_factors(np.stack([psi, psi, -np.eye(3)]), np.array([2.0, -1.0, 1.0]))
+    np.testing.assert_allclose(batch[0], rel, rtol=1e-14)
+    assert np.isnan(batch[1]).all() and np.isnan(batch[2]).all()
