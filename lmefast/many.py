@@ -161,60 +161,81 @@ def _stencil(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np
     return out
 
 
-def satterthwaite_parts(obj: Any, sol: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(A, J) of lmerTest's Satterthwaite df at a solution (module docstring): A = 2 H⁻¹ over
-    varpar = (θ, σ), J = ∂ vcov(β̂)/∂varpar (p × p × (d + 1)).
-
-    The kernel is evaluated at every point of the stencil but the centre (the solution's own
-    values), for two step sizes h and h/2; the differences of both are formed at once, then
-    combined by Richardson's extrapolation (4 D(h/2) − D(h)) / 3."""
+def stencil_values(obj: Any, sol: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kernel at every point of the Satterthwaite stencil around the solution's θ (the
+    centre is the solution's own values; module docstring), for two step sizes h and h/2:
+    (r², log|L|², Lx) per point (2K + 1, 2K + 1, (2K + 1) × p × p)."""
     theta = sol.theta
     d, p = theta.shape[0], sol.beta.shape[0]
-    s2 = sol.sigma2
-    sigma = float(np.sqrt(s2))
-    c = obj.dof
-    h = 1e-2 * np.maximum(np.abs(theta), 0.05)
-    unit, plus, quad, pi, pj = _stencil(d)
+    unit = _stencil(d)[0]
     K = unit.shape[0] - 1                     # points per step size besides the centre
-    points = np.concatenate([theta[None, :], theta + unit[1:] * h, theta + unit[1:] * (0.5 * h)])
-    logdet = np.empty(2 * K + 1)
+    h = _steps(theta)
+    points = np.concatenate([theta + unit[1:] * h, theta + unit[1:] * (0.5 * h)])
     r2 = np.empty(2 * K + 1)
+    logdet = np.empty(2 * K + 1)
     Lx = np.empty((2 * K + 1, p, p))
-    logdet[0], r2[0], Lx[0] = sol.logdet_L, sol.r2, sol.Lx
-    r2[1:], logdet[1:], status, Lx[1:] = obj.kernel.evaluate_points(points[1:])
+    r2[0], logdet[0], Lx[0] = sol.r2, sol.logdet_L, sol.Lx
+    r2[1:], logdet[1:], status, Lx[1:] = obj.kernel.evaluate_points(points)
     for k in np.nonzero(status != 0)[0][:1]:
-        obj.solve(points[1 + k])      # raises the ObjectiveError that names the failure
+        obj.solve(points[k])      # raises the ObjectiveError that names the failure
+    return r2, logdet, Lx
+
+
+def _steps(theta: np.ndarray) -> np.ndarray:
+    return 1e-2 * np.maximum(np.abs(theta), 0.05)
+
+
+def satterthwaite_batch(theta: np.ndarray, sigma2: np.ndarray, dof: np.ndarray, reml: bool,
+                        r2: np.ndarray, logdet: np.ndarray, Lx: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(A, J) of lmerTest's Satterthwaite df for R solutions at once (module docstring):
+    A = 2 H⁻¹ over varpar = (θ, σ) (R × (d + 1) × (d + 1)), J = ∂ vcov(β̂)/∂varpar
+    (R × p × p × (d + 1)), from each solution's θ (R × d), σ² (R), degrees of freedom of σ̂²
+    (R: n − p for REML, n for ML) and its ``stencil_values``
+    (R × (2K + 1), R × (2K + 1), R × (2K + 1) × p × p). The differences of both step sizes
+    are formed at once, then combined by Richardson's extrapolation (4 D(h/2) − D(h)) / 3."""
+    R, d = theta.shape
+    p = Lx.shape[-1]
+    _, plus, quad, pi, pj = _stencil(d)
+    sigma = np.sqrt(sigma2)
     if p:
-        if obj.reml:
-            logdet = logdet + 2.0 * np.log(np.einsum("kii->ki", Lx)).sum(axis=1)
+        if reml:
+            logdet = logdet + 2.0 * np.log(np.einsum("rkii->rki", Lx)).sum(axis=2)
         Linv = np.linalg.inv(Lx)
-        C = np.einsum("kji,kjl->kil", Linv, Linv)
+        C = np.einsum("rkji,rkjl->rkil", Linv, Linv)
     else:
-        C = np.zeros((2 * K + 1, 0, 0))
-    g = logdet + r2 / s2
-    hh = np.stack([h, 0.5 * h])               # the two step sizes, as rows
-    Hg = np.zeros((2, d, d))
+        C = np.zeros(Lx.shape)
+    g = logdet + r2 / sigma2[:, None]
+    h = _steps(theta)
+    hh = np.stack([h, 0.5 * h], axis=1)          # R × 2 (step sizes) × d
+    Hg = np.zeros((R, 2, d, d))
     ar = np.arange(d)
-    Hg[:, ar, ar] = (g[plus] - 2 * g[0] + g[plus + 1]) / hh ** 2
-    mixed = (g[quad] - g[quad + 1] - g[quad + 2] + g[quad + 3]) / (4 * hh[:, pi] * hh[:, pj])
-    Hg[:, pi, pj] = mixed
-    Hg[:, pj, pi] = mixed
-    dr = (r2[plus] - r2[plus + 1]) / (2 * hh)
-    dC = (C[plus] - C[plus + 1]) / (2 * hh)[:, :, None, None]          # 2 × d × p × p
-    Hg = (4 * Hg[1] - Hg[0]) / 3
-    dr = (4 * dr[1] - dr[0]) / 3
-    dC = (4 * dC[1] - dC[0]) / 3
-    H = np.empty((d + 1, d + 1))
-    H[:d, :d] = 0.5 * (Hg + Hg.T)
-    H[:d, d] = H[d, :d] = -2.0 * dr / sigma ** 3
-    H[d, d] = 6.0 * sol.r2 / sigma ** 4 - 2.0 * c / s2
+    Hg[:, :, ar, ar] = (g[:, plus] - 2 * g[:, :1, None] + g[:, plus + 1]) / hh ** 2
+    mixed = ((g[:, quad] - g[:, quad + 1] - g[:, quad + 2] + g[:, quad + 3])
+             / (4 * hh[:, :, pi] * hh[:, :, pj]))
+    Hg[:, :, pi, pj] = mixed
+    Hg[:, :, pj, pi] = mixed
+    dr = (r2[:, plus] - r2[:, plus + 1]) / (2 * hh)
+    dC = (C[:, plus] - C[:, plus + 1]) / (2 * hh)[..., None, None]     # R × 2 × d × p × p
+    Hg = (4 * Hg[:, 1] - Hg[:, 0]) / 3
+    dr = (4 * dr[:, 1] - dr[:, 0]) / 3
+    dC = (4 * dC[:, 1] - dC[:, 0]) / 3
+    H = np.empty((R, d + 1, d + 1))
+    H[:, :d, :d] = 0.5 * (Hg + np.swapaxes(Hg, 1, 2))
+    H[:, :d, d] = H[:, d, :d] = -2.0 * dr / sigma[:, None] ** 3
+    H[:, d, d] = 6.0 * r2[:, 0] / sigma ** 4 - 2.0 * dof / sigma2
     try:
         A = 2.0 * np.linalg.inv(H)
-    except np.linalg.LinAlgError:
-        A = 2.0 * np.linalg.pinv(H)
-    J = np.empty((p, p, d + 1))
-    J[:, :, :d] = s2 * np.moveaxis(dC, 0, -1)
-    J[:, :, d] = 2.0 * sigma * C[0]
+    except np.linalg.LinAlgError:      # one by one, pinv where a Hessian is singular
+        A = np.empty_like(H)
+        for r in range(R):
+            try:
+                A[r] = 2.0 * np.linalg.inv(H[r])
+            except np.linalg.LinAlgError:
+                A[r] = 2.0 * np.linalg.pinv(H[r])
+    J = np.empty((R, p, p, d + 1))
+    J[..., :d] = sigma2[:, None, None, None] * np.moveaxis(dC, 1, -1)
+    J[..., d] = 2.0 * sigma[:, None, None] * C[:, 0]
     return A, J
 
 
@@ -280,8 +301,9 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
     # per response on the engine's scale, mapped to the user's after the loop, all at once
     theta_e, beta_e = np.full((n, d), np.nan), np.full((n, pk), np.nan)
     Lx_e = np.tile(np.eye(pk), (n, 1, 1))
-    A_e = np.full((n, d + 1, d + 1), np.nan) if satterthwaite else None
-    J_e = np.full((n, pk, pk, d + 1), np.nan) if satterthwaite else None
+    n_st = _stencil(d)[0].shape[0] * 2 - 1 if satterthwaite else 0     # stencil points
+    st_r2, st_logdet, st_Lx = np.empty((n, n_st)), np.empty((n, n_st)), np.empty((n, n_st, pk, pk))
+    dof = np.zeros(n)
     ok = np.zeros(n, dtype=bool)
 
     def work(cols: range) -> None:
@@ -296,7 +318,8 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
                     obj = engine.objective(reml, 1, engine.weighted_crossprods(Yb[:, i], Wb[:, i]))
                 sol, opt = fit_theta(obj, start)
                 if satterthwaite:
-                    A_e[i], J_e[i] = satterthwaite_parts(obj, sol)
+                    st_r2[i], st_logdet[i], st_Lx[i] = stencil_values(obj, sol)
+                    dof[i] = obj.dof
             except (ObjectiveError, FloatingPointError, np.linalg.LinAlgError) as exc:
                 out.reason[j] = f"the fit failed: {exc}"
                 continue
@@ -332,9 +355,11 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
         if not identity:
             cov = np.einsum("ab,kbc,dc->kad", sc.fixed, cov, sc.fixed)
         out.cov[np.ix_(at, bp, bp)] = cov
-    if satterthwaite:
-        out.A[np.ix_(at, tv, tv)] = A_e[rows]
-        J = J_e[rows] if identity else np.einsum("ab,kbcd,ec->kaed", sc.fixed, J_e[rows], sc.fixed)
+    if satterthwaite and rows.shape[0]:
+        A, J = satterthwaite_batch(theta_e[rows], out.sigma2[at], dof[rows], reml, st_r2[rows],
+                                   st_logdet[rows], st_Lx[rows])
+        out.A[np.ix_(at, tv, tv)] = A
+        J = J if identity else np.einsum("ab,kbcd,ec->kaed", sc.fixed, J, sc.fixed)
         out.J[np.ix_(at, bp, bp, tv)] = J
 
 
