@@ -21,7 +21,7 @@ log-determinant, selected inverse P22): dense LAPACK now; the level loops do not
 """
 import numpy as np
 
-from libc.math cimport log
+from libc.math cimport log, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -38,6 +38,20 @@ from lmefast._trailing cimport (
 )
 
 from lmefast.parallel import check_threads
+
+# Whether kernels built from now on take the scalar path where it applies (a constructor
+# argument overrides it); the tests turn it off to compare with the general path.
+SCALAR_PATH = True
+
+
+def scalar_layout(int k1, t_k, ptr, pair_c0, pair_voff) -> bool:
+    """Whether the scalar path applies (see "Scalar terms"): every term of one coefficient,
+    pair P's block at index P, and each level's pairs in increasing trailing coordinate."""
+    if k1 != 1 or not np.all(t_k == 1) or not np.array_equal(pair_voff, np.arange(pair_voff.size)):
+        return False
+    first = np.zeros(pair_c0.size, dtype=bool)
+    first[ptr[:-1][ptr[:-1] < pair_c0.size]] = True
+    return bool(np.all((np.diff(pair_c0) > 0) | first[1:]))
 
 
 cdef struct MultiCtx:
@@ -97,6 +111,10 @@ cdef struct MultiCtx:
     double* G1
     double* G2
     double* Mi
+    # every term scalar (see "Scalar terms" below): the kernel takes the scalar path, with
+    # lam2[r] = Λ2[r, r] for each trailing coordinate
+    bint scalar
+    double* lam2
     # threads (st.nthreads): level ranges, and per thread its Work, scratch and partial sums
     i64* lbounds          # (nth + 1) level ranges of the first factor
     i64* rbounds          # (nth + 1) row ranges of M22 for the Schur update
@@ -495,7 +513,10 @@ cdef void grad_blocks(MultiCtx* c) noexcept nogil:
     cdef i64 l, e, r, col, cb
     cdef double wv
     cdef double* G1t
-    run_chunks(grad_blocks_chunk, c, nth)
+    if c.scalar:
+        run_chunks(scalar_grad_chunk, c, nth)
+    else:
+        run_chunks(grad_blocks_chunk, c, nth)
     memset(c.G1, 0, (k1 * k1 + <i64>c.q2 * kmax) * sizeof(double))
     for t in range(nth):
         G1t = tb(c, t) + 2 + p * p + p + <i64>c.q2 * (p + 1)
@@ -513,6 +534,213 @@ cdef void grad_blocks(MultiCtx* c) noexcept nogil:
                 c.G2[r * kmax + b] += wv * trailing_inverse_at(&c.tr, cb, c.bstart[r] + b)
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar terms: the fast path
+#
+# When every term is a random intercept (k = 1 for the first factor and for every trailing
+# one; the genomics case `(1 | donor) + (1 | batch)`), T1 = t1 and Λ2 = diag(lam2) are
+# scalars per coordinate, each level's record is [a | B1 (p) | c1], each pair P holds one
+# number A21[P] at index P and one trailing coordinate pair_c0[P], and the formulas of the
+# module docstring become, per level i:
+#
+#     L11_i = √(t1² a_i + 1),  Rzx1_i = t1 B1_i / L11_i,  rzy1_i = t1 c1_i / L11_i,
+#     L21_P = lam2[r] A21[P] t1 / L11_i   (r = pair_c0[P]),
+#     M22[r, r'] −= L21_P L21_P'           for the pairs P, P' of level i.
+#
+# The caches (L11c, Rzx1c, rzy1c, L21c) have the general layout, so everything that reads
+# them (modes, conditional variances) works unchanged. The path also assumes each level's
+# pairs are in increasing order of their trailing coordinate (pair_keys sorts them): the
+# Schur update then writes row pair_c0[P] only. The constructor checks all of this and takes
+# the general path otherwise.
+
+cdef void scalar_trailing(MultiCtx* c) noexcept nogil:
+    """build_trailing for scalar terms: lam2, M22 (lower) = Λ2A22Λ2 + I, R2x = Λ2B2,
+    r2y = Λ2c2."""
+    cdef i64 e, r, col
+    cdef int p = c.p, l
+    cdef double v
+    for r in range(c.q2):
+        c.lam2[r] = c.Tall[c.btoff[r]]
+    trailing_clear(&c.tr)
+    for e in range(c.nnz22):
+        r = c.a22r[e]
+        col = c.a22c[e]
+        if r >= col:
+            trailing_add(&c.tr, r, col, c.lam2[r] * c.a22v[e] * c.lam2[col])
+    for r in range(c.q2):
+        trailing_add(&c.tr, r, r, 1.0)
+        v = c.lam2[r]
+        c.r2y[r] = v * c.c2[r]
+        for l in range(p):
+            c.R2x[r * p + l] = v * c.B2[r * p + l]
+
+
+cdef i64 scalar_levels(MultiCtx* c, i64 i0, i64 i1, double* part, double* R2x, double* r2y,
+                       bint schur) noexcept nogil:
+    """level_factor_range for scalar terms: levels i0..i1 add log|L11|², rzy1'rzy1, Σ Rzx1'Rzx1
+    (lower) and Σ Rzx1'rzy1 into part = [logdet, rr, Lx (p²), Rzxrzy (p)], and −L21 Rzx1,
+    −L21 rzy1 into R2x, r2y; with schur, also the Schur update of M22 (levels in order).
+    Returns 0 or 1 + the level that failed."""
+    cdef i64 i, P, P2, p0, p1, r
+    cdef int p = c.p, l, d, rec = 2 + c.p
+    cdef double t1 = c.Tall[0], L, s, rz, x, dd, prod = 1.0, logs = 0.0
+    cdef const double* A
+    cdef double* Lxp = part + 2
+    cdef double* Rzp = Lxp + p * p
+    cdef double* R
+    for i in range(i0, i1):
+        A = &c.S1[i * rec]
+        dd = t1 * t1 * A[0] + 1.0
+        if not dd > 0.0:
+            return i + 1
+        # Σ log(dd) as the log of running products (one log per many levels); dd ≥ 1
+        if dd < 1e100:
+            prod = prod * dd
+            if prod > 1e200:
+                logs = logs + log(prod)
+                prod = 1.0
+        else:
+            logs = logs + log(dd)
+        L = sqrt(dd)
+        c.L11c[i] = L
+        s = t1 / L
+        rz = s * A[1 + p]
+        c.rzy1c[i] = rz
+        part[1] += rz * rz
+        R = &c.Rzx1c[i * p]
+        for l in range(p):
+            R[l] = s * A[1 + l]
+        for l in range(p):
+            Rzp[l] += R[l] * rz
+            for d in range(l + 1):
+                Lxp[l * p + d] += R[l] * R[d]
+        p0 = c.ptr[i]
+        p1 = c.ptr[i + 1]
+        for P in range(p0, p1):
+            r = c.pair_c0[P]
+            x = c.lam2[r] * c.A21[P] * s
+            c.L21c[P] = x
+            r2y[r] -= x * rz
+            for l in range(p):
+                R2x[r * p + l] -= x * R[l]
+            if schur:
+                for P2 in range(p0, P):
+                    trailing_add(&c.tr, r, c.pair_c0[P2], -x * c.L21c[P2])
+                trailing_add(&c.tr, r, r, -x * x)
+    part[0] += logs + log(prod)
+    return 0
+
+
+cdef void scalar_schur_rows(MultiCtx* c, i64 row0, i64 row1) noexcept nogil:
+    """schur_rows for scalar terms (rows row0..row1 of M22, levels in order)."""
+    cdef i64 i, P, P2, p0, p1, r
+    cdef double x
+    for i in range(c.m1):
+        p0 = c.ptr[i]
+        p1 = c.ptr[i + 1]
+        for P in range(p0, p1):
+            r = c.pair_c0[P]
+            if r < row0:
+                continue
+            if r >= row1:
+                break
+            x = c.L21c[P]
+            for P2 in range(p0, P):
+                trailing_add(&c.tr, r, c.pair_c0[P2], -x * c.L21c[P2])
+            trailing_add(&c.tr, r, r, -x * x)
+
+
+cdef void scalar_level_chunk(void* vc, int t) noexcept nogil:
+    cdef MultiCtx* c = <MultiCtx*>vc
+    cdef double* part = tb(c, t)
+    cdef int p = c.p
+    cdef double* R2xp = part + 2 + p * p + p
+    memset(part, 0, (2 + p * p + p + <i64>c.q2 * (p + 1)) * sizeof(double))
+    c.tstat[t] = scalar_levels(c, c.lbounds[t], c.lbounds[t + 1], part, R2xp,
+                               R2xp + <i64>c.q2 * p, False)
+
+
+cdef void scalar_schur_chunk(void* vc, int t) noexcept nogil:
+    cdef MultiCtx* c = <MultiCtx*>vc
+    scalar_schur_rows(c, c.rbounds[t], c.rbounds[t + 1])
+
+
+cdef i64 scalar_level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
+    """level_pass for scalar terms. One thread: the levels write R2x, r2y and M22 directly.
+    Several: level ranges with partial sums, then the Schur update by ranges of rows."""
+    cdef int t, nth = c.st.nthreads, p = c.p, l
+    cdef i64 r, status
+    cdef double* part
+    if nth == 1:
+        part = tb(c, 0)
+        memset(part, 0, (2 + p * p + p) * sizeof(double))
+        status = scalar_levels(c, 0, c.m1, part, c.R2x, c.r2y, True)
+        if status != 0:
+            return status
+        logdet[0] += part[0]
+        rr[0] += part[1]
+        for l in range(p * p):
+            c.st.Lx[l] += part[2 + l]
+        for l in range(p):
+            c.Rzxrzy[l] += part[2 + p * p + l]
+        return 0
+    run_chunks(scalar_level_chunk, c, nth)
+    for t in range(nth):
+        if c.tstat[t] != 0:
+            return c.tstat[t]
+    for t in range(nth):
+        part = tb(c, t)
+        logdet[0] += part[0]
+        rr[0] += part[1]
+        for l in range(p * p):
+            c.st.Lx[l] += part[2 + l]
+        for l in range(p):
+            c.Rzxrzy[l] += part[2 + p * p + l]
+        for r in range(<i64>c.q2 * p):
+            c.R2x[r] += part[2 + p * p + p + r]
+        for r in range(c.q2):
+            c.r2y[r] += part[2 + p * p + p + <i64>c.q2 * p + r]
+    run_chunks(scalar_schur_chunk, c, nth)
+    return 0
+
+
+cdef void scalar_grad_range(MultiCtx* c, int t, i64 i0, i64 i1) noexcept nogil:
+    """grad_blocks_range for scalar terms: with Z_P = L21_P / L11_i and
+    Q_P = Σ_P' P22[P, P'] Z_P', (M⁻¹)11_ii = 1/L11_i² + Σ_P Z_P Q_P,
+    G1 += a_i t1 (M⁻¹)11_ii − Σ_P A21[P] lam2[r] Q_P and G2[r] −= A21[P] t1 Q_P."""
+    cdef int p = c.p, rec = 2 + c.p
+    cdef i64 i, P, P2, p0, p1, r
+    cdef double t1 = c.Tall[0], il, mi, g1 = 0.0, q
+    cdef double* G1 = tb(c, t) + 2 + p * p + p + <i64>c.q2 * (p + 1)
+    cdef double* G2 = G1 + 1
+    cdef double* Z = G2 + c.q2
+    memset(G1, 0, (1 + <i64>c.q2) * sizeof(double))
+    for i in range(i0, i1):
+        il = 1.0 / c.L11c[i]
+        p0 = c.ptr[i]
+        p1 = c.ptr[i + 1]
+        for P in range(p0, p1):
+            Z[P - p0] = c.L21c[P] * il
+        mi = il * il
+        for P in range(p0, p1):
+            r = c.pair_c0[P]
+            q = 0.0
+            for P2 in range(p0, P + 1):
+                q = q + trailing_inverse_at(&c.tr, r, c.pair_c0[P2]) * Z[P2 - p0]
+            for P2 in range(P + 1, p1):
+                q = q + trailing_inverse_at(&c.tr, c.pair_c0[P2], r) * Z[P2 - p0]
+            mi = mi + Z[P - p0] * q
+            g1 = g1 - c.A21[P] * c.lam2[r] * q
+            G2[r] -= c.A21[P] * t1 * q
+        g1 = g1 + c.S1[i * rec] * t1 * mi
+    G1[0] = g1
+
+
+cdef void scalar_grad_chunk(void* vc, int t) noexcept nogil:
+    cdef MultiCtx* c = <MultiCtx*>vc
+    scalar_grad_range(c, t, c.lbounds[t], c.lbounds[t + 1])
 
 
 cdef void assemble_gradient(MultiCtx* c, double kappa, double* grad) noexcept nogil:
@@ -568,10 +796,14 @@ cdef int multi_eval(void* vctx, const double* theta, double* f, double* grad) no
     c.st.n_evals += 1
     c.factored = False
     theta_to_factors(&c.fm, theta, c.Tall)
-    build_trailing(c)
     memset(c.st.Lx, 0, p * p * sizeof(double) + 8)
     memset(c.Rzxrzy, 0, p * sizeof(double) + 8)
-    status = level_pass(c, &logdet, &rr)
+    if c.scalar:
+        scalar_trailing(c)
+        status = scalar_level_pass(c, &logdet, &rr)
+    else:
+        build_trailing(c)
+        status = level_pass(c, &logdet, &rr)
     if status == 0:
         info = trailing_factor(&c.tr)
         if info != 0:
@@ -632,7 +864,8 @@ cdef class MultiKernel(Kernel):
 
     def __cinit__(self, cp, tuple arrays, int k1, int p, int q2, int kmax, int width,
                   const int[::1] th_term, const int[::1] th_row, const int[::1] th_col,
-                  const i64[::1] t_off, const int[::1] t_k, bint reml, n_threads=1):
+                  const i64[::1] t_off, const int[::1] t_k, bint reml, n_threads=1,
+                  scalar_path=None):
         cdef const double[::1] S1 = cp.S1
         cdef const i64[::1] ptr = cp.ptr
         cdef const i64[::1] pair_c0 = cp.pair_c0
@@ -733,7 +966,7 @@ cdef class MultiKernel(Kernel):
                  + 3 * pp + 2 * <size_t>pp * pp
                  + 3 * (<size_t>m1 * k1 * nc + <size_t>q2 * nc)
                  + k1 * k1 + <size_t>q2 * kmax
-                 + 3 * <size_t>(k1 if k1 > pp else pp) ** 2 + th_term.shape[0] + 64)
+                 + 3 * <size_t>(k1 if k1 > pp else pp) ** 2 + th_term.shape[0] + q2 + 64)
         self.buf = <double*>malloc(total * sizeof(double))
         if self.buf == NULL:
             raise MemoryError()
@@ -762,7 +995,18 @@ cdef class MultiKernel(Kernel):
         c.G2 = c.G1 + k1 * k1
         c.Mi = c.G2 + <size_t>q2 * kmax
         c.last_theta = c.Mi + 3 * (k1 if k1 > pp else pp) ** 2
+        c.lam2 = c.last_theta + th_term.shape[0]
         c.factored = False
+        c.scalar = scalar_layout(k1, np.asarray(t_k), np.asarray(ptr), np.asarray(pair_c0),
+                                 np.asarray(pair_voff))
+        if scalar_path is None:
+            scalar_path = SCALAR_PATH
+        c.scalar = c.scalar and bool(scalar_path)
+
+    @property
+    def scalar_path(self):
+        """Whether evaluations take the scalar path (every term a random intercept)."""
+        return bool(self.c.scalar)
 
     def __dealloc__(self):
         cdef int t
