@@ -706,6 +706,76 @@ cdef i64 scalar_level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nog
     return 0
 
 
+cdef void scalar_solve_residuals(MultiCtx* c) noexcept nogil:
+    """backsolve_all then residual_parts for scalar terms, in one pass over the levels:
+    X = [u | H] = L⁻ᵀ[rzy − Rzx β | Rzx], V = ΛX, out = [c − Bβ | B] − Z'Z V."""
+    cdef int p = c.p, nc = c.p + 1, rec = 2 + c.p, l
+    cdef i64 i, P, r, e
+    cdef double t1 = c.Tall[0], acc, v, a, il
+    cdef const double* A
+    cdef const double* y
+    cdef double* x
+    cdef double* v1
+    cdef double* o
+    cdef double* o2
+    for r in range(c.q2):
+        acc = c.r2y[r]
+        for l in range(p):
+            acc = acc - c.R2x[r * p + l] * c.st.beta[l]
+            c.X2[r * nc + 1 + l] = c.R2x[r * p + l]
+            c.out2[r * nc + 1 + l] = c.B2[r * p + l]
+        c.X2[r * nc] = acc
+        acc = c.c2[r]
+        for l in range(p):
+            acc = acc - c.B2[r * p + l] * c.st.beta[l]
+        c.out2[r * nc] = acc
+    trailing_solve(&c.tr, c.X2, nc, True)
+    for r in range(c.q2):
+        for l in range(nc):
+            c.V2[r * nc + l] = c.lam2[r] * c.X2[r * nc + l]
+    for e in range(c.nnz22):
+        r = c.a22r[e]
+        y = &c.V2[c.a22c[e] * nc]
+        for l in range(nc):
+            c.out2[r * nc + l] -= c.a22v[e] * y[l]
+    for i in range(c.m1):
+        x = &c.X1[i * nc]
+        v1 = &c.V1[i * nc]
+        o = &c.out1[i * nc]
+        A = &c.S1[i * rec]
+        acc = c.rzy1c[i]
+        for l in range(p):
+            v = c.Rzx1c[i * p + l]
+            acc = acc - v * c.st.beta[l]
+            x[1 + l] = v
+        x[0] = acc
+        for P in range(c.ptr[i], c.ptr[i + 1]):
+            v = c.L21c[P]
+            y = &c.X2[c.pair_c0[P] * nc]
+            for l in range(nc):
+                x[l] -= v * y[l]
+        il = 1.0 / c.L11c[i]
+        a = A[0]
+        acc = A[1 + p]
+        for l in range(p):
+            acc = acc - A[1 + l] * c.st.beta[l]
+        o[0] = acc
+        for l in range(p):
+            o[1 + l] = A[1 + l]
+        for l in range(nc):
+            x[l] *= il
+            v1[l] = t1 * x[l]
+            o[l] -= a * v1[l]
+        for P in range(c.ptr[i], c.ptr[i + 1]):
+            v = c.A21[P]
+            r = c.pair_c0[P]
+            y = &c.V2[r * nc]
+            o2 = &c.out2[r * nc]
+            for l in range(nc):
+                o[l] -= v * y[l]
+                o2[l] -= v * v1[l]
+
+
 cdef void scalar_grad_range(MultiCtx* c, int t, i64 i0, i64 i1) noexcept nogil:
     """grad_blocks_range for scalar terms: with Z_P = L21_P / L11_i and
     Q_P = Σ_P' P22[P, P'] Z_P', (M⁻¹)11_ii = 1/L11_i² + Σ_P Z_P Q_P,
@@ -842,8 +912,11 @@ cdef int gradient_part(MultiCtx* c, double* grad) noexcept nogil:
     c.factored = False
     if p > 0:
         minv_from_chol(p, c.st.Lx, c.Cinv, c.Mi)
-    backsolve_all(c)
-    residual_parts(c)
+    if c.scalar:
+        scalar_solve_residuals(c)
+    else:
+        backsolve_all(c)
+        residual_parts(c)
     if trailing_invert(&c.tr) != 0:
         c.st.status = -(p + 2)
         return 1
