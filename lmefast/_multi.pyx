@@ -21,7 +21,7 @@ log-determinant, selected inverse P22): dense LAPACK now; the level loops do not
 """
 import numpy as np
 
-from libc.math cimport log, sqrt
+from libc.math cimport floor, log, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -42,16 +42,6 @@ from lmefast.parallel import check_threads
 # Whether kernels built from now on take the scalar path where it applies (a constructor
 # argument overrides it); the tests turn it off to compare with the general path.
 SCALAR_PATH = True
-
-
-def scalar_layout(int k1, t_k, ptr, pair_c0, pair_voff) -> bool:
-    """Whether the scalar path applies (see "Scalar terms"): every term of one coefficient,
-    pair P's block at index P, and each level's pairs in increasing trailing coordinate."""
-    if k1 != 1 or not np.all(t_k == 1) or not np.array_equal(pair_voff, np.arange(pair_voff.size)):
-        return False
-    first = np.zeros(pair_c0.size, dtype=bool)
-    first[ptr[:-1][ptr[:-1] < pair_c0.size]] = True
-    return bool(np.all((np.diff(pair_c0) > 0) | first[1:]))
 
 
 cdef struct MultiCtx:
@@ -925,6 +915,54 @@ cdef int gradient_part(MultiCtx* c, double* grad) noexcept nogil:
     return 0
 
 
+cdef void split_ranges(const i64* ptr, i64 m1, i64 q2, int nth, i64* lb, i64* rb) noexcept nogil:
+    """Thread chunks: level ranges lb balanced by levels + pairs (level i ends at work
+    ptr[i] + i), and row ranges rb of M22's lower triangle (row r holds r + 1 entries: split
+    at q2 √(t/nth))."""
+    cdef int t
+    cdef i64 i = 0
+    cdef double target
+    lb[0] = 0
+    rb[0] = 0
+    for t in range(1, nth):
+        target = <double>(ptr[m1] + m1) * t / nth
+        while i < m1 and ptr[i] + i < target:
+            i += 1
+        lb[t] = i
+        rb[t] = <i64>floor(q2 * sqrt(<double>t / nth))
+    lb[nth] = m1
+    rb[nth] = q2
+
+
+cdef bint scalar_layout(const MultiCtx* c, const int* t_k, int n_terms) noexcept nogil:
+    """Whether the scalar path applies (see "Scalar terms"): every term of one coefficient,
+    pair P's block at index P, and each level's pairs in increasing trailing coordinate."""
+    cdef i64 i, P
+    cdef int j
+    if c.k1 != 1:
+        return False
+    for j in range(n_terms):
+        if t_k[j] != 1:
+            return False
+    for i in range(c.m1):
+        for P in range(c.ptr[i], c.ptr[i + 1]):
+            if c.pair_voff[P] != P or (P > c.ptr[i] and c.pair_c0[P] <= c.pair_c0[P - 1]):
+                return False
+    return True
+
+
+def _scalar_layout(int k1, const int[::1] t_k, const i64[::1] ptr, const i64[::1] pair_c0,
+                   const i64[::1] pair_voff) -> bool:
+    """scalar_layout on these arrays (for the tests)."""
+    cdef MultiCtx c
+    c.k1 = k1
+    c.m1 = ptr.shape[0] - 1
+    c.ptr = &ptr[0]
+    c.pair_c0 = &pair_c0[0] if pair_c0.shape[0] else NULL
+    c.pair_voff = &pair_voff[0] if pair_voff.shape[0] else NULL
+    return scalar_layout(&c, &t_k[0], t_k.shape[0])
+
+
 cdef class MultiKernel(Kernel):
     """The profiled objective for several grouping factors, held in C (see the module
     docstring): `evaluate` for one θ and `minimize` (lmefast._bfgs with no Python in the loop)
@@ -932,7 +970,6 @@ cdef class MultiKernel(Kernel):
 
     cdef MultiCtx c
     cdef object keep
-    cdef object bounds
     cdef double* buf
 
     def __cinit__(self, cp, tuple arrays, int k1, int p, int q2, int kmax, int width,
@@ -965,6 +1002,7 @@ cdef class MultiKernel(Kernel):
         self.c.ws = NULL
         self.c.tbuf = NULL
         self.c.tstat = NULL
+        self.c.lbounds = NULL
         self.c.st.nthreads = 0
         self.fg = multi_eval
         self.ctx = &self.c
@@ -1007,21 +1045,15 @@ cdef class MultiKernel(Kernel):
         c.st.n_evals = 0
         # threads: balanced level ranges (by levels + pairs) and row ranges of the lower
         # triangle of M22 (row r holds r + 1 entries: split at q2 √(t/nth))
+        # (made in C: fit_many makes one kernel per response)
         nth = max(1, min(nth, m1))
-        work = np.asarray(ptr) + np.arange(m1 + 1)
-        lb = np.searchsorted(work, work[-1] * np.arange(nth + 1) / nth).astype(np.int64)
-        lb[0], lb[nth] = 0, m1
-        rb = np.floor(q2 * np.sqrt(np.arange(nth + 1) / nth)).astype(np.int64)
-        rb[nth] = q2
-        cdef i64[::1] lbv = lb
-        cdef i64[::1] rbv = rb
-        self.bounds = (lb, rb)
-        c.lbounds = &lbv[0]
-        c.rbounds = &rbv[0]
         c.ws = <Work*>malloc(nth * sizeof(Work))
         c.tstat = <i64*>malloc(nth * sizeof(i64))
-        if c.ws == NULL or c.tstat == NULL:
+        c.lbounds = <i64*>malloc(2 * (nth + 1) * sizeof(i64))
+        if c.ws == NULL or c.tstat == NULL or c.lbounds == NULL:
             raise MemoryError()
+        c.rbounds = c.lbounds + nth + 1
+        split_ranges(c.ptr, m1, q2, nth, c.lbounds, c.rbounds)
         for t in range(nth):
             c.ws[t].block = NULL
         c.st.nthreads = nth
@@ -1070,11 +1102,9 @@ cdef class MultiKernel(Kernel):
         c.last_theta = c.Mi + 3 * (k1 if k1 > pp else pp) ** 2
         c.lam2 = c.last_theta + th_term.shape[0]
         c.factored = False
-        c.scalar = scalar_layout(k1, np.asarray(t_k), np.asarray(ptr), np.asarray(pair_c0),
-                                 np.asarray(pair_voff))
         if scalar_path is None:
             scalar_path = SCALAR_PATH
-        c.scalar = c.scalar and bool(scalar_path)
+        c.scalar = bool(scalar_path) and scalar_layout(c, &t_k[0], t_k.shape[0])
 
     @property
     def scalar_path(self):
@@ -1088,6 +1118,7 @@ cdef class MultiKernel(Kernel):
                 work_free(&self.c.ws[t])
         free(self.c.ws)
         free(self.c.tstat)
+        free(self.c.lbounds)
         free(self.c.tbuf)
         free(self.buf)
 

@@ -145,8 +145,11 @@ def test_scalar_path_not_taken_with_a_vector_term(formula: str) -> None:
 def test_scalar_layout_needs_sorted_pairs() -> None:
     ptr = np.array([0, 2, 4])
     voff = np.arange(4)
-    t_k = np.ones(2, dtype=np.int32)
-    assert _multi.scalar_layout(1, t_k, ptr, np.array([0, 3, 1, 2]), voff)
-    assert not _multi.scalar_layout(1, t_k, ptr, np.array([3, 0, 1, 2]), voff)
-    assert not _multi.scalar_layout(2, t_k, ptr, np.array([0, 3, 1, 2]), voff)
-    assert not _multi.scalar_layout(1, np.array([1, 2]), ptr, np.array([0, 3, 1, 2]), voff)
+    ones = np.ones(2, dtype=np.int32)
+    assert _multi._scalar_layout(1, ones, ptr, np.array([0, 3, 1, 2]), voff)
+    assert not _multi._scalar_layout(1, ones, ptr, np.array([3, 0, 1, 2]), voff)
+    assert not _multi._scalar_layout(1, ones, ptr, np.array([0, 3, 2, 2]), voff)
+    assert not _multi._scalar_layout(2, ones, ptr, np.array([0, 3, 1, 2]), voff)
+    assert not _multi._scalar_layout(1, np.array([1, 2], dtype=np.int32), ptr,
+                                     np.array([0, 3, 1, 2]), voff)
+    assert not _multi._scalar_layout(1, ones, ptr, np.array([0, 3, 1, 2]), np.array([0, 1, 3, 4]))
