@@ -15,6 +15,10 @@ The gradient (DESIGN.md §2) needs the diagonal level blocks of Z'ZΛM⁻¹; the
 it reads come from L11, L21 and P22 = (L22L22')⁻¹ (dpotri): with Z_P = L21_P L11_i⁻¹ and
 Q_P = Σ_P' P22[P,P'] Z_P', (M⁻¹)21_P = −Q_P and (M⁻¹)11_ii = L11_i⁻ᵀL11_i⁻¹ + Σ_P Z_P'Q_P.
 
+When every term is a random intercept (the genomics case `(1 | donor) + (1 | batch)`) the
+kernel takes a scalar path ("Scalar terms" below) with the same caches and results; any term
+with k > 1 takes the general one.
+
 Storage is row-major. The trailing block M22 lives behind lmefast._trailing (factorise, solve,
 log-determinant, selected inverse P22): dense LAPACK now; the level loops do not see its storage.
 θ → T goes through lmefast._theta; evaluate/minimize come from lmefast._kernel.Kernel.
@@ -966,7 +970,9 @@ def _scalar_layout(int k1, const int[::1] t_k, const i64[::1] ptr, const i64[::1
 cdef class MultiKernel(Kernel):
     """The profiled objective for several grouping factors, held in C (see the module
     docstring): `evaluate` for one θ and `minimize` (lmefast._bfgs with no Python in the loop)
-    from lmefast._kernel.Kernel; `modes` and `conditional_variances` at θ."""
+    from lmefast._kernel.Kernel; `modes` and `conditional_variances` at θ. `scalar_path`
+    (default: the module's SCALAR_PATH) False keeps a design of scalar terms on the general
+    path."""
 
     cdef MultiCtx c
     cdef object keep
