@@ -703,8 +703,8 @@ cdef i64 scalar_level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nog
 cdef void scalar_solve_residuals(MultiCtx* c) noexcept nogil:
     """backsolve_all then residual_parts for scalar terms, in one pass over the levels:
     X = [u | H] = L⁻ᵀ[rzy − Rzx β | Rzx], V = ΛX, out = [c − Bβ | B] − Z'Z V."""
-    cdef int p = c.p, nc = c.p + 1, rec = 2 + c.p, l
-    cdef i64 i, P, r, e
+    cdef int p = c.p, nc = c.p + 1, rec = 2 + c.p, l, d
+    cdef i64 i, P, r, e, p0, p1
     cdef double t1 = c.Tall[0], acc, v, a, il
     cdef const double* A
     cdef const double* y
@@ -737,36 +737,37 @@ cdef void scalar_solve_residuals(MultiCtx* c) noexcept nogil:
         v1 = &c.V1[i * nc]
         o = &c.out1[i * nc]
         A = &c.S1[i * rec]
-        acc = c.rzy1c[i]
-        for l in range(p):
-            v = c.Rzx1c[i * p + l]
-            acc = acc - v * c.st.beta[l]
-            x[1 + l] = v
-        x[0] = acc
-        for P in range(c.ptr[i], c.ptr[i + 1]):
-            v = c.L21c[P]
-            y = &c.X2[c.pair_c0[P] * nc]
-            for l in range(nc):
-                x[l] -= v * y[l]
+        p0 = c.ptr[i]
+        p1 = c.ptr[i + 1]
         il = 1.0 / c.L11c[i]
         a = A[0]
-        acc = A[1 + p]
-        for l in range(p):
-            acc = acc - A[1 + l] * c.st.beta[l]
-        o[0] = acc
-        for l in range(p):
-            o[1 + l] = A[1 + l]
+        # each entry summed in a register over the level's pairs (l outer, pairs inner)
         for l in range(nc):
-            x[l] *= il
+            if l == 0:
+                acc = c.rzy1c[i]
+                for d in range(p):
+                    acc = acc - c.Rzx1c[i * p + d] * c.st.beta[d]
+            else:
+                acc = c.Rzx1c[i * p + l - 1]
+            for P in range(p0, p1):
+                acc = acc - c.L21c[P] * c.X2[c.pair_c0[P] * nc + l]
+            x[l] = acc * il
             v1[l] = t1 * x[l]
-            o[l] -= a * v1[l]
-        for P in range(c.ptr[i], c.ptr[i + 1]):
+        for l in range(nc):
+            if l == 0:
+                acc = A[1 + p]
+                for d in range(p):
+                    acc = acc - A[1 + d] * c.st.beta[d]
+            else:
+                acc = A[l]
+            acc = acc - a * v1[l]
+            for P in range(p0, p1):
+                acc = acc - c.A21[P] * c.V2[c.pair_c0[P] * nc + l]
+            o[l] = acc
+        for P in range(p0, p1):
             v = c.A21[P]
-            r = c.pair_c0[P]
-            y = &c.V2[r * nc]
-            o2 = &c.out2[r * nc]
+            o2 = &c.out2[c.pair_c0[P] * nc]
             for l in range(nc):
-                o[l] -= v * y[l]
                 o2[l] -= v * v1[l]
 
 
