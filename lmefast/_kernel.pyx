@@ -14,8 +14,13 @@ r² ≤ 0; −(p+2) when the gradient's inverse fails.
 """
 import numpy as np
 
+cimport numpy as cnp
+from libc.string cimport memcpy
+
 from lmefast._bfgs cimport bfgs_bounded
 from lmefast._theta cimport FactorMap
+
+cnp.import_array()
 
 
 cdef class Kernel:
@@ -33,18 +38,40 @@ cdef class Kernel:
 
     def evaluate(self, theta, bint want_grad=False):
         """θ → (objective, r², log|L|², status, β̂, Lx, gradient or None)."""
-        cdef double[::1] th = np.ascontiguousarray(theta, dtype=np.float64)
+        cdef cnp.ndarray th
+        if (type(theta) is np.ndarray and cnp.PyArray_TYPE(theta) == cnp.NPY_DOUBLE
+                and cnp.PyArray_NDIM(theta) == 1 and cnp.PyArray_IS_C_CONTIGUOUS(theta)):
+            th = theta
+        else:
+            th = np.ascontiguousarray(theta, dtype=np.float64)
+            if th.ndim != 1:
+                th = th.reshape(-1) if th.ndim == 0 else None
+                if th is None:
+                    raise ValueError("θ must be one-dimensional")
         cdef int nt = self.st.nt, p = self.st.p
         if th.shape[0] != nt:
             raise ValueError(f"θ must have {nt} entries, got {th.shape[0]}")
-        cdef double[::1] g = np.zeros(nt if nt > 0 else 1)
+        # the outputs are made here, with NumPy's C functions: at a few µs per evaluation of a
+        # small design, making them through Python calls cost as much as the evaluation
+        cdef cnp.npy_intp dims[2]
+        dims[0] = p
+        dims[1] = p
+        cdef cnp.ndarray beta = cnp.PyArray_EMPTY(1, dims, cnp.NPY_DOUBLE, 0)
+        cdef cnp.ndarray Lx = cnp.PyArray_EMPTY(2, dims, cnp.NPY_DOUBLE, 0)
+        dims[0] = nt
+        cdef cnp.ndarray g = cnp.PyArray_ZEROS(1, dims, cnp.NPY_DOUBLE, 0) if want_grad else None
         cdef double f = np.nan
+        cdef double* thp = <double*>cnp.PyArray_DATA(th) if nt > 0 else NULL
+        cdef double* gp = <double*>cnp.PyArray_DATA(g) if want_grad else NULL
+        cdef double dummy = 0.0
+        if want_grad and nt == 0:
+            gp = &dummy
         with nogil:
-            self.fg(self.ctx, &th[0] if nt > 0 else NULL, &f, &g[0] if want_grad else NULL)
-        beta = np.array(<double[:p]>self.st.beta) if p > 0 else np.zeros(0)
-        Lx = np.array(<double[:p * p]>self.st.Lx).reshape(p, p) if p > 0 else np.zeros((0, 0))
-        return (f, self.st.r2, self.st.logdet, self.st.status, beta, Lx,
-                np.asarray(g[:nt]).copy() if want_grad else None)
+            self.fg(self.ctx, thp, &f, gp)
+        if p > 0:
+            memcpy(cnp.PyArray_DATA(beta), self.st.beta, p * sizeof(double))
+            memcpy(cnp.PyArray_DATA(Lx), self.st.Lx, <size_t>p * p * sizeof(double))
+        return (f, self.st.r2, self.st.logdet, self.st.status, beta, Lx, g)
 
     def evaluate_points(self, points):
         """Each row of ``points`` (K × n_theta) evaluated in turn, without gradients:

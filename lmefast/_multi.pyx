@@ -15,13 +15,17 @@ The gradient (DESIGN.md §2) needs the diagonal level blocks of Z'ZΛM⁻¹; the
 it reads come from L11, L21 and P22 = (L22L22')⁻¹ (dpotri): with Z_P = L21_P L11_i⁻¹ and
 Q_P = Σ_P' P22[P,P'] Z_P', (M⁻¹)21_P = −Q_P and (M⁻¹)11_ii = L11_i⁻ᵀL11_i⁻¹ + Σ_P Z_P'Q_P.
 
+When every term is a random intercept (the genomics case `(1 | donor) + (1 | batch)`) the
+kernel takes a scalar path ("Scalar terms" below) with the same caches and results; any term
+with k > 1 takes the general one.
+
 Storage is row-major. The trailing block M22 lives behind lmefast._trailing (factorise, solve,
 log-determinant, selected inverse P22): dense LAPACK now; the level loops do not see its storage.
 θ → T goes through lmefast._theta; evaluate/minimize come from lmefast._kernel.Kernel.
 """
 import numpy as np
 
-from libc.math cimport log
+from libc.math cimport floor, log, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -38,6 +42,10 @@ from lmefast._trailing cimport (
 )
 
 from lmefast.parallel import check_threads
+
+# Whether kernels built from now on take the scalar path where it applies (a constructor
+# argument overrides it); the tests turn it off to compare with the general path.
+SCALAR_PATH = True
 
 
 cdef struct MultiCtx:
@@ -97,6 +105,10 @@ cdef struct MultiCtx:
     double* G1
     double* G2
     double* Mi
+    # every term scalar (see "Scalar terms" below): the kernel takes the scalar path, with
+    # lam2[r] = Λ2[r, r] for each trailing coordinate
+    bint scalar
+    double* lam2
     # threads (st.nthreads): level ranges, and per thread its Work, scratch and partial sums
     i64* lbounds          # (nth + 1) level ranges of the first factor
     i64* rbounds          # (nth + 1) row ranges of M22 for the Schur update
@@ -495,7 +507,10 @@ cdef void grad_blocks(MultiCtx* c) noexcept nogil:
     cdef i64 l, e, r, col, cb
     cdef double wv
     cdef double* G1t
-    run_chunks(grad_blocks_chunk, c, nth)
+    if c.scalar:
+        run_chunks(scalar_grad_chunk, c, nth)
+    else:
+        run_chunks(grad_blocks_chunk, c, nth)
     memset(c.G1, 0, (k1 * k1 + <i64>c.q2 * kmax) * sizeof(double))
     for t in range(nth):
         G1t = tb(c, t) + 2 + p * p + p + <i64>c.q2 * (p + 1)
@@ -513,6 +528,284 @@ cdef void grad_blocks(MultiCtx* c) noexcept nogil:
                 c.G2[r * kmax + b] += wv * trailing_inverse_at(&c.tr, cb, c.bstart[r] + b)
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar terms: the fast path
+#
+# When every term is a random intercept (k = 1 for the first factor and for every trailing
+# one; the genomics case `(1 | donor) + (1 | batch)`), T1 = t1 and Λ2 = diag(lam2) are
+# scalars per coordinate, each level's record is [a | B1 (p) | c1], each pair P holds one
+# number A21[P] at index P and one trailing coordinate pair_c0[P], and the formulas of the
+# module docstring become, per level i:
+#
+#     L11_i = √(t1² a_i + 1),  Rzx1_i = t1 B1_i / L11_i,  rzy1_i = t1 c1_i / L11_i,
+#     L21_P = lam2[r] A21[P] t1 / L11_i   (r = pair_c0[P]),
+#     M22[r, r'] −= L21_P L21_P'           for the pairs P, P' of level i.
+#
+# The caches (L11c, Rzx1c, rzy1c, L21c) have the general layout, so everything that reads
+# them (modes, conditional variances) works unchanged. The path also assumes each level's
+# pairs are in increasing order of their trailing coordinate (pair_keys sorts them): the
+# Schur update then writes row pair_c0[P] only. The constructor checks all of this and takes
+# the general path otherwise.
+
+cdef void scalar_trailing(MultiCtx* c) noexcept nogil:
+    """build_trailing for scalar terms: lam2, M22 (lower) = Λ2A22Λ2 + I, R2x = Λ2B2,
+    r2y = Λ2c2."""
+    cdef i64 e, r, col
+    cdef int p = c.p, l
+    cdef double v
+    for r in range(c.q2):
+        c.lam2[r] = c.Tall[c.btoff[r]]
+    trailing_clear(&c.tr)
+    for e in range(c.nnz22):
+        r = c.a22r[e]
+        col = c.a22c[e]
+        if r >= col:
+            trailing_add(&c.tr, r, col, c.lam2[r] * c.a22v[e] * c.lam2[col])
+    for r in range(c.q2):
+        trailing_add(&c.tr, r, r, 1.0)
+        v = c.lam2[r]
+        c.r2y[r] = v * c.c2[r]
+        for l in range(p):
+            c.R2x[r * p + l] = v * c.B2[r * p + l]
+
+
+cdef i64 scalar_levels(MultiCtx* c, i64 i0, i64 i1, double* part, double* R2x, double* r2y,
+                       bint schur) noexcept nogil:
+    """level_factor_range for scalar terms: levels i0..i1 add log|L11|², rzy1'rzy1, Σ Rzx1'Rzx1
+    (lower) and Σ Rzx1'rzy1 into part = [logdet, rr, Lx (p²), Rzxrzy (p)], and −L21 Rzx1,
+    −L21 rzy1 into R2x, r2y; with schur, also the Schur update of M22 (levels in order).
+    Returns 0 or 1 + the level that failed."""
+    cdef i64 i, P, P2, p0, p1, r
+    cdef int p = c.p, l, d, rec = 2 + c.p
+    cdef double t1 = c.Tall[0], L, s, rz, x, dd, prod = 1.0, logs = 0.0
+    cdef const double* A
+    cdef double* Lxp = part + 2
+    cdef double* Rzp = Lxp + p * p
+    cdef double* R
+    for i in range(i0, i1):
+        A = &c.S1[i * rec]
+        dd = t1 * t1 * A[0] + 1.0
+        if not dd > 0.0:
+            return i + 1
+        # Σ log(dd) as the log of running products (one log per many levels); dd ≥ 1
+        if dd < 1e100:
+            prod = prod * dd
+            if prod > 1e200:
+                logs = logs + log(prod)
+                prod = 1.0
+        else:
+            logs = logs + log(dd)
+        L = sqrt(dd)
+        c.L11c[i] = L
+        s = t1 / L
+        rz = s * A[1 + p]
+        c.rzy1c[i] = rz
+        part[1] += rz * rz
+        R = &c.Rzx1c[i * p]
+        for l in range(p):
+            R[l] = s * A[1 + l]
+        for l in range(p):
+            Rzp[l] += R[l] * rz
+            for d in range(l + 1):
+                Lxp[l * p + d] += R[l] * R[d]
+        p0 = c.ptr[i]
+        p1 = c.ptr[i + 1]
+        for P in range(p0, p1):
+            r = c.pair_c0[P]
+            x = c.lam2[r] * c.A21[P] * s
+            c.L21c[P] = x
+            r2y[r] -= x * rz
+            for l in range(p):
+                R2x[r * p + l] -= x * R[l]
+            if schur:
+                for P2 in range(p0, P):
+                    trailing_add(&c.tr, r, c.pair_c0[P2], -x * c.L21c[P2])
+                trailing_add(&c.tr, r, r, -x * x)
+    part[0] += logs + log(prod)
+    return 0
+
+
+cdef void scalar_schur_rows(MultiCtx* c, i64 row0, i64 row1) noexcept nogil:
+    """schur_rows for scalar terms (rows row0..row1 of M22, levels in order)."""
+    cdef i64 i, P, P2, p0, p1, r
+    cdef double x
+    for i in range(c.m1):
+        p0 = c.ptr[i]
+        p1 = c.ptr[i + 1]
+        for P in range(p0, p1):
+            r = c.pair_c0[P]
+            if r < row0:
+                continue
+            if r >= row1:
+                break
+            x = c.L21c[P]
+            for P2 in range(p0, P):
+                trailing_add(&c.tr, r, c.pair_c0[P2], -x * c.L21c[P2])
+            trailing_add(&c.tr, r, r, -x * x)
+
+
+cdef void scalar_level_chunk(void* vc, int t) noexcept nogil:
+    cdef MultiCtx* c = <MultiCtx*>vc
+    cdef double* part = tb(c, t)
+    cdef int p = c.p
+    cdef double* R2xp = part + 2 + p * p + p
+    memset(part, 0, (2 + p * p + p + <i64>c.q2 * (p + 1)) * sizeof(double))
+    c.tstat[t] = scalar_levels(c, c.lbounds[t], c.lbounds[t + 1], part, R2xp,
+                               R2xp + <i64>c.q2 * p, False)
+
+
+cdef void scalar_schur_chunk(void* vc, int t) noexcept nogil:
+    cdef MultiCtx* c = <MultiCtx*>vc
+    scalar_schur_rows(c, c.rbounds[t], c.rbounds[t + 1])
+
+
+cdef i64 scalar_level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
+    """level_pass for scalar terms. One thread: the levels write R2x, r2y and M22 directly.
+    Several: level ranges with partial sums, then the Schur update by ranges of rows."""
+    cdef int t, nth = c.st.nthreads, p = c.p, l
+    cdef i64 r, status
+    cdef double* part
+    if nth == 1:
+        part = tb(c, 0)
+        memset(part, 0, (2 + p * p + p) * sizeof(double))
+        status = scalar_levels(c, 0, c.m1, part, c.R2x, c.r2y, True)
+        if status != 0:
+            return status
+        logdet[0] += part[0]
+        rr[0] += part[1]
+        for l in range(p * p):
+            c.st.Lx[l] += part[2 + l]
+        for l in range(p):
+            c.Rzxrzy[l] += part[2 + p * p + l]
+        return 0
+    run_chunks(scalar_level_chunk, c, nth)
+    for t in range(nth):
+        if c.tstat[t] != 0:
+            return c.tstat[t]
+    for t in range(nth):
+        part = tb(c, t)
+        logdet[0] += part[0]
+        rr[0] += part[1]
+        for l in range(p * p):
+            c.st.Lx[l] += part[2 + l]
+        for l in range(p):
+            c.Rzxrzy[l] += part[2 + p * p + l]
+        for r in range(<i64>c.q2 * p):
+            c.R2x[r] += part[2 + p * p + p + r]
+        for r in range(c.q2):
+            c.r2y[r] += part[2 + p * p + p + <i64>c.q2 * p + r]
+    run_chunks(scalar_schur_chunk, c, nth)
+    return 0
+
+
+cdef void scalar_solve_residuals(MultiCtx* c) noexcept nogil:
+    """backsolve_all then residual_parts for scalar terms, in one pass over the levels:
+    X = [u | H] = L⁻ᵀ[rzy − Rzx β | Rzx], V = ΛX, out = [c − Bβ | B] − Z'Z V."""
+    cdef int p = c.p, nc = c.p + 1, rec = 2 + c.p, l, d
+    cdef i64 i, P, r, e, p0, p1
+    cdef double t1 = c.Tall[0], acc, v, a, il
+    cdef const double* A
+    cdef const double* y
+    cdef double* x
+    cdef double* v1
+    cdef double* o
+    cdef double* o2
+    for r in range(c.q2):
+        acc = c.r2y[r]
+        for l in range(p):
+            acc = acc - c.R2x[r * p + l] * c.st.beta[l]
+            c.X2[r * nc + 1 + l] = c.R2x[r * p + l]
+            c.out2[r * nc + 1 + l] = c.B2[r * p + l]
+        c.X2[r * nc] = acc
+        acc = c.c2[r]
+        for l in range(p):
+            acc = acc - c.B2[r * p + l] * c.st.beta[l]
+        c.out2[r * nc] = acc
+    trailing_solve(&c.tr, c.X2, nc, True)
+    for r in range(c.q2):
+        for l in range(nc):
+            c.V2[r * nc + l] = c.lam2[r] * c.X2[r * nc + l]
+    for e in range(c.nnz22):
+        r = c.a22r[e]
+        y = &c.V2[c.a22c[e] * nc]
+        for l in range(nc):
+            c.out2[r * nc + l] -= c.a22v[e] * y[l]
+    for i in range(c.m1):
+        x = &c.X1[i * nc]
+        v1 = &c.V1[i * nc]
+        o = &c.out1[i * nc]
+        A = &c.S1[i * rec]
+        p0 = c.ptr[i]
+        p1 = c.ptr[i + 1]
+        il = 1.0 / c.L11c[i]
+        a = A[0]
+        # each entry summed in a register over the level's pairs (l outer, pairs inner)
+        for l in range(nc):
+            if l == 0:
+                acc = c.rzy1c[i]
+                for d in range(p):
+                    acc = acc - c.Rzx1c[i * p + d] * c.st.beta[d]
+            else:
+                acc = c.Rzx1c[i * p + l - 1]
+            for P in range(p0, p1):
+                acc = acc - c.L21c[P] * c.X2[c.pair_c0[P] * nc + l]
+            x[l] = acc * il
+            v1[l] = t1 * x[l]
+        for l in range(nc):
+            if l == 0:
+                acc = A[1 + p]
+                for d in range(p):
+                    acc = acc - A[1 + d] * c.st.beta[d]
+            else:
+                acc = A[l]
+            acc = acc - a * v1[l]
+            for P in range(p0, p1):
+                acc = acc - c.A21[P] * c.V2[c.pair_c0[P] * nc + l]
+            o[l] = acc
+        for P in range(p0, p1):
+            v = c.A21[P]
+            o2 = &c.out2[c.pair_c0[P] * nc]
+            for l in range(nc):
+                o2[l] -= v * v1[l]
+
+
+cdef void scalar_grad_range(MultiCtx* c, int t, i64 i0, i64 i1) noexcept nogil:
+    """grad_blocks_range for scalar terms: with Z_P = L21_P / L11_i and
+    Q_P = Σ_P' P22[P, P'] Z_P', (M⁻¹)11_ii = 1/L11_i² + Σ_P Z_P Q_P,
+    G1 += a_i t1 (M⁻¹)11_ii − Σ_P A21[P] lam2[r] Q_P and G2[r] −= A21[P] t1 Q_P."""
+    cdef int p = c.p, rec = 2 + c.p
+    cdef i64 i, P, P2, p0, p1, r
+    cdef double t1 = c.Tall[0], il, mi, g1 = 0.0, q
+    cdef double* G1 = tb(c, t) + 2 + p * p + p + <i64>c.q2 * (p + 1)
+    cdef double* G2 = G1 + 1
+    cdef double* Z = G2 + c.q2
+    memset(G1, 0, (1 + <i64>c.q2) * sizeof(double))
+    for i in range(i0, i1):
+        il = 1.0 / c.L11c[i]
+        p0 = c.ptr[i]
+        p1 = c.ptr[i + 1]
+        for P in range(p0, p1):
+            Z[P - p0] = c.L21c[P] * il
+        mi = il * il
+        for P in range(p0, p1):
+            r = c.pair_c0[P]
+            q = 0.0
+            for P2 in range(p0, P + 1):
+                q = q + trailing_inverse_at(&c.tr, r, c.pair_c0[P2]) * Z[P2 - p0]
+            for P2 in range(P + 1, p1):
+                q = q + trailing_inverse_at(&c.tr, c.pair_c0[P2], r) * Z[P2 - p0]
+            mi = mi + Z[P - p0] * q
+            g1 = g1 - c.A21[P] * c.lam2[r] * q
+            G2[r] -= c.A21[P] * t1 * q
+        g1 = g1 + c.S1[i * rec] * t1 * mi
+    G1[0] = g1
+
+
+cdef void scalar_grad_chunk(void* vc, int t) noexcept nogil:
+    cdef MultiCtx* c = <MultiCtx*>vc
+    scalar_grad_range(c, t, c.lbounds[t], c.lbounds[t + 1])
 
 
 cdef void assemble_gradient(MultiCtx* c, double kappa, double* grad) noexcept nogil:
@@ -568,10 +861,14 @@ cdef int multi_eval(void* vctx, const double* theta, double* f, double* grad) no
     c.st.n_evals += 1
     c.factored = False
     theta_to_factors(&c.fm, theta, c.Tall)
-    build_trailing(c)
     memset(c.st.Lx, 0, p * p * sizeof(double) + 8)
     memset(c.Rzxrzy, 0, p * sizeof(double) + 8)
-    status = level_pass(c, &logdet, &rr)
+    if c.scalar:
+        scalar_trailing(c)
+        status = scalar_level_pass(c, &logdet, &rr)
+    else:
+        build_trailing(c)
+        status = level_pass(c, &logdet, &rr)
     if status == 0:
         info = trailing_factor(&c.tr)
         if info != 0:
@@ -610,8 +907,11 @@ cdef int gradient_part(MultiCtx* c, double* grad) noexcept nogil:
     c.factored = False
     if p > 0:
         minv_from_chol(p, c.st.Lx, c.Cinv, c.Mi)
-    backsolve_all(c)
-    residual_parts(c)
+    if c.scalar:
+        scalar_solve_residuals(c)
+    else:
+        backsolve_all(c)
+        residual_parts(c)
     if trailing_invert(&c.tr) != 0:
         c.st.status = -(p + 2)
         return 1
@@ -620,19 +920,69 @@ cdef int gradient_part(MultiCtx* c, double* grad) noexcept nogil:
     return 0
 
 
+cdef void split_ranges(const i64* ptr, i64 m1, i64 q2, int nth, i64* lb, i64* rb) noexcept nogil:
+    """Thread chunks: level ranges lb balanced by levels + pairs (level i ends at work
+    ptr[i] + i), and row ranges rb of M22's lower triangle (row r holds r + 1 entries: split
+    at q2 √(t/nth))."""
+    cdef int t
+    cdef i64 i = 0
+    cdef double target
+    lb[0] = 0
+    rb[0] = 0
+    for t in range(1, nth):
+        target = <double>(ptr[m1] + m1) * t / nth
+        while i < m1 and ptr[i] + i < target:
+            i += 1
+        lb[t] = i
+        rb[t] = <i64>floor(q2 * sqrt(<double>t / nth))
+    lb[nth] = m1
+    rb[nth] = q2
+
+
+cdef bint scalar_layout(const MultiCtx* c, const int* t_k, int n_terms) noexcept nogil:
+    """Whether the scalar path applies (see "Scalar terms"): every term of one coefficient,
+    pair P's block at index P, and each level's pairs in increasing trailing coordinate."""
+    cdef i64 i, P
+    cdef int j
+    if c.k1 != 1:
+        return False
+    for j in range(n_terms):
+        if t_k[j] != 1:
+            return False
+    for i in range(c.m1):
+        for P in range(c.ptr[i], c.ptr[i + 1]):
+            if c.pair_voff[P] != P or (P > c.ptr[i] and c.pair_c0[P] <= c.pair_c0[P - 1]):
+                return False
+    return True
+
+
+def _scalar_layout(int k1, const int[::1] t_k, const i64[::1] ptr, const i64[::1] pair_c0,
+                   const i64[::1] pair_voff) -> bool:
+    """scalar_layout on these arrays (for the tests)."""
+    cdef MultiCtx c
+    c.k1 = k1
+    c.m1 = ptr.shape[0] - 1
+    c.ptr = &ptr[0]
+    c.pair_c0 = &pair_c0[0] if pair_c0.shape[0] else NULL
+    c.pair_voff = &pair_voff[0] if pair_voff.shape[0] else NULL
+    return scalar_layout(&c, &t_k[0], t_k.shape[0])
+
+
 cdef class MultiKernel(Kernel):
     """The profiled objective for several grouping factors, held in C (see the module
     docstring): `evaluate` for one θ and `minimize` (lmefast._bfgs with no Python in the loop)
-    from lmefast._kernel.Kernel; `modes` and `conditional_variances` at θ."""
+    from lmefast._kernel.Kernel; `modes` and `conditional_variances` at θ. `scalar_path`
+    (default: the module's SCALAR_PATH) False keeps a design of scalar terms on the general
+    path."""
 
     cdef MultiCtx c
     cdef object keep
-    cdef object bounds
     cdef double* buf
 
     def __cinit__(self, cp, tuple arrays, int k1, int p, int q2, int kmax, int width,
                   const int[::1] th_term, const int[::1] th_row, const int[::1] th_col,
-                  const i64[::1] t_off, const int[::1] t_k, bint reml, n_threads=1):
+                  const i64[::1] t_off, const int[::1] t_k, bint reml, n_threads=1,
+                  scalar_path=None):
         cdef const double[::1] S1 = cp.S1
         cdef const i64[::1] ptr = cp.ptr
         cdef const i64[::1] pair_c0 = cp.pair_c0
@@ -659,6 +1009,7 @@ cdef class MultiKernel(Kernel):
         self.c.ws = NULL
         self.c.tbuf = NULL
         self.c.tstat = NULL
+        self.c.lbounds = NULL
         self.c.st.nthreads = 0
         self.fg = multi_eval
         self.ctx = &self.c
@@ -701,21 +1052,15 @@ cdef class MultiKernel(Kernel):
         c.st.n_evals = 0
         # threads: balanced level ranges (by levels + pairs) and row ranges of the lower
         # triangle of M22 (row r holds r + 1 entries: split at q2 √(t/nth))
+        # (made in C: fit_many makes one kernel per response)
         nth = max(1, min(nth, m1))
-        work = np.asarray(ptr) + np.arange(m1 + 1)
-        lb = np.searchsorted(work, work[-1] * np.arange(nth + 1) / nth).astype(np.int64)
-        lb[0], lb[nth] = 0, m1
-        rb = np.floor(q2 * np.sqrt(np.arange(nth + 1) / nth)).astype(np.int64)
-        rb[nth] = q2
-        cdef i64[::1] lbv = lb
-        cdef i64[::1] rbv = rb
-        self.bounds = (lb, rb)
-        c.lbounds = &lbv[0]
-        c.rbounds = &rbv[0]
         c.ws = <Work*>malloc(nth * sizeof(Work))
         c.tstat = <i64*>malloc(nth * sizeof(i64))
-        if c.ws == NULL or c.tstat == NULL:
+        c.lbounds = <i64*>malloc(2 * (nth + 1) * sizeof(i64))
+        if c.ws == NULL or c.tstat == NULL or c.lbounds == NULL:
             raise MemoryError()
+        c.rbounds = c.lbounds + nth + 1
+        split_ranges(c.ptr, m1, q2, nth, c.lbounds, c.rbounds)
         for t in range(nth):
             c.ws[t].block = NULL
         c.st.nthreads = nth
@@ -733,7 +1078,7 @@ cdef class MultiKernel(Kernel):
                  + 3 * pp + 2 * <size_t>pp * pp
                  + 3 * (<size_t>m1 * k1 * nc + <size_t>q2 * nc)
                  + k1 * k1 + <size_t>q2 * kmax
-                 + 3 * <size_t>(k1 if k1 > pp else pp) ** 2 + th_term.shape[0] + 64)
+                 + 3 * <size_t>(k1 if k1 > pp else pp) ** 2 + th_term.shape[0] + q2 + 64)
         self.buf = <double*>malloc(total * sizeof(double))
         if self.buf == NULL:
             raise MemoryError()
@@ -762,7 +1107,16 @@ cdef class MultiKernel(Kernel):
         c.G2 = c.G1 + k1 * k1
         c.Mi = c.G2 + <size_t>q2 * kmax
         c.last_theta = c.Mi + 3 * (k1 if k1 > pp else pp) ** 2
+        c.lam2 = c.last_theta + th_term.shape[0]
         c.factored = False
+        if scalar_path is None:
+            scalar_path = SCALAR_PATH
+        c.scalar = bool(scalar_path) and scalar_layout(c, &t_k[0], t_k.shape[0])
+
+    @property
+    def scalar_path(self):
+        """Whether evaluations take the scalar path (every term a random intercept)."""
+        return bool(self.c.scalar)
 
     def __dealloc__(self):
         cdef int t
@@ -771,6 +1125,7 @@ cdef class MultiKernel(Kernel):
                 work_free(&self.c.ws[t])
         free(self.c.ws)
         free(self.c.tstat)
+        free(self.c.lbounds)
         free(self.c.tbuf)
         free(self.buf)
 
