@@ -1118,6 +1118,23 @@ cdef class MultiKernel(Kernel):
         """Whether evaluations take the scalar path (every term a random intercept)."""
         return bool(self.c.scalar)
 
+    def set_response(self, cp):
+        """Another response on the same design, in place (no new buffers): the first factor's
+        records S1 (only their c parts differ), the trailing Z'y, X'y and y'y of ``cp``."""
+        cdef const double[::1] S1 = cp.S1
+        cdef const double[::1] c2 = cp.c2
+        cdef const double[::1] Xty = np.ascontiguousarray(cp.Xty)
+        old = self.keep
+        if (S1.shape[0] != (<object>old[2]).shape[0] or c2.shape[0] != (<object>old[9]).shape[0]
+                or Xty.shape[0] != (<object>old[11]).shape[0]):
+            raise ValueError("set_response: the records, Z'y or X'y differ in size from the design's")
+        self.keep = (cp, old[1], S1) + old[3:9] + (c2, old[10], Xty) + old[12:]
+        self.c.S1 = &S1[0]
+        self.c.c2 = &c2[0]
+        self.c.Xty = &Xty[0] if Xty.shape[0] else NULL
+        self.c.yty = cp.yty
+        self.c.factored = False
+
     def __dealloc__(self):
         cdef int t
         if self.c.ws != NULL:

@@ -367,6 +367,11 @@ class MultiObjective(KernelObjective):
             reml, default_threads(terms[0].m) if n_threads is None else n_threads)
         self.kernel = MultiKernel(cp, *self._kernel_args)
 
+    def _respond(self, cp: MultiCrossProducts) -> MultiObjective:
+        self.kernel.set_response(cp)
+        self.cp = cp
+        return self
+
     def with_crossprods(self, cp: MultiCrossProducts) -> MultiObjective:
         """The same objective on cross-products that differ from these in the response parts
         only (Z'y, X'y, y'y): the layout's arrays are shared, only the kernel is new."""

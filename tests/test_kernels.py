@@ -360,3 +360,36 @@ def test_minimize_gives_the_solution_at_its_result() -> None:
         np.testing.assert_allclose(sol.beta, ref.beta, rtol=1e-13)
         np.testing.assert_allclose(sol.grad, g2)
         assert sol.sigma2 == pytest.approx(ref.sigma2, rel=1e-14)
+
+
+def test_respond_in_place_equals_a_new_objective() -> None:
+    """KernelObjective.respond swaps the response parts of the kernel in place (one factor and
+    several): the objective, gradient and β equal those of an objective built anew on the
+    other response's cross-products, and a design of another size is refused."""
+    data = Path(__file__).parent / "data"
+    sleep = pd.read_csv(data / "sleepstudy.csv")
+    penicillin = pd.read_csv(data / "Penicillin.csv")
+    rng = np.random.default_rng(4)
+    models = [lmefast.lmer_model("Reaction ~ Days + (Days | Subject)", sleep),
+              lmefast.lmer_model("diameter ~ 1 + (1|plate) + (1|sample)", penicillin)]
+    for model in models:
+        eng = model.engine
+        X, Z = eng.response_design()
+        y2 = eng.response() + rng.normal(0, 2.0, eng.nobs)
+        cp2 = eng.with_response(np.asarray(Z.T @ y2), X.T @ y2, float(y2 @ y2))
+        obj = eng.objective(True, 1)
+        theta = np.abs(rng.normal(1.0, 0.3, obj.theta_map.n_theta))
+        before = obj.solve(theta, want_grad=True)
+        fresh = eng.objective(True, 1, cp2).solve(theta, want_grad=True)
+        swapped = obj.respond(cp2)
+        assert swapped is obj                      # in place: the same objective and kernel
+        got = swapped.solve(theta, want_grad=True)
+        assert got.objective == pytest.approx(fresh.objective, rel=1e-13)
+        assert got.objective != pytest.approx(before.objective, rel=1e-6)
+        np.testing.assert_allclose(got.grad, fresh.grad, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(got.beta, fresh.beta, rtol=1e-12)
+    with pytest.raises(ValueError, match="differ in size"):
+        models[0].engine.objective(True, 1).kernel.set_response(np.zeros(3), np.zeros(2), 1.0)
+    fewer = lmefast.lmer_model("diameter ~ 1 + (1|plate) + (1|sample)", penicillin[penicillin.plate != "a"])
+    with pytest.raises(ValueError, match="differ in size"):
+        models[1].engine.objective(True, 1).kernel.set_response(fewer.engine.crossprods)
