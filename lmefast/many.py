@@ -55,8 +55,10 @@ BLOCK = 512           # responses whose Z'y, X'y, y'y are formed together
 #: threads across responses by default only for designs with this many levels (of the largest
 #: factor): below, a response's kernel work (which runs without the GIL) is short against its
 #: Python work, and threads contend for the GIL (sleepstudy's 18 subjects: 2 threads take 2.2×
-#: the time of one; 100 donors × 6 batches crossed: 0.8× — bench/RESULTS.md)
-THREADS_MIN_LEVELS = 100
+#: the time of one; 100 donors × 6 batches crossed: 0.8× with the general several-factor
+#: kernel, 0.93–1.1× since its scalar path made a response's kernel work ~4× shorter; 400
+#: donors: 0.73×, 1,500: 0.64× — bench/RESULTS.md)
+THREADS_MIN_LEVELS = 250
 
 
 def _right_hand_side(formula: str) -> str:

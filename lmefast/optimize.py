@@ -153,9 +153,13 @@ def significant(a: np.ndarray, digits: int = 4) -> np.ndarray:
     Hessian there are rounded, so that cross-products that differ in their last bits (sums
     over chunks in another order) give the same start, the same path and the same optimum
     to the last digits, as from the fixed default start."""
-    with np.errstate(divide="ignore"):
-        scale = 10.0 ** (np.floor(np.log10(np.abs(a))) - (digits - 1))
-    return np.where(a == 0, 0.0, np.round(a / np.where(a == 0, 1.0, scale)) * scale)
+    a = np.asarray(a, dtype=float)
+    out = np.zeros_like(a)
+    nz = a != 0
+    x = a[nz]
+    scale = 10.0 ** (np.floor(np.log10(np.abs(x))) - (digits - 1))
+    out[nz] = np.round(x / scale) * scale
+    return out
 
 
 def start_hessian(obj: KernelObjective, theta: np.ndarray, grad: np.ndarray,
