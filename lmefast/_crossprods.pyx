@@ -33,6 +33,46 @@ cdef enum:
     PREFETCH_AHEAD = 16
 
 
+cdef inline void coef_rows(
+    const double* y, const double* X, const double* Zre, const i64* gcode, double* S,
+    const i64* s_off, i64 g_lo, i64 g_hi, const i64* rows, i64 n_iter, const int k, const int p,
+) noexcept nogil:
+    """accumulate_range without variance components: each row's z z', z x', z y (k and p
+    constants where the caller passes literals: the compiler makes a copy per size)."""
+    cdef i64 ii, r, g, g2
+    cdef int e, e2, l
+    cdef double v, yr
+    cdef double* A_g
+    cdef double* B_g
+    cdef double* c_g
+    cdef const double* x
+    cdef const double* z
+    for ii in range(n_iter):
+        if ii + PREFETCH_AHEAD < n_iter:
+            g2 = gcode[rows[ii + PREFETCH_AHEAD] if rows != NULL else ii + PREFETCH_AHEAD]
+            if g_lo <= g2 < g_hi:
+                LMEFAST_PREFETCH(&S[s_off[g2]])
+                LMEFAST_PREFETCH(&S[s_off[g2]] + 8)
+        r = rows[ii] if rows != NULL else ii
+        g = gcode[r]
+        if g < g_lo or g >= g_hi:
+            continue
+        A_g = &S[s_off[g]]
+        B_g = A_g + k * k
+        c_g = B_g + k * p
+        x = &X[r * p]
+        z = &Zre[r * k]
+        yr = y[r]
+        for e in range(k):
+            v = z[e]
+            c_g[e] += v * yr
+            for l in range(p):
+                B_g[e * p + l] += v * x[l]
+            for e2 in range(k):
+                A_g[e * k + e2] += v * z[e2]
+
+
+
 cdef void accumulate_range(
     const double* y, const double* X, const double* Zre, const i64* gcode, i64 n, int p, int k,
     const i64* q_off, const i64* s_off, const i64* vc_coord, const double* vc_val, int ne,
@@ -51,30 +91,31 @@ cdef void accumulate_range(
     cdef const double* z
     cdef i64 g2
     if ne == 0:
-        # random coefficients only: every group's block is k × k
-        for ii in range(n_iter):
-            if ii + PREFETCH_AHEAD < n_iter:
-                g2 = gcode[rows[ii + PREFETCH_AHEAD] if rows != NULL else ii + PREFETCH_AHEAD]
-                if g_lo <= g2 < g_hi:
-                    LMEFAST_PREFETCH(&S[s_off[g2]])
-                    LMEFAST_PREFETCH(&S[s_off[g2]] + 8)
-            r = rows[ii] if rows != NULL else ii
-            g = gcode[r]
-            if g < g_lo or g >= g_hi:
-                continue
-            A_g = &S[s_off[g]]
-            B_g = A_g + k * k
-            c_g = B_g + k * p
-            x = &X[r * p]
-            z = &Zre[r * k]
-            yr = y[r]
-            for e in range(k):
-                v = z[e]
-                c_g[e] += v * yr
-                for l in range(p):
-                    B_g[e * p + l] += v * x[l]
-                for e2 in range(k):
-                    A_g[e * k + e2] += v * z[e2]
+        # random coefficients only: every group's block is k × k. The common sizes get their
+        # own copy of the loop with k and p known to the compiler (loops unrolled, records
+        # addressed without multiplications by a variable); same additions in the same order
+        if k == 1:
+            if p == 1:
+                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 1, 1)
+            elif p == 2:
+                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 1, 2)
+            elif p == 3:
+                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 1, 3)
+            elif p == 4:
+                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 1, 4)
+            else:
+                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
+        elif k == 2:
+            if p == 2:
+                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 2, 2)
+            elif p == 3:
+                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 2, 3)
+            elif p == 4:
+                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 2, 4)
+            else:
+                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
+        else:
+            coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
         return
     for ii in range(n_iter):
         r = rows[ii] if rows != NULL else ii
@@ -243,6 +284,9 @@ def accumulate(
 cdef enum:
     MOMENT_MAX_K = 8      # column_moments: up to this many columns in C, above numpy
     MOMENT_BLOCK = 256    # rows transposed into a column buffer at a time
+
+#: column_moments makes its one pass in C for up to this many columns (numpy above)
+MOMENT_COLUMNS = MOMENT_MAX_K
 
 
 cdef inline double _dot4(const double* a, const double* b, Py_ssize_t m) noexcept nogil:

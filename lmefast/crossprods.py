@@ -189,7 +189,8 @@ class CrossProducts:
         return S, s_new
 
 def compute_crossprods(spec: ModelSpec, n_threads: int | None = None) -> CrossProducts:
-    """One pass over the rows for the per-group blocks; X'X, X'y, y'y in a second
+    """One pass over the rows for the per-group blocks; X'X, X'y, y'y from the front end's
+    column moments when it has them (ModelSpec.known_gram), else in a second pass
     (lmefast._crossprods.column_moments)."""
     lay = spec.layout
     s_off = record_offsets(lay, spec.k_fe)
@@ -198,7 +199,9 @@ def compute_crossprods(spec: ModelSpec, n_threads: int | None = None) -> CrossPr
                lay.vc_coord, lay.vc_val, S,
                default_threads(spec.n_groups) if n_threads is None else n_threads)
     p = spec.k_fe
-    _, G, _, _ = column_moments(spec.X, spec.y, extremes=False)   # [X | y]'[X | y]
+    G = spec.known_gram()
+    if G is None:
+        _, G, _, _ = column_moments(spec.X, spec.y, extremes=False)   # [X | y]'[X | y]
     return CrossProducts(S=S, s_off=s_off, XtX=np.ascontiguousarray(G[:p, :p]),
                          Xty=np.ascontiguousarray(G[:p, p]), yty=float(G[p, p]),
                          n=spec.nobs, layout=lay)

@@ -101,6 +101,17 @@ class ModelSpec:
     group_name: str
     vc_col_names: tuple[tuple[str, ...], ...]
     dropped_exog: tuple[str, ...] = ()
+    #: (X, y, [X | y]'[X | y]) when the front end has the Gram matrix of these very arrays
+    #: (column_moments' sums); the pass over the rows then skips it. A spec made by
+    #: ``dataclasses.replace`` with other X or y does not match and makes its own.
+    row_gram: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def known_gram(self) -> np.ndarray | None:
+        """[X | y]'[X | y] when the front end computed it from this spec's X and y, else None."""
+        if self.row_gram is None:
+            return None
+        X, y, G = self.row_gram
+        return G if X is self.X and y is self.y else None
 
     @property
     def nobs(self) -> int:

@@ -1,0 +1,174 @@
+"""The construction path's shortcuts give what the plain computations give: the pass over the rows
+for every block size it has a special copy of, sorted or shuffled rows; X'X, X'y, y'y taken from
+the front end's column moments; the group codes of integer and string labels."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lmefast
+from lmefast import _crossprods
+from lmefast._testing import random_slopes
+from lmefast.crossprods import compute_crossprods, record_offsets
+from lmefast.spec import build_layout
+
+
+def reference_records(y: np.ndarray, X: np.ndarray, Z: np.ndarray, codes: np.ndarray, m: int
+                      ) -> np.ndarray:
+    """[A_i | B_i | c_i] per group from dense products."""
+    out = []
+    for g in range(m):
+        rows = codes == g
+        Zi, Xi, yi = Z[rows], X[rows], y[rows]
+        out.append(np.concatenate([(Zi.T @ Zi).ravel(), (Zi.T @ Xi).ravel(), Zi.T @ yi]))
+    return np.concatenate(out)
+
+
+def row_pass(y: np.ndarray, X: np.ndarray, Z: np.ndarray, codes: np.ndarray, m: int,
+             n_threads: int = 1) -> np.ndarray:
+    layout = build_layout(codes, m, Z.shape[1], [])
+    s_off = record_offsets(layout, X.shape[1])
+    S = np.zeros(int(s_off[-1]))
+    _crossprods.accumulate(y, X, Z, codes, layout.q_off, s_off, layout.vc_coord, layout.vc_val, S,
+                           n_threads)
+    return S
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
+def test_row_pass_for_every_block_size(k: int, p: int) -> None:
+    """Each size with its own copy of the loop (k ≤ 2, p ≤ 4) and the general loop around them
+    agree with dense products, for rows in random order and sorted by group, on one and two
+    threads."""
+    rng = np.random.default_rng(10 * k + p)
+    m, n = 40, 600
+    codes = rng.integers(0, m, n).astype(np.int64)
+    X = rng.normal(size=(n, p))
+    Z = rng.normal(size=(n, k)) + 1.0
+    y = rng.normal(size=n)
+    ref = reference_records(y, X, Z, codes, m)
+    order = np.argsort(codes, kind="stable")
+    for threads in (1, 2):
+        shuffled = row_pass(y, X, Z, codes, m, threads)
+        np.testing.assert_allclose(shuffled, ref, rtol=1e-12, atol=1e-12)
+        sorted_rows = row_pass(y[order], np.ascontiguousarray(X[order]), np.ascontiguousarray(Z[order]),
+                               codes[order], m, threads)
+        np.testing.assert_allclose(sorted_rows, shuffled, rtol=1e-12, atol=1e-12)
+
+
+def test_row_pass_with_empty_groups_and_one_row_groups() -> None:
+    rng = np.random.default_rng(3)
+    m = 7
+    codes = np.array([0, 0, 2, 5, 5, 5, 2, 6], dtype=np.int64)   # groups 1, 3, 4 have no rows
+    X, Z, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2)), rng.normal(size=8)
+    np.testing.assert_allclose(row_pass(y, X, Z, codes, m), reference_records(y, X, Z, codes, m),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_gram_from_the_front_end_equals_the_pass_over_the_rows() -> None:
+    """X'X, X'y, y'y from the moments the front end computed for its checks are those of the
+    rows; a spec with other rows (dataclasses.replace) computes its own."""
+    df = random_slopes(3000, 150, seed=4)
+    spec = lmefast.mixedlm("y ~ x1 + x2", df, groups="g", re_formula="~x1").spec
+    assert spec.known_gram() is not None
+    cp = compute_crossprods(spec, 1)
+    plain = compute_crossprods(replace(spec, row_gram=None), 1)
+    assert replace(spec, row_gram=None).known_gram() is None
+    np.testing.assert_allclose(cp.XtX, spec.X.T @ spec.X, rtol=1e-12)
+    np.testing.assert_allclose(cp.Xty, spec.X.T @ spec.y, rtol=1e-12)
+    np.testing.assert_allclose(cp.yty, spec.y @ spec.y, rtol=1e-12)
+    np.testing.assert_allclose(cp.XtX, plain.XtX, rtol=1e-12)
+    np.testing.assert_allclose(cp.S, plain.S, rtol=1e-12)
+    other = replace(spec, y=np.ascontiguousarray(2.0 * spec.y))
+    assert other.known_gram() is None
+    np.testing.assert_allclose(compute_crossprods(other, 1).yty, 4.0 * cp.yty, rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["scaled", "dropped", "weights", "offset", "drop_missing"])
+def test_gram_shortcut_matches_plain_cross_products(case: str) -> None:
+    """Where the engine's rows are not the user's (scaled or dropped columns, prior weights, an
+    offset, dropped rows) the cross-products are still those of the engine's rows."""
+    df = random_slopes(2000, 100, seed=5)
+    kw: dict = {}
+    formula = "y ~ x1 + x2"
+    if case == "scaled":
+        df = df.assign(x2=df.x2 * 1e4)
+    elif case == "dropped":
+        df = df.assign(x3=2.0 * df.x1)
+        formula = "y ~ x1 + x2 + x3"
+    elif case == "weights":
+        kw["weights"] = np.linspace(0.5, 2.0, len(df))
+    elif case == "offset":
+        kw["offset"] = np.linspace(-1.0, 1.0, len(df))
+    else:
+        df.loc[[3, 17], "x2"] = np.nan
+        kw["missing"] = "drop"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = lmefast.mixedlm(formula, df, groups="g", re_formula="~x1", **kw).spec
+    cp = compute_crossprods(spec, 1)
+    plain = compute_crossprods(replace(spec, row_gram=None), 1)
+    np.testing.assert_allclose(cp.XtX, plain.XtX, rtol=1e-12)
+    np.testing.assert_allclose(cp.Xty, plain.Xty, rtol=1e-12)
+    np.testing.assert_allclose(cp.yty, plain.yty, rtol=1e-12)
+    np.testing.assert_allclose(cp.XtX, spec.X.T @ spec.X, rtol=1e-10)
+
+
+def test_integer_and_string_group_labels_give_the_same_fit() -> None:
+    ints = random_slopes(4000, 200, seed=6)
+    strs = random_slopes(4000, 200, seed=6, string_keys=True)
+    a = lmefast.mixedlm("y ~ x1 + x2", ints, groups="g", re_formula="~x1").fit()
+    b = lmefast.mixedlm("y ~ x1 + x2", strs, groups="g", re_formula="~x1").fit()
+    np.testing.assert_allclose(a.llf, b.llf, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(a.fe_params), np.asarray(b.fe_params), rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(a.cov_re), np.asarray(b.cov_re), rtol=1e-8)
+
+
+def test_sorted_and_shuffled_rows_give_the_same_fit() -> None:
+    df = random_slopes(4000, 200, seed=7)
+    ordered = df.sort_values("g", kind="stable").reset_index(drop=True)
+    a = lmefast.mixedlm("y ~ x1 + x2", df, groups="g", re_formula="~x1").fit()
+    b = lmefast.mixedlm("y ~ x1 + x2", ordered, groups="g", re_formula="~x1").fit()
+    np.testing.assert_allclose(a.llf, b.llf, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(a.fe_params), np.asarray(b.fe_params), rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(a.cov_re), np.asarray(b.cov_re), rtol=1e-8)
+
+
+@pytest.mark.parametrize("column", ["y", "x2"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_bad_value_is_still_named(column: str, bad: float) -> None:
+    """One pass gives the checks and the moments: a NaN or infinite value still raises the
+    error naming its column, for arrays as for formulas."""
+    df = random_slopes(500, 50, seed=8)
+    y = df["y"].to_numpy().copy()
+    X = np.column_stack([np.ones(len(df)), df["x1"], df["x2"]])
+    if column == "y":
+        y[10] = bad
+    else:
+        X[10, 2] = bad
+    with pytest.raises(lmefast.SpecificationError, match="response" if column == "y" else "x3|column"):
+        lmefast.MixedLM(y, X, df["g"].to_numpy(), exog_names=["const", "x1", "x3"])
+
+
+def test_huge_finite_values_are_not_taken_for_infinite() -> None:
+    """A column whose sum overflows has no bad value: no error (the check by element decides)."""
+    rng = np.random.default_rng(9)
+    n = 200
+    X = np.column_stack([np.ones(n), rng.normal(size=n)])
+    big = np.full(n, 1.5e308)
+    big[::2] = 1.0e308
+    Z = np.column_stack([np.ones(n), big])
+    y = rng.normal(size=n)
+    g = np.repeat(np.arange(20), 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            lmefast.MixedLM(y, X, g, exog_re=Z)
+        except lmefast.SpecificationError as exc:
+            assert "NaN or infinite" not in str(exc)
+    frame = pd.DataFrame({"y": y, "x": X[:, 1], "g": g})
+    lmefast.mixedlm("y ~ x", frame, groups="g")
