@@ -387,3 +387,88 @@ def column_moments(const double[:, :] A, const double[:] y=None, bint extremes=T
         return sums_arr, gram_arr, np.full(kk, np.nan), np.full(kk, np.nan)
     return (sums_arr, gram_arr, np.array([lo[j] for j in range(kk)]),
             np.array([hi[j] for j in range(kk)]))
+
+
+def integer_codes(const i64[::1] values, i64 top):
+    """Group codes of non-negative integer keys all below ``top``: (codes, labels), codes
+    0..m−1 in increasing key order, labels the keys present. One pass marks the keys present,
+    one numbers them, one codes the rows (a copy of the keys when they are 0..m−1 already)."""
+    cdef Py_ssize_t n = values.shape[0], i
+    cdef i64 j, m = 0
+    code_of_arr = np.zeros(top, dtype=np.int64)
+    cdef i64[::1] code_of = code_of_arr
+    with nogil:
+        for i in range(n):
+            code_of[values[i]] = 1
+        for j in range(top):
+            if code_of[j]:
+                code_of[j] = m
+                m += 1
+            else:
+                code_of[j] = -1
+    if m == top:
+        return np.array(values, dtype=np.int64), np.arange(top, dtype=np.int64)
+    codes_arr = np.empty(n, dtype=np.int64)
+    cdef i64[::1] codes = codes_arr
+    with nogil:
+        for i in range(n):
+            codes[i] = code_of[values[i]]
+    return codes_arr, np.nonzero(code_of_arr >= 0)[0].astype(np.int64)
+
+
+cdef enum:
+    INTERLEAVE_BLOCK = 512    # rows written at a time: the block of the matrix stays in cache
+
+
+def rows_from_columns(list columns, Py_ssize_t n):
+    """The n × k C-ordered matrix of k columns (float arrays of n values, or None for a column of
+    ones), written block of rows by block: each cache line of the matrix is filled once (a copy
+    column by column fills every line k times)."""
+    cdef Py_ssize_t k = len(columns), j, i, r0, m
+    out = np.empty((n, k))
+    if n == 0 or k == 0:
+        return out
+    cols = [None if c is None else np.ascontiguousarray(c, dtype=float) for c in columns]
+    for j in range(k):
+        if cols[j] is not None and cols[j].shape[0] != n:
+            raise ValueError(f"column {j} has {cols[j].shape[0]} values, not {n}")
+    cdef double[:, ::1] X = out
+    cdef double* base = &X[0, 0]
+    cdef const double[::1] col
+    cdef const double** src = <const double**>malloc(k * sizeof(double*))
+    if src == NULL:
+        raise MemoryError()
+    for j in range(k):
+        if cols[j] is None:
+            src[j] = NULL
+        else:
+            col = cols[j]
+            src[j] = &col[0]
+    with nogil:
+        r0 = 0
+        while r0 < n:
+            m = min(<Py_ssize_t>INTERLEAVE_BLOCK, n - r0)
+            for j in range(k):
+                if src[j] == NULL:
+                    for i in range(m):
+                        base[(r0 + i) * k + j] = 1.0
+                else:
+                    for i in range(m):
+                        base[(r0 + i) * k + j] = src[j][r0 + i]
+            r0 += m
+    free(src)
+    return out
+
+
+def column_sums(const double[:, :] A):
+    """Σ_i A[i, :], the rows added one after another (numpy's order for a sum over axis 0 of
+    two or more columns; a single column numpy sums pairwise), in one pass over a strided view
+    without numpy's buffering of it."""
+    cdef Py_ssize_t n = A.shape[0], k = A.shape[1], i, j
+    out = np.zeros(k)
+    cdef double[::1] s = out
+    with nogil:
+        for i in range(n):
+            for j in range(k):
+                s[j] += A[i, j]
+    return out

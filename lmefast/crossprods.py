@@ -7,7 +7,7 @@ from functools import cached_property
 
 import numpy as np
 
-from lmefast._crossprods import accumulate, column_moments
+from lmefast._crossprods import accumulate, column_moments, column_sums
 from lmefast.parallel import default_threads
 from lmefast.spec import BlockLayout, ModelSpec
 
@@ -121,12 +121,14 @@ class CrossProducts:
             return None
         rec = self.S.reshape(m, qq + q * p + q)
         A = rec[:, :qq]
-        u = rec[:, qq + q * p:] - rec[:, qq:qq + q * p].reshape(m, q, p) @ beta
+        # B_i β for all groups as one matrix-vector product (B_i's rows stacked)
+        Bb = np.ascontiguousarray(rec[:, qq:qq + q * p]).reshape(m * q, p) @ beta
+        u = rec[:, qq + q * p:] - Bb.reshape(m, q)
         rr = self.yty - 2.0 * beta @ self.Xty + beta @ self.XtX @ beta
         K = (A.T @ A).reshape(q, q, q, q).transpose(0, 2, 1, 3).reshape(qq, qq)   # Σ A_i ⊗ A_i
         M = np.empty((nb + 1, nb + 1))
         M[:nb, :nb] = basis @ K @ basis.T
-        M[:nb, nb] = M[nb, :nb] = basis @ A.sum(axis=0)
+        M[:nb, nb] = M[nb, :nb] = basis @ (column_sums(A) if qq > 1 else A.sum(axis=0))
         M[nb, nb] = self.n
         try:
             sol = np.linalg.solve(M, np.concatenate([basis @ (u.T @ u).ravel(), [rr]]))

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 from formulaic import Formula, model_matrix
 from formulaic.parser.types.factor import Factor
 
+from lmefast._crossprods import rows_from_columns
 from lmefast.checks import check_missing_policy, check_unique_columns
 from lmefast.errors import SpecificationError
 
@@ -166,9 +167,8 @@ def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False) -> 
             return indicator
     plain = None if sparse else _plain_columns(parsed, data)
     if plain is not None:
-        X = np.empty((len(data), len(plain)))
-        for j, col in enumerate(plain):
-            X[:, j] = 1.0 if col is None else data[col].to_numpy(dtype=float)
+        X = rows_from_columns([None if col is None else data[col].to_numpy(dtype=float)
+                               for col in plain], len(data))
         return X, ["Intercept" if c is None else c for c in plain]
     try:
         mm = model_matrix(parsed, data, na_action="ignore", output="sparse" if sparse else "pandas",
@@ -178,10 +178,7 @@ def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False) -> 
     names = [str(c) for c in mm.model_spec.column_names]
     if sparse:
         return getattr(mm, "__wrapped__", mm).tocsr(), names
-    X = np.empty(mm.shape)
-    for j, col in enumerate(mm.columns):
-        X[:, j] = mm[col].to_numpy(dtype=float)
-    return X, names
+    return rows_from_columns([mm[col].to_numpy(dtype=float) for col in mm.columns], mm.shape[0]), names
 
 
 def as_dataframe(data: Any) -> pd.DataFrame:

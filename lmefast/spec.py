@@ -166,6 +166,11 @@ def build_layout(codes: np.ndarray, m: int, k: int, vc_designs: list) -> BlockLa
     vectorised: one sort of the non-zero entries per component, no loop over groups.
     """
     n = codes.shape[0]
+    if not vc_designs:   # random coefficients only: every group's block is k × k
+        steps = np.arange(m + 1, dtype=np.int64)
+        return BlockLayout(steps * k, steps * (k * k), np.zeros(m * k, dtype=np.int64),
+                           np.tile(np.arange(k, dtype=np.int64), m),
+                           np.zeros((0, n), dtype=np.int64), np.zeros((0, n)))
     counts = []
     entries = []  # per component: (rows, coordinate within group, value) before offsets
     for V in vc_designs:

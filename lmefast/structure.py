@@ -14,6 +14,8 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from lmefast._crossprods import integer_codes
+
 
 @dataclass(frozen=True, eq=False)
 class ThetaMap:
@@ -113,6 +115,8 @@ def factorize_groups(groups: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     (O(n), no sort); anything else by pandas' hash factorisation."""
     values = groups.to_numpy() if groups.dtype.kind in "iu" else None
     if values is not None and values.size and values.min() >= 0 and values.max() < 4 * values.size + 1024:
+        if values.dtype == np.int64:
+            return integer_codes(np.ascontiguousarray(values), int(values.max()) + 1)
         present = np.bincount(values) > 0
         code_of = np.cumsum(present, dtype=np.int64) - 1
         return code_of[values], np.nonzero(present)[0].astype(values.dtype)

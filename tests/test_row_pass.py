@@ -172,3 +172,50 @@ def test_huge_finite_values_are_not_taken_for_infinite() -> None:
             assert "NaN or infinite" not in str(exc)
     frame = pd.DataFrame({"y": y, "x": X[:, 1], "g": g})
     lmefast.mixedlm("y ~ x", frame, groups="g")
+
+
+@pytest.mark.parametrize("keys", [[2, 1, 0, 1], [5, 5, 0, 9], [0], [7, 3, 3, 12, 7, 40]])
+def test_integer_group_codes_are_pandas_sorted_codes(keys: list[int]) -> None:
+    from lmefast.structure import factorize_groups
+
+    s = pd.Series(np.array(keys, dtype=np.int64))
+    codes, labels = factorize_groups(s)
+    ref_codes, ref_labels = pd.factorize(s, sort=True)
+    assert codes.dtype == np.int64
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_array_equal(labels, np.asarray(ref_labels))
+    codes[:] = -5                          # the codes are the model's own, not a view of the data
+    assert s.min() >= 0
+
+
+def test_rows_from_columns_is_the_column_stack() -> None:
+    rng = np.random.default_rng(11)
+    for n in (0, 1, 511, 512, 513, 2000):
+        cols = [rng.normal(size=n), None, rng.integers(0, 5, n).astype(float)]
+        ref = np.column_stack([np.ones(n) if c is None else c for c in cols]) if n else np.empty((0, 3))
+        out = _crossprods.rows_from_columns(cols, n)
+        assert out.flags.c_contiguous and out.shape == (n, 3)
+        np.testing.assert_array_equal(out, ref)
+    with pytest.raises(ValueError, match="values"):
+        _crossprods.rows_from_columns([np.ones(3)], 4)
+
+
+def test_column_sums_of_strided_views() -> None:
+    S = np.random.default_rng(12).normal(size=(1000, 12)) * 1e3
+    for A in (S[:, :4], S[:, 3:5], S[:0, :4], S[::3, 5:10], S[:, 7:8]):
+        np.testing.assert_allclose(_crossprods.column_sums(A), A.sum(axis=0), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_layout_without_components_is_the_general_one(k: int) -> None:
+    """The layout of random coefficients only equals the general construction's with a variance
+    component that has no entries."""
+    import scipy.sparse as sp
+
+    codes = np.random.default_rng(13).integers(0, 50, 1000)
+    a = build_layout(codes, 50, k, [])
+    b = build_layout(codes, 50, k, [sp.csr_matrix((1000, 1))])
+    for field in ("q_off", "a_off", "comp", "col"):
+        assert getattr(a, field).dtype == getattr(b, field).dtype
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert a.vc_coord.shape == (0, 1000) and a.vc_val.shape == (0, 1000)
