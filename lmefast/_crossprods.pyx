@@ -33,12 +33,66 @@ cdef enum:
     PREFETCH_AHEAD = 16
 
 
+cdef enum:
+    RUN_RECORD_MAX = 14    # the largest record [A | B | c] of the sizes with their own loop
+
+
 cdef inline void coef_rows(
     const double* y, const double* X, const double* Zre, const i64* gcode, double* S,
     const i64* s_off, i64 g_lo, i64 g_hi, const i64* rows, i64 n_iter, const int k, const int p,
 ) noexcept nogil:
-    """accumulate_range without variance components: each row's z z', z x', z y (k and p
-    constants where the caller passes literals: the compiler makes a copy per size)."""
+    """accumulate_range without variance components, for the sizes with their own copy of the
+    loop (k and p literals, record k² + kp + k ≤ RUN_RECORD_MAX): the current group's record is
+    held in local variables while consecutive rows belong to it (rows sorted by group: a
+    stream, no round trip through memory per row), written back when the group changes. Each
+    entry receives the same additions in the same order as in memory."""
+    cdef i64 ii, r, g, g2, cur = -1
+    cdef int e, e2, l
+    cdef int nA = k * k, nB = k * p, nrec = k * k + k * p + k
+    cdef double v, yr
+    cdef double acc[RUN_RECORD_MAX]
+    cdef double* R = NULL
+    cdef const double* x
+    cdef const double* z
+    for ii in range(n_iter):
+        if ii + PREFETCH_AHEAD < n_iter:
+            g2 = gcode[rows[ii + PREFETCH_AHEAD] if rows != NULL else ii + PREFETCH_AHEAD]
+            if g_lo <= g2 < g_hi:
+                LMEFAST_PREFETCH(&S[s_off[g2]])
+                LMEFAST_PREFETCH(&S[s_off[g2]] + 8)
+        r = rows[ii] if rows != NULL else ii
+        g = gcode[r]
+        if g < g_lo or g >= g_hi:
+            continue
+        if g != cur:
+            if R != NULL:
+                for e in range(nrec):
+                    R[e] = acc[e]
+            R = &S[s_off[g]]
+            for e in range(nrec):
+                acc[e] = R[e]
+            cur = g
+        x = &X[r * p]
+        z = &Zre[r * k]
+        yr = y[r]
+        for e in range(k):
+            v = z[e]
+            acc[nA + nB + e] += v * yr
+            for l in range(p):
+                acc[nA + e * p + l] += v * x[l]
+            for e2 in range(k):
+                acc[e * k + e2] += v * z[e2]
+    if R != NULL:
+        for e in range(nrec):
+            R[e] = acc[e]
+
+
+cdef void coef_rows_any(
+    const double* y, const double* X, const double* Zre, const i64* gcode, double* S,
+    const i64* s_off, i64 g_lo, i64 g_hi, const i64* rows, i64 n_iter, int k, int p,
+) noexcept nogil:
+    """accumulate_range without variance components, any k and p: each row adds into its
+    group's record in memory."""
     cdef i64 ii, r, g, g2
     cdef int e, e2, l
     cdef double v, yr
@@ -72,7 +126,6 @@ cdef inline void coef_rows(
                 A_g[e * k + e2] += v * z[e2]
 
 
-
 cdef void accumulate_range(
     const double* y, const double* X, const double* Zre, const i64* gcode, i64 n, int p, int k,
     const i64* q_off, const i64* s_off, const i64* vc_coord, const double* vc_val, int ne,
@@ -92,8 +145,8 @@ cdef void accumulate_range(
     cdef i64 g2
     if ne == 0:
         # random coefficients only: every group's block is k × k. The common sizes get their
-        # own copy of the loop with k and p known to the compiler (loops unrolled, records
-        # addressed without multiplications by a variable); same additions in the same order
+        # own copy of the loop with k and p known to the compiler (loops unrolled, the current
+        # record in registers); same additions in the same order
         if k == 1:
             if p == 1:
                 coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 1, 1)
@@ -104,18 +157,20 @@ cdef void accumulate_range(
             elif p == 4:
                 coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 1, 4)
             else:
-                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
+                coef_rows_any(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
         elif k == 2:
-            if p == 2:
+            if p == 1:
+                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 2, 1)
+            elif p == 2:
                 coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 2, 2)
             elif p == 3:
                 coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 2, 3)
             elif p == 4:
                 coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 2, 4)
             else:
-                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
+                coef_rows_any(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
         else:
-            coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
+            coef_rows_any(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
         return
     for ii in range(n_iter):
         r = rows[ii] if rows != NULL else ii

@@ -41,9 +41,10 @@ def row_pass(y: np.ndarray, X: np.ndarray, Z: np.ndarray, codes: np.ndarray, m: 
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
 def test_row_pass_for_every_block_size(k: int, p: int) -> None:
-    """Each size with its own copy of the loop (k ≤ 2, p ≤ 4) and the general loop around them
-    agree with dense products, for rows in random order and sorted by group, on one and two
-    threads."""
+    """Each size with its own copy of the loop (k ≤ 2, p ≤ 4: the current record held while
+    its group's rows follow each other) and the general loop around them agree with dense
+    products, for rows in random order, sorted by group, and in several runs per group, on one
+    and two threads."""
     rng = np.random.default_rng(10 * k + p)
     m, n = 40, 600
     codes = rng.integers(0, m, n).astype(np.int64)
@@ -52,12 +53,16 @@ def test_row_pass_for_every_block_size(k: int, p: int) -> None:
     y = rng.normal(size=n)
     ref = reference_records(y, X, Z, codes, m)
     order = np.argsort(codes, kind="stable")
+    # each group in three runs of consecutive rows (sorted within each third of the rows)
+    runs = np.concatenate([third[np.argsort(codes[third], kind="stable")]
+                           for third in np.array_split(np.arange(n), 3)])
     for threads in (1, 2):
         shuffled = row_pass(y, X, Z, codes, m, threads)
         np.testing.assert_allclose(shuffled, ref, rtol=1e-12, atol=1e-12)
-        sorted_rows = row_pass(y[order], np.ascontiguousarray(X[order]), np.ascontiguousarray(Z[order]),
-                               codes[order], m, threads)
-        np.testing.assert_allclose(sorted_rows, shuffled, rtol=1e-12, atol=1e-12)
+        for rows in (order, runs):
+            reordered = row_pass(y[rows], np.ascontiguousarray(X[rows]), np.ascontiguousarray(Z[rows]),
+                                 codes[rows], m, threads)
+            np.testing.assert_allclose(reordered, shuffled, rtol=1e-12, atol=1e-12)
 
 
 def test_row_pass_with_empty_groups_and_one_row_groups() -> None:
