@@ -107,7 +107,20 @@ def _rhs(formula: str) -> str:
     return f if f.startswith("~") else "~" + f
 
 
-def _plain_columns(formula: Formula, df: pd.DataFrame) -> list[str | None] | None:
+class Columns(dict):
+    """The columns of a DataFrame as Series, each looked up once when first asked for (a
+    DataFrame lookup costs more than a small model's arithmetic)."""
+
+    def __init__(self, data: pd.DataFrame) -> None:
+        super().__init__()
+        self.data = data
+
+    def __missing__(self, name: str) -> pd.Series:
+        col = self[name] = self.data[name]
+        return col
+
+
+def _plain_columns(formula: Formula, df: pd.DataFrame, columns: Columns) -> list[str | None] | None:
     """Column names (None for the intercept) when every term is the intercept or a numeric
     column taken as is; None otherwise."""
     out: list[str | None] = []
@@ -118,8 +131,7 @@ def _plain_columns(formula: Formula, df: pd.DataFrame) -> list[str | None] | Non
         if factor.eval_method == Factor.EvalMethod.LITERAL and factor.expr == "1":
             out.append(None)
         elif (factor.eval_method == Factor.EvalMethod.LOOKUP and factor.expr in df.columns
-              and pd.api.types.is_numeric_dtype(df[factor.expr])
-              and not pd.api.types.is_bool_dtype(df[factor.expr])):
+              and _numeric(columns[factor.expr].dtype)):
             out.append(factor.expr)
         else:
             return None
@@ -158,16 +170,24 @@ def _indicator_column(formula: Formula, data: pd.DataFrame) -> tuple[Any, list[s
     return matrix, [f"{factor.expr}[{lev}]" for lev in levels]
 
 
-def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False) -> tuple[Any, list[str]]:
-    """Evaluate a one-sided formula: (n × p matrix, column names); scipy CSR when sparse."""
+def _numeric(dtype: Any) -> bool:
+    """A numeric dtype that is not boolean (booleans are factors in a formula)."""
+    return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+
+
+def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False,
+                  columns: Columns | None = None) -> tuple[Any, list[str]]:
+    """Evaluate a one-sided formula: (n × p matrix, column names); scipy CSR when sparse.
+    ``columns``: the data's columns already looked up (Columns over the same data)."""
     parsed = _parse(_rhs(formula))
     if sparse:
         indicator = _indicator_column(parsed, data)
         if indicator is not None:
             return indicator
-    plain = None if sparse else _plain_columns(parsed, data)
+    cols = Columns(data) if columns is None else columns
+    plain = None if sparse else _plain_columns(parsed, data, cols)
     if plain is not None:
-        X = rows_from_columns([None if col is None else data[col].to_numpy(dtype=float)
+        X = rows_from_columns([None if col is None else cols[col].to_numpy(dtype=float)
                                for col in plain], len(data))
         return X, ["Intercept" if c is None else c for c in plain]
     try:
@@ -243,13 +263,14 @@ def formula_arrays(
     used = {c for c in used if c in df.columns}
     if yname not in df.columns:
         raise SpecificationError(f"response {yname!r} must be a column of data")
-    if not pd.api.types.is_numeric_dtype(df[yname]) or pd.api.types.is_bool_dtype(df[yname]):
-        raise SpecificationError(f"response '{yname}' is not numeric (dtype {df[yname].dtype})")
-    g = df[groups] if isinstance(groups, str) else pd.Series(np.asarray(groups))
+    columns = Columns(df)
+    if not _numeric(columns[yname].dtype):
+        raise SpecificationError(f"response '{yname}' is not numeric (dtype {columns[yname].dtype})")
+    g = columns[groups] if isinstance(groups, str) else pd.Series(np.asarray(groups))
     if len(g) != len(df):
         raise SpecificationError(f"groups has {len(g)} labels; data has {len(df)} rows")
     g = g.reset_index(drop=True)
-    na = {c: _not_finite(df[c]) for c in sorted(used)}
+    na = {c: _not_finite(columns[c]) for c in sorted(used)}
     na[gname] = g.isna().to_numpy()
     bad = {c: int(v.sum()) for c, v in na.items() if v.any()}
     if bad:
@@ -259,19 +280,20 @@ def formula_arrays(
                 "pass missing='drop' to drop incomplete rows")
         keep = ~np.logical_or.reduce([na[c] for c in bad])
         df = df.loc[keep]
+        columns = Columns(df)
         g = g.loc[keep].reset_index(drop=True)
     if len(df) == 0:
         raise SpecificationError("the data are empty: no rows to fit"
                                  + (" after dropping missing values" if bad else ""))
-    X, xnames = design_matrix(rhs, df)
-    Zre, re_names = design_matrix("1" if re_formula is None else re_formula, df)
+    X, xnames = design_matrix(rhs, df, columns=columns)
+    Zre, re_names = design_matrix("1" if re_formula is None else re_formula, df, columns=columns)
     kwargs: dict[str, Any] = {
-        "endog": df[yname].to_numpy(dtype=float), "exog": X, "groups": g, "missing": "raise",
+        "endog": columns[yname].to_numpy(dtype=float), "exog": X, "groups": g, "missing": "raise",
         "endog_name": yname, "exog_names": xnames, "group_name": gname, "exog_re": Zre,
         "exog_re_names": [gname if c == "Intercept" else c for c in re_names],
     }
     for key, col in extra.items():
-        kwargs[key] = df[col].to_numpy(dtype=float)
+        kwargs[key] = columns[col].to_numpy(dtype=float)
     if vc_formula:
         designs, names, colnames = [], [], []
         for name, vf in vc_formula.items():

@@ -304,7 +304,9 @@ class MixedLM:
         g_arr = groups if isinstance(groups, pd.Series) else pd.Series(np.asarray(groups))
         if g_arr.ndim != 1 or g_arr.shape[0] != n:
             raise SpecificationError(f"groups must have one label per row ({n}), got shape {g_arr.shape}")
-        g_arr = g_arr.reset_index(drop=True)
+        if not (isinstance(g_arr.index, pd.RangeIndex) and g_arr.index.start == 0
+                and g_arr.index.step == 1):
+            g_arr = g_arr.reset_index(drop=True)
         gname = group_name or (str(groups.name) if isinstance(groups, pd.Series)
                                and groups.name is not None else "Group")
         yname = endog_name or (str(endog.name) if isinstance(endog, pd.Series)
@@ -320,7 +322,10 @@ class MixedLM:
             n = y.shape[0]
             if n == 0:
                 raise SpecificationError("every weight is zero: no rows to fit")
-        g_missing = g_arr.isna().to_numpy()
+        # numpy's integer labels cannot be missing (pandas' nullable ones can)
+        g_missing = (np.zeros(n, dtype=bool)
+                     if isinstance(g_arr.dtype, np.dtype) and g_arr.dtype.kind in "iub"
+                     else g_arr.isna().to_numpy())
         # column_moments of [X | y] (when narrow enough for the one pass in C) and of Zre: the
         # finiteness checks, the centring and scaling maps, the rank checks and X'X, X'y, y'y
         moments_xy = moments_z = None
@@ -406,10 +411,13 @@ class MixedLM:
         if moments_xy is not None and w is None and off is None:
             # the working rows are the user's: [X̃ | y]'[X̃ | y] from the moments, as the pass
             # over the rows would make it (the same sums; a map by powers of two is exact)
-            cols = np.append(kept, moments_xy[1].shape[0] - 1)
-            gram = mapped_gram(moments_xy[1][np.ix_(cols, cols)],
-                               np.block([[S, np.zeros((S.shape[0], 1))],
-                                         [np.zeros((1, S.shape[0])), np.ones((1, 1))]]))
+            gram = moments_xy[1]
+            if kept.shape[0] < gram.shape[0] - 1:
+                cols = np.append(kept, gram.shape[0] - 1)
+                gram = gram[np.ix_(cols, cols)]
+            map_xy = np.eye(gram.shape[0])
+            map_xy[:-1, :-1] = S
+            gram = mapped_gram(gram, map_xy)
         spec = ModelSpec(
             y=y, X=Xs, group_codes=codes, group_labels=labels, Zre=Zs,
             layout=layout, theta_map=theta_map,

@@ -9,7 +9,7 @@ parameter; diagonal entries of T are ≥ 0, the others free (DESIGN.md §1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import pandas as pd
@@ -75,10 +75,15 @@ class ThetaMap:
         return out
 
 
+@lru_cache(maxsize=64)
 def full_pattern(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The whole lower triangle of a k × k T, by column then row (lme4's θ order)."""
+    """The whole lower triangle of a k × k T, by column then row (lme4's θ order); shared,
+    read-only arrays (made once per k)."""
     cols, rows = np.triu_indices(k)
-    return rows.astype(np.int64), cols.astype(np.int64)
+    out = rows.astype(np.int64), cols.astype(np.int64)
+    for a in out:
+        a.setflags(write=False)
+    return out
 
 
 SCALAR_PATTERN = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
