@@ -120,9 +120,11 @@ class Columns(dict):
         return col
 
 
-def _plain_columns(formula: Formula, df: pd.DataFrame, columns: Columns) -> list[str | None] | None:
+def _plain_columns(formula: Formula, df: pd.DataFrame, columns: Columns | None = None
+                   ) -> list[str | None] | None:
     """Column names (None for the intercept) when every term is the intercept or a numeric
-    column taken as is; None otherwise."""
+    column taken as is; None otherwise. ``columns``: df's columns already looked up."""
+    columns = Columns(df) if columns is None else columns
     out: list[str | None] = []
     for term in formula:
         if len(term.factors) != 1:
