@@ -21,117 +21,135 @@ cdef extern from *:
     """
     #if defined(__GNUC__)
     #define LMEFAST_PREFETCH(p) __builtin_prefetch((p), 1, 1)
+    #define LMEFAST_ALWAYS_INLINE inline __attribute__((always_inline))
     #else
     #define LMEFAST_PREFETCH(p) ((void)0)
+    #define LMEFAST_ALWAYS_INLINE inline
     #endif
+    /* rows ahead whose group record is prefetched: the records are scattered over a large
+       array, so without it each row waits for a cache miss */
+    #define LMEFAST_PREFETCH_AHEAD 16
+    #define LMEFAST_RUN_RECORD_MAX 14
+
+    /* The pass over the rows without variance components: each row's z z', z x', z y into
+       its group's record [A | B | c] at S + s_off[g]. Row r's z is at Z + r*zs; rows (or NULL)
+       lists the rows to read (all with group codes in [g_lo, g_hi) when given), else rows
+       0..n_iter-1 whose codes are outside [g_lo, g_hi) are skipped.
+
+       Two loops, both always inlined so that where k and p are literals the compiler makes a
+       copy per block size (loops unrolled): lmefast_coef_rows_mem adds each row into the
+       record in memory (rows in any order); lmefast_coef_rows_run holds the current group's
+       record in local variables while consecutive rows belong to it (rows sorted by group: a
+       stream, no round trip through memory per row), written back when the group changes. In
+       both each entry receives the same additions in the same order. */
+    #define LMEFAST_ROW_LOOP_HEAD                                                              \
+        for (long long ii = 0; ii < n_iter; ii++) {                                            \
+            if (ii + LMEFAST_PREFETCH_AHEAD < n_iter) {                                        \
+                long long g2 = gcode[rows ? rows[ii + LMEFAST_PREFETCH_AHEAD]                  \
+                                          : ii + LMEFAST_PREFETCH_AHEAD];                      \
+                if (g_lo <= g2 && g2 < g_hi) {                                                 \
+                    LMEFAST_PREFETCH(S + s_off[g2]);                                           \
+                    LMEFAST_PREFETCH(S + s_off[g2] + 8);                                       \
+                }                                                                              \
+            }                                                                                  \
+            long long r = rows ? rows[ii] : ii;                                                \
+            long long g = gcode[r];                                                            \
+            if (g < g_lo || g >= g_hi)                                                         \
+                continue;
+
+    #define LMEFAST_COEF_ARGS                                                                  \
+        const double* y, const double* X, const double* Z, long long zs,                       \
+        const long long* gcode, double* S, const long long* s_off, long long g_lo,             \
+        long long g_hi, const long long* rows, long long n_iter, const int k, const int p
+
+    static LMEFAST_ALWAYS_INLINE void lmefast_coef_rows_mem(LMEFAST_COEF_ARGS)
+    {
+        LMEFAST_ROW_LOOP_HEAD
+            double* A = S + s_off[g];
+            double* B = A + k * k;
+            double* c = B + k * p;
+            const double* x = X + r * p;
+            const double* z = Z + r * zs;
+            double yr = y[r];
+            for (int e = 0; e < k; e++) {
+                double v = z[e];
+                c[e] += v * yr;
+                for (int l = 0; l < p; l++) B[e * p + l] += v * x[l];
+                for (int e2 = 0; e2 < k; e2++) A[e * k + e2] += v * z[e2];
+            }
+        }
+    }
+
+    static LMEFAST_ALWAYS_INLINE void lmefast_coef_rows_run(LMEFAST_COEF_ARGS)
+    {
+        const int nA = k * k, nB = k * p, nrec = k * k + k * p + k;
+        double acc[LMEFAST_RUN_RECORD_MAX];
+        double* R = NULL;
+        long long cur = -1;
+        LMEFAST_ROW_LOOP_HEAD
+            if (g != cur) {
+                if (R)
+                    for (int e = 0; e < nrec; e++) R[e] = acc[e];
+                R = S + s_off[g];
+                for (int e = 0; e < nrec; e++) acc[e] = R[e];
+                cur = g;
+            }
+            const double* x = X + r * p;
+            const double* z = Z + r * zs;
+            double yr = y[r];
+            for (int e = 0; e < k; e++) {
+                double v = z[e];
+                acc[nA + nB + e] += v * yr;
+                for (int l = 0; l < p; l++) acc[nA + e * p + l] += v * x[l];
+                for (int e2 = 0; e2 < k; e2++) acc[e * k + e2] += v * z[e2];
+            }
+        }
+        if (R)
+            for (int e = 0; e < nrec; e++) R[e] = acc[e];
+    }
+
+    /* Whether rows mostly follow a row of their own group: at least half of the first 1024
+       rows read (rows sorted, or grouped, by group), where holding the record pays. */
+    static int lmefast_rows_in_runs(const long long* gcode, const long long* rows, long long n_iter)
+    {
+        long long m = n_iter < 1024 ? n_iter : 1024, same = 0;
+        for (long long ii = 1; ii < m; ii++)
+            same += gcode[rows ? rows[ii] : ii] == gcode[rows ? rows[ii - 1] : ii - 1];
+        return m > 1 && 2 * same >= m;
+    }
+
+    /* The pass for any k and p: a copy of the loops per common size (k <= 2, p <= 4, the
+       record at most LMEFAST_RUN_RECORD_MAX values), the general loop in memory otherwise. */
+    static void lmefast_coef_pass(LMEFAST_COEF_ARGS)
+    {
+        int runs = lmefast_rows_in_runs(gcode, rows, n_iter);
+    #define LMEFAST_SIZE(K, P)                                                                 \
+        if (k == K && p == P) {                                                                \
+            if (runs)                                                                          \
+                lmefast_coef_rows_run(y, X, Z, zs, gcode, S, s_off, g_lo, g_hi, rows, n_iter, K, P); \
+            else                                                                               \
+                lmefast_coef_rows_mem(y, X, Z, zs, gcode, S, s_off, g_lo, g_hi, rows, n_iter, K, P); \
+            return;                                                                            \
+        }
+        LMEFAST_SIZE(1, 1) LMEFAST_SIZE(1, 2) LMEFAST_SIZE(1, 3) LMEFAST_SIZE(1, 4)
+        LMEFAST_SIZE(2, 1) LMEFAST_SIZE(2, 2) LMEFAST_SIZE(2, 3) LMEFAST_SIZE(2, 4)
+    #undef LMEFAST_SIZE
+        lmefast_coef_rows_mem(y, X, Z, zs, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p);
+    }
     """
-    void LMEFAST_PREFETCH(const void* p) noexcept nogil
-
-# rows ahead whose group record is prefetched: the records are scattered over a large array,
-# so without it each row waits for a cache miss
-cdef enum:
-    PREFETCH_AHEAD = 16
-
-
-cdef enum:
-    RUN_RECORD_MAX = 14    # the largest record [A | B | c] of the sizes with their own loop
-
-
-cdef inline void coef_rows(
-    const double* y, const double* X, const double* Zre, const i64* gcode, double* S,
-    const i64* s_off, i64 g_lo, i64 g_hi, const i64* rows, i64 n_iter, const int k, const int p,
-) noexcept nogil:
-    """accumulate_range without variance components, for the sizes with their own copy of the
-    loop (k and p literals, record k² + kp + k ≤ RUN_RECORD_MAX): the current group's record is
-    held in local variables while consecutive rows belong to it (rows sorted by group: a
-    stream, no round trip through memory per row), written back when the group changes. Each
-    entry receives the same additions in the same order as in memory."""
-    cdef i64 ii, r, g, g2, cur = -1
-    cdef int e, e2, l
-    cdef int nA = k * k, nB = k * p, nrec = k * k + k * p + k
-    cdef double v, yr
-    cdef double acc[RUN_RECORD_MAX]
-    cdef double* R = NULL
-    cdef const double* x
-    cdef const double* z
-    for ii in range(n_iter):
-        if ii + PREFETCH_AHEAD < n_iter:
-            g2 = gcode[rows[ii + PREFETCH_AHEAD] if rows != NULL else ii + PREFETCH_AHEAD]
-            if g_lo <= g2 < g_hi:
-                LMEFAST_PREFETCH(&S[s_off[g2]])
-                LMEFAST_PREFETCH(&S[s_off[g2]] + 8)
-        r = rows[ii] if rows != NULL else ii
-        g = gcode[r]
-        if g < g_lo or g >= g_hi:
-            continue
-        if g != cur:
-            if R != NULL:
-                for e in range(nrec):
-                    R[e] = acc[e]
-            R = &S[s_off[g]]
-            for e in range(nrec):
-                acc[e] = R[e]
-            cur = g
-        x = &X[r * p]
-        z = &Zre[r * k]
-        yr = y[r]
-        for e in range(k):
-            v = z[e]
-            acc[nA + nB + e] += v * yr
-            for l in range(p):
-                acc[nA + e * p + l] += v * x[l]
-            for e2 in range(k):
-                acc[e * k + e2] += v * z[e2]
-    if R != NULL:
-        for e in range(nrec):
-            R[e] = acc[e]
-
-
-cdef void coef_rows_any(
-    const double* y, const double* X, const double* Zre, const i64* gcode, double* S,
-    const i64* s_off, i64 g_lo, i64 g_hi, const i64* rows, i64 n_iter, int k, int p,
-) noexcept nogil:
-    """accumulate_range without variance components, any k and p: each row adds into its
-    group's record in memory."""
-    cdef i64 ii, r, g, g2
-    cdef int e, e2, l
-    cdef double v, yr
-    cdef double* A_g
-    cdef double* B_g
-    cdef double* c_g
-    cdef const double* x
-    cdef const double* z
-    for ii in range(n_iter):
-        if ii + PREFETCH_AHEAD < n_iter:
-            g2 = gcode[rows[ii + PREFETCH_AHEAD] if rows != NULL else ii + PREFETCH_AHEAD]
-            if g_lo <= g2 < g_hi:
-                LMEFAST_PREFETCH(&S[s_off[g2]])
-                LMEFAST_PREFETCH(&S[s_off[g2]] + 8)
-        r = rows[ii] if rows != NULL else ii
-        g = gcode[r]
-        if g < g_lo or g >= g_hi:
-            continue
-        A_g = &S[s_off[g]]
-        B_g = A_g + k * k
-        c_g = B_g + k * p
-        x = &X[r * p]
-        z = &Zre[r * k]
-        yr = y[r]
-        for e in range(k):
-            v = z[e]
-            c_g[e] += v * yr
-            for l in range(p):
-                B_g[e * p + l] += v * x[l]
-            for e2 in range(k):
-                A_g[e * k + e2] += v * z[e2]
+    void coef_pass "lmefast_coef_pass" (
+        const double* y, const double* X, const double* Z, i64 zs, const i64* gcode, double* S,
+        const i64* s_off, i64 g_lo, i64 g_hi, const i64* rows, i64 n_iter, int k, int p,
+    ) noexcept nogil
 
 
 cdef void accumulate_range(
-    const double* y, const double* X, const double* Zre, const i64* gcode, i64 n, int p, int k,
+    const double* y, const double* X, const double* Zre, i64 zs, const i64* gcode, i64 n, int p, int k,
     const i64* q_off, const i64* s_off, const i64* vc_coord, const double* vc_val, int ne,
     double* S, i64 g_lo, i64 g_hi, int* coord, double* val, const i64* rows, i64 n_rows,
 ) noexcept nogil:
-    """Rows whose group code is in [g_lo, g_hi) add z z', z x', z y into their group's record.
+    """Rows whose group code is in [g_lo, g_hi) add z z', z x', z y into their group's record
+    (row r's z at Zre + r·zs: Zre may be columns of X).
     With ``rows`` (not NULL): only those n_rows rows, all of them in the range (a thread's own
     rows, in increasing order: each group's rows are added in the same order as without)."""
     cdef i64 r, g, ii, n_iter = n_rows if rows != NULL else n
@@ -141,36 +159,9 @@ cdef void accumulate_range(
     cdef double* B_g
     cdef double* c_g
     cdef const double* x
-    cdef const double* z
-    cdef i64 g2
     if ne == 0:
-        # random coefficients only: every group's block is k × k. The common sizes get their
-        # own copy of the loop with k and p known to the compiler (loops unrolled, the current
-        # record in registers); same additions in the same order
-        if k == 1:
-            if p == 1:
-                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 1, 1)
-            elif p == 2:
-                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 1, 2)
-            elif p == 3:
-                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 1, 3)
-            elif p == 4:
-                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 1, 4)
-            else:
-                coef_rows_any(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
-        elif k == 2:
-            if p == 1:
-                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 2, 1)
-            elif p == 2:
-                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 2, 2)
-            elif p == 3:
-                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 2, 3)
-            elif p == 4:
-                coef_rows(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, 2, 4)
-            else:
-                coef_rows_any(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
-        else:
-            coef_rows_any(y, X, Zre, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
+        # random coefficients only: every group's block is k × k (lmefast_coef_pass)
+        coef_pass(y, X, Zre, zs, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
         return
     for ii in range(n_iter):
         r = rows[ii] if rows != NULL else ii
@@ -180,7 +171,7 @@ cdef void accumulate_range(
         q = <int>(q_off[g + 1] - q_off[g])
         nz = 0
         for e in range(k):
-            v = Zre[r * k + e]
+            v = Zre[r * zs + e]
             if v != 0.0:
                 coord[nz] = e
                 val[nz] = v
@@ -210,6 +201,7 @@ cdef struct RowPass:
     const double* y
     const double* X
     const double* Zre
+    i64 zs                # Zre's row stride (doubles)
     const i64* gcode
     i64 n
     int p
@@ -231,11 +223,11 @@ cdef struct RowPass:
 cdef void row_chunk(void* vctx, int t) noexcept nogil:
     cdef RowPass* c = <RowPass*>vctx
     if c.rows != NULL:
-        accumulate_range(c.y, c.X, c.Zre, c.gcode, c.n, c.p, c.k, c.q_off, c.s_off, c.vc_coord,
+        accumulate_range(c.y, c.X, c.Zre, c.zs, c.gcode, c.n, c.p, c.k, c.q_off, c.s_off, c.vc_coord,
                          c.vc_val, c.ne, c.S, c.bounds[t], c.bounds[t + 1], c.coord + t * c.width,
                          c.val + t * c.width, c.rows + c.row_off[t], c.row_off[t + 1] - c.row_off[t])
     else:
-        accumulate_range(c.y, c.X, c.Zre, c.gcode, c.n, c.p, c.k, c.q_off, c.s_off, c.vc_coord,
+        accumulate_range(c.y, c.X, c.Zre, c.zs, c.gcode, c.n, c.p, c.k, c.q_off, c.s_off, c.vc_coord,
                          c.vc_val, c.ne, c.S, c.bounds[t], c.bounds[t + 1], c.coord + t * c.width,
                          c.val + t * c.width, NULL, 0)
 
@@ -265,15 +257,24 @@ cdef void rows_by_chunk(const i64* gcode, i64 n, const i64* chunk_of_group, int 
 
 
 def accumulate(
-    const double[::1] y, const double[:, ::1] X, const double[:, ::1] Zre,
+    const double[::1] y, const double[:, ::1] X, Z,
     const i64[::1] gcode, const i64[::1] q_off, const i64[::1] s_off,
     const i64[:, ::1] vc_coord, const double[:, ::1] vc_val,
     double[::1] S, n_threads=1,
 ):
     """Adds every row's z z', z x', z y into its group's record (S zeroed by the caller).
+    Z (n × k): C-ordered, or any rows of consecutive values (e.g. columns a..a+k−1 of X, a
+    view: no copy of them).
 
     With n_threads > 1 each thread owns a contiguous range of groups (no two threads write
     the same record) and scans all rows, keeping those of its groups (lmefast._threads)."""
+    Z = np.asarray(Z, dtype=float)
+    if Z.ndim != 2 or Z.shape[0] != y.shape[0]:
+        raise ValueError(f"Z must be {y.shape[0]} × k, got shape {Z.shape}")
+    if (Z.shape[1] > 1 and Z.strides[1] != sizeof(double)) or Z.strides[0] % sizeof(double):
+        Z = np.ascontiguousarray(Z)
+    cdef const double[:, :] Zre = Z
+    cdef i64 zs = Zre.strides[0] // sizeof(double)
     cdef i64 n = y.shape[0], m = q_off.shape[0] - 1
     cdef int p = X.shape[1], k = Zre.shape[1], ne = vc_coord.shape[0]
     cdef int nth = <int>min(check_threads(n_threads), max(m, 1))
@@ -300,6 +301,7 @@ def accumulate(
     c.y = &y[0]
     c.X = Xp
     c.Zre = Zp
+    c.zs = zs
     c.gcode = &gcode[0]
     c.n = n
     c.p = p

@@ -224,3 +224,20 @@ def test_layout_without_components_is_the_general_one(k: int) -> None:
         assert getattr(a, field).dtype == getattr(b, field).dtype
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     assert a.vc_coord.shape == (0, 1000) and a.vc_val.shape == (0, 1000)
+
+
+@pytest.mark.parametrize(("first", "k"), [(0, 1), (0, 2), (1, 2), (2, 2), (0, 4), (1, 3)])
+def test_row_pass_reads_random_effects_columns_inside_x(first: int, k: int) -> None:
+    """Z given as columns first..first+k−1 of X (a view, rows p values apart) gives the records
+    of the same columns copied."""
+    rng = np.random.default_rng(14)
+    n, m, p = 3000, 120, 4
+    X, y = rng.normal(size=(n, p)), rng.normal(size=n)
+    codes = rng.integers(0, m, n).astype(np.int64)
+    for rows in (np.arange(n), np.argsort(codes, kind="stable")):
+        Xr, yr, cr = np.ascontiguousarray(X[rows]), y[rows], codes[rows]
+        view = Xr[:, first:first + k]
+        assert not view.flags.c_contiguous or k == p
+        np.testing.assert_allclose(row_pass(yr, Xr, view, cr, m),
+                                   row_pass(yr, Xr, np.ascontiguousarray(view), cr, m),
+                                   rtol=1e-12, atol=1e-12)
