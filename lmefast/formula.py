@@ -203,6 +203,21 @@ def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False,
     return rows_from_columns([mm[col].to_numpy(dtype=float) for col in mm.columns], mm.shape[0]), names
 
 
+def _random_design(re_formula: str, rhs: str, X: np.ndarray, df: pd.DataFrame,
+                   columns: Columns) -> tuple[np.ndarray, list[str]]:
+    """design_matrix(re_formula): when its columns are plain columns that the fixed-effects
+    design X (of ``rhs``) holds side by side, the view of those columns of X (no copy; the
+    model then takes their statistics from X's, MixedLM)."""
+    plain_z = _plain_columns(_parse(_rhs(re_formula)), df, columns)
+    plain_x = _plain_columns(_parse(_rhs(rhs)), df, columns) if plain_z else None
+    if plain_z and plain_x:
+        k = len(plain_z)
+        for a in range(len(plain_x) - k + 1):
+            if plain_x[a:a + k] == plain_z:
+                return X[:, a:a + k], ["Intercept" if c is None else c for c in plain_z]
+    return design_matrix(re_formula, df, columns=columns)
+
+
 def as_dataframe(data: Any) -> pd.DataFrame:
     if isinstance(data, pd.DataFrame):
         return data
@@ -288,7 +303,7 @@ def formula_arrays(
         raise SpecificationError("the data are empty: no rows to fit"
                                  + (" after dropping missing values" if bad else ""))
     X, xnames = design_matrix(rhs, df, columns=columns)
-    Zre, re_names = design_matrix("1" if re_formula is None else re_formula, df, columns=columns)
+    Zre, re_names = _random_design("1" if re_formula is None else re_formula, rhs, X, df, columns)
     kwargs: dict[str, Any] = {
         "endog": columns[yname].to_numpy(dtype=float), "exog": X, "groups": g, "missing": "raise",
         "endog_name": yname, "exog_names": xnames, "group_name": gname, "exog_re": Zre,

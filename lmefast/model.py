@@ -149,6 +149,28 @@ def _finite_moments(A: np.ndarray, what: str, names: list[str], y: np.ndarray | 
     return moments
 
 
+def _column_block(Z: Any, X: np.ndarray) -> int | None:
+    """a when Z is X's columns a..a+k−1 in X's own memory (a view, or X itself), else None."""
+    if not (isinstance(Z, np.ndarray) and Z.dtype == X.dtype == np.float64 and Z.ndim == 2
+            and Z.shape[0] == X.shape[0] > 1 and 0 < Z.shape[1] <= X.shape[1]
+            and Z.strides == X.strides):
+        return None
+    step = X.strides[1]
+    offset = Z.__array_interface__["data"][0] - X.__array_interface__["data"][0]
+    if step <= 0 or offset % step:
+        return None
+    a = offset // step
+    return a if 0 <= a and a + Z.shape[1] <= X.shape[1] else None
+
+
+def _column_block_moments(moments: Moments, first: int, k: int) -> Moments:
+    """The column moments of columns first..first+k−1 from those of more columns (each
+    column's sums, products and extremes are its own: the same numbers as a pass over them)."""
+    sums, G, lo, hi = moments
+    cols = slice(first, first + k)
+    return sums[cols].copy(), G[cols, cols].copy(), lo[cols].copy(), hi[cols].copy()
+
+
 def _split_moments(moments: Moments, p: int) -> tuple[Moments, float, float]:
     """The moments of [X | y] as (X's moments, min y, max y)."""
     sums, G, lo, hi = moments
@@ -299,7 +321,8 @@ class MixedLM:
         elif exog_re is None:   # variance components only: no random intercept (statsmodels)
             Zre, znames = np.zeros((n, 0)), []
         else:
-            Zre = as_matrix(exog_re, "exog_re", n)
+            # columns side by side in exog (a formula's, or exog itself): a view, no copy
+            Zre = exog_re if _column_block(exog_re, X) is not None else as_matrix(exog_re, "exog_re", n)
             znames = exog_re_names or _names(exog_re, [f"x_re{j + 1}" for j in range(Zre.shape[1])])
         g_arr = groups if isinstance(groups, pd.Series) else pd.Series(np.asarray(groups))
         if g_arr.ndim != 1 or g_arr.shape[0] != n:
@@ -348,7 +371,11 @@ class MixedLM:
             else:
                 _check_finite(y, "the response", [yname])
                 _check_finite(X, "exog", xnames)
-            moments_z = _finite_moments(Zre, "exog_re", znames)
+            first = _column_block(Zre, X)
+            if first is not None and moments_xy is not None:   # columns of X: checked with them
+                moments_z = _column_block_moments(moments_xy, first, Zre.shape[1])
+            else:
+                moments_z = _finite_moments(Zre, "exog_re", znames)
             if g_missing.any():
                 raise SpecificationError(f"groups has {int(g_missing.sum())} missing labels")
         codes, labels = factorize_groups(g_arr)

@@ -241,3 +241,39 @@ def test_row_pass_reads_random_effects_columns_inside_x(first: int, k: int) -> N
         np.testing.assert_allclose(row_pass(yr, Xr, view, cr, m),
                                    row_pass(yr, Xr, np.ascontiguousarray(view), cr, m),
                                    rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::lmefast.SingularFitWarning")   # no slope on x2 in the data
+@pytest.mark.parametrize(("formula", "re_formula", "view"), [
+    ("y ~ x1 + x2", "~x1", True),        # [1, x1] side by side in X
+    ("y ~ x2 + x1", "~x1", False),       # [1, x1] not side by side: its own matrix
+    ("y ~ x1 + x2", "~x1 + x2", True),
+    ("y ~ 0 + x1 + x2", "~0 + x2", True),
+    ("y ~ x1 + x2", "~np.exp(x1)", False),
+])
+def test_random_design_inside_the_fixed_design_gives_the_same_fit(formula: str, re_formula: str,
+                                                                  view: bool) -> None:
+    """Random-effects columns that the fixed-effects design holds side by side are a view of it
+    (their statistics taken from X's): the same model as with a copy of them."""
+    df = random_slopes(3000, 150, seed=15)
+    model = lmefast.mixedlm(formula, df, groups="g", re_formula=re_formula)
+    Z = model.spec.Zre
+    assert np.shares_memory(Z, model.spec.X) == view
+    copied = lmefast.MixedLM(df["y"], pd.DataFrame(model.spec.X, columns=model.exog_names),
+                             df["g"], exog_re=np.array(Z), exog_re_names=model.exog_re_names)
+    a, b = model.fit(), copied.fit()
+    np.testing.assert_allclose(a.llf, b.llf, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(a.fe_params), np.asarray(b.fe_params), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(a.cov_re), np.asarray(b.cov_re), rtol=1e-8, atol=1e-12)
+
+
+def test_exog_as_its_own_random_design() -> None:
+    """MixedLM(y, X, g, X): the random design is exog itself; a bad value is still named."""
+    df = random_slopes(1000, 50, seed=16)
+    X = np.column_stack([np.ones(len(df)), df["x1"]])
+    same = lmefast.MixedLM(df["y"].to_numpy(), X, df["g"].to_numpy(), X).fit()
+    copy = lmefast.MixedLM(df["y"].to_numpy(), X, df["g"].to_numpy(), X.copy()).fit()
+    np.testing.assert_allclose(same.llf, copy.llf, rtol=1e-12)
+    X[5, 1] = np.nan
+    with pytest.raises(lmefast.SpecificationError, match="exog"):
+        lmefast.MixedLM(df["y"].to_numpy(), X, df["g"].to_numpy(), X)
