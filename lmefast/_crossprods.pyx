@@ -377,6 +377,41 @@ cdef inline double _sum4(const double* a, Py_ssize_t m) noexcept nogil:
     return (s0 + s1) + (s2 + s3)
 
 
+cdef inline void _extremes4(const double* a, Py_ssize_t m, double* lo, double* hi) noexcept nogil:
+    """lo = min(lo, a), hi = max(hi, a) with four independent running extremes (no chain of
+    dependent comparisons), each starting from lo and hi; a value that is not smaller (larger)
+    never replaces one (a NaN in a is never taken; a NaN in lo stays)."""
+    cdef double l0 = lo[0], l1 = lo[0], l2 = lo[0], l3 = lo[0]
+    cdef double h0 = hi[0], h1 = hi[0], h2 = hi[0], h3 = hi[0]
+    cdef double v
+    cdef Py_ssize_t i = 0
+    while i + 4 <= m:
+        v = a[i]
+        l0 = v if v < l0 else l0
+        h0 = v if v > h0 else h0
+        v = a[i + 1]
+        l1 = v if v < l1 else l1
+        h1 = v if v > h1 else h1
+        v = a[i + 2]
+        l2 = v if v < l2 else l2
+        h2 = v if v > h2 else h2
+        v = a[i + 3]
+        l3 = v if v < l3 else l3
+        h3 = v if v > h3 else h3
+        i += 4
+    while i < m:
+        v = a[i]
+        l0 = v if v < l0 else l0
+        h0 = v if v > h0 else h0
+        i += 1
+    l0 = l1 if l1 < l0 else l0
+    l0 = l2 if l2 < l0 else l0
+    lo[0] = l3 if l3 < l0 else l0
+    h0 = h1 if h1 > h0 else h0
+    h0 = h2 if h2 > h0 else h0
+    hi[0] = h3 if h3 > h0 else h0
+
+
 def column_moments(const double[:, :] A, const double[:] y=None, bint extremes=True):
     """(column sums, A'A, column minima, column maxima) of an n × k matrix (any strides) in one
     pass over its rows: the statistics the centring/scaling map and the rank checks need,
@@ -427,10 +462,7 @@ def column_moments(const double[:, :] A, const double[:] y=None, bint extremes=T
                     buf[k][i] = yb[(r0 + i) * sy]
             for j in range(kk):
                 if extremes:
-                    for i in range(m):
-                        v = buf[j][i]
-                        lo[j] = v if v < lo[j] else lo[j]
-                        hi[j] = v if v > hi[j] else hi[j]
+                    _extremes4(buf[j], m, &lo[j], &hi[j])
                 sums[j] += _sum4(buf[j], m)
                 for l in range(j + 1):
                     gram[j][l] += _dot4(buf[j], buf[l], m)

@@ -286,7 +286,7 @@ def formula_arrays(
     g = columns[groups] if isinstance(groups, str) else pd.Series(np.asarray(groups))
     if len(g) != len(df):
         raise SpecificationError(f"groups has {len(g)} labels; data has {len(df)} rows")
-    g = g.reset_index(drop=True)
+    g = _indexed_from_zero(g)
     na = {c: _not_finite(columns[c]) for c in sorted(used)}
     na[gname] = g.isna().to_numpy()
     bad = {c: int(v.sum()) for c, v in na.items() if v.any()}
@@ -327,8 +327,18 @@ def formula_arrays(
 def _not_finite(col: pd.Series) -> np.ndarray:
     """Rows where a column is missing, or infinite when numeric."""
     if pd.api.types.is_float_dtype(col):
+        if isinstance(col.dtype, np.dtype):     # numpy floats: missing is NaN (no copy made)
+            return ~np.isfinite(col.to_numpy())
         return ~np.isfinite(col.to_numpy(dtype=float, na_value=np.nan))
     return col.isna().to_numpy()
+
+
+def _indexed_from_zero(s: pd.Series) -> pd.Series:
+    """s with the index 0..n−1 (s itself when it has it already: no copy)."""
+    index = s.index
+    if isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1:
+        return s
+    return s.reset_index(drop=True)
 
 
 def _vc_column_label(name: str) -> str:

@@ -277,3 +277,21 @@ def test_exog_as_its_own_random_design() -> None:
     X[5, 1] = np.nan
     with pytest.raises(lmefast.SpecificationError, match="exog"):
         lmefast.MixedLM(df["y"].to_numpy(), X, df["g"].to_numpy(), X)
+
+
+def test_column_extremes_over_block_boundaries() -> None:
+    """The minima and maxima of column_moments (four running extremes per column) are the
+    columns' own, for lengths around its blocks of rows; a NaN after the first row is never
+    taken, one in the first row stays."""
+    rng = np.random.default_rng(17)
+    for n in (1, 2, 3, 4, 5, 255, 256, 257, 1023, 1029):
+        A = rng.normal(size=(n, 3)) * 10.0 ** rng.integers(-3, 4, 3)
+        _, _, lo, hi = _crossprods.column_moments(A)
+        np.testing.assert_array_equal(lo, A.min(axis=0))
+        np.testing.assert_array_equal(hi, A.max(axis=0))
+    A = rng.normal(size=(600, 2))
+    A[300, 0] = np.nan
+    A[0, 1] = np.nan
+    _, _, lo, hi = _crossprods.column_moments(A)
+    assert lo[0] == np.nanmin(A[:, 0]) and hi[0] == np.nanmax(A[:, 0])
+    assert np.isnan(lo[1]) and np.isnan(hi[1])
