@@ -287,8 +287,9 @@ def formula_arrays(
     if len(g) != len(df):
         raise SpecificationError(f"groups has {len(g)} labels; data has {len(df)} rows")
     g = _indexed_from_zero(g)
-    na = {c: _not_finite(columns[c]) for c in sorted(used)}
-    na[gname] = g.isna().to_numpy()
+    g_na = _missing(g)
+    na = {c: g_na if c == gname else _not_finite(columns[c]) for c in sorted(used)}
+    na[gname] = g_na
     bad = {c: int(v.sum()) for c, v in na.items() if v.any()}
     if bad:
         if missing != "drop":
@@ -326,10 +327,20 @@ def formula_arrays(
 
 def _not_finite(col: pd.Series) -> np.ndarray:
     """Rows where a column is missing, or infinite when numeric."""
-    if pd.api.types.is_float_dtype(col):
-        if isinstance(col.dtype, np.dtype):     # numpy floats: missing is NaN (no copy made)
+    if isinstance(col.dtype, np.dtype):
+        if col.dtype.kind == "f":               # numpy floats: missing is NaN (no copy made)
             return ~np.isfinite(col.to_numpy())
+        if col.dtype.kind in "iub":             # numpy integers and booleans: never missing
+            return np.zeros(len(col), dtype=bool)
+    if pd.api.types.is_float_dtype(col):
         return ~np.isfinite(col.to_numpy(dtype=float, na_value=np.nan))
+    return col.isna().to_numpy()
+
+
+def _missing(col: pd.Series) -> np.ndarray:
+    """Rows where a column is missing (numpy integers and booleans never are)."""
+    if isinstance(col.dtype, np.dtype) and col.dtype.kind in "iub":
+        return np.zeros(len(col), dtype=bool)
     return col.isna().to_numpy()
 
 
