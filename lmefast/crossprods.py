@@ -113,7 +113,8 @@ class CrossProducts:
         qq, nb = q * q, basis.shape[0]
         if basis.shape[1] != qq:
             return None
-        if q > 1 and np.any(self.layout.comp.reshape(m, q) != self.layout.comp[:q]):
+        comp = self.layout.comp
+        if q > 1 and comp.any() and np.any(comp.reshape(m, q) != comp[:q]):   # all 0: alike
             return None
         try:
             beta = np.linalg.solve(self.XtX, self.Xty)
