@@ -48,8 +48,10 @@ cdef extern from *:
                 long long g2 = gcode[rows ? rows[ii + LMEFAST_PREFETCH_AHEAD]                  \
                                           : ii + LMEFAST_PREFETCH_AHEAD];                      \
                 if (g_lo <= g2 && g2 < g_hi) {                                                 \
-                    LMEFAST_PREFETCH(S + s_off[g2]);                                           \
-                    LMEFAST_PREFETCH(S + s_off[g2] + 8);                                       \
+                    const double* rec2 = S + s_off[g2];                                        \
+                    for (int o = 0; o < nrec; o += 8)   /* every cache line of the record */   \
+                        LMEFAST_PREFETCH(rec2 + o);                                            \
+                    LMEFAST_PREFETCH(rec2 + nrec - 1);                                         \
                 }                                                                              \
             }                                                                                  \
             long long r = rows ? rows[ii] : ii;                                                \
@@ -64,6 +66,7 @@ cdef extern from *:
 
     static LMEFAST_ALWAYS_INLINE void lmefast_coef_rows_mem(LMEFAST_COEF_ARGS)
     {
+        const int nrec = k * k + k * p + k;
         LMEFAST_ROW_LOOP_HEAD
             double* A = S + s_off[g];
             double* B = A + k * k;
