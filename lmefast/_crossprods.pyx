@@ -140,10 +140,16 @@ cdef extern from *:
         lmefast_coef_rows_mem(y, X, Z, zs, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p);
     }
     """
+    enum: PREFETCH_AHEAD "LMEFAST_PREFETCH_AHEAD"
+    void LMEFAST_PREFETCH(const void* p) noexcept nogil
     void coef_pass "lmefast_coef_pass" (
         const double* y, const double* X, const double* Z, i64 zs, const i64* gcode, double* S,
         const i64* s_off, i64 g_lo, i64 g_hi, const i64* rows, i64 n_iter, int k, int p,
     ) noexcept nogil
+
+
+cdef enum:
+    PREFETCH_LINES = 8    # cache lines of a record with variance components prefetched at most
 
 
 cdef void accumulate_range(
@@ -166,7 +172,19 @@ cdef void accumulate_range(
         # random coefficients only: every group's block is k × k (lmefast_coef_pass)
         coef_pass(y, X, Zre, zs, gcode, S, s_off, g_lo, g_hi, rows, n_iter, k, p)
         return
+    cdef i64 g2, o, o_end
     for ii in range(n_iter):
+        if ii + PREFETCH_AHEAD < n_iter:
+            # the record of a row ahead, its first PREFETCH_LINES cache lines (a row touches
+            # parts of a large record only)
+            g2 = gcode[rows[ii + PREFETCH_AHEAD] if rows != NULL else ii + PREFETCH_AHEAD]
+            if g_lo <= g2 < g_hi:
+                o = s_off[g2]
+                o_end = min(s_off[g2 + 1], o + 8 * PREFETCH_LINES)
+                while o < o_end:
+                    LMEFAST_PREFETCH(&S[o])
+                    o += 8
+                LMEFAST_PREFETCH(&S[o_end - 1])
         r = rows[ii] if rows != NULL else ii
         g = gcode[r]
         if g < g_lo or g >= g_hi:

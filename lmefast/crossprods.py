@@ -199,10 +199,11 @@ def compute_crossprods(spec: ModelSpec, n_threads: int | None = None) -> CrossPr
     s_off = record_offsets(lay, spec.k_fe)
     S = np.zeros(int(s_off[-1]))
     threads = default_threads(spec.n_groups) if n_threads is None else check_threads(n_threads)
-    if lay.vc_coord.shape[0] == 0:
-        # random coefficients only: a few operations per row, and a thread would first need
-        # its own rows listed (a serial pass) and then gather them; measured on 2 cores
-        # (1,000,000 rows in random group order): 2 threads 1.7x slower than one
+    if threads <= 2:
+        # a thread would first need its own rows listed (a serial pass over the rows) and then
+        # gather them: measured on 2 cores (1,000,000 rows in random group order, records
+        # prefetched), two threads were slower than one (random coefficients 1.7x, with a
+        # variance component 1.5x)
         threads = 1
     accumulate(spec.y, spec.X, spec.Zre, spec.group_codes, lay.q_off, s_off,
                lay.vc_coord, lay.vc_val, S, threads)

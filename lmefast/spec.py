@@ -140,10 +140,26 @@ class ModelSpec:
         return names
 
 
+def _unique_keys(keys: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(keys, return_inverse=True) for non-negative integer keys below ``top``: by
+    marking the keys present when that table is not much larger than the keys (O(n), no
+    sort), else by sorting."""
+    if keys.size == 0 or top > 4 * keys.size + 1024:
+        return np.unique(keys, return_inverse=True)
+    present = np.zeros(top, dtype=bool)
+    present[keys] = True
+    uniq = np.flatnonzero(present)
+    code_of = np.cumsum(present, dtype=np.int64) - 1
+    return uniq, code_of[keys]
+
+
 def row_entries(rows: np.ndarray, coords: np.ndarray, vals: np.ndarray, n: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Sparse per-row entries (row, coordinate, value) as the (ne × n) arrays vc_coord, vc_val
     of BlockLayout: entry e of row r in slot e (value 0 where a row has fewer entries)."""
+    if n and rows.shape[0] == n and np.array_equal(rows, np.arange(n)):
+        # one entry per row, in row order (an indicator design): all in slot 0
+        return coords.astype(np.int64).reshape(1, n), vals.astype(float).reshape(1, n)
     order = np.argsort(rows, kind="stable")
     rows_s = rows[order]
     per_row = np.bincount(rows_s, minlength=n)
@@ -179,7 +195,7 @@ def build_layout(codes: np.ndarray, m: int, k: int, vc_designs: list) -> BlockLa
         rows, cols, vals = coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64), coo.data[keep]
         K = max(int(V.shape[1]), 1)
         keys = codes[rows] * K + cols
-        uniq, inv = np.unique(keys, return_inverse=True)
+        uniq, inv = _unique_keys(keys, m * K)
         ug = uniq // K
         cnt = np.bincount(ug, minlength=m).astype(np.int64)
         first = np.concatenate([[0], np.cumsum(cnt)[:-1]])

@@ -295,3 +295,69 @@ def test_column_extremes_over_block_boundaries() -> None:
     _, _, lo, hi = _crossprods.column_moments(A)
     assert lo[0] == np.nanmin(A[:, 0]) and hi[0] == np.nanmax(A[:, 0])
     assert np.isnan(lo[1]) and np.isnan(hi[1])
+
+
+def test_layout_shortcuts_equal_the_sorting_construction() -> None:
+    """Variance-component layouts: the keys (group, column) numbered by a table and an
+    indicator design's one entry per row give the arrays of the sorting construction."""
+    import scipy.sparse as sp
+
+    from lmefast import spec as spec_module
+
+    rng = np.random.default_rng(18)
+    n, m = 2000, 90
+    codes = rng.integers(0, m, n)
+    keys = codes * 4 + rng.integers(0, 4, n)
+    for top in (m * 4, 10 ** 9):
+        uniq, inv = spec_module._unique_keys(keys, top)
+        ref_uniq, ref_inv = np.unique(keys, return_inverse=True)
+        np.testing.assert_array_equal(uniq, ref_uniq)
+        np.testing.assert_array_equal(inv, ref_inv)
+    levels = rng.integers(0, 3, n)
+    indicator = sp.csr_matrix((np.ones(n), levels, np.arange(n + 1)), shape=(n, 3))
+    dense = np.zeros((n, 3))
+    dense[np.arange(n), levels] = 1.0
+    some = np.arange(0, n, 7)
+    dense[some, (levels[some] + 1) % 3] = 2.5          # some rows with two entries
+    one = build_layout(codes, m, 1, [indicator])
+    two = build_layout(codes, m, 1, [sp.csr_matrix(dense)])
+    rows = np.arange(n)
+    # one entry per row: slot 0 holds each row's coordinate and value
+    assert one.vc_coord.shape == (1, n)
+    np.testing.assert_array_equal(one.vc_val[0], np.ones(n))
+    # the same entries listed in another order take the sorting construction: same arrays
+    back = rows[::-1].copy()
+    coord_ref, val_ref = spec_module.row_entries(back, one.vc_coord[0][back], one.vc_val[0][back], n)
+    np.testing.assert_array_equal(coord_ref, one.vc_coord)
+    np.testing.assert_array_equal(val_ref, one.vc_val)
+    assert two.vc_coord.shape == (2, n)
+    # every row's entries, whatever their slots, are the design's non-zeros of that row
+    for r in rng.integers(0, n, 50):
+        got = sorted(v for v in two.vc_val[:, r] if v != 0)
+        assert got == sorted(v for v in dense[r] if v != 0)
+
+
+def test_row_pass_with_components_on_threads_and_orders() -> None:
+    """Records with a variance component (rows of one or two entries): one or two threads, rows
+    shuffled or sorted, the same records (the pass itself uses one thread on two cores)."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(19)
+    n, m, p = 4000, 150, 3
+    codes = rng.integers(0, m, n).astype(np.int64)
+    X, y = rng.normal(size=(n, p)), rng.normal(size=n)
+    Z = np.ones((n, 1))
+    V = np.zeros((n, 3))
+    V[np.arange(n), rng.integers(0, 3, n)] = 1.0
+    V[::5, 2] += 0.5
+    out = []
+    for rows in (np.arange(n), np.argsort(codes, kind="stable")):
+        lay = build_layout(codes[rows], m, 1, [sp.csr_matrix(V[rows])])
+        s_off = record_offsets(lay, p)
+        for threads in (1, 2):
+            S = np.zeros(int(s_off[-1]))
+            _crossprods.accumulate(y[rows], np.ascontiguousarray(X[rows]), Z, codes[rows], lay.q_off,
+                                   s_off, lay.vc_coord, lay.vc_val, S, threads)
+            out.append(S)
+    for S in out[1:]:
+        np.testing.assert_allclose(S, out[0], rtol=1e-12, atol=1e-12)
