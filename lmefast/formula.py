@@ -28,6 +28,7 @@ import scipy.sparse as sp
 from formulaic import Formula, model_matrix
 from formulaic.parser.types.factor import Factor
 
+from lmefast._crossprods import rows_from_columns
 from lmefast.checks import check_missing_policy, check_unique_columns
 from lmefast.errors import SpecificationError
 
@@ -106,9 +107,24 @@ def _rhs(formula: str) -> str:
     return f if f.startswith("~") else "~" + f
 
 
-def _plain_columns(formula: Formula, df: pd.DataFrame) -> list[str | None] | None:
+class Columns(dict):
+    """The columns of a DataFrame as Series, each looked up once when first asked for (a
+    DataFrame lookup costs more than a small model's arithmetic)."""
+
+    def __init__(self, data: pd.DataFrame) -> None:
+        super().__init__()
+        self.data = data
+
+    def __missing__(self, name: str) -> pd.Series:
+        col = self[name] = self.data[name]
+        return col
+
+
+def _plain_columns(formula: Formula, df: pd.DataFrame, columns: Columns | None = None
+                   ) -> list[str | None] | None:
     """Column names (None for the intercept) when every term is the intercept or a numeric
-    column taken as is; None otherwise."""
+    column taken as is; None otherwise. ``columns``: df's columns already looked up."""
+    columns = Columns(df) if columns is None else columns
     out: list[str | None] = []
     for term in formula:
         if len(term.factors) != 1:
@@ -117,8 +133,7 @@ def _plain_columns(formula: Formula, df: pd.DataFrame) -> list[str | None] | Non
         if factor.eval_method == Factor.EvalMethod.LITERAL and factor.expr == "1":
             out.append(None)
         elif (factor.eval_method == Factor.EvalMethod.LOOKUP and factor.expr in df.columns
-              and pd.api.types.is_numeric_dtype(df[factor.expr])
-              and not pd.api.types.is_bool_dtype(df[factor.expr])):
+              and _numeric(columns[factor.expr].dtype)):
             out.append(factor.expr)
         else:
             return None
@@ -157,18 +172,25 @@ def _indicator_column(formula: Formula, data: pd.DataFrame) -> tuple[Any, list[s
     return matrix, [f"{factor.expr}[{lev}]" for lev in levels]
 
 
-def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False) -> tuple[Any, list[str]]:
-    """Evaluate a one-sided formula: (n × p matrix, column names); scipy CSR when sparse."""
+def _numeric(dtype: Any) -> bool:
+    """A numeric dtype that is not boolean (booleans are factors in a formula)."""
+    return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+
+
+def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False,
+                  columns: Columns | None = None) -> tuple[Any, list[str]]:
+    """Evaluate a one-sided formula: (n × p matrix, column names); scipy CSR when sparse.
+    ``columns``: the data's columns already looked up (Columns over the same data)."""
     parsed = _parse(_rhs(formula))
     if sparse:
         indicator = _indicator_column(parsed, data)
         if indicator is not None:
             return indicator
-    plain = None if sparse else _plain_columns(parsed, data)
+    cols = Columns(data) if columns is None else columns
+    plain = None if sparse else _plain_columns(parsed, data, cols)
     if plain is not None:
-        X = np.empty((len(data), len(plain)))
-        for j, col in enumerate(plain):
-            X[:, j] = 1.0 if col is None else data[col].to_numpy(dtype=float)
+        X = rows_from_columns([None if col is None else cols[col].to_numpy(dtype=float)
+                               for col in plain], len(data))
         return X, ["Intercept" if c is None else c for c in plain]
     try:
         mm = model_matrix(parsed, data, na_action="ignore", output="sparse" if sparse else "pandas",
@@ -178,10 +200,22 @@ def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False) -> 
     names = [str(c) for c in mm.model_spec.column_names]
     if sparse:
         return getattr(mm, "__wrapped__", mm).tocsr(), names
-    X = np.empty(mm.shape)
-    for j, col in enumerate(mm.columns):
-        X[:, j] = mm[col].to_numpy(dtype=float)
-    return X, names
+    return rows_from_columns([mm[col].to_numpy(dtype=float) for col in mm.columns], mm.shape[0]), names
+
+
+def _random_design(re_formula: str, rhs: str, X: np.ndarray, df: pd.DataFrame,
+                   columns: Columns) -> tuple[np.ndarray, list[str]]:
+    """design_matrix(re_formula): when its columns are plain columns that the fixed-effects
+    design X (of ``rhs``) holds side by side, the view of those columns of X (no copy; the
+    model then takes their statistics from X's, MixedLM)."""
+    plain_z = _plain_columns(_parse(_rhs(re_formula)), df, columns)
+    plain_x = _plain_columns(_parse(_rhs(rhs)), df, columns) if plain_z else None
+    if plain_z and plain_x:
+        k = len(plain_z)
+        for a in range(len(plain_x) - k + 1):
+            if plain_x[a:a + k] == plain_z:
+                return X[:, a:a + k], ["Intercept" if c is None else c for c in plain_z]
+    return design_matrix(re_formula, df, columns=columns)
 
 
 def as_dataframe(data: Any) -> pd.DataFrame:
@@ -246,14 +280,16 @@ def formula_arrays(
     used = {c for c in used if c in df.columns}
     if yname not in df.columns:
         raise SpecificationError(f"response {yname!r} must be a column of data")
-    if not pd.api.types.is_numeric_dtype(df[yname]) or pd.api.types.is_bool_dtype(df[yname]):
-        raise SpecificationError(f"response '{yname}' is not numeric (dtype {df[yname].dtype})")
-    g = df[groups] if isinstance(groups, str) else pd.Series(np.asarray(groups))
+    columns = Columns(df)
+    if not _numeric(columns[yname].dtype):
+        raise SpecificationError(f"response '{yname}' is not numeric (dtype {columns[yname].dtype})")
+    g = columns[groups] if isinstance(groups, str) else pd.Series(np.asarray(groups))
     if len(g) != len(df):
         raise SpecificationError(f"groups has {len(g)} labels; data has {len(df)} rows")
-    g = g.reset_index(drop=True)
-    na = {c: _not_finite(df[c]) for c in sorted(used)}
-    na[gname] = g.isna().to_numpy()
+    g = _indexed_from_zero(g)
+    g_na = _missing(g)
+    na = {c: g_na if c == gname else _not_finite(columns[c]) for c in sorted(used)}
+    na[gname] = g_na
     bad = {c: int(v.sum()) for c, v in na.items() if v.any()}
     if bad:
         if missing != "drop":
@@ -262,19 +298,20 @@ def formula_arrays(
                 "pass missing='drop' to drop incomplete rows")
         keep = ~np.logical_or.reduce([na[c] for c in bad])
         df = df.loc[keep]
+        columns = Columns(df)
         g = g.loc[keep].reset_index(drop=True)
     if len(df) == 0:
         raise SpecificationError("the data are empty: no rows to fit"
                                  + (" after dropping missing values" if bad else ""))
-    X, xnames = design_matrix(rhs, df)
-    Zre, re_names = design_matrix("1" if re_formula is None else re_formula, df)
+    X, xnames = design_matrix(rhs, df, columns=columns)
+    Zre, re_names = _random_design("1" if re_formula is None else re_formula, rhs, X, df, columns)
     kwargs: dict[str, Any] = {
-        "endog": df[yname].to_numpy(dtype=float), "exog": X, "groups": g, "missing": "raise",
+        "endog": columns[yname].to_numpy(dtype=float), "exog": X, "groups": g, "missing": "raise",
         "endog_name": yname, "exog_names": xnames, "group_name": gname, "exog_re": Zre,
         "exog_re_names": [gname if c == "Intercept" else c for c in re_names],
     }
     for key, col in extra.items():
-        kwargs[key] = df[col].to_numpy(dtype=float)
+        kwargs[key] = columns[col].to_numpy(dtype=float)
     if vc_formula:
         designs, names, colnames = [], [], []
         for name, vf in vc_formula.items():
@@ -290,9 +327,29 @@ def formula_arrays(
 
 def _not_finite(col: pd.Series) -> np.ndarray:
     """Rows where a column is missing, or infinite when numeric."""
+    if isinstance(col.dtype, np.dtype):
+        if col.dtype.kind == "f":               # numpy floats: missing is NaN (no copy made)
+            return ~np.isfinite(col.to_numpy())
+        if col.dtype.kind in "iub":             # numpy integers and booleans: never missing
+            return np.zeros(len(col), dtype=bool)
     if pd.api.types.is_float_dtype(col):
         return ~np.isfinite(col.to_numpy(dtype=float, na_value=np.nan))
     return col.isna().to_numpy()
+
+
+def _missing(col: pd.Series) -> np.ndarray:
+    """Rows where a column is missing (numpy integers and booleans never are)."""
+    if isinstance(col.dtype, np.dtype) and col.dtype.kind in "iub":
+        return np.zeros(len(col), dtype=bool)
+    return col.isna().to_numpy()
+
+
+def _indexed_from_zero(s: pd.Series) -> pd.Series:
+    """s with the index 0..n−1 (s itself when it has it already: no copy)."""
+    index = s.index
+    if isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1:
+        return s
+    return s.reset_index(drop=True)
 
 
 def _vc_column_label(name: str) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from lmefast._crossprods import column_moments
+from lmefast._crossprods import MOMENT_COLUMNS, column_moments
 from lmefast.checks import (
     check_identifiable,
     check_missing_policy,
@@ -38,7 +38,7 @@ from lmefast.optimize import fit_theta
 from lmefast.parallel import limit_blas_threads, resolve_threads
 from lmefast.params import MixedLMParams, free_pattern
 from lmefast.results import MixedLMResults
-from lmefast.scaling import DesignScaling, column_map, component_scale, mapped_gram, random_map, scaled
+from lmefast.scaling import DesignScaling, Moments, column_map, component_scale, mapped_gram, random_map, scaled
 from lmefast.smparams import loglike_at, theta_of, to_params, vc_order
 from lmefast.spec import GroupThetaMap, ModelSpec, build_layout
 from lmefast.structure import Term, factorize_groups
@@ -135,6 +135,48 @@ def _check_finite(arr: np.ndarray, what: str, names: list[str]) -> None:
             "pass missing='drop' to drop incomplete rows")
 
 
+def _finite_moments(A: np.ndarray, what: str, names: list[str], y: np.ndarray | None = None,
+                    yname: str = "") -> Moments:
+    """column_moments of A (of [A | y] with ``y``), with the check of _check_finite: a NaN or an
+    infinite value makes its column's sum NaN or infinite, so finite sums clear every column in
+    the same pass; otherwise (or after an overflow) the check by element finds and names the
+    columns (the response's first)."""
+    moments = column_moments(A, y)
+    if not np.isfinite(moments[0]).all():
+        if y is not None:
+            _check_finite(y, "the response", [yname])
+        _check_finite(A, what, names)
+    return moments
+
+
+def _column_block(Z: Any, X: np.ndarray) -> int | None:
+    """a when Z is X's columns a..a+k−1 in X's own memory (a view, or X itself), else None."""
+    if not (isinstance(Z, np.ndarray) and Z.dtype == X.dtype == np.float64 and Z.ndim == 2
+            and Z.shape[0] == X.shape[0] > 1 and 0 < Z.shape[1] <= X.shape[1]
+            and Z.strides == X.strides):
+        return None
+    step = X.strides[1]
+    offset = Z.__array_interface__["data"][0] - X.__array_interface__["data"][0]
+    if step <= 0 or offset % step:
+        return None
+    a = offset // step
+    return a if 0 <= a and a + Z.shape[1] <= X.shape[1] else None
+
+
+def _column_block_moments(moments: Moments, first: int, k: int) -> Moments:
+    """The column moments of columns first..first+k−1 from those of more columns (each
+    column's sums, products and extremes are its own: the same numbers as a pass over them)."""
+    sums, G, lo, hi = moments
+    cols = slice(first, first + k)
+    return sums[cols].copy(), G[cols, cols].copy(), lo[cols].copy(), hi[cols].copy()
+
+
+def _split_moments(moments: Moments, p: int) -> tuple[Moments, float, float]:
+    """The moments of [X | y] as (X's moments, min y, max y)."""
+    sums, G, lo, hi = moments
+    return (sums[:p], G[:p, :p], lo[:p], hi[:p]), float(lo[p]), float(hi[p])
+
+
 def prior_weights_and_offset(weights: Any, offset: Any, n: int
                               ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """lme4's prior weights (residual variance σ²/wᵢ) and offset (subtracted from y) as float
@@ -165,8 +207,21 @@ def checked_response_and_design(y: np.ndarray, yname: str, X: np.ndarray, xnames
     naming them (lme4's behaviour), judged on the centred and scaled columns (a change of units
     or origin does not make a column dependent). Returns (X, names, dropped names, the
     centring and scaling map of the kept columns, lmefast.scaling.column_map)."""
-    check_not_constant(float(np.min(y)), float(np.max(y)), yname)
-    moments = column_moments(X)
+    X, xnames, dropped, S, _ = _checked_design(y, yname, X, xnames, stacklevel + 1)
+    return X, xnames, dropped, S
+
+
+def _checked_design(y: np.ndarray, yname: str, X: np.ndarray, xnames: list[str], stacklevel: int,
+                    moments: Moments | None = None
+                    ) -> tuple[np.ndarray, list[str], tuple[str, ...], np.ndarray, np.ndarray]:
+    """checked_response_and_design, also returning the indices of the kept columns;
+    ``moments``: column_moments of [X | y] when the caller has them."""
+    if moments is None:
+        ymin, ymax = float(np.min(y)), float(np.max(y))
+        moments = column_moments(X)
+    else:
+        moments, ymin, ymax = _split_moments(moments, X.shape[1])
+    check_not_constant(ymin, ymax, yname)
     S = column_map(X, centre=True, moments=moments)
     keep = full_rank_columns(scaled(X, S), XtX=mapped_gram(moments[1], S))
     dropped = tuple(xnames[j] for j in range(X.shape[1]) if j not in set(keep.tolist()))
@@ -175,7 +230,7 @@ def checked_response_and_design(y: np.ndarray, yname: str, X: np.ndarray, xnames
         X = np.ascontiguousarray(X[:, keep])
         xnames = [xnames[j] for j in keep]
         S = column_map(X, centre=True)
-    return X, list(xnames), dropped, S
+    return X, list(xnames), dropped, S, keep
 
 
 def _vc_matrices(exog_vc: Mapping, codes: np.ndarray, labels: np.ndarray,
@@ -266,12 +321,15 @@ class MixedLM:
         elif exog_re is None:   # variance components only: no random intercept (statsmodels)
             Zre, znames = np.zeros((n, 0)), []
         else:
-            Zre = as_matrix(exog_re, "exog_re", n)
+            # columns side by side in exog (a formula's, or exog itself): a view, no copy
+            Zre = exog_re if _column_block(exog_re, X) is not None else as_matrix(exog_re, "exog_re", n)
             znames = exog_re_names or _names(exog_re, [f"x_re{j + 1}" for j in range(Zre.shape[1])])
         g_arr = groups if isinstance(groups, pd.Series) else pd.Series(np.asarray(groups))
         if g_arr.ndim != 1 or g_arr.shape[0] != n:
             raise SpecificationError(f"groups must have one label per row ({n}), got shape {g_arr.shape}")
-        g_arr = g_arr.reset_index(drop=True)
+        if not (isinstance(g_arr.index, pd.RangeIndex) and g_arr.index.start == 0
+                and g_arr.index.step == 1):
+            g_arr = g_arr.reset_index(drop=True)
         gname = group_name or (str(groups.name) if isinstance(groups, pd.Series)
                                and groups.name is not None else "Group")
         yname = endog_name or (str(endog.name) if isinstance(endog, pd.Series)
@@ -287,7 +345,13 @@ class MixedLM:
             n = y.shape[0]
             if n == 0:
                 raise SpecificationError("every weight is zero: no rows to fit")
-        g_missing = g_arr.isna().to_numpy()
+        # numpy's integer labels cannot be missing (pandas' nullable ones can)
+        g_missing = (np.zeros(n, dtype=bool)
+                     if isinstance(g_arr.dtype, np.dtype) and g_arr.dtype.kind in "iub"
+                     else g_arr.isna().to_numpy())
+        # column_moments of [X | y] (when narrow enough for the one pass in C) and of Zre: the
+        # finiteness checks, the centring and scaling maps, the rank checks and X'X, X'y, y'y
+        moments_xy = moments_z = None
         if missing == "drop":
             keep = np.isfinite(y) & np.isfinite(X).all(axis=1) & np.isfinite(Zre).all(axis=1)
             keep &= ~g_missing
@@ -302,9 +366,16 @@ class MixedLM:
                 if n == 0:
                     raise SpecificationError("no complete rows remain after dropping missing values")
         else:
-            _check_finite(y, "the response", [yname])
-            _check_finite(X, "exog", xnames)
-            _check_finite(Zre, "exog_re", znames)
+            if X.shape[1] < MOMENT_COLUMNS:
+                moments_xy = _finite_moments(X, "exog", xnames, y, yname)
+            else:
+                _check_finite(y, "the response", [yname])
+                _check_finite(X, "exog", xnames)
+            first = _column_block(Zre, X)
+            if first is not None and moments_xy is not None:   # columns of X: checked with them
+                moments_z = _column_block_moments(moments_xy, first, Zre.shape[1])
+            else:
+                moments_z = _finite_moments(Zre, "exog_re", znames)
             if g_missing.any():
                 raise SpecificationError(f"groups has {int(g_missing.sum())} missing labels")
         codes, labels = factorize_groups(g_arr)
@@ -326,7 +397,9 @@ class MixedLM:
 
         # the centring and scaling maps are chosen on the user's columns (before the prior
         # weights make the intercept column non-constant), applied to the working rows
-        X, xnames, dropped, S = checked_response_and_design(y, yname, X, xnames, stacklevel=3)
+        if moments_xy is None and X.shape[1] < MOMENT_COLUMNS:
+            moments_xy = column_moments(X, y)
+        X, xnames, dropped, S, kept = _checked_design(y, yname, X, xnames, 4, moments_xy)
         crossed = single_group_as_crossed(y, X, Zre, m, vnames, vmats, vcols)
         Z_user = Zre
         y, X, Zre, vmats = working_rows(y, X, Zre, vmats, w, off)
@@ -340,7 +413,9 @@ class MixedLM:
             self._init(engine, api, yname, xnames, dropped)
             return
         k = Zre.shape[1]
-        if k and not np.any(Zre):
+        if k and moments_z is None:
+            moments_z = column_moments(Z_user)
+        if k and not (np.any(moments_z[2] != 0) or np.any(moments_z[3] != 0)):   # minima, maxima
             raise SpecificationError("exog_re is all zero")
         if m < 2 and k > 0:
             raise SpecificationError(
@@ -350,21 +425,32 @@ class MixedLM:
         theta_map = GroupThetaMap(k, len(vnames), tuple(znames), tuple(vnames), re_pattern)
         C = np.eye(0)
         if k:
-            mz = column_moments(Z_user)
-            C = random_map(Z_user, theta_map.patterns[0], moments=mz)
+            C = random_map(Z_user, theta_map.patterns[0], moments=moments_z)
             check_random_design(scaled(Z_user, C), znames, f"({' + '.join(znames)} | {gname})",
-                                ZtZ=mapped_gram(mz[1], C))
+                                ZtZ=mapped_gram(moments_z[1], C))
         Zs = scaled(Zre, C)
         vc_scale = [component_scale(V) for V in vmats]
         vmats = [V if s == 1.0 else V * s for V, s in zip(vmats, vc_scale, strict=True)]
         layout = build_layout(codes, m, k, vmats)
         identifiable = check_identifiable(n, int(layout.q_off[-1]), f"grouping factor '{gname}'",
                                           refuse=api == "lme4")
+        gram = None
+        if moments_xy is not None and w is None and off is None:
+            # the working rows are the user's: [X̃ | y]'[X̃ | y] from the moments, as the pass
+            # over the rows would make it (the same sums; a map by powers of two is exact)
+            gram = moments_xy[1]
+            if kept.shape[0] < gram.shape[0] - 1:
+                cols = np.append(kept, gram.shape[0] - 1)
+                gram = gram[np.ix_(cols, cols)]
+            map_xy = np.eye(gram.shape[0])
+            map_xy[:-1, :-1] = S
+            gram = mapped_gram(gram, map_xy)
         spec = ModelSpec(
             y=y, X=Xs, group_codes=codes, group_labels=labels, Zre=Zs,
             layout=layout, theta_map=theta_map,
             endog_name=yname, exog_names=tuple(xnames), group_name=gname,
-            vc_col_names=tuple(vcols), dropped_exog=dropped)
+            vc_col_names=tuple(vcols), dropped_exog=dropped,
+            row_gram=None if gram is None else (Xs, y, gram))
         engine = OneFactorEngine(spec, lme4_names=api == "lme4", weights=w, offset=off)
         engine.identifiable = identifiable
         engine.design_scaling = DesignScaling(

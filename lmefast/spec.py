@@ -101,6 +101,17 @@ class ModelSpec:
     group_name: str
     vc_col_names: tuple[tuple[str, ...], ...]
     dropped_exog: tuple[str, ...] = ()
+    #: (X, y, [X | y]'[X | y]) when the front end has the Gram matrix of these very arrays
+    #: (column_moments' sums); the pass over the rows then skips it. A spec made by
+    #: ``dataclasses.replace`` with other X or y does not match and makes its own.
+    row_gram: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def known_gram(self) -> np.ndarray | None:
+        """[X | y]'[X | y] when the front end computed it from this spec's X and y, else None."""
+        if self.row_gram is None:
+            return None
+        X, y, G = self.row_gram
+        return G if X is self.X and y is self.y else None
 
     @property
     def nobs(self) -> int:
@@ -129,10 +140,26 @@ class ModelSpec:
         return names
 
 
+def _unique_keys(keys: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(keys, return_inverse=True) for non-negative integer keys below ``top``: by
+    marking the keys present when that table is not much larger than the keys (O(n), no
+    sort), else by sorting."""
+    if keys.size == 0 or top > 4 * keys.size + 1024:
+        return np.unique(keys, return_inverse=True)
+    present = np.zeros(top, dtype=bool)
+    present[keys] = True
+    uniq = np.flatnonzero(present)
+    code_of = np.cumsum(present, dtype=np.int64) - 1
+    return uniq, code_of[keys]
+
+
 def row_entries(rows: np.ndarray, coords: np.ndarray, vals: np.ndarray, n: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Sparse per-row entries (row, coordinate, value) as the (ne × n) arrays vc_coord, vc_val
     of BlockLayout: entry e of row r in slot e (value 0 where a row has fewer entries)."""
+    if n and rows.shape[0] == n and np.array_equal(rows, np.arange(n)):
+        # one entry per row, in row order (an indicator design): all in slot 0
+        return coords.astype(np.int64).reshape(1, n), vals.astype(float).reshape(1, n)
     order = np.argsort(rows, kind="stable")
     rows_s = rows[order]
     per_row = np.bincount(rows_s, minlength=n)
@@ -155,6 +182,11 @@ def build_layout(codes: np.ndarray, m: int, k: int, vc_designs: list) -> BlockLa
     vectorised: one sort of the non-zero entries per component, no loop over groups.
     """
     n = codes.shape[0]
+    if not vc_designs:   # random coefficients only: every group's block is k × k
+        steps = np.arange(m + 1, dtype=np.int64)
+        return BlockLayout(steps * k, steps * (k * k), np.zeros(m * k, dtype=np.int64),
+                           np.tile(np.arange(k, dtype=np.int64), m),
+                           np.zeros((0, n), dtype=np.int64), np.zeros((0, n)))
     counts = []
     entries = []  # per component: (rows, coordinate within group, value) before offsets
     for V in vc_designs:
@@ -163,7 +195,7 @@ def build_layout(codes: np.ndarray, m: int, k: int, vc_designs: list) -> BlockLa
         rows, cols, vals = coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64), coo.data[keep]
         K = max(int(V.shape[1]), 1)
         keys = codes[rows] * K + cols
-        uniq, inv = np.unique(keys, return_inverse=True)
+        uniq, inv = _unique_keys(keys, m * K)
         ug = uniq // K
         cnt = np.bincount(ug, minlength=m).astype(np.int64)
         first = np.concatenate([[0], np.cumsum(cnt)[:-1]])

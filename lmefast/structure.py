@@ -9,10 +9,12 @@ parameter; diagonal entries of T are ≥ 0, the others free (DESIGN.md §1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import pandas as pd
+
+from lmefast._crossprods import integer_codes
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,10 +75,15 @@ class ThetaMap:
         return out
 
 
+@lru_cache(maxsize=64)
 def full_pattern(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The whole lower triangle of a k × k T, by column then row (lme4's θ order)."""
+    """The whole lower triangle of a k × k T, by column then row (lme4's θ order); shared,
+    read-only arrays (made once per k)."""
     cols, rows = np.triu_indices(k)
-    return rows.astype(np.int64), cols.astype(np.int64)
+    out = rows.astype(np.int64), cols.astype(np.int64)
+    for a in out:
+        a.setflags(write=False)
+    return out
 
 
 SCALAR_PATTERN = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
@@ -113,6 +120,8 @@ def factorize_groups(groups: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     (O(n), no sort); anything else by pandas' hash factorisation."""
     values = groups.to_numpy() if groups.dtype.kind in "iu" else None
     if values is not None and values.size and values.min() >= 0 and values.max() < 4 * values.size + 1024:
+        if values.dtype == np.int64:
+            return integer_codes(np.ascontiguousarray(values), int(values.max()) + 1)
         present = np.bincount(values) > 0
         code_of = np.cumsum(present, dtype=np.int64) - 1
         return code_of[values], np.nonzero(present)[0].astype(values.dtype)
