@@ -104,38 +104,16 @@ class CrossProducts:
             Σ_b ψ_b Σ_i tr(E_a A_i E_b A_i) + σ² Σ_i tr(E_a A_i) = Σ_i u_i'E_a u_i
             Σ_b ψ_b Σ_i tr(E_b A_i) + n σ² = r'r
 
-        (a start, not an estimate: the O(p/m) correction for the estimated β̂ is left out)."""
+        (a start, not an estimate: the O(p/m) correction for the estimated β̂ is left out).
+        The one-response case of ``moment_estimates_many``."""
         q_all = np.diff(self.layout.q_off)
-        m, p = q_all.shape[0], self.p
-        if m == 0 or np.any(q_all != q_all[0]):
+        if q_all.shape[0] == 0 or np.any(q_all != q_all[0]):
             return None
-        q = int(q_all[0])
-        qq, nb = q * q, basis.shape[0]
-        if basis.shape[1] != qq:
-            return None
-        comp = self.layout.comp
-        if q > 1 and comp.any() and np.any(comp.reshape(m, q) != comp[:q]):   # all 0: alike
-            return None
-        try:
-            beta = np.linalg.solve(self.XtX, self.Xty)
-        except np.linalg.LinAlgError:
-            return None
-        rec = self.S.reshape(m, qq + q * p + q)
-        A = rec[:, :qq]
-        # B_i β for all groups as one matrix-vector product (B_i's rows stacked)
-        Bb = np.ascontiguousarray(rec[:, qq:qq + q * p]).reshape(m * q, p) @ beta
-        u = rec[:, qq + q * p:] - Bb.reshape(m, q)
-        rr = self.yty - 2.0 * beta @ self.Xty + beta @ self.XtX @ beta
-        K = (A.T @ A).reshape(q, q, q, q).transpose(0, 2, 1, 3).reshape(qq, qq)   # Σ A_i ⊗ A_i
-        M = np.empty((nb + 1, nb + 1))
-        M[:nb, :nb] = basis @ K @ basis.T
-        M[:nb, nb] = M[nb, :nb] = basis @ (column_sums(A) if qq > 1 else A.sum(axis=0))
-        M[nb, nb] = self.n
-        try:
-            sol = np.linalg.solve(M, np.concatenate([basis @ (u.T @ u).ravel(), [rr]]))
-        except np.linalg.LinAlgError:
-            return None
-        return (sol[:nb] @ basis).reshape(q, q), float(sol[nb])
+        q, p = int(q_all[0]), self.p
+        c = self.S.reshape(q_all.shape[0], -1)[:, q * q + q * p:]       # c_i of every record
+        est = self.moment_estimates_many(basis, c.reshape(-1, 1), self.Xty[:, None],
+                                         np.array([self.yty]))
+        return None if est is None else (est[0][0], float(est[1][0]))
 
     def moment_estimates_many(self, basis: np.ndarray, zty: np.ndarray, xty: np.ndarray,
                               yty: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -151,7 +129,8 @@ class CrossProducts:
         qq, nb, R = q * q, basis.shape[0], zty.shape[1]
         if basis.shape[1] != qq:
             return None
-        if q > 1 and np.any(self.layout.comp.reshape(m, q) != self.layout.comp[:q]):
+        comp = self.layout.comp
+        if q > 1 and comp.any() and np.any(comp.reshape(m, q) != comp[:q]):   # all 0: alike
             return None
         try:
             beta = np.linalg.solve(self.XtX, xty)
@@ -165,7 +144,7 @@ class CrossProducts:
         K = (A.T @ A).reshape(q, q, q, q).transpose(0, 2, 1, 3).reshape(qq, qq)   # Σ A_i ⊗ A_i
         M = np.empty((nb + 1, nb + 1))
         M[:nb, :nb] = basis @ K @ basis.T
-        M[:nb, nb] = M[nb, :nb] = basis @ A.sum(axis=0)
+        M[:nb, nb] = M[nb, :nb] = basis @ (column_sums(A) if qq > 1 else A.sum(axis=0))
         M[nb, nb] = self.n
         uu = np.einsum("iar,ibr->abr", u, u).reshape(qq, R)
         try:
