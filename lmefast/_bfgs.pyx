@@ -57,6 +57,7 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
     cdef double f, fn, slope, t, sy, yy, yHy, rho, pgmax, decrease, ratio, ns, ny, tmp
     cdef int i, j, it, ls, stall = 0, first = 1, code = 3, ok
     cdef bint is_free
+    cdef bint has_cb = on_iter is not None
     if H == NULL:
         return -1
     g = H + d * d
@@ -84,8 +85,10 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
             H[i] = 0.0
         for i in range(d):
             H[i * d + i] = 1.0
-    for it in range(1, maxiter + 1):
-        with nogil:
+    # the whole loop runs without the GIL (threads fitting other responses run meanwhile);
+    # it is taken only for the callback
+    with nogil:
+        for it in range(1, maxiter + 1):
             # projected gradient and step on the free variables
             pgmax = 0.0
             slope = 0.0
@@ -100,41 +103,40 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
                         if not (x[j] <= lower[j] and g[j] > 0.0):
                             step[i] -= H[i * d + j] * g[j]
                 slope += step[i] * g[i]
-        if pgmax < gtol:
-            code = 0
-            n_iter[0] = it - 1
-            break
-        if not slope < 0.0:
-            for i in range(d * d):
-                H[i] = 0.0
-            slope = 0.0
-            for i in range(d):
-                H[i * d + i] = 1.0
-                step[i] = 0.0 if (x[i] <= lower[i] and g[i] > 0.0) else -g[i]
-                slope += step[i] * g[i]
-            first = 1
-        if -slope < dmax(gtol * gtol, 1e-12 * dmax(1.0, fabs(f))):
-            code = 1
-            n_iter[0] = it - 1
-            break
-        t = 1.0
-        if first:
-            # without curvature information yet: a step of at most 1 in every coordinate
-            tmp = 0.0
-            for i in range(d):
-                tmp = dmax(tmp, fabs(step[i]))
-            if tmp > 1.0:
+            if pgmax < gtol:
+                code = 0
+                n_iter[0] = it - 1
+                break
+            if not slope < 0.0:
+                for i in range(d * d):
+                    H[i] = 0.0
+                slope = 0.0
                 for i in range(d):
-                    step[i] /= tmp
-                slope /= tmp
-        if first or it == 1:
-            # no first step moves a variable more than 90% of the way to its bound (a
-            # variance parameter pushed onto zero is a saddle the gradient cannot leave)
-            for i in range(d):
-                if step[i] < 0.0 and isfinite(lower[i]) and x[i] > lower[i]:
-                    t = dmin(t, 0.9 * (x[i] - lower[i]) / -step[i])
-        code = 4
-        with nogil:
+                    H[i * d + i] = 1.0
+                    step[i] = 0.0 if (x[i] <= lower[i] and g[i] > 0.0) else -g[i]
+                    slope += step[i] * g[i]
+                first = 1
+            if -slope < dmax(gtol * gtol, 1e-12 * dmax(1.0, fabs(f))):
+                code = 1
+                n_iter[0] = it - 1
+                break
+            t = 1.0
+            if first:
+                # without curvature information yet: a step of at most 1 in every coordinate
+                tmp = 0.0
+                for i in range(d):
+                    tmp = dmax(tmp, fabs(step[i]))
+                if tmp > 1.0:
+                    for i in range(d):
+                        step[i] /= tmp
+                    slope /= tmp
+            if first or it == 1:
+                # no first step moves a variable more than 90% of the way to its bound (a
+                # variance parameter pushed onto zero is a saddle the gradient cannot leave)
+                for i in range(d):
+                    if step[i] < 0.0 and isfinite(lower[i]) and x[i] > lower[i]:
+                        t = dmin(t, 0.9 * (x[i] - lower[i]) / -step[i])
+            code = 4
             for ls in range(60):
                 for i in range(d):
                     xn[i] = dmax(x[i] + t * step[i], lower[i])
@@ -152,54 +154,56 @@ cdef int bfgs_bounded(objfun fg, void* ctx, int d, double* x, const double* lowe
                     t *= dmax(0.1, dmin(0.5, ratio))
                 else:
                     t *= 0.5
-        if code == 4:
-            n_iter[0] = it
-            break
-        # BFGS update of the inverse Hessian
-        sy = 0.0
-        yy = 0.0
-        ns = 0.0
-        for i in range(d):
-            s[i] = xn[i] - x[i]
-            yv[i] = gn[i] - g[i]
-            sy += s[i] * yv[i]
-            yy += yv[i] * yv[i]
-            ns += s[i] * s[i]
-        if first and sy > 0.0:
-            for i in range(d * d):
-                H[i] = 0.0
-            for i in range(d):
-                H[i * d + i] = sy / yy
-            first = 0
-        if sy > 1e-12 * sqrt(ns) * sqrt(yy):
-            rho = 1.0 / sy
-            # step ← H y (reuse), yHy
-            yHy = 0.0
-            for i in range(d):
-                tmp = 0.0
-                for j in range(d):
-                    tmp += H[i * d + j] * yv[j]
-                step[i] = tmp
-                yHy += yv[i] * tmp
-            for i in range(d):
-                for j in range(d):
-                    H[i * d + j] += (sy + yHy) * rho * rho * s[i] * s[j] \
-                        - rho * (step[i] * s[j] + s[i] * step[j])
-        decrease = f - fn
-        memcpy(x, xn, d * sizeof(double))
-        memcpy(g, gn, d * sizeof(double))
-        f = fn
-        n_iter[0] = it
-        if on_iter is not None:
-            try:
-                on_iter(it, np.array(<double[:d]>x), f)
-            except StopIteration:
-                code = 6
+            if code == 4:
+                n_iter[0] = it
                 break
-        stall = stall + 1 if decrease <= 1e-14 * dmax(1.0, fabs(f)) else 0
-        if stall >= 3:
-            code = 2
-            break
+            # BFGS update of the inverse Hessian
+            sy = 0.0
+            yy = 0.0
+            ns = 0.0
+            for i in range(d):
+                s[i] = xn[i] - x[i]
+                yv[i] = gn[i] - g[i]
+                sy += s[i] * yv[i]
+                yy += yv[i] * yv[i]
+                ns += s[i] * s[i]
+            if first and sy > 0.0:
+                for i in range(d * d):
+                    H[i] = 0.0
+                for i in range(d):
+                    H[i * d + i] = sy / yy
+                first = 0
+            if sy > 1e-12 * sqrt(ns) * sqrt(yy):
+                rho = 1.0 / sy
+                # step ← H y (reuse), yHy
+                yHy = 0.0
+                for i in range(d):
+                    tmp = 0.0
+                    for j in range(d):
+                        tmp += H[i * d + j] * yv[j]
+                    step[i] = tmp
+                    yHy += yv[i] * tmp
+                for i in range(d):
+                    for j in range(d):
+                        H[i * d + j] += (sy + yHy) * rho * rho * s[i] * s[j] \
+                            - rho * (step[i] * s[j] + s[i] * step[j])
+            decrease = f - fn
+            memcpy(x, xn, d * sizeof(double))
+            memcpy(g, gn, d * sizeof(double))
+            f = fn
+            n_iter[0] = it
+            if has_cb:
+                with gil:
+                    try:
+                        on_iter(it, np.array(<double[:d]>x), f)
+                    except StopIteration:
+                        code = 6
+                if code == 6:
+                    break
+            stall = stall + 1 if decrease <= 1e-14 * dmax(1.0, fabs(f)) else 0
+            if stall >= 3:
+                code = 2
+                break
     f_out[0] = f
     memcpy(g_out, g, d * sizeof(double))
     memcpy(H_out, H, d * d * sizeof(double))

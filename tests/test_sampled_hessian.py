@@ -60,3 +60,26 @@ def test_large_fits_start_from_the_sampled_hessian_and_reach_the_same_optimum() 
     assert sampled.converged and full.converged
     assert sampled.llf == pytest.approx(full.llf, rel=1e-12)
     np.testing.assert_allclose(sampled.theta, full.theta, rtol=1e-5)
+
+
+def test_start_hessian_from_values_on_several_factors() -> None:
+    """Several factors (a gradient costs several evaluations): the first Hessian comes from
+    differences of values (optimize.hessian_from_values), close to the one from differences of
+    the analytic gradient, in d(d + 1)/2 evaluations without the gradient."""
+    from lmefast._testing import crossed
+    from lmefast.optimize import hessian_from_values, start_hessian
+
+    df = crossed(20_000, 800, 60, 5)
+    model = lmefast.lmer_model("y ~ x + (1|a) + (1|b)", df)
+    obj = model.engine.objective(True)
+    assert obj.lazy_gradient
+    theta = np.array([0.7, 0.9])
+    sol = obj.solve(theta, want_grad=True)
+    free = np.ones(2, dtype=bool)
+    by_grad = hessian_fd(obj, theta, sol.grad, free)
+    by_values = hessian_from_values(obj, theta, sol.grad, free, sol.objective)
+    np.testing.assert_allclose(by_values, by_grad, rtol=5e-3, atol=1e-3 * np.abs(by_grad).max())
+    np.testing.assert_allclose(hessian_from_values(obj, theta, sol.grad, free), by_values, rtol=1e-12)
+    n0 = obj.n_evals
+    np.testing.assert_allclose(start_hessian(obj, theta, sol.grad, free, sol.objective), by_values, rtol=1e-12)
+    assert obj.n_evals - n0 == 3           # d(d + 1)/2 evaluations, no gradient
