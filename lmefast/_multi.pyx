@@ -283,27 +283,34 @@ cdef i64 level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
     """The first factor's levels in c.st.nthreads chunks (each a range of levels, own partial
     sums), then the Schur update of M22 (each chunk a range of rows). Σ Rzx1'Rzx1 goes into
     Lx (lower), Σ Rzx1'rzy1 into Rzxrzy. Returns 0 or 1 + the level that failed."""
-    cdef int t, nth = c.st.nthreads, p = c.p, q2 = c.q2, l
-    cdef i64 r
-    cdef double* part
+    cdef int t, nth = c.st.nthreads
     run_chunks(level_chunk, c, nth)
     for t in range(nth):
         if c.tstat[t] != 0:
             return c.tstat[t]
     for t in range(nth):
-        part = tb(c, t)
-        logdet[0] += part[0]
-        rr[0] += part[1]
-        for l in range(p * p):
-            c.st.Lx[l] += part[2 + l]
-        for l in range(p):
-            c.Rzxrzy[l] += part[2 + p * p + l]
-        for r in range(<i64>q2 * p):
-            c.R2x[r] += part[2 + p * p + p + r]
-        for r in range(q2):
-            c.r2y[r] += part[2 + p * p + p + <i64>q2 * p + r]
+        add_partials(c, tb(c, t), logdet, rr, True)
     run_chunks(schur_chunk, c, nth)
     return 0
+
+
+cdef void add_partials(MultiCtx* c, const double* part, double* logdet, double* rr,
+                       bint trailing) noexcept nogil:
+    """One thread's partial sums [log|L11|², rzy1'rzy1, Lx (p²), Rzxrzy (p), and with
+    ``trailing`` −L21Rzx1 (q2 p), −L21rzy1 (q2)] added into the totals."""
+    cdef int p = c.p, l
+    cdef i64 r
+    logdet[0] += part[0]
+    rr[0] += part[1]
+    for l in range(p * p):
+        c.st.Lx[l] += part[2 + l]
+    for l in range(p):
+        c.Rzxrzy[l] += part[2 + p * p + l]
+    if trailing:
+        for r in range(<i64>c.q2 * p):
+            c.R2x[r] += part[2 + p * p + p + r]
+        for r in range(c.q2):
+            c.r2y[r] += part[2 + p * p + p + <i64>c.q2 * p + r]
 
 
 cdef void backsolve_all(MultiCtx* c) noexcept nogil:
@@ -664,8 +671,8 @@ cdef void scalar_schur_chunk(void* vc, int t) noexcept nogil:
 cdef i64 scalar_level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
     """level_pass for scalar terms. One thread: the levels write R2x, r2y and M22 directly.
     Several: level ranges with partial sums, then the Schur update by ranges of rows."""
-    cdef int t, nth = c.st.nthreads, p = c.p, l
-    cdef i64 r, status
+    cdef int t, nth = c.st.nthreads, p = c.p
+    cdef i64 status
     cdef double* part
     if nth == 1:
         part = tb(c, 0)
@@ -673,29 +680,14 @@ cdef i64 scalar_level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nog
         status = scalar_levels(c, 0, c.m1, part, c.R2x, c.r2y, True)
         if status != 0:
             return status
-        logdet[0] += part[0]
-        rr[0] += part[1]
-        for l in range(p * p):
-            c.st.Lx[l] += part[2 + l]
-        for l in range(p):
-            c.Rzxrzy[l] += part[2 + p * p + l]
+        add_partials(c, part, logdet, rr, False)
         return 0
     run_chunks(scalar_level_chunk, c, nth)
     for t in range(nth):
         if c.tstat[t] != 0:
             return c.tstat[t]
     for t in range(nth):
-        part = tb(c, t)
-        logdet[0] += part[0]
-        rr[0] += part[1]
-        for l in range(p * p):
-            c.st.Lx[l] += part[2 + l]
-        for l in range(p):
-            c.Rzxrzy[l] += part[2 + p * p + l]
-        for r in range(<i64>c.q2 * p):
-            c.R2x[r] += part[2 + p * p + p + r]
-        for r in range(c.q2):
-            c.r2y[r] += part[2 + p * p + p + <i64>c.q2 * p + r]
+        add_partials(c, tb(c, t), logdet, rr, True)
     run_chunks(scalar_schur_chunk, c, nth)
     return 0
 
