@@ -134,10 +134,12 @@ class BootstrapResult:
 def _refit(res: MixedLMResults, sim, draws, rows: range, theta0: np.ndarray,
            out_theta: np.ndarray, out_beta: np.ndarray, out_s2: np.ndarray, out_f: np.ndarray,
            out_conv: np.ndarray) -> None:
-    """Refit replicates `rows` of a draw, each on its own cross-products (one thread each)."""
-    engine = res.engine
+    """Refit replicates `rows` of a draw, each on its own cross-products (which differ from the
+    fit's in the response parts only: one objective per thread takes each replicate's in
+    place, KernelObjective.respond)."""
+    obj = res.engine.objective(res.reml, n_threads=1)
     for r in rows:
-        obj = engine.objective(res.reml, n_threads=1, crossprods=sim.crossprods(draws, r))
+        obj = obj.respond(sim.crossprods(draws, r))
         _store_refit(obj, theta0, r, out_theta, out_beta, out_s2, out_f, out_conv)
 
 

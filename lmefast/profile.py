@@ -117,8 +117,9 @@ def theta_from_sdcor(res: MixedLMResults, values: np.ndarray) -> tuple[np.ndarra
     sigma = float(values[-1])
     out = []
     pos = 0
-    for _group, _coefs, T, entries in _term_entries(res, res._sol.theta):
-        k = T.shape[0]
+    structure = res.derived("term_sizes_entries", lambda: [
+        (T.shape[0], e) for _g, _c, T, e in _term_entries(res, res._sol.theta)])
+    for k, entries in structure:
         sd = np.zeros(k)
         cor = np.eye(k)
         for (i, j), v in zip(entries, values[pos:pos + len(entries)], strict=True):

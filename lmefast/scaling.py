@@ -159,7 +159,10 @@ def tri(A: np.ndarray) -> np.ndarray:
     k = A.shape[0]
     if k <= 1:
         return np.abs(A)
-    if np.count_nonzero(np.triu(A, 1)) == 0 and np.all(np.diag(A) >= 0):
+    # already lower triangular with a non-negative diagonal (C_j T̃_j and C_j⁻¹T_j are, for
+    # the lower-triangular maps of lmefast.scaling): checked entry by entry, k is small
+    if (all(A[i, j] == 0 for i in range(k) for j in range(i + 1, k))
+            and all(A[i, i] >= 0 for i in range(k))):
         return A.copy()
     R = np.linalg.qr(A.T, mode="r")
     L = R.T
