@@ -114,9 +114,8 @@ def hessian_from_values(obj: KernelObjective, theta: np.ndarray, grad: np.ndarra
                         free: np.ndarray, f0: float | None = None) -> np.ndarray:
     """Hessian of the objective on the free coordinates by forward differences of its values
     (step 1e-3 × max(|θ_j|, 0.01); the gradient, and the value f0 when known, at θ given):
-    d(d + 1)/2 evaluations without
-    the gradient, H_jj = 2(f(θ + h_j e_j) − f(θ) − h_j g_j)/h_j² and
-    H_jk = (f(θ + h_j e_j + h_k e_k) − f(θ + h_j e_j) − f(θ + h_k e_k) + f(θ))/(h_j h_k).
+    d(d + 1)/2 evaluations without the gradient, H_jj = 2(f(θ + h_j e_j) − f(θ) − h_j g_j)/h_j²
+    and H_jk = (f(θ + h_j e_j + h_k e_k) − f(θ + h_j e_j) − f(θ + h_k e_k) + f(θ))/(h_j h_k).
     Accurate to O(h): for a start of BFGS, on objectives whose gradient costs several
     evaluations (the several-factor kernel's)."""
     idx = np.nonzero(free)[0]
