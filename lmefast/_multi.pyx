@@ -35,7 +35,7 @@ from lmefast._dense cimport (
 )
 from lmefast._kernel cimport Kernel, KernelState, fill_factor_map
 from lmefast._theta cimport FactorMap, factor_grad_to_theta, theta_to_factors
-from lmefast._threads cimport run_chunks
+from lmefast._threads cimport chunkfun, run_chunks
 from lmefast._trailing cimport (
     Trailing, trailing_add, trailing_clear, trailing_factor, trailing_inverse_at,
     trailing_invert, trailing_logdet, trailing_solve,
@@ -283,14 +283,22 @@ cdef i64 level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
     """The first factor's levels in c.st.nthreads chunks (each a range of levels, own partial
     sums), then the Schur update of M22 (each chunk a range of rows). Σ Rzx1'Rzx1 goes into
     Lx (lower), Σ Rzx1'rzy1 into Rzxrzy. Returns 0 or 1 + the level that failed."""
+    return chunked_level_pass(c, level_chunk, schur_chunk, logdet, rr)
+
+
+cdef i64 chunked_level_pass(MultiCtx* c, chunkfun levels, chunkfun schur, double* logdet,
+                            double* rr) noexcept nogil:
+    """The levels in c.st.nthreads chunks (``levels``: each a range of levels with its own
+    partial sums), the partial sums added, then the Schur update (``schur``: each chunk a
+    range of rows of M22). Returns 0 or 1 + the level that failed."""
     cdef int t, nth = c.st.nthreads
-    run_chunks(level_chunk, c, nth)
+    run_chunks(levels, c, nth)
     for t in range(nth):
         if c.tstat[t] != 0:
             return c.tstat[t]
     for t in range(nth):
         add_partials(c, tb(c, t), logdet, rr, True)
-    run_chunks(schur_chunk, c, nth)
+    run_chunks(schur, c, nth)
     return 0
 
 
@@ -671,7 +679,7 @@ cdef void scalar_schur_chunk(void* vc, int t) noexcept nogil:
 cdef i64 scalar_level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
     """level_pass for scalar terms. One thread: the levels write R2x, r2y and M22 directly.
     Several: level ranges with partial sums, then the Schur update by ranges of rows."""
-    cdef int t, nth = c.st.nthreads, p = c.p
+    cdef int nth = c.st.nthreads, p = c.p
     cdef i64 status
     cdef double* part
     if nth == 1:
@@ -682,14 +690,7 @@ cdef i64 scalar_level_pass(MultiCtx* c, double* logdet, double* rr) noexcept nog
             return status
         add_partials(c, part, logdet, rr, False)
         return 0
-    run_chunks(scalar_level_chunk, c, nth)
-    for t in range(nth):
-        if c.tstat[t] != 0:
-            return c.tstat[t]
-    for t in range(nth):
-        add_partials(c, tb(c, t), logdet, rr, True)
-    run_chunks(scalar_schur_chunk, c, nth)
-    return 0
+    return chunked_level_pass(c, scalar_level_chunk, scalar_schur_chunk, logdet, rr)
 
 
 cdef void scalar_solve_residuals(MultiCtx* c) noexcept nogil:
