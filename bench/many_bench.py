@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--m-weighted", type=int, default=2000)
     args = ap.parse_args()
+    if args.subset_r < 1 or args.subset_py < 1 or args.pairs < 1:
+        ap.error("--subset-r, --subset-py and --pairs must be at least 1 (the peers are timed on "
+                 "that many responses and scaled to --m)")
     tmp = Path(tempfile.mkdtemp())
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, lmefast {lmefast.__version__}")
