@@ -284,12 +284,13 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
     response's cross-products are one weighted pass over the design's rows, made in turn)."""
     model = design.model
     engine = model.engine
+    starts = None                 # the responses' moment starts, where the engine gives them
     if Wb is None:
         X, Z = engine.response_design()
         ZtY = np.asarray(Z.T @ Yb)
         XtY = X.T @ Yb
         yty = np.einsum("ij,ij->j", Yb, Yb)
-        starts = engine.moment_thetas(ZtY, XtY, yty)     # all responses at once, where it can
+        starts = engine.moment_thetas(ZtY, XtY, yty)     # all responses at once
     tm = engine.theta_map
     start = tm.start()
     kept = beta_pos >= 0
