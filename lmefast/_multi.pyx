@@ -17,7 +17,10 @@ Q_P = Σ_P' P22[P,P'] Z_P', (M⁻¹)21_P = −Q_P and (M⁻¹)11_ii = L11_i⁻�
 
 When every term is a random intercept (the genomics case `(1 | donor) + (1 | batch)`) the
 kernel takes a scalar path ("Scalar terms" below) with the same caches and results; any term
-with k > 1 takes the general one.
+with k > 1 takes the general one. Where, in addition, the first factor's levels have few
+distinct sizes (a balanced design: every donor with six samples), the scalar path is collapsed
+("Collapsed levels" below): the levels are summed once, by size, and an evaluation does not
+loop over them at all.
 
 Storage is row-major. The trailing block M22 lives behind lmefast._trailing (factorise, solve,
 log-determinant, selected inverse P22): dense LAPACK now; the level loops do not see its storage.
@@ -30,8 +33,8 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 from lmefast._dense cimport (
-    Work, back_solve, factor_group, fixed_effects_step, i64, minv_from_chol, work_alloc,
-    work_free,
+    Work, back_solve, chol_small, factor_group, fixed_effects_step, i64, minv_from_chol,
+    work_alloc, work_free,
 )
 from lmefast._kernel cimport Kernel, KernelState, fill_factor_map
 from lmefast._theta cimport FactorMap, factor_grad_to_theta, theta_to_factors
@@ -46,6 +49,8 @@ from lmefast.parallel import check_threads
 # Whether kernels built from now on take the scalar path where it applies (a constructor
 # argument overrides it); the tests turn it off to compare with the general path.
 SCALAR_PATH = True
+# Likewise for the collapsed scalar path ("Collapsed levels"), where it applies and pays.
+COLLAPSED_PATH = True
 
 
 cdef struct MultiCtx:
@@ -109,6 +114,22 @@ cdef struct MultiCtx:
     # lam2[r] = Λ2[r, r] for each trailing coordinate
     bint scalar
     double* lam2
+    # the scalar path collapsed by level size (see "Collapsed levels"): nd sizes dval with
+    # dcnt levels each (dfirst: the first such level), level i of size class lgroup[i];
+    # m2 = q2 + p + 1 coordinates [b2 | X | y]; every m2 × m2 matrix row-major, lower triangle
+    bint collapsed
+    int m2
+    i64 nd
+    const double* dval
+    const double* dcnt
+    const i64* dfirst
+    const i64* lgroup
+    double* Md            # nd × m2 × m2: Σ u_i u_i' over the levels of each size
+    double* Gd            # [Z2 X y]'[Z2 X y]
+    double* Ud            # Σ_d w_d M_d at the last θ evaluated
+    double* Sd            # scratch: S, its factor, its inverse
+    double* Wd
+    double* Qd
     # threads (st.nthreads): level ranges, and per thread its Work, scratch and partial sums
     i64* lbounds          # (nth + 1) level ranges of the first factor
     i64* rbounds          # (nth + 1) row ranges of M22 for the Schur update
@@ -838,6 +859,198 @@ cdef void assemble_gradient(MultiCtx* c, double kappa, double* grad) noexcept no
     factor_grad_to_theta(&c.fm, c.gTall, grad)
 
 
+# -- Collapsed levels ---------------------------------------------------------------------------
+# On the scalar path level i of the first factor (size a_i = A11_i) adds, with w = t1²/(t1²a_i + 1)
+# and u_i = [A21_i (on the trailing coordinates it meets) | B1_i | c1_i], the m2 × m2 matrix
+# w u_i u_i' to [Λ2 | I | 1](A − ·)[Λ2 | I | 1] (the Schur update of M22, −L21Rzx1, −L21rzy1,
+# Σ Rzx1'Rzx1, Σ Rzx1'rzy1, Σ rzy1²) and log(t1²a_i + 1) to log|L|². w depends on i only
+# through a_i: with the sums M_d = Σ u_i u_i' over the levels of each distinct size d (made
+# once; their y row again for each response), an evaluation adds Σ_d w_d M_d, nd terms instead
+# of m1 levels. With S = Λ̃(G − Σ_d w_d M_d)Λ̃ + Ĩ (G = [Z2 X y]'[Z2 X y], Λ̃ = diag(Λ2, 1),
+# Ĩ the identity on b2), the objective is Σ_d n_d log(t1²d + 1) + a sum of log-determinants
+# of leading blocks of S (REML: log|S_bX| + (n − p) log(|S|/|S_bX|); ML: log|S_bb| +
+# n log(|S|/|S_bX|)), so its gradient is Σ_B c_B tr(S_B⁻¹ ∂S_B): m2 × m2 work, no levels.
+
+cdef inline double sym(const double* A, int m, int a, int b) noexcept nogil:
+    """A[a, b] of a symmetric matrix kept in its lower triangle (row-major m × m)."""
+    return A[a * m + b] if a >= b else A[b * m + a]
+
+
+cdef void collapsed_response(MultiCtx* c) noexcept nogil:
+    """The y row of G and of every M_d, from the response parts (c1, c2, X'y, y'y)."""
+    cdef int m2 = c.m2, q2 = c.q2, p = c.p, rec = 2 + c.p, y = c.m2 - 1, l
+    cdef i64 i, P, g
+    cdef double cy
+    cdef double* row
+    cdef const double* A
+    for g in range(c.nd):
+        memset(&c.Md[(g * m2 + y) * m2], 0, m2 * sizeof(double))
+    for i in range(c.m1):
+        A = &c.S1[i * rec]
+        cy = A[1 + p]
+        row = &c.Md[(c.lgroup[i] * m2 + y) * m2]
+        for P in range(c.ptr[i], c.ptr[i + 1]):
+            row[c.pair_c0[P]] += cy * c.A21[P]
+        for l in range(p):
+            row[q2 + l] += cy * A[1 + l]
+        row[y] += cy * cy
+    row = &c.Gd[y * m2]
+    for l in range(q2):
+        row[l] = c.c2[l]
+    for l in range(p):
+        row[q2 + l] = c.Xty[l]
+    row[y] = c.yty
+
+
+cdef void collapsed_design(MultiCtx* c) noexcept nogil:
+    """G and the M_d (all rows), once per kernel."""
+    cdef int m2 = c.m2, q2 = c.q2, p = c.p, rec = 2 + c.p, l, l2
+    cdef i64 i, P, P2, e, r
+    cdef double v
+    cdef double* M
+    cdef const double* A
+    memset(c.Md, 0, <size_t>c.nd * m2 * m2 * sizeof(double))
+    memset(c.Gd, 0, <size_t>m2 * m2 * sizeof(double))
+    for i in range(c.m1):
+        A = &c.S1[i * rec]
+        M = &c.Md[c.lgroup[i] * m2 * m2]
+        for P in range(c.ptr[i], c.ptr[i + 1]):
+            r = c.pair_c0[P]
+            v = c.A21[P]
+            for P2 in range(c.ptr[i], P + 1):      # pairs in increasing coordinate
+                M[r * m2 + c.pair_c0[P2]] += v * c.A21[P2]
+            for l in range(p):
+                M[(q2 + l) * m2 + r] += A[1 + l] * v
+        for l in range(p):
+            for l2 in range(l + 1):
+                M[(q2 + l) * m2 + q2 + l2] += A[1 + l] * A[1 + l2]
+    for e in range(c.nnz22):
+        if c.a22r[e] >= c.a22c[e]:
+            c.Gd[c.a22r[e] * m2 + c.a22c[e]] += c.a22v[e]
+    for r in range(q2):
+        for l in range(p):
+            c.Gd[(q2 + l) * m2 + r] = c.B2[r * p + l]
+    for l in range(p):
+        for l2 in range(l + 1):
+            c.Gd[(q2 + l) * m2 + q2 + l2] = c.XtX[l * p + l2]
+    collapsed_response(c)
+
+
+cdef i64 collapsed_pass(MultiCtx* c, double* logdet, double* rr) noexcept nogil:
+    """scalar_trailing + scalar_level_pass by level sizes: M22 (lower), R2x, r2y, and into
+    Lx, Rzxrzy, rr and logdet the first factor's sums. Returns 0 or 1 + a level that failed."""
+    cdef int m2 = c.m2, q2 = c.q2, p = c.p, y = c.m2 - 1, a, b, l, l2
+    cdef i64 g, e
+    cdef double t2 = c.Tall[0] * c.Tall[0], dd, w, logs = 0.0
+    cdef double* U = c.Ud
+    cdef const double* M
+    for a in range(q2):
+        c.lam2[a] = c.Tall[c.btoff[a]]
+    memset(U, 0, <size_t>m2 * m2 * sizeof(double))
+    for g in range(c.nd):
+        dd = t2 * c.dval[g] + 1.0
+        if not dd > 0.0:
+            return c.dfirst[g] + 1
+        logs += c.dcnt[g] * log(dd)
+        w = t2 / dd
+        M = &c.Md[g * m2 * m2]
+        for a in range(m2):
+            for e in range(a * m2, a * m2 + a + 1):
+                U[e] += w * M[e]
+    logdet[0] += logs
+    for a in range(q2):
+        for b in range(a + 1):
+            c.tr.M[a * q2 + b] = c.lam2[a] * c.lam2[b] * (c.Gd[a * m2 + b] - U[a * m2 + b])
+        c.tr.M[a * q2 + a] += 1.0
+        for l in range(p):
+            c.R2x[a * p + l] = c.lam2[a] * (c.Gd[(q2 + l) * m2 + a] - U[(q2 + l) * m2 + a])
+        c.r2y[a] = c.lam2[a] * (c.Gd[y * m2 + a] - U[y * m2 + a])
+    for l in range(p):
+        for l2 in range(l + 1):
+            c.st.Lx[l * p + l2] += U[(q2 + l) * m2 + q2 + l2]
+        c.Rzxrzy[l] += U[y * m2 + q2 + l]
+    rr[0] += U[y * m2 + y]
+    return 0
+
+
+cdef int collapsed_gradient(MultiCtx* c, double* grad) noexcept nogil:
+    """∂/∂θ on the collapsed path from Ud (the last θ evaluated): see "Collapsed levels"."""
+    cdef int m2 = c.m2, q2 = c.q2, p = c.p, a, b, k, nb = c.q2 + c.p
+    cdef i64 g
+    cdef double t1 = c.Tall[0], t2, dd, acc, s1, s2, s3, cb, cx, ca, gt = 0.0
+    cdef double n = c.n
+    cdef double* S = c.Sd
+    cdef double* W = c.Wd
+    cdef double* Q = c.Qd
+    cdef double* lt = c.Sd + <i64>m2 * m2          # Λ̃'s diagonal
+    cdef const double* M
+    t2 = t1 * t1
+    for a in range(m2):
+        lt[a] = c.lam2[a] if a < q2 else 1.0
+    # K = G − U (kept in Q's upper part is not possible: S holds S, W its inverse factor)
+    for a in range(m2):
+        for b in range(a + 1):
+            S[a * m2 + b] = lt[a] * lt[b] * (c.Gd[a * m2 + b] - c.Ud[a * m2 + b])
+        if a < q2:
+            S[a * m2 + a] += 1.0
+        for b in range(a + 1, m2):
+            S[a * m2 + b] = 0.0
+    if chol_small(m2, S) != 0:
+        c.st.status = -(p + 2)
+        return 1
+    # W = L⁻¹ (lower)
+    for b in range(m2):
+        W[b * m2 + b] = 1.0 / S[b * m2 + b]
+        for a in range(b + 1, m2):
+            acc = 0.0
+            for k in range(b, a):
+                acc = acc + S[a * m2 + k] * W[k * m2 + b]
+            W[a * m2 + b] = -acc / S[a * m2 + a]
+    # Q = Σ_B c_B S_B⁻¹ (padded), S_B⁻¹ = W_B'W_B over the leading blocks B = b2, [b2 X], all
+    if c.reml:
+        cb, cx, ca = 0.0, 1.0 - (n - p), n - p
+    else:
+        cb, cx, ca = 1.0, -n, n
+    for a in range(m2):
+        for b in range(a + 1):
+            s1 = 0.0
+            s2 = 0.0
+            s3 = 0.0
+            for k in range(a, m2):
+                if k < q2:
+                    s1 = s1 + W[k * m2 + a] * W[k * m2 + b]
+                elif k < nb:
+                    s2 = s2 + W[k * m2 + a] * W[k * m2 + b]
+                else:
+                    s3 = s3 + W[k * m2 + a] * W[k * m2 + b]
+            acc = ca * (s1 + s2 + s3)
+            if a < nb:
+                acc = acc + cx * (s1 + s2)
+            if a < q2:
+                acc = acc + cb * s1
+            Q[a * m2 + b] = acc
+    # θ of the first factor: Σ_d n_d 2t d/(t²d + 1) − Σ_d w_d' tr(Λ̃QΛ̃ M_d), w_d' = 2t/(t²d + 1)²
+    for g in range(c.nd):
+        dd = t2 * c.dval[g] + 1.0
+        M = &c.Md[g * m2 * m2]
+        acc = 0.0
+        for a in range(m2):
+            for b in range(a):
+                acc = acc + 2.0 * lt[a] * lt[b] * Q[a * m2 + b] * M[a * m2 + b]
+            acc = acc + lt[a] * lt[a] * Q[a * m2 + a] * M[a * m2 + a]
+        gt += c.dcnt[g] * 2.0 * t1 * c.dval[g] / dd - 2.0 * t1 / (dd * dd) * acc
+    memset(c.gTall, 0, c.fm.size * sizeof(double))
+    c.gTall[0] = gt
+    # each trailing coordinate r: ∂S/∂λ_r = E_r KΛ̃ + Λ̃KE_r, tr(Q ·) = 2 Σ_b K[r, b] λ̃_b Q[b, r]
+    for a in range(q2):
+        acc = 0.0
+        for b in range(m2):
+            acc = acc + (sym(c.Gd, m2, a, b) - sym(c.Ud, m2, a, b)) * lt[b] * sym(Q, m2, b, a)
+        c.gTall[c.btoff[a]] += 2.0 * acc
+    factor_grad_to_theta(&c.fm, c.gTall, grad)
+    return 0
+
+
 cdef int multi_eval(void* vctx, const double* theta, double* f, double* grad) noexcept nogil:
     """θ → objective (and ∂/∂θ when grad is not NULL); 0, or 1 with c.st.status set."""
     cdef MultiCtx* c = <MultiCtx*>vctx
@@ -856,7 +1069,9 @@ cdef int multi_eval(void* vctx, const double* theta, double* f, double* grad) no
     theta_to_factors(&c.fm, theta, c.Tall)
     memset(c.st.Lx, 0, p * p * sizeof(double) + 8)
     memset(c.Rzxrzy, 0, p * sizeof(double) + 8)
-    if c.scalar:
+    if c.collapsed:
+        status = collapsed_pass(c, &logdet, &rr)
+    elif c.scalar:
         scalar_trailing(c)
         status = scalar_level_pass(c, &logdet, &rr)
     else:
@@ -898,6 +1113,8 @@ cdef int gradient_part(MultiCtx* c, double* grad) noexcept nogil:
     becomes P22)."""
     cdef int p = c.p
     c.factored = False
+    if c.collapsed:
+        return collapsed_gradient(c, grad)
     if p > 0:
         minv_from_chol(p, c.st.Lx, c.Cinv, c.Mi)
     if c.scalar:
@@ -971,11 +1188,13 @@ cdef class MultiKernel(Kernel):
     cdef MultiCtx c
     cdef object keep
     cdef double* buf
+    cdef object ckeep        # the collapsed path's arrays (level sizes and their classes)
+    cdef double* cbuf
 
     def __cinit__(self, cp, tuple arrays, int k1, int p, int q2, int kmax, int width,
                   const int[::1] th_term, const int[::1] th_row, const int[::1] th_col,
                   const i64[::1] t_off, const int[::1] t_k, bint reml, n_threads=1,
-                  scalar_path=None):
+                  scalar_path=None, collapse=None):
         cdef const double[::1] S1 = cp.S1
         cdef const i64[::1] ptr = cp.ptr
         cdef const i64[::1] pair_c0 = cp.pair_c0
@@ -999,6 +1218,8 @@ cdef class MultiKernel(Kernel):
         cdef size_t ttot = <size_t>t_off[t_off.shape[0] - 1], total
         cdef int t, nth = check_threads(n_threads)
         self.buf = NULL
+        self.cbuf = NULL
+        self.c.collapsed = False
         self.c.ws = NULL
         self.c.tbuf = NULL
         self.c.tstat = NULL
@@ -1105,11 +1326,61 @@ cdef class MultiKernel(Kernel):
         if scalar_path is None:
             scalar_path = SCALAR_PATH
         c.scalar = bool(scalar_path) and scalar_layout(c, &t_k[0], t_k.shape[0])
+        if collapse is None:
+            collapse = COLLAPSED_PATH
+        if c.scalar and collapse:
+            self._collapse(cp)
+
+    cdef _collapse(self, cp):
+        """Take the collapsed path ("Collapsed levels") where it pays: the sums by level size
+        cost less than half the levels' work per evaluation, within 256 MB."""
+        cdef MultiCtx* c = &self.c
+        cdef int p = c.p, m2 = c.q2 + c.p + 1
+        cdef i64 nd
+        if m2 > 1024 or c.m1 == 0:
+            return
+        sizes = np.asarray(cp.S1)[0:c.m1 * (2 + p):2 + p]
+        vals, first, inv, cnt = np.unique(sizes, return_index=True, return_inverse=True,
+                                          return_counts=True)
+        nd = vals.shape[0]
+        pairs = np.diff(np.asarray(cp.ptr)).astype(np.float64)
+        levels_work = float(np.sum(0.5 * pairs * (pairs + 1) + (pairs + 1) * (p + 1))) \
+            + 0.5 * c.m1 * p * (p + 1)
+        collapsed_work = 0.5 * nd * m2 * (m2 + 1) + m2 * m2
+        if not 2.0 * collapsed_work < levels_work or nd * m2 * m2 * 8 > 2 ** 28:
+            return
+        cdef const double[::1] dval = np.ascontiguousarray(vals, dtype=np.float64)
+        cdef const double[::1] dcnt = np.ascontiguousarray(cnt, dtype=np.float64)
+        cdef const i64[::1] dfirst = np.ascontiguousarray(first, dtype=np.int64)
+        cdef const i64[::1] lgroup = np.ascontiguousarray(inv.ravel(), dtype=np.int64)
+        self.ckeep = (dval, dcnt, dfirst, lgroup)
+        self.cbuf = <double*>malloc(((nd + 5) * <size_t>m2 * m2 + m2 + 8) * sizeof(double))
+        if self.cbuf == NULL:
+            raise MemoryError()
+        c.m2 = m2
+        c.nd = nd
+        c.dval = &dval[0]
+        c.dcnt = &dcnt[0]
+        c.dfirst = &dfirst[0]
+        c.lgroup = &lgroup[0]
+        c.Md = self.cbuf
+        c.Gd = c.Md + nd * m2 * m2
+        c.Ud = c.Gd + m2 * m2
+        c.Wd = c.Ud + m2 * m2
+        c.Qd = c.Wd + m2 * m2
+        c.Sd = c.Qd + m2 * m2          # S (m2²) and Λ̃'s diagonal (m2)
+        collapsed_design(c)
+        c.collapsed = True
 
     @property
     def scalar_path(self):
         """Whether evaluations take the scalar path (every term a random intercept)."""
         return bool(self.c.scalar)
+
+    @property
+    def collapsed_path(self):
+        """Whether evaluations take the collapsed scalar path (levels summed by size)."""
+        return bool(self.c.collapsed)
 
     def set_response(self, cp):
         """Another response on the same design, in place (no new buffers): the first factor's
@@ -1127,6 +1398,8 @@ cdef class MultiKernel(Kernel):
         self.c.Xty = &Xty[0] if Xty.shape[0] else NULL
         self.c.yty = cp.yty
         self.c.factored = False
+        if self.c.collapsed:
+            collapsed_response(&self.c)
 
     def __dealloc__(self):
         cdef int t
@@ -1138,13 +1411,26 @@ cdef class MultiKernel(Kernel):
         free(self.c.lbounds)
         free(self.c.tbuf)
         free(self.buf)
+        free(self.cbuf)
+
+    cdef _levels_at(self, double[::1] th):
+        """Evaluate at θ with the level caches filled (the collapsed path keeps none), and
+        leave nothing for a gradient to reuse."""
+        cdef double f = 0.0
+        cdef bint collapsed = self.c.collapsed
+        self.c.collapsed = False
+        with nogil:
+            multi_eval(&self.c, &th[0], &f, NULL)
+        self.c.collapsed = collapsed
+        self.c.factored = False
+        if self.c.st.status != 0:
+            raise FloatingPointError("the objective cannot be evaluated at this θ")
 
     def conditional_variances(self, theta):
         """Diagonal level blocks of M⁻¹ at θ: the first factor's (m1 × k1 × k1) and, for every
         trailing coordinate r, row r of its level's block of P22 (q2 × kmax, first k columns).
         The caller scales by σ² and multiplies by Λ: condVar = σ² Λ M⁻¹ Λ'."""
         cdef double[::1] th = np.ascontiguousarray(theta, dtype=np.float64)
-        cdef double f = 0.0
         cdef int k1 = self.c.k1, b, kmax = self.c.kmax
         cdef i64 i, r, m1 = self.c.m1, q2 = self.c.q2
         cdef double[:, :, ::1] M1 = np.empty((m1, k1, k1))
@@ -1153,12 +1439,8 @@ cdef class MultiKernel(Kernel):
             + q2 * (self.c.p + 1) + k1 * k1 + q2 * kmax
         cdef double* Q = Z + self.c.width * k1 + 1
         cdef double* Mi = Q + self.c.width * k1 + 1
+        self._levels_at(th)
         with nogil:
-            multi_eval(&self.c, &th[0], &f, NULL)
-        if self.c.st.status != 0:
-            raise FloatingPointError("the objective cannot be evaluated at this θ")
-        with nogil:
-            self.c.factored = False
             trailing_invert(&self.c.tr)
             for i in range(m1):
                 level_inverse_block(&self.c, i, Z, Q, Mi, Mi + k1 * k1)
@@ -1172,13 +1454,9 @@ cdef class MultiKernel(Kernel):
     def modes(self, theta):
         """Conditional modes at θ: (b1 as m1 × k1, b2 as q2)."""
         cdef double[::1] th = np.ascontiguousarray(theta, dtype=np.float64)
-        cdef double f = 0.0
         cdef int nc = self.c.p + 1, k1 = self.c.k1
         cdef i64 m1 = self.c.m1
-        with nogil:
-            multi_eval(&self.c, &th[0], &f, NULL)
-        if self.c.st.status != 0:
-            raise FloatingPointError("the objective cannot be evaluated at this θ")
+        self._levels_at(th)
         with nogil:
             backsolve_all(&self.c)
             residual_parts(&self.c)
