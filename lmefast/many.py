@@ -44,7 +44,7 @@ from lmefast.errors import InferenceError, ObjectiveError, SpecificationError
 from lmefast.formula import as_dataframe
 from lmefast.inference import normalize_ddf, parse_contrast
 from lmefast.model import MixedLM, as_matrix, prior_weights_and_offset
-from lmefast.optimize import fit_theta
+from lmefast.optimize import fit_theta, significant
 from lmefast.parallel import check_threads, get_num_threads
 from lmefast.progress import progress_function
 from lmefast.results import MixedLMResults
@@ -168,19 +168,21 @@ def stencil_values(obj: Any, sol: Any) -> tuple[np.ndarray, np.ndarray, np.ndarr
     centre is the solution's own values; module docstring), for two step sizes h and h/2:
     (r², log|L|², Lx) per point (2K + 1, 2K + 1, (2K + 1) × p × p)."""
     theta = sol.theta
-    d, p = theta.shape[0], sol.beta.shape[0]
-    unit = _stencil(d)[0]
-    K = unit.shape[0] - 1                     # points per step size besides the centre
-    h = _steps(theta)
-    points = np.concatenate([theta + unit[1:] * h, theta + unit[1:] * (0.5 * h)])
-    r2 = np.empty(2 * K + 1)
-    logdet = np.empty(2 * K + 1)
-    Lx = np.empty((2 * K + 1, p, p))
-    r2[0], logdet[0], Lx[0] = sol.r2, sol.logdet_L, sol.Lx
-    r2[1:], logdet[1:], status, Lx[1:] = obj.kernel.evaluate_points(points)
-    for k in np.nonzero(status != 0)[0][:1]:
-        obj.solve(points[k])      # raises the ObjectiveError that names the failure
-    return r2, logdet, Lx
+    points = theta + _stencil_offsets(theta.shape[0]) * _steps(theta)
+    r2, logdet, status, Lx = obj.kernel.evaluate_points(points)
+    if status.any():
+        obj.solve(points[np.argmax(status != 0)])    # raises the ObjectiveError that names it
+    return (np.concatenate([[sol.r2], r2]), np.concatenate([[sol.logdet_L], logdet]),
+            np.concatenate([sol.Lx[None], Lx]))
+
+
+@functools.cache
+def _stencil_offsets(d: int) -> np.ndarray:
+    """The stencil's points besides the centre, for both step sizes, in units of h (read-only)."""
+    unit = _stencil(d)[0][1:]
+    out = np.concatenate([unit, 0.5 * unit])
+    out.flags.writeable = False
+    return out
 
 
 def _steps(theta: np.ndarray) -> np.ndarray:
@@ -291,6 +293,11 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
         XtY = X.T @ Yb
         yty = np.einsum("ij,ij->j", Yb, Yb)
         starts = engine.moment_thetas(ZtY, XtY, yty)     # all responses at once
+        if starts is not None:          # rounded as the optimiser rounds one (all at once)
+            known = np.all(np.isfinite(starts), axis=1)
+            starts = [s if k else None
+                      for s, k in zip(significant(np.where(known[:, None], starts, 0.0)), known,
+                                      strict=True)]
     tm = engine.theta_map
     start = tm.start()
     kept = beta_pos >= 0
@@ -346,7 +353,7 @@ def _fit_block(design: _Design, Yb: np.ndarray, Wb: np.ndarray | None, idx: np.n
     # parts stay in the engine's θ (df do not depend on θ's coordinates) with the Jacobian of
     # cov(β) mapped as cov is
     rows, at = np.nonzero(ok)[0], idx[ok]
-    if identity:
+    if identity or sc.terms_identity:
         out.theta[np.ix_(at, tp)] = theta_e[rows]
     else:
         for i, j in zip(rows.tolist(), at.tolist(), strict=True):

@@ -70,7 +70,8 @@ class KernelObjective:
         return None
 
     #: the moment start of this objective's response when its caller has computed it (for many
-    #: responses at once, ``Engine.moment_thetas``): used in place of ``moment_theta()``
+    #: responses at once, ``Engine.moment_thetas``), finite and already rounded as
+    #: ``optimize.significant`` rounds: used in place of ``moment_theta()``
     given_moment_theta: np.ndarray | None = None
 
     @property
@@ -85,11 +86,10 @@ class KernelObjective:
         """This objective on cross-products that differ in the response parts only (Z'y, X'y,
         y'y): a new objective (``with_crossprods``), or this one changed in place where the
         kernel can swap them without new buffers (one response after another on one thread,
-        as fit_many does). ``moment_theta``: that response's moment start, when known (a row
-        with NaN: none)."""
+        as fit_many does). ``moment_theta``: that response's moment start, when known (finite,
+        rounded by ``optimize.significant``), else None."""
         obj = self._respond(cp)
-        known = moment_theta is not None and bool(np.all(np.isfinite(moment_theta)))
-        obj.given_moment_theta = np.asarray(moment_theta, dtype=float) if known else None
+        obj.given_moment_theta = moment_theta
         return obj
 
     def _respond(self, cp: Any) -> KernelObjective:

@@ -170,9 +170,9 @@ def moment_start(obj: KernelObjective) -> np.ndarray | None:
     """θ from moment estimates of the covariance of the random effects relative to σ² (the
     Cholesky factor of Ψ/σ², or √(ψ/σ²) for diagonal T), or None where they are not
     available (variance components, several factors with random slopes) or not positive."""
-    start = obj.given_moment_theta
-    if start is None:
-        start = obj.moment_theta()
+    if obj.given_moment_theta is not None:      # rounded by its giver (KernelObjective.respond)
+        return obj.given_moment_theta
+    start = obj.moment_theta()
     if start is None:
         return None
     return significant(start)

@@ -185,7 +185,12 @@ class DesignScaling:
     @cached_property
     def is_identity(self) -> bool:
         return (np.array_equal(self.fixed, np.eye(self.fixed.shape[0]))
-                and all(np.array_equal(C, np.eye(C.shape[0])) for C in self.terms))
+                and self.terms_identity)
+
+    @cached_property
+    def terms_identity(self) -> bool:
+        """Whether every C_j is the identity (θ is then the same on both scales)."""
+        return all(np.array_equal(C, np.eye(C.shape[0])) for C in self.terms)
 
     # -- fixed effects -----------------------------------------------------------------------
     def beta(self, beta_internal: np.ndarray) -> np.ndarray:
