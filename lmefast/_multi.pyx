@@ -49,8 +49,12 @@ from lmefast.parallel import check_threads
 # Whether kernels built from now on take the scalar path where it applies (a constructor
 # argument overrides it); the tests turn it off to compare with the general path.
 SCALAR_PATH = True
-# Likewise for the collapsed scalar path ("Collapsed levels"), where it applies and pays.
+# Likewise for the collapsed scalar path ("Collapsed levels"), where it applies and pays: the
+# sums by size cost less than half the level loop, and that loop does at least
+# COLLAPSE_MIN_WORK multiply-adds per evaluation (below, the setup costs what it saves: a
+# Penicillin fit is as fast either way).
 COLLAPSED_PATH = True
+COLLAPSE_MIN_WORK = 2000.0
 
 
 cdef struct MultiCtx:
@@ -1332,20 +1336,23 @@ cdef class MultiKernel(Kernel):
             self._collapse(cp)
 
     cdef _collapse(self, cp):
-        """Take the collapsed path ("Collapsed levels") where it pays: the sums by level size
-        cost less than half the levels' work per evaluation, within 256 MB."""
+        """Take the collapsed path ("Collapsed levels") where it pays (COLLAPSE_MIN_WORK): the
+        sums by level size cost less than half the levels' work per evaluation, within 256 MB."""
         cdef MultiCtx* c = &self.c
         cdef int p = c.p, m2 = c.q2 + c.p + 1
-        cdef i64 nd
+        cdef i64 nd, i
+        cdef double pairs, levels_work = 0.5 * c.m1 * p * (p + 1)
         if m2 > 1024 or c.m1 == 0:
+            return
+        for i in range(c.m1):
+            pairs = <double>(c.ptr[i + 1] - c.ptr[i])
+            levels_work += 0.5 * pairs * (pairs + 1) + (pairs + 1) * (p + 1)
+        if levels_work < COLLAPSE_MIN_WORK:
             return
         sizes = np.asarray(cp.S1)[0:c.m1 * (2 + p):2 + p]
         vals, first, inv, cnt = np.unique(sizes, return_index=True, return_inverse=True,
                                           return_counts=True)
         nd = vals.shape[0]
-        pairs = np.diff(np.asarray(cp.ptr)).astype(np.float64)
-        levels_work = float(np.sum(0.5 * pairs * (pairs + 1) + (pairs + 1) * (p + 1))) \
-            + 0.5 * c.m1 * p * (p + 1)
         collapsed_work = 0.5 * nd * m2 * (m2 + 1) + m2 * m2
         if not 2.0 * collapsed_work < levels_work or nd * m2 * m2 * 8 > 2 ** 28:
             return

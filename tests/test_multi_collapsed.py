@@ -46,6 +46,12 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def collapse_small_designs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test designs are small: collapse them wherever the sums cost less."""
+    monkeypatch.setattr(_multi, "COLLAPSE_MIN_WORK", 0.0)
+
+
 def kernels(case: str, reml: bool, monkeypatch: pytest.MonkeyPatch):
     make, formula = CASES[case]
     model = lmefast.lmer_model(formula, make())
@@ -149,3 +155,14 @@ def test_collapsed_path_only_where_it_pays() -> None:
     few = crossed(4, (3,), n_batches=3)
     small = lmefast.lmer_model(formula, few).engine.objective(True, 1).kernel
     assert small.scalar_path and not small.collapsed_path
+
+
+def test_collapsed_path_not_taken_for_a_small_level_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the default COLLAPSE_MIN_WORK, Penicillin's 24 plates keep the level loop (too cheap
+    for the setup to pay); the balanced 100-donor design collapses."""
+    monkeypatch.undo()              # the module's own threshold
+    assert _multi.COLLAPSE_MIN_WORK > 0
+    kernel = lmefast.lmer_model(CASES["penicillin"][1], load_penicillin()).engine.objective(True, 1).kernel
+    assert kernel.scalar_path and not kernel.collapsed_path
+    big = lmefast.lmer_model("y ~ trait + age + (1 | donor) + (1 | batch)", crossed(100))
+    assert big.engine.objective(True, 1).kernel.collapsed_path
