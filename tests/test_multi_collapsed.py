@@ -166,3 +166,28 @@ def test_collapsed_path_not_taken_for_a_small_level_loop(monkeypatch: pytest.Mon
     assert kernel.scalar_path and not kernel.collapsed_path
     big = lmefast.lmer_model("y ~ trait + age + (1 | donor) + (1 | batch)", crossed(100))
     assert big.engine.objective(True, 1).kernel.collapsed_path
+
+
+def test_fit_many_on_a_collapsed_design_equals_lmer() -> None:
+    """fit_many's per-response swap (set_response) on a design that collapses: every response,
+    with its Satterthwaite df, equals lmer on that response alone."""
+    data = crossed(100, (6,), seed=7)
+    rng = np.random.default_rng(8)
+    n = len(data)
+    donor = data.donor.astype(int).to_numpy()
+    Y = pd.DataFrame({f"g{k}": 0.3 * k * data.trait + rng.uniform(0.1, 1.5) * rng.standard_normal(100)[donor]
+                      + rng.standard_normal(n) for k in range(4)})
+    rhs = "trait + age + (1 | donor) + (1 | batch)"
+    res = lmefast.fit_many(f"~ {rhs}", data, Y)
+    table = res.coef_table()
+    for name in Y.columns:
+        model = lmefast.lmer_model(f"{name} ~ {rhs}", data.assign(**{name: Y[name]}))
+        assert model.engine.objective(True, 1).kernel.collapsed_path
+        ref = model.fit()
+        ref_ct = ref.coef_table()
+        rows = table[table.response == name]
+        assert res.llf[name] == pytest.approx(ref.llf, rel=1e-8)
+        np.testing.assert_allclose(rows.estimate.to_numpy(), ref.fe_params.to_numpy(), rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(rows.std_err.to_numpy(), ref.bse_fe.to_numpy(), rtol=1e-6)
+        np.testing.assert_allclose(rows.df.to_numpy(), ref_ct.df.to_numpy(), rtol=1e-5)
+        np.testing.assert_allclose(res.theta.loc[name].to_numpy(), ref.theta, rtol=1e-6, atol=1e-7)
