@@ -20,9 +20,17 @@ import numpy as np
 import pandas as pd
 
 from lmefast.checks import check_not_constant, check_random_gram, full_rank_columns_from_xtx, warn_dropped
-from lmefast.chunked import ChunkSource, check_rowwise_columns, positive_weights
+from lmefast.chunked import ChunkSource
 from lmefast.errors import PredictionError, SpecificationError
-from lmefast.formula import _not_finite, _parse, _plain_columns, _rhs, design_matrix
+from lmefast.formula import (
+    _not_finite,
+    _parse,
+    _plain_columns,
+    _rhs,
+    check_rowwise_columns,
+    design_matrix,
+    positive_weights,
+)
 from lmefast.lmer import RandomTerm, build_terms, factor_key
 from lmefast.model import MixedLM
 from lmefast.multi import (
