@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import sys
 from collections import ChainMap
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -235,7 +235,7 @@ _C_CALL = re.compile(r"\bC\(\s*([A-Za-z_][A-Za-z0-9_.]*)")
 _STATEFUL = ("center(", "scale(", "standardize(", "poly(", "bs(", "cr(", "cs(", "cc(", "te(",
              "hashed(", "lag(")
 #: the columns that formula_arrays adds for groups, weights and an offset given as arrays
-_ADDED = {"__lmefast_groups__": "groups", "__lmefast_weights__": "weights",
+ADDED_COLUMNS = {"__lmefast_groups__": "groups", "__lmefast_weights__": "weights",
           "__lmefast_offset__": "offset"}
 
 
@@ -347,32 +347,14 @@ class FormulaPlan:
         """A column as the user knows it (the added columns by what they hold)."""
         if column == self.group:
             return self.group_label
-        return _ADDED.get(column, column)
+        return ADDED_COLUMNS.get(column, column)
 
     # -- the schema -------------------------------------------------------------------------------
     def set_kinds(self, dtypes: Any, where: str) -> None:
-        """Each used column's kind from a schema (pandas dtypes by column name: a Series, or an
-        object with ``in``, ``[]`` and ``names``); absent columns named (a name the formula's
-        environment defines is not a column: it leaves ``used``). ``where``: the data as the
-        errors name them."""
-        names = dtypes.index if isinstance(dtypes, pd.Series) else dtypes.names
-        check_unique_columns(names, set(self.used) | {self.yname})
-        absent = [c for c in self.used if c not in dtypes]
-        if absent:
-            missing_cols = sorted(c for c in absent if not in_environment(c) or c == self.group)
-            if missing_cols:
-                raise SpecificationError(f"column(s) {missing_cols} not found in {where} "
-                                         f"(columns are {[str(c) for c in names][:20]})")
-            self.used = [c for c in self.used if c in dtypes]
-        if self.yname not in dtypes:
-            raise SpecificationError(f"response {self.yname!r} must be a column of data")
-        for c in self.used:
-            self.kinds[c] = "numeric" if _numeric(dtypes[c]) else "categorical"
-        if self.kinds[self.yname] != "numeric":
-            raise SpecificationError(f"response '{self.yname}' is not numeric (dtype {dtypes[self.yname]})")
-        for what, c in (("weights", self.weights), ("offset", self.offset)):
-            if c is not None and self.kinds[c] != "numeric":
-                raise SpecificationError(f"{what} column {c!r} is not numeric (dtype {dtypes[c]})")
+        """Each used column's kind from a schema (``check_schema``)."""
+        self.used, self.kinds = check_schema(dtypes, self.used, self.yname, where,
+                                             {"weights": self.weights, "offset": self.offset},
+                                             keep=(self.group,))
 
     @property
     def level_vars(self) -> list[str]:
@@ -400,17 +382,9 @@ class FormulaPlan:
                  missing: str | None = None, columns: Columns | None = None) -> np.ndarray:
         """Rows with every used value present (and finite when numeric); an error naming the
         columns, with counts, unless missing (default: the plan's) is 'drop'."""
-        cols = self.used if cols is None else cols
-        columns = Columns(df) if columns is None else columns
-        na = {c: _not_finite(columns[c]) for c in cols}
-        bad = {self._name(c): int(v.sum()) for c, v in na.items() if v.any()}
-        if not bad:
-            return np.ones(len(df), dtype=bool)
-        if (self.missing if missing is None else missing) != "drop":
-            raise SpecificationError(
-                f"missing or infinite values in column(s) {bad} (count per column) in {where}; "
-                "pass missing='drop' to drop incomplete rows")
-        return ~np.logical_or.reduce([v for v in na.values() if v.any()])
+        return complete_rows(Columns(df) if columns is None else columns,
+                             self.used if cols is None else cols, self.missing if missing is None else missing,
+                             where, self._name)
 
     def rows_kept(self, df: pd.DataFrame, where: str, cols: Iterable[str] | None = None,
                   missing: str | None = None, *, weighted: bool = True,
@@ -497,6 +471,52 @@ class FormulaPlan:
         return out
 
 
+def check_schema(dtypes: Any, used: list[str], yname: str, where: str, rowwise: Mapping[str, str | None],
+                 keep: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
+    """The checks of the columns a model uses against a schema (pandas dtypes by column name:
+    a Series, or an object with ``in``, ``[]`` and ``names``), for every source: no duplicate
+    names, every used column present (absent ones named; a name that the formula's environment
+    defines is not a column, unless in ``keep``), a numeric response and numeric ``rowwise``
+    columns (what → column: weights, offset). Returns the used columns that are columns of the
+    data and each one's kind ('numeric' or 'categorical'). ``where``: the data as errors name
+    them."""
+    names = dtypes.index if isinstance(dtypes, pd.Series) else dtypes.names
+    check_unique_columns(names, set(used) | {yname})
+    absent = [c for c in used if c not in dtypes]
+    if absent:
+        missing_cols = sorted(c for c in absent if not in_environment(c) or c in keep)
+        if missing_cols:
+            raise SpecificationError(f"column(s) {missing_cols} not found in {where} "
+                                     f"(columns are {[str(c) for c in names][:20]})")
+        used = [c for c in used if c in dtypes]
+    if yname not in dtypes:
+        raise SpecificationError(f"response {yname!r} must be a column of data")
+    kinds = {c: "numeric" if _numeric(dtypes[c]) else "categorical" for c in used}
+    if kinds[yname] != "numeric":
+        raise SpecificationError(f"response '{yname}' is not numeric (dtype {dtypes[yname]})")
+    for what, c in rowwise.items():
+        if c is not None and kinds[c] != "numeric":
+            raise SpecificationError(f"{what} column {ADDED_COLUMNS.get(c, c)!r} is not numeric "
+                                     f"(dtype {dtypes[c]})")
+    return used, kinds
+
+
+def complete_rows(columns: Columns, cols: Iterable[str], missing: str, where: str,
+                  name: Callable[[str], str] = str) -> np.ndarray:
+    """The missing-value policy, for every source: rows with every value of ``cols`` present
+    (and finite when numeric); unless ``missing`` is 'drop', an error naming the incomplete
+    columns (``name``: a column as the user knows it) with their counts."""
+    na = {c: _not_finite(columns[c]) for c in cols}
+    bad = {name(c): int(v.sum()) for c, v in na.items() if v.any()}
+    if not bad:
+        return np.ones(len(next(iter(na.values()))) if na else len(columns.data), dtype=bool)
+    if missing != "drop":
+        raise SpecificationError(
+            f"missing or infinite values in column(s) {bad} (count per column) in {where}; "
+            "pass missing='drop' to drop incomplete rows")
+    return ~np.logical_or.reduce([v for v in na.values() if v.any()])
+
+
 def _check_chunkwise(texts: list[str]) -> None:
     """Transforms whose state depends on all rows cannot be evaluated chunk by chunk."""
     for text in texts:
@@ -531,11 +551,14 @@ def positive_weights(w: pd.Series, where: str, rows: np.ndarray | None = None) -
     return v > 0
 
 
-def _as_column(df: pd.DataFrame, values: Any, what: str) -> tuple[pd.DataFrame, str]:
-    """``values`` (a column's name, or one value per row) as a column of the data."""
-    if isinstance(values, str) and values in df.columns:
+def as_column(df: pd.DataFrame, values: Any, what: str) -> tuple[pd.DataFrame, str]:
+    """``values`` (a column's name, or one value per row) as a column of the data: (the data,
+    the column's name)."""
+    if isinstance(values, str):
+        if values not in df.columns:
+            raise SpecificationError(f"{what}={values!r} is not a column of data")
         return df, values
-    name = next(k for k, v in _ADDED.items() if v == what)
+    name = next(k for k, v in ADDED_COLUMNS.items() if v == what)
     if what == "groups":
         v = values.to_numpy() if isinstance(values, pd.Series) else np.asarray(values)
         if v.ndim != 1:
@@ -570,15 +593,15 @@ def formula_arrays(
         raise SpecificationError("groups is required: a column name or one label per row")
     gname = groups if isinstance(groups, str) else str(getattr(groups, "name", None) or "Group")
     if not isinstance(groups, str):
-        df, groups = _as_column(df, groups, "groups")
+        df, groups = as_column(df, groups, "groups")
     if weights is not None:
-        df, weights = _as_column(df, weights, "weights")
+        df, weights = as_column(df, weights, "weights")
     if offset is not None:
-        df, offset = _as_column(df, offset, "offset")
+        df, offset = as_column(df, offset, "offset")
     plan = FormulaPlan.from_formula(formula, groups, re_formula, vc_formula, missing, weights, offset,
                                     all_rows=True, group_name=gname)
     columns = Columns(df)
-    plan.set_kinds(_DtypesOf(columns), "data")
+    plan.set_kinds(DtypesOf(columns), "data")
     d = plan.design(df, "data", columns=columns)
     kwargs: dict[str, Any] = {
         "endog": d.y, "exog": d.X, "groups": _indexed_from_zero(d.groups), "missing": "raise",
@@ -592,7 +615,7 @@ def formula_arrays(
     return kwargs
 
 
-class _DtypesOf:
+class DtypesOf:
     """The dtypes of a DataFrame's columns as a mapping, each looked up when asked for (the
     schema of data in memory, without building df.dtypes)."""
 
