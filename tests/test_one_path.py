@@ -164,3 +164,56 @@ def test_arrays_for_groups_and_weights_are_columns_of_the_one_chunk() -> None:
     message = _message(lambda: lmefast.mixedlm("Reaction ~ Days", df.dropna(), groups="Subject",
                                                weights=w[df["Days"].notna().to_numpy()]))
     assert "{'weights': 1}" in message
+
+
+# -- lme4's spelling ----------------------------------------------------------------------------
+LMER_FORMULAS = ["Reaction ~ Days + (Days | Subject)",                 # one factor
+                 "Reaction ~ Days + (Days | Subject) + (1 | site)"]    # several: blocked
+
+
+@pytest.mark.parametrize("formula", LMER_FORMULAS, ids=["one factor", "two factors"])
+def test_lmer_same_estimates_from_every_source(formula: str, tmp_path: Path) -> None:
+    """Weights with some zero, an offset, incomplete rows dropped: the DataFrame as one chunk
+    and the same rows in 1 and 3 Parquet chunks give one fit."""
+    df = _data()
+    df["o"] = np.linspace(-1.0, 1.0, len(df))
+    df.loc[[4, 50], "w"] = 0.0
+    df.loc[[9], "Days"] = np.nan
+    fits = {name: lmefast.lmer(formula, data, weights="w", offset="o", missing="drop")
+            for name, data in _sources(df, tmp_path).items()}
+    _same_estimates(fits)
+    assert fits["memory"].nobs == len(df) - 3
+
+
+def _lmer_bad_inputs() -> list[tuple[str, Callable[[pd.DataFrame], pd.DataFrame], dict, str]]:
+    """lme4's spelling: (case, change to the data, keywords, the message every source gives)."""
+    cases = _bad_inputs()
+    cases[0] = ("missing column", lambda df: df.drop(columns="site"), {}, r"\['site'\]")
+    return cases
+
+
+@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _lmer_bad_inputs()])
+@pytest.mark.parametrize("formula", LMER_FORMULAS, ids=["one factor", "two factors"])
+def test_lmer_same_errors_from_every_source(case: int, formula: str, tmp_path: Path) -> None:
+    _, change, kw, pattern = _lmer_bad_inputs()[case]
+    if case == 0 and "site" not in formula:
+        formula = formula.replace("Days +", "Days + site +")
+    bad = change(_data())
+    for name, data in _sources(bad, tmp_path).items():
+        message = _message(lambda data=data: lmefast.lmer(formula, data, **kw))
+        assert pd.Series([message]).str.contains(pattern, regex=True).all(), (name, message)
+
+
+def test_lmer_offset_terms_and_weight_arrays_in_memory() -> None:
+    """offset() terms and the offset= column add up; weights and offset given as arrays are
+    columns of the one chunk (the rows kept follow them)."""
+    df = _data()
+    df["o"] = np.linspace(-1.0, 1.0, len(df))
+    df.loc[[11], "Days"] = np.nan
+    a = lmefast.lmer("Reaction ~ Days + offset(o) + (Days | Subject)", df, weights=df["w"].to_numpy(),
+                     offset=df["o"].to_numpy(), missing="drop")
+    b = lmefast.lmer("Reaction ~ Days + (Days | Subject)", df.assign(o2=2 * df["o"]), weights="w",
+                     offset="o2", missing="drop")
+    assert a.nobs == b.nobs == len(df) - 1
+    _close(a.fe_params.to_numpy(), b.fe_params.to_numpy())
+    _close(a.theta, b.theta)
