@@ -1,9 +1,13 @@
 """Formula front end (statsmodels' spelling): formula, groups, re_formula, vc_formula → arrays.
 
-Used columns are checked first, so that a missing column, a NaN or a non-numeric response is
-reported by name. Formulas are parsed once (cached); terms that are plain numeric columns are
-copied directly, anything else (categoricals, transforms, interactions) is evaluated by
-formulaic.
+``FormulaPlan`` turns one chunk of rows into designs; every source calls it (a DataFrame in
+memory is the one chunk, ``formula_arrays``; Parquet and Dask data call it per chunk,
+lmefast.chunked). The rules it applies — the schema (``check_schema``), the missing-value
+policy (``complete_rows``), positive weights — are written here once, for lme4's spelling
+too (lmefast.lmer.LmerPlan). Used columns are checked first, so that a missing column, a NaN
+or a non-numeric response is reported by name. Formulas are parsed once (cached); terms that
+are plain numeric columns are copied directly, anything else (categoricals, transforms,
+interactions) is evaluated by formulaic.
 
 Names that are not columns of the data (a function like ``times_two(x)``, a constant) are
 looked up in the formula's environment, statsmodels' ``eval_env``: by default the namespace
@@ -180,6 +184,11 @@ def _numeric(dtype: Any) -> bool:
     return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
 
 
+def column_kind(dtype: Any) -> str:
+    """'numeric' (a number, as a formula takes it) or 'categorical' (anything else)."""
+    return "numeric" if _numeric(dtype) else "categorical"
+
+
 def design_matrix(formula: str, data: pd.DataFrame, *, sparse: bool = False,
                   columns: Columns | None = None) -> tuple[Any, list[str]]:
     """Evaluate a one-sided formula: (n × p matrix, column names); scipy CSR when sparse.
@@ -256,8 +265,35 @@ class Designs:
     offset: np.ndarray | None = None
 
 
+class RowRules:
+    """Which rows of a chunk a fit uses, for both spellings' plans (FormulaPlan here,
+    lmefast.lmer.LmerPlan): the missing-value policy over the used columns, and positive
+    weights."""
+
+    used: list[str]
+    missing: str
+    weights: str | None
+
+    def _name(self, column: str) -> str:
+        """A column as the user knows it (the added columns by what they hold)."""
+        return ADDED_COLUMNS.get(column, column)
+
+    def rows_kept(self, df: pd.DataFrame, where: str, cols: Iterable[str] | None = None,
+                  missing: str | None = None, *, weighted: bool = True,
+                  columns: Columns | None = None) -> np.ndarray:
+        """The rows a fit uses: complete (``complete_rows``, by the plan's missing-value policy
+        or ``missing``) and, when ``weighted``, of positive weight (``positive_weights``).
+        ``cols``: the columns to judge (default: every used one)."""
+        columns = Columns(df) if columns is None else columns
+        keep = complete_rows(columns, self.used if cols is None else cols,
+                             self.missing if missing is None else missing, where, self._name)
+        if weighted and self.weights is not None:
+            keep &= positive_weights(columns[self.weights], where, keep)
+        return keep
+
+
 @dataclass
-class FormulaPlan:
+class FormulaPlan(RowRules):
     """statsmodels' spelling (formula, groups, re_formula, vc_formula, weights, offset) resolved
     into the rules that turn one chunk of rows into designs (``design``). Every source calls
     it: a DataFrame in memory once, with all its rows (``all_rows``: levels and the state of
@@ -344,10 +380,7 @@ class FormulaPlan:
         return [c for c in (self.yname, self.weights, self.offset) if c is not None]
 
     def _name(self, column: str) -> str:
-        """A column as the user knows it (the added columns by what they hold)."""
-        if column == self.group:
-            return self.group_label
-        return ADDED_COLUMNS.get(column, column)
+        return self.group_label if column == self.group else super()._name(column)
 
     # -- the schema -------------------------------------------------------------------------------
     def set_kinds(self, dtypes: Any, where: str) -> None:
@@ -373,29 +406,10 @@ class FormulaPlan:
             kind = self.kinds.get(c)
             if kind is None:
                 continue
-            got = "numeric" if _numeric(df[c].dtype) else "categorical"
+            got = column_kind(df[c].dtype)
             if got != kind and not (c == self.group or df[c].isna().all()):
                 raise SpecificationError(f"column {c!r} is {got} (dtype {df[c].dtype}) in {where} but "
                                          f"{kind} elsewhere; give it one type in every file or partition")
-
-    def complete(self, df: pd.DataFrame, where: str, cols: Iterable[str] | None = None,
-                 missing: str | None = None, columns: Columns | None = None) -> np.ndarray:
-        """Rows with every used value present (and finite when numeric); an error naming the
-        columns, with counts, unless missing (default: the plan's) is 'drop'."""
-        return complete_rows(Columns(df) if columns is None else columns,
-                             self.used if cols is None else cols, self.missing if missing is None else missing,
-                             where, self._name)
-
-    def rows_kept(self, df: pd.DataFrame, where: str, cols: Iterable[str] | None = None,
-                  missing: str | None = None, *, weighted: bool = True,
-                  columns: Columns | None = None) -> np.ndarray:
-        """The rows a fit uses: complete (``complete``) and, when ``weighted``, of positive
-        weight (``positive_weights``)."""
-        columns = Columns(df) if columns is None else columns
-        keep = self.complete(df, where, cols, missing, columns)
-        if weighted and self.weights is not None:
-            keep &= positive_weights(columns[self.weights], where, keep)
-        return keep
 
     def categorise(self, df: pd.DataFrame, where: str) -> pd.DataFrame:
         """Categorical predictors as pandas Categoricals with the plan's levels."""
@@ -491,7 +505,7 @@ def check_schema(dtypes: Any, used: list[str], yname: str, where: str, rowwise: 
         used = [c for c in used if c in dtypes]
     if yname not in dtypes:
         raise SpecificationError(f"response {yname!r} must be a column of data")
-    kinds = {c: "numeric" if _numeric(dtypes[c]) else "categorical" for c in used}
+    kinds = {c: column_kind(dtypes[c]) for c in used}
     if kinds[yname] != "numeric":
         raise SpecificationError(f"response '{yname}' is not numeric (dtype {dtypes[yname]})")
     for what, c in rowwise.items():

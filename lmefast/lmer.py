@@ -4,6 +4,10 @@ The formula is split into its fixed part and its random-effects terms; each term
 per-level design (formulaic evaluates the part left of the bar) and a grouping factor.
 Terms on the same grouping factor are merged into one term whose T is block-diagonal: an
 uncorrelated term ``(1 + x || g)`` is ``(1 | g) + (0 + x | g)``, as in lme4.
+
+``LmerPlan`` turns one chunk of rows into the designs (y, X, the terms, weights, offset), with
+the rules of lmefast.formula; a DataFrame in memory is its one chunk (``api.lmer_model``), data
+in chunks call it per chunk with each factor's labels fixed (lmefast.chunked_multi).
 """
 from __future__ import annotations
 
@@ -18,16 +22,14 @@ import pandas as pd
 from lmefast.checks import check_missing_policy, check_rows
 from lmefast.errors import SpecificationError
 from lmefast.formula import (
-    ADDED_COLUMNS,
     Columns,
+    RowRules,
     _parse,
     _rhs,
     _variables,
     check_rowwise_columns,
     check_schema,
-    complete_rows,
     design_matrix,
-    positive_weights,
 )
 from lmefast.structure import Term, factorize_groups
 
@@ -272,7 +274,7 @@ class LmerDesigns:
 
 
 @dataclass
-class LmerPlan:
+class LmerPlan(RowRules):
     """lme4's spelling (a formula with random-effects terms, weights, offset) resolved into the
     rules that turn one chunk of rows into designs (``evaluate``). Every source calls it: a
     DataFrame in memory once, with all its rows (``labels`` None: each grouping factor's levels
@@ -334,18 +336,6 @@ class LmerPlan:
                                     {"weights": self.weights, "offset": self.offset},
                                     keep=tuple(self.group_columns))
 
-    def rows_kept(self, df: pd.DataFrame, where: str, cols: list[str] | None = None,
-                  missing: str | None = None, *, weighted: bool = True,
-                  columns: Columns | None = None) -> np.ndarray:
-        """The rows a fit uses: complete (lmefast.formula.complete_rows) and, when ``weighted``,
-        of positive weight (lmefast.formula.positive_weights)."""
-        columns = Columns(df) if columns is None else columns
-        keep = complete_rows(columns, self.used if cols is None else cols,
-                             self.missing if missing is None else missing, where, _added_name)
-        if weighted and self.weights is not None:
-            keep &= positive_weights(columns[self.weights], where, keep)
-        return keep
-
     def factor(self, df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
         """A grouping factor's codes among the plan's labels (−1 for a label not among them)."""
         codes = self.labels[group].get_indexer(factor_key(df, group))
@@ -391,8 +381,3 @@ class LmerPlan:
                 off = column if off is None else column + off
             out.offset = off
         return out
-
-
-def _added_name(column: str) -> str:
-    """A column as the user knows it (the columns lmefast.formula.as_column adds by what they hold)."""
-    return ADDED_COLUMNS.get(column, column)

@@ -34,6 +34,7 @@ from lmefast.chunked import (
     predict_pandas,
 )
 from lmefast.errors import RowsUnavailableError, SpecificationError
+from lmefast.formula import column_kind
 from lmefast.model import MixedLM
 from lmefast.progress import ProgressFn, progress_function
 from lmefast.results import MixedLMResults
@@ -114,9 +115,7 @@ class ParquetSource(ChunkSource):
                 raise SpecificationError(f"file {f.name!r} has no column(s) {absent} (its columns are "
                                          f"{[str(c) for c in dt.index][:20]})")
             for c in plan.used:
-                kind = "numeric" if pd.api.types.is_numeric_dtype(dt[c]) and \
-                    not pd.api.types.is_bool_dtype(dt[c]) else "categorical"
-                if kind != plan.kinds[c]:
+                if column_kind(dt[c]) != plan.kinds[c]:
                     what = "group column" if c == plan.group else "column"
                     raise SpecificationError(
                         f"{what} {c!r} has type {self.meta[i][1].field(c).type} in file {f.name!r} but "
