@@ -398,10 +398,7 @@ class FormulaPlan(RowRules):
     # -- one chunk → arrays -------------------------------------------------------------------
     def check_columns(self, df: pd.DataFrame, cols: Iterable[str], where: str) -> None:
         """A chunk has the columns, each of the schema's kind."""
-        absent = sorted(c for c in cols if c not in df.columns)
-        if absent:
-            raise SpecificationError(f"{where} has no column(s) {absent} (its columns are "
-                                     f"{[str(c) for c in df.columns][:20]})")
+        check_has_columns(df.columns, cols, where)
         for c in cols:
             kind = self.kinds.get(c)
             if kind is None:
@@ -513,6 +510,16 @@ def check_schema(dtypes: Any, used: list[str], yname: str, where: str, rowwise: 
             raise SpecificationError(f"{what} column {ADDED_COLUMNS.get(c, c)!r} is not numeric "
                                      f"(dtype {dtypes[c]})")
     return used, kinds
+
+
+def check_has_columns(names: Iterable[Any], cols: Iterable[str], where: str) -> None:
+    """One chunk (or file, partition) of data in chunks has the used columns: an error naming
+    the absent ones."""
+    have = set(names)
+    absent = sorted(c for c in cols if c not in have)
+    if absent:
+        raise SpecificationError(f"{where} has no column(s) {absent} (its columns are "
+                                 f"{[str(c) for c in names][:20]})")
 
 
 def complete_rows(columns: Columns, cols: Iterable[str], missing: str, where: str,

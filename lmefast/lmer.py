@@ -27,6 +27,7 @@ from lmefast.formula import (
     _parse,
     _rhs,
     _variables,
+    check_has_columns,
     check_rowwise_columns,
     check_schema,
     design_matrix,
@@ -353,10 +354,7 @@ class LmerPlan(RowRules):
         fit_only = self.fit_only_columns
         groups = self.group_columns
         cols = [c for c in self.used if (need_y or c not in fit_only) and (need_groups or c not in groups)]
-        absent = sorted(c for c in cols if c not in df.columns)
-        if absent:
-            raise SpecificationError(f"{where} has no column(s) {absent} (its columns are "
-                                     f"{[str(c) for c in df.columns][:20]})")
+        check_has_columns(df.columns, cols, where)
         columns = Columns(df) if columns is None else columns
         keep = self.rows_kept(df, where, cols, missing, weighted=need_y, columns=columns)
         if self.labels is None and need_y:
