@@ -91,8 +91,6 @@ class MultiPayload:
         if self.passes.offset is not None and not need_y:
             raise PredictionError("predictions for new rows of a model with an offset are not implemented "
                                   "(the fitted rows' predictions include it: res.fittedvalues)")
-        if len(df) == 0:
-            return out
         d = self.passes.evaluate(df, where, need_y=need_y, need_groups=include_random, missing="drop")
         if d is None:
             return out
