@@ -454,8 +454,8 @@ class FormulaPlan(RowRules):
             self.check_columns(df, cols, where)
         columns = Columns(df) if columns is None else columns
         keep = self.rows_kept(df, where, cols, missing, weighted=need_y, columns=columns)
-        if self.all_rows and need_y:
-            check_rows(int(keep.sum()), dropped=len(df) > 0)
+        if self.all_rows and need_y and not keep.any():
+            check_rows(0, dropped=len(df) > 0)
         if not keep.all():
             df = df.loc[keep]
             columns = Columns(df)
@@ -527,15 +527,19 @@ def complete_rows(columns: Columns, cols: Iterable[str], missing: str, where: st
     """The missing-value policy, for every source: rows with every value of ``cols`` present
     (and finite when numeric); unless ``missing`` is 'drop', an error naming the incomplete
     columns (``name``: a column as the user knows it) with their counts."""
-    na = {c: _not_finite(columns[c]) for c in cols}
-    bad = {name(c): int(v.sum()) for c, v in na.items() if v.any()}
-    if not bad:
-        return np.ones(len(next(iter(na.values()))) if na else len(columns.data), dtype=bool)
+    na = {}
+    for c in cols:
+        v = _not_finite(columns[c])
+        if v is not None and v.any():
+            na[c] = v
+    if not na:
+        return np.ones(len(columns.data), dtype=bool)
     if missing != "drop":
+        bad = {name(c): int(v.sum()) for c, v in na.items()}
         raise SpecificationError(
             f"missing or infinite values in column(s) {bad} (count per column) in {where}; "
             "pass missing='drop' to drop incomplete rows")
-    return ~np.logical_or.reduce([v for v in na.values() if v.any()])
+    return ~np.logical_or.reduce(list(na.values()))
 
 
 def _check_chunkwise(texts: list[str]) -> None:
@@ -654,13 +658,14 @@ class DtypesOf:
         return self.columns.data.columns
 
 
-def _not_finite(col: pd.Series) -> np.ndarray:
-    """Rows where a column is missing, or infinite when numeric."""
+def _not_finite(col: pd.Series) -> np.ndarray | None:
+    """Rows where a column is missing, or infinite when numeric; None for a column that cannot
+    be (numpy integers and booleans)."""
     if isinstance(col.dtype, np.dtype):
         if col.dtype.kind == "f":               # numpy floats: missing is NaN (no copy made)
             return ~np.isfinite(col.to_numpy())
-        if col.dtype.kind in "iub":             # numpy integers and booleans: never missing
-            return np.zeros(len(col), dtype=bool)
+        if col.dtype.kind in "iub":
+            return None
     if pd.api.types.is_float_dtype(col):
         return ~np.isfinite(col.to_numpy(dtype=float, na_value=np.nan))
     return col.isna().to_numpy()

@@ -357,9 +357,9 @@ class LmerPlan(RowRules):
         check_has_columns(df.columns, cols, where)
         columns = Columns(df) if columns is None else columns
         keep = self.rows_kept(df, where, cols, missing, weighted=need_y, columns=columns)
-        if self.labels is None and need_y:
-            check_rows(int(keep.sum()), dropped=len(df) > 0)
-        elif not keep.any():
+        if not keep.any():
+            if self.labels is None and need_y:
+                check_rows(0, dropped=len(df) > 0)
             return None
         if not keep.all():
             df = df.loc[keep]
