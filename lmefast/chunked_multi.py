@@ -212,6 +212,7 @@ def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm],
     """The three passes over the chunks of any source (module docstring); ``weights`` and
     ``offset`` name columns of prior weights and of an offset."""
     rules = _Passes.from_parts(response, fixed, random, [], missing, weights, offset)
+    rules.check_schema(source.dtypes(), source.kind)
     used = rules.used
     unit = source.unit
     first = source.map_reduce(used, _labels_part, (rules, [fixed] + [t.expr for t in random]), _merge_labels,

@@ -1,5 +1,5 @@
 """One data path: a DataFrame in memory is the one-chunk case of the evaluator that data in
-chunks (Parquet files) go through chunk by chunk — the same designs, the same estimates, the
+chunks (Parquet files, Dask partitions) go through chunk by chunk — the same designs, the same estimates, the
 same errors for the same bad input, in both spellings (statsmodels' and lme4's)."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import lmefast.datasets
 from lmefast import SpecificationError
 
 pytest.importorskip("pyarrow")
+dd = pytest.importorskip("dask.dataframe")
 
 RTOL = 1e-7
 
@@ -39,8 +40,11 @@ def _parquet(df: pd.DataFrame, directory: Path, n_files: int) -> Path:
 
 
 def _sources(df: pd.DataFrame, tmp_path: Path) -> dict[str, object]:
+    """The same rows in memory, in Parquet files (1 and 3 chunks) and in a Dask DataFrame of 3
+    partitions (the local scheduler)."""
     return {"memory": df, "parquet, 1 chunk": _parquet(df, tmp_path / "one", 1),
-            "parquet, 3 chunks": _parquet(df, tmp_path / "three", 3)}
+            "parquet, 3 chunks": _parquet(df, tmp_path / "three", 3),
+            "dask, 3 partitions": dd.from_pandas(df, npartitions=3, sort=False)}
 
 
 def _close(a, b, rtol: float = RTOL) -> None:
