@@ -14,13 +14,20 @@ import numpy as np
 import pandas as pd
 
 from lmefast.chunked import ChunkSource
-from lmefast.chunked_multi import multi_model_from_chunks, used_columns
+from lmefast.chunked_multi import multi_model_from_chunks
 from lmefast.dask import DaskSource
 from lmefast.dask import mixedlm as dask_mixedlm
 from lmefast.errors import SpecificationError
-from lmefast.formula import as_dataframe, design_matrix, formula_environment, formula_namespace
-from lmefast.lmer import build_terms, lmer_frame, offset_values, parse_lmer, split_offsets
-from lmefast.model import MixedLM, blocked_engine, checked_response_and_design, prior_weights_and_offset
+from lmefast.formula import (
+    Columns,
+    DtypesOf,
+    as_column,
+    as_dataframe,
+    formula_environment,
+    formula_namespace,
+)
+from lmefast.lmer import LmerPlan, parse_lmer, split_offsets
+from lmefast.model import MixedLM, blocked_engine, checked_response_and_design
 from lmefast.outofcore import ParquetSource, mixedlm_parquet
 from lmefast.progress import ProgressFn, progress_function
 from lmefast.results import MixedLMResults
@@ -78,24 +85,6 @@ def _refuse_eval_env(eval_env: Any) -> None:
                                  "columns (transform the columns first)")
 
 
-_WEIGHTS, _OFFSET = "__lmefast_weights__", "__lmefast_offset__"
-
-
-def _with_column(df: pd.DataFrame, values: Any, name: str, what: str) -> pd.DataFrame:
-    """The data with ``values`` (a column name of df, or one value per row) as column ``name``,
-    so that missing-value handling drops the same rows from it."""
-    if isinstance(values, str):
-        if values not in df.columns:
-            raise SpecificationError(f"{what}={values!r} is not a column of data")
-        values = df[values]
-    v = np.asarray(values, dtype=float).ravel() if not isinstance(values, pd.Series) else values.to_numpy(float)
-    if v.shape[0] != len(df):
-        raise SpecificationError(f"{what} have {v.shape[0]} entries but data has {len(df)} rows")
-    out = df.copy(deep=False)
-    out[name] = v
-    return out
-
-
 def lmer_model(formula: str, data: Any, missing: str = "raise", weights: Any = None,
                offset: Any = None, eval_env: Any = 0) -> MixedLM:
     """The model of an lme4 formula (not yet fitted). One grouping factor (after merging terms
@@ -110,39 +99,26 @@ def lmer_model(formula: str, data: Any, missing: str = "raise", weights: Any = N
 
 
 def _lmer_model(formula: str, data: Any, missing: str, weights: Any, offset: Any) -> MixedLM:
+    """The DataFrame as the one chunk of lme4's evaluator (lmefast.lmer.LmerPlan: the levels
+    from the data), then the model."""
     df = as_dataframe(data)
-    extra = []
     if weights is not None:
-        df = _with_column(df, weights, _WEIGHTS, "weights")
-        extra.append(_WEIGHTS)
+        df, weights = as_column(df, weights, "weights")
     if offset is not None:
-        df = _with_column(df, offset, _OFFSET, "offset")
-        extra.append(_OFFSET)
-    df, response, fixed, random = lmer_frame(formula, df, missing, tuple(extra))
-    fixed, offset_terms = split_offsets(fixed)
-    w, off = prior_weights_and_offset(df[_WEIGHTS] if weights is not None else None,
-                                      df[_OFFSET] if offset is not None else None, len(df))
-    if w is not None and not np.all(w > 0):
-        df = df.loc[w > 0].reset_index(drop=True)
-        off = off[w > 0] if off is not None else None
-        w = w[w > 0]
-        if len(df) == 0:
-            raise SpecificationError("every weight is zero: no rows to fit")
-    from_terms = offset_values(offset_terms, df)
-    if from_terms is not None:
-        off = from_terms if off is None else off + from_terms
-    X, xnames = design_matrix(fixed, df)
-    xnames = ["(Intercept)" if c == "Intercept" else c for c in xnames]
-    y = df[response].to_numpy(dtype=float)
-    terms = build_terms(random, df)
+        df, offset = as_column(df, offset, "offset")
+    plan = LmerPlan.from_formula(formula, missing, weights, offset)
+    columns = Columns(df)
+    plan.check_schema(DtypesOf(columns), "data")
+    d = plan.evaluate(df, "data", columns=columns)
+    y, X, xnames, terms = d.y, d.X, d.xnames, d.terms
     if len(terms) == 1:
         t = terms[0]
-        return MixedLM(y, X, pd.Series(t.labels[t.codes]), exog_re=t.Z, endog_name=response,
+        return MixedLM(y, X, pd.Series(t.labels[t.codes]), exog_re=t.Z, endog_name=plan.response,
                        exog_names=xnames, exog_re_names=list(t.coef_names), group_name=t.name,
-                       re_pattern=t.pattern, api="lme4", weights=w, offset=off)
-    X, xnames, dropped, S = checked_response_and_design(y, response, X, xnames, stacklevel=4)
-    engine = blocked_engine(y, np.ascontiguousarray(X), terms, weights=w, offset=off, S=S)
-    return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames,
+                       re_pattern=t.pattern, api="lme4", weights=d.weights, offset=d.offset)
+    X, xnames, dropped, S = checked_response_and_design(y, plan.response, X, xnames, stacklevel=4)
+    engine = blocked_engine(y, np.ascontiguousarray(X), terms, weights=d.weights, offset=d.offset, S=S)
+    return MixedLM.from_engine(engine, api="lme4", endog_name=plan.response, exog_names=xnames,
                                dropped_exog=dropped)
 
 
@@ -168,10 +144,8 @@ def scale_out_lmer_model(formula: str, data: Any, missing: str, weights: str | N
         offset = offset_terms[0]
     groups = list(dict.fromkeys(t.group for t in random))
     if len(groups) != 1 or ":" in groups[0]:
-        used = used_columns(response, fixed, random)
         source, progress = chunk_source(data, **options)
-        return multi_model_from_chunks(response, fixed, random, used, source, missing, progress,
-                                       weights, offset)
+        return multi_model_from_chunks(response, fixed, random, source, missing, progress, weights, offset)
     vc = {}
     for t in random[1:]:
         parts = [p.strip() for p in t.expr.split("+")]

@@ -20,6 +20,15 @@ def check_missing_policy(missing: str) -> None:
         raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
 
 
+def check_rows(n: int, dropped: bool = False) -> None:
+    """Rows to fit: none is an error (``dropped``: the data had rows, but none was complete or
+    of positive weight)."""
+    if n == 0:
+        raise SpecificationError("the data are empty: no rows to fit"
+                                 + (" after dropping incomplete rows and rows of zero weight"
+                                    if dropped else ""))
+
+
 def check_not_constant(ymin: float, ymax: float, name: str) -> None:
     if ymin == ymax:
         raise SpecificationError(f"the response '{name}' is constant: there is no variance to model")

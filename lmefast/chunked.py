@@ -28,7 +28,7 @@ Prior weights and an offset (lme4's meaning) are columns named by the plan (``we
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -40,15 +40,15 @@ import scipy.sparse as sp
 from lmefast._crossprods import accumulate
 from lmefast.checks import (
     check_identifiable,
-    check_missing_policy,
     check_not_constant,
     check_random_gram,
+    check_rows,
     full_rank_columns_from_xtx,
     warn_dropped,
 )
 from lmefast.crossprods import CrossProducts, record_offsets
 from lmefast.errors import PredictionError, RowsUnavailableError, SpecificationError
-from lmefast.formula import _not_finite, _rhs, _variables, _vc_column_label, design_matrix
+from lmefast.formula import FormulaPlan, _rhs, _variables
 from lmefast.model import MixedLM
 from lmefast.onefactor import OneFactorEngine
 from lmefast.parallel import resolve_threads
@@ -178,7 +178,7 @@ def model_from_chunks(plan: ChunkPlan, source: ChunkSource, progress: ProgressFn
     sets = source.map_reduce(plan.label_columns(), labels_part, (plan,), merge_labels,
                              stage=f"pass 1/{n_pass} (labels), {unit}", progress=progress)
     if sets is None:
-        raise SpecificationError("the data are empty: no rows to fit")
+        check_rows(0)
     labels = plan.fix_levels(sets, source.dtypes())
     coder = LabelCoder(labels)
     if plan.vc_formulas:
@@ -364,39 +364,15 @@ class LabelCoder:
 
 
 # -- the formula, fixed once for every chunk ------------------------------------------------
-_C_CALL = re.compile(r"\bC\(\s*([A-Za-z_][A-Za-z0-9_.]*)")
-_STATEFUL = ("center(", "scale(", "standardize(", "poly(", "bs(", "cr(", "cs(", "cc(", "te(",
-             "hashed(", "lag(")
-
-
 @dataclass
-class ChunkPlan:
-    """The formulas resolved for chunk-by-chunk evaluation (formula_arrays' rules per chunk).
-
-    ``kinds``: each used column's kind ('numeric' or 'categorical'), from the schema. After
-    pass (a) ``levels`` holds the fixed levels of each categorical variable, and
-    ``xnames``/``znames``/``vnames`` the design's columns (evaluated on an empty frame of the
-    schema), which every chunk must give; after pass (a') ``vcmap`` the variance components'
-    layout.
+class ChunkPlan(FormulaPlan):
+    """The formula plan of data in chunks (lmefast.formula.FormulaPlan, evaluated chunk by
+    chunk) with the passes that fix what every chunk must share: after pass (a) ``levels``
+    holds the levels of each categorical variable and ``xnames``/``znames``/``vnames`` the
+    design's columns (evaluated on an empty frame of the schema); after pass (a') ``vcmap``
+    the variance components' layout.
     """
 
-    formula: str
-    yname: str
-    rhs: str
-    re_formula: str | None
-    group: str
-    missing: str
-    used: list[str]
-    c_vars: frozenset[str]
-    vc_names: tuple[str, ...] = ()
-    vc_formulas: tuple[str, ...] = ()
-    weights: str | None = None         # columns of prior weights and of an offset
-    offset: str | None = None
-    kinds: dict[str, str] = field(default_factory=dict)
-    levels: dict[str, list] = field(default_factory=dict)
-    xnames: list[str] | None = None
-    znames: list[str] | None = None
-    vnames: list[tuple[str, ...]] | None = None
     vcmap: VCMap | None = None
     #: (S, C): the centring and scaling maps of X and of the random coefficients' Z
     #: (lmefast.scaling), applied to every chunk's design; None: the designs as they are
@@ -408,77 +384,7 @@ class ChunkPlan:
         state["_cache"] = {}
         return state
 
-    @classmethod
-    def from_formula(cls, formula: str, groups: Any, re_formula: str | None,
-                     vc_formula: Any, missing: str, weights: Any = None, offset: Any = None) -> ChunkPlan:
-        check_missing_policy(missing)
-        rowwise = check_rowwise_columns(weights, offset)
-        vc_formula = dict(vc_formula or {})
-        if not isinstance(formula, str) or "~" not in formula:
-            raise SpecificationError(f"formula {formula!r} has no '~'")
-        lhs, rhs = formula.split("~", 1)
-        yname = lhs.strip()
-        if not yname:
-            raise SpecificationError(f"formula {formula!r} has no response")
-        if not isinstance(groups, str):
-            raise SpecificationError("groups must be the name of a column for Parquet or Dask data")
-        texts = [formula] + ([] if re_formula is None else [re_formula]) + list(vc_formula.values())
-        for text in texts:
-            low = text.replace(" ", "")
-            bad = [s[:-1] for s in _STATEFUL if s in low]
-            if bad:
-                raise SpecificationError(
-                    f"stateful transform(s) {bad} in {text!r} depend on all rows and cannot be "
-                    "evaluated chunk by chunk; compute the column beforehand")
-        used = set(_variables(formula))
-        if re_formula is not None:
-            used |= _variables(_rhs(re_formula))
-        for vf in vc_formula.values():
-            used |= _variables(_rhs(vf))
-        used.add(groups)
-        used |= set(rowwise)
-        c_vars = set()
-        for text in texts:
-            c_vars |= set(_C_CALL.findall(text))
-            stripped = _C_CALL.sub("C(", text)
-            outside = set(re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", re.sub(r"\bC\([^)]*\)", "", stripped)))
-            both = c_vars & outside
-            if both:
-                raise SpecificationError(f"column(s) {sorted(both)} used both inside C() and as "
-                                         "numbers: not supported for Parquet or Dask data")
-        return cls(formula=formula, yname=yname, rhs=rhs, re_formula=re_formula, group=groups,
-                   missing=missing, used=sorted(used), c_vars=frozenset(c_vars),
-                   vc_names=tuple(str(k) for k in vc_formula), vc_formulas=tuple(vc_formula.values()),
-                   weights=weights, offset=offset)
-
-    @property
-    def fit_only_columns(self) -> list[str]:
-        """Columns a fit reads that predictions for new data do not: the response, weights, offset."""
-        return [c for c in (self.yname, self.weights, self.offset) if c is not None]
-
     # -- kinds and levels ---------------------------------------------------------------------
-    def set_kinds(self, dtypes: pd.Series, where: str) -> None:
-        """Each used column's kind from a schema (pandas dtypes); missing columns named."""
-        missing_cols = sorted(c for c in self.used if c not in dtypes.index)
-        if missing_cols:
-            raise SpecificationError(f"column(s) {missing_cols} not found in {where} "
-                                     f"(columns are {[str(c) for c in dtypes.index][:20]})")
-        if self.yname not in dtypes.index:
-            raise SpecificationError(f"response {self.yname!r} must be a column of data")
-        for c in self.used:
-            self.kinds[c] = "numeric" if _is_numeric(dtypes[c]) else "categorical"
-        if self.kinds[self.yname] != "numeric":
-            raise SpecificationError(f"response '{self.yname}' is not numeric (dtype {dtypes[self.yname]})")
-        for what, c in (("weights", self.weights), ("offset", self.offset)):
-            if c is not None and self.kinds[c] != "numeric":
-                raise SpecificationError(f"{what} column {c!r} is not numeric (dtype {dtypes[c]})")
-
-    @property
-    def level_vars(self) -> list[str]:
-        """Predictors whose levels are fixed in pass (a): categorical columns and C() arguments."""
-        return sorted(c for c in self.used if c != self.group and c not in self.fit_only_columns
-                      and (self.kinds.get(c) == "categorical" or c in self.c_vars))
-
     def label_columns(self) -> list[str]:
         """Columns read in pass (a): everything used when incomplete rows are dropped (their
         labels must not count), else the group and the categorical predictors."""
@@ -496,16 +402,11 @@ class ChunkPlan:
         """Pass (a) on one chunk: add its labels; returns its number of rows."""
         if len(df) == 0:
             return 0
-        self._check_columns(df, self.label_columns(), where)
-        if self.missing == "drop":
-            df = df.loc[self._complete(df, where)]
-        if self.weights is not None:
-            df = df.loc[positive_weights(df[self.weights], where)]
-        if self.missing == "raise":
-            na = int(df[self.group].isna().sum())
-            if na:
-                raise SpecificationError(f"group column {self.group!r} has {na} missing labels in "
-                                         f"{where}; pass missing='drop' to drop incomplete rows")
+        cols = self.label_columns()
+        self.check_columns(df, cols, where)
+        keep = self.rows_kept(df, where, cols)
+        if not keep.all():
+            df = df.loc[keep]
         for name, ls in sets.items():
             ls.add(df[name], where)
         return len(df)
@@ -535,16 +436,14 @@ class ChunkPlan:
         if len(df) == 0 or not self.vc_formulas:
             return [np.zeros(0, dtype=np.int64) for _ in self.vc_formulas]
         cols = self.vc_columns
-        self._check_columns(df, cols, where)
-        keep = self._complete(df, where, cols)
-        if self.weights is not None:
-            keep &= positive_weights(df[self.weights], where, keep)
+        self.check_columns(df, cols, where)
+        keep = self.rows_kept(df, where, cols)
         if not keep.all():
             df = df.loc[keep]
-        df = self._categorise(df[cols], where)
+        df = self.categorise(df[cols], where)
         codes = _group_codes(coder, df[self.group], where)
         out = []
-        for V in self._vc_designs(df, where):
+        for V in self.vc_designs(df, where):
             K = max(V.shape[1], 1)
             coo = V.tocoo()
             nz = coo.data != 0
@@ -570,124 +469,6 @@ class ChunkPlan:
         if key not in self._cache:
             self._cache[key] = record_offsets(layout, p)
         return layout, self._cache[key]
-
-    def _vc_designs(self, df: pd.DataFrame, where: str) -> list:
-        out, names = [], []
-        for vf in self.vc_formulas:
-            V, vn = design_matrix(vf, df, sparse=True)
-            out.append(V)
-            names.append(tuple(_vc_column_label(c) for c in vn))
-        if self.vnames is None:
-            self.vnames = names
-        elif names != self.vnames:
-            raise SpecificationError(f"{where} gives variance-component columns {names}, other chunks "
-                                     f"{self.vnames}")
-        return out
-
-    # -- one chunk → arrays ---------------------------------------------------------------------
-    def _check_columns(self, df: pd.DataFrame, cols: Iterable[str], where: str) -> None:
-        absent = sorted(c for c in cols if c not in df.columns)
-        if absent:
-            raise SpecificationError(f"{where} has no column(s) {absent} (its columns are "
-                                     f"{[str(c) for c in df.columns][:20]})")
-        for c in cols:
-            kind = self.kinds.get(c)
-            if kind is None:
-                continue
-            got = "numeric" if _is_numeric(df[c].dtype) else "categorical"
-            if got != kind and not (c == self.group or df[c].isna().all()):
-                raise SpecificationError(f"column {c!r} is {got} (dtype {df[c].dtype}) in {where} but "
-                                         f"{kind} elsewhere; give it one type in every file or partition")
-
-    def _complete(self, df: pd.DataFrame, where: str, cols: Iterable[str] | None = None,
-                  missing: str | None = None) -> np.ndarray:
-        """Rows with every used value present (and finite); an error naming the columns unless
-        missing (default: the plan's) is 'drop'."""
-        cols = self.used if cols is None else cols
-        na = {c: _not_finite(df[c]) if self.kinds.get(c) == "numeric" or c == self.yname
-              else df[c].isna().to_numpy() for c in cols}
-        bad = {c: int(v.sum()) for c, v in na.items() if v.any()}
-        if not bad:
-            return np.ones(len(df), dtype=bool)
-        if (self.missing if missing is None else missing) != "drop":
-            raise SpecificationError(
-                f"missing or infinite values in column(s) {bad} (count per column) in {where}; "
-                "pass missing='drop' to drop incomplete rows")
-        return ~np.logical_or.reduce([na[c] for c in bad])
-
-    def _categorise(self, df: pd.DataFrame, where: str) -> pd.DataFrame:
-        """Categorical predictors as pandas Categoricals with the levels of pass (a)."""
-        if not self.levels:
-            return df
-        df = df.copy(deep=False)
-        for c, lev in self.levels.items():
-            if c not in df.columns:
-                continue
-            col = df[c]
-            if isinstance(col.dtype, pd.CategoricalDtype):
-                col = col.astype(col.dtype.categories.dtype)
-            unseen = ~(col.isin(lev).to_numpy() | col.isna().to_numpy())
-            if unseen.any():
-                new = sorted({str(v) for v in col[unseen].unique()})[:10]
-                raise SpecificationError(f"column {c!r} has level(s) {new} in {where} that are not "
-                                         f"among the levels of the model ({lev[:10]})")
-            df[c] = pd.Categorical(col, categories=lev)
-        return df
-
-    def design(self, df: pd.DataFrame, where: str, *, need_y: bool = True, need_group: bool = True,
-               missing: str | None = None
-               ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, pd.Series | None, np.ndarray, list]:
-        """(y, X, Zre, group labels, kept-rows mask, variance-component designs) of one chunk,
-        with the columns of the model (checked). ``missing``: as the plan's (default) or 'drop'.
-        With ``need_y`` (the rows of the fit) rows of zero weight are not kept; without it
-        (new data) the weights and offset are not read."""
-        cols = [c for c in self.used if (need_y or c not in self.fit_only_columns)
-                and (need_group or c != self.group)]
-        self._check_columns(df, cols, where)
-        keep = self._complete(df, where, cols, missing)
-        if need_y and self.weights is not None:
-            keep &= positive_weights(df[self.weights], where, keep)
-        if not keep.all():
-            df = df.loc[keep]
-        df = self._categorise(df[cols], where)
-        X, xnames = design_matrix(self.rhs, df)
-        Zre, znames = design_matrix("1" if self.re_formula is None else self.re_formula, df)
-        znames = [self.group if c == "Intercept" else c for c in znames]
-        if self.xnames is None:
-            self.xnames, self.znames = xnames, znames
-        elif xnames != self.xnames or znames != self.znames:
-            raise SpecificationError(f"{where} gives design columns {xnames} / {znames}, other chunks "
-                                     f"{self.xnames} / {self.znames}")
-        y = df[self.yname].to_numpy(dtype=float) if need_y else None
-        V = self._vc_designs(df, where) if self.vc_formulas and need_group else []
-        return y, X, np.ascontiguousarray(Zre), df[self.group] if need_group else None, keep, V
-
-
-def check_rowwise_columns(weights: Any, offset: Any) -> list[str]:
-    """The names of the weights and offset columns (None: not given); anything but a name raises."""
-    out = []
-    for what, v in (("weights", weights), ("offset", offset)):
-        if v is None:
-            continue
-        if not isinstance(v, str):
-            raise SpecificationError(f"{what} for Parquet or Dask data must be the name of a column, "
-                                     f"not a {type(v).__name__}")
-        out.append(v)
-    return out
-
-
-def positive_weights(w: pd.Series, where: str, rows: np.ndarray | None = None) -> np.ndarray:
-    """Rows of positive weight (zero weights drop their rows); negative weights (among ``rows``)
-    raise. Missing weights are not positive (the missing-value policy decides about them)."""
-    v = w.to_numpy(dtype=float, na_value=np.nan)
-    neg = v < 0 if rows is None else (v < 0) & rows
-    if neg.any():
-        raise SpecificationError(f"weights must be non-negative ({int(neg.sum())} are negative in {where})")
-    return v > 0
-
-
-def _is_numeric(dtype: Any) -> bool:
-    return bool(pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype))
 
 
 # -- variance components: where each (group, column) lands --------------------------------------
@@ -843,23 +624,24 @@ def chunk_stats(plan: ChunkPlan, coder: LabelCoder, df: pd.DataFrame, where: str
     chunk). Empty chunks add nothing."""
     if len(df) == 0:
         return stats
-    y, X, Zre, g, keep, V = plan.design(df, where, need_y=True)
+    d = plan.design(df, where, need_y=True)
+    y, X, Zre = d.y, d.X, d.Z
     if y.shape[0] == 0:
         return stats
     if plan.maps is not None:                  # centred and scaled designs (design_maps)
         X, Zre = X @ plan.maps[0], Zre @ plan.maps[1]
     raw_y, log_w = y, 0.0
-    codes = _group_codes(coder, g, where)
+    codes = _group_codes(coder, d.groups, where)
     m = coder.labels.shape[0]
     layout, s_off = plan.offsets(m, X.shape[1])
     if plan.vcmap is not None:
-        vc_coord, vc_val = plan.vcmap.entries(codes, V, where)
+        vc_coord, vc_val = plan.vcmap.entries(codes, d.V, where)
     else:
         vc_coord, vc_val = np.zeros((0, y.shape[0]), dtype=np.int64), np.zeros((0, y.shape[0]))
-    if plan.offset is not None:
-        y = y - df[plan.offset].to_numpy(dtype=float)[keep]
-    if plan.weights is not None:       # the working rows (module docstring)
-        w = df[plan.weights].to_numpy(dtype=float)[keep]
+    if d.offset is not None:
+        y = y - d.offset
+    if d.weights is not None:          # the working rows (module docstring)
+        w = d.weights
         sw = np.sqrt(w)
         y, X, Zre, vc_val = y * sw, X * sw[:, None], Zre * sw[:, None], vc_val * sw
         log_w = float(np.sum(np.log(w)))
@@ -932,9 +714,7 @@ class StatsSpec:
 def build_model(plan: ChunkPlan, labels: np.ndarray, stats: ChunkStats | None,
                 source: ChunkSource) -> MixedLM:
     """The checks ``MixedLM`` makes, then the model from the statistics."""
-    if stats is None or stats.n == 0:
-        raise SpecificationError("the data are empty: no rows to fit"
-                                 + (" after dropping missing values" if plan.missing == "drop" else ""))
+    check_rows(0 if stats is None else stats.n, plan.missing == "drop" or plan.weights is not None)
     gname, yname = plan.group, plan.yname
     xnames, znames = list(stats.xnames or []), list(stats.znames or [])
     vnames = list(stats.vnames or [])
@@ -1039,11 +819,11 @@ def predict_chunk(payload: PredictPayload, df: pd.DataFrame, where: str, *, incl
     if plan.offset is not None and not (resid or fitted_rows):
         raise PredictionError("predictions for new rows of a model with an offset are not implemented "
                               "(the fitted rows' predictions include it: res.fittedvalues)")
-    y, X, Zre, g, keep, V = plan.design(df, where, need_y=resid or fitted_rows,
-                                        need_group=include_random, missing="drop")
+    d = plan.design(df, where, need_y=resid or fitted_rows, need_group=include_random, missing="drop")
+    y, X, Zre, g, keep, V = d.y, d.X, d.Z, d.groups, d.keep, d.V
     pred = X @ payload.beta_full
-    if plan.offset is not None and (resid or fitted_rows):
-        pred = pred + df[plan.offset].to_numpy(dtype=float)[keep]
+    if d.offset is not None:
+        pred = pred + d.offset
     if include_random:
         codes = payload.coder.codes(g)
         new = codes < 0

@@ -11,7 +11,6 @@ Prior weights and an offset are columns: each chunk's rows enter the sums as the
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -19,11 +18,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmefast.checks import check_not_constant, check_random_gram, full_rank_columns_from_xtx, warn_dropped
-from lmefast.chunked import ChunkSource, check_rowwise_columns, positive_weights
+from lmefast.checks import (
+    check_not_constant,
+    check_random_gram,
+    check_rows,
+    full_rank_columns_from_xtx,
+    warn_dropped,
+)
+from lmefast.chunked import ChunkSource
 from lmefast.errors import PredictionError, SpecificationError
-from lmefast.formula import _not_finite, _parse, _plain_columns, _rhs, design_matrix
-from lmefast.lmer import RandomTerm, build_terms, factor_key
+from lmefast.formula import _parse, _plain_columns, _rhs, check_schema
+from lmefast.lmer import LmerPlan, RandomTerm, factor_key
 from lmefast.model import MixedLM
 from lmefast.multi import (
     BlockedEngine,
@@ -37,52 +42,18 @@ from lmefast.scaling import DesignScaling, column_map_from_gram
 from lmefast.structure import Term
 
 
-def _clean(df: pd.DataFrame, used: list[str], missing: str, weights: str | None = None) -> pd.DataFrame:
-    absent = sorted(c for c in used if c not in df.columns)
-    if absent:
-        raise SpecificationError(f"a chunk of the data has no column(s) {absent}")
-    df = df[used]
-    bad = {c: _not_finite(df[c]) for c in used}
-    bad = {c: v for c, v in bad.items() if v.any()}
-    if bad:
-        if missing != "drop":
-            raise SpecificationError(
-                f"missing or infinite values in column(s) {sorted(bad)}; pass missing='drop' to "
-                "drop incomplete rows")
-        df = df.loc[~np.logical_or.reduce(list(bad.values()))]
-    if weights is not None:
-        df = df.loc[positive_weights(df[weights], "a chunk of the data")]
-    return df.reset_index(drop=True)
-
-
 def _labels(df: pd.DataFrame, groups: list[str]) -> dict[str, np.ndarray]:
     return {g: pd.unique(factor_key(df, g)) for g in groups}
 
 
-class _Passes:
-    """What each chunk needs in the passes (picklable: sent to the workers)."""
+@dataclass
+class _Passes(LmerPlan):
+    """lme4's evaluator (lmefast.lmer.LmerPlan) with what each chunk needs in the passes:
+    the labels of pass (a) and the design maps (picklable: sent to the workers)."""
 
-    def __init__(self, response: str, fixed: str, random: list[RandomTerm], used: list[str],
-                 missing: str, labels: dict[str, pd.Index] | None = None, weights: str | None = None,
-                 offset: str | None = None) -> None:
-        self.response, self.fixed, self.random = response, fixed, random
-        self.used, self.missing, self.labels = used, missing, labels
-        self.weights, self.offset = weights, offset
-        #: (S, [C_j]): centring and scaling maps of X and of each term's Z (lmefast.scaling),
-        #: applied to every chunk's designs; None: the designs as they are
-        self.maps: tuple[np.ndarray, list[np.ndarray]] | None = None
-
-    @property
-    def fit_only_columns(self) -> list[str]:
-        """Columns a fit reads that predictions for new data do not: the response, weights, offset."""
-        return [c for c in (self.response, self.weights, self.offset) if c is not None]
-
-    def factor(self, df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
-        codes = self.labels[group].get_indexer(factor_key(df, group))
-        return codes.astype(np.int64), np.asarray(self.labels[group])
-
-    def terms(self, df: pd.DataFrame) -> list[Term]:
-        return build_terms(self.random, df, factor=self.factor)
+    #: (S, [C_j]): centring and scaling maps of X and of each term's Z (lmefast.scaling),
+    #: applied to every chunk's designs; None: the designs as they are
+    maps: tuple[np.ndarray, list[np.ndarray]] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +80,7 @@ class MultiPayload:
 
     @property
     def group_columns(self) -> list[str]:
-        return sorted({c for t in self.passes.random for c in t.group.split(":")})
+        return self.passes.group_columns
 
     def predict(self, df: pd.DataFrame, where: str, *, include_random: bool, new_levels: str,
                 resid: bool = False, fitted_rows: bool = False) -> np.ndarray:
@@ -120,35 +91,22 @@ class MultiPayload:
         if self.passes.offset is not None and not need_y:
             raise PredictionError("predictions for new rows of a model with an offset are not implemented "
                                   "(the fitted rows' predictions include it: res.fittedvalues)")
-        fit_only = self.fit_only_columns
-        needed = [c for c in self.columns if (c not in fit_only or need_y)
-                  and (include_random or c not in self.group_columns)]
-        absent = sorted(c for c in needed if c not in df.columns)
-        if absent:
-            raise SpecificationError(f"{where} is missing column(s) {absent}")
-        if len(df) == 0:
+        d = self.passes.evaluate(df, where, need_y=need_y, need_groups=include_random, missing="drop")
+        if d is None:
             return out
-        keep = np.ones(len(df), dtype=bool)
-        for c in needed:
-            keep &= ~_not_finite(df[c])
-        if need_y and self.passes.weights is not None:     # the rows of the fit
-            keep &= positive_weights(df[self.passes.weights], where, keep)
-        rows = df.loc[keep].reset_index(drop=True)
-        X, _ = design_matrix(self.passes.fixed, rows)
-        pred = X @ self.beta_full
-        if need_y and self.passes.offset is not None:
-            pred = pred + rows[self.passes.offset].to_numpy(dtype=float)
-        if include_random:
-            for t in self.passes.terms(rows):
-                new = t.codes < 0
-                if new.any() and new_levels == "error":
-                    raise SpecificationError(
-                        f"level(s) of {t.name!r} in {where} were not in the fit (pass new_levels='population')")
-                b = self.modes[t.name]
-                pred = pred + np.where(new, 0.0, np.einsum("ij,ij->i", t.Z, b[np.where(new, 0, t.codes)]))
-        if need_y and resid:
-            pred = rows[self.yname].to_numpy(dtype=float) - pred
-        out[keep] = pred
+        pred = d.X @ self.beta_full
+        if d.offset is not None:
+            pred = pred + d.offset
+        for t in d.terms:
+            new = t.codes < 0
+            if new.any() and new_levels == "error":
+                raise SpecificationError(
+                    f"level(s) of {t.name!r} in {where} were not in the fit (pass new_levels='population')")
+            b = self.modes[t.name]
+            pred = pred + np.where(new, 0.0, np.einsum("ij,ij->i", t.Z, b[np.where(new, 0, t.codes)]))
+        if resid:
+            pred = d.y - pred
+        out[d.keep] = pred
         return out
 
 
@@ -161,18 +119,14 @@ def multi_payload(res: Any, passes: _Passes, xnames: list[str]) -> MultiPayload:
     return MultiPayload(passes, beta, {name: np.ascontiguousarray(f.to_numpy()) for name, f in frames.items()})
 
 
-def _labels_part(df: pd.DataFrame, where: str, used: list[str], missing: str, response: str,
-                 formulas: list[str], groups: list[str], rowwise: tuple[str | None, str | None] = (None, None)
+def _labels_part(df: pd.DataFrame, where: str, plan: _Passes, formulas: list[str]
                  ) -> tuple[dict[str, np.ndarray], bool]:
-    for what, c in (("weights", rowwise[0]), ("offset", rowwise[1])):
-        if c is not None and c in df.columns and not (pd.api.types.is_numeric_dtype(df[c])
-                                                      and not pd.api.types.is_bool_dtype(df[c])):
-            raise SpecificationError(f"{what} column {c!r} is not numeric (dtype {df[c].dtype})")
-    df = _clean(df, used, missing, rowwise[0])
-    if not pd.api.types.is_numeric_dtype(df[response]) or pd.api.types.is_bool_dtype(df[response]):
-        raise SpecificationError(f"response '{response}' is not numeric")
+    check_schema(df.dtypes, plan.used, plan.response, where, {"weights": plan.weights, "offset": plan.offset})
+    keep = plan.rows_kept(df, where)
+    if not keep.all():
+        df = df.loc[keep]
     plain = all(_plain_columns(_parse(_rhs(f)), df) is not None for f in formulas)
-    return _labels(df, groups), plain
+    return _labels(df, plan.factors), plain
 
 
 def _merge_labels(*parts: tuple[dict[str, np.ndarray], bool]) -> tuple[dict[str, np.ndarray], bool]:
@@ -219,16 +173,15 @@ def design_maps(XtX: np.ndarray, n: int, xnames: list[str], terms: list[Term], z
 
 
 def _pairs_part(df: pd.DataFrame, where: str, passes: _Passes) -> np.ndarray:
-    df = _clean(df, passes.used, passes.missing, passes.weights)
-    return pair_keys(passes.terms(df)) if len(df) else np.zeros(0, dtype=np.int64)
+    d = passes.evaluate(df, where, need_x=False) if len(df) else None
+    return np.zeros(0, dtype=np.int64) if d is None else pair_keys(d.terms)
 
 
 def _sums_part(df: pd.DataFrame, where: str, passes: _Passes, keys: np.ndarray) -> tuple | None:
-    df = _clean(df, passes.used, passes.missing, passes.weights)
-    if len(df) == 0:
+    d = passes.evaluate(df, where) if len(df) else None
+    if d is None:
         return None
-    terms = passes.terms(df)
-    X, xnames = design_matrix(passes.fixed, df)
+    terms, X, xnames = d.terms, d.X, d.xnames
     if passes.maps is not None:         # centred and scaled designs (multi_model_from_chunks)
         X = np.ascontiguousarray(X @ passes.maps[0])
         terms = [replace(t, Z=np.ascontiguousarray(t.Z @ C))
@@ -236,12 +189,12 @@ def _sums_part(df: pd.DataFrame, where: str, passes: _Passes, keys: np.ndarray) 
     # the terms' Z'Z (before weights): what the maps are chosen from (design_maps), and, on the
     # designs the engine sees, what the random-design check judges
     ztz = [t.Z.T @ t.Z for t in terms]
-    raw_y = df[passes.response].to_numpy(dtype=float)
+    raw_y = d.y
     y, log_w = raw_y, 0.0
-    if passes.offset is not None:
-        y = y - df[passes.offset].to_numpy(dtype=float)
-    if passes.weights is not None:       # the working rows (module docstring)
-        w = df[passes.weights].to_numpy(dtype=float)
+    if d.offset is not None:
+        y = y - d.offset
+    if d.weights is not None:            # the working rows (module docstring)
+        w = d.weights
         sw = np.sqrt(w)
         y, X = y * sw, np.ascontiguousarray(X * sw[:, None])
         terms = [replace(t, Z=np.ascontiguousarray(t.Z * sw[:, None])) for t in terms]
@@ -249,38 +202,37 @@ def _sums_part(df: pd.DataFrame, where: str, passes: _Passes, keys: np.ndarray) 
     sizes = {t.name: np.bincount(t.codes, minlength=t.m) for t in terms}
     rowless = [Term(t.name, np.zeros(0, dtype=np.int64), t.labels, np.zeros((0, t.k)), t.coef_names,
                     t.pattern) for t in terms]
-    return (multi_sums(y, X, terms, keys), sizes, list(xnames), rowless,
+    return (multi_sums(y, np.ascontiguousarray(X), terms, keys), sizes, list(xnames), rowless,
             (float(raw_y.min()), float(raw_y.max())), log_w, ztz)
 
 
-def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm], used: list[str],
-                            source: ChunkSource, missing: str, progress: ProgressFn | None = None,
-                            weights: str | None = None, offset: str | None = None) -> MixedLM:
+def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm], source: ChunkSource,
+                            missing: str, progress: ProgressFn | None = None, weights: str | None = None,
+                            offset: str | None = None) -> MixedLM:
     """The three passes over the chunks of any source (module docstring); ``weights`` and
     ``offset`` name columns of prior weights and of an offset."""
-    groups = list(dict.fromkeys(t.group for t in random))
-    used = sorted(set(used) | set(check_rowwise_columns(weights, offset)))
+    rules = _Passes.from_parts(response, fixed, random, [], missing, weights, offset)
+    rules.check_schema(source.dtypes(), source.kind)
+    used = rules.used
     unit = source.unit
-    first = source.map_reduce(used, _labels_part, (used, missing, response, [fixed] + [t.expr for t in random],
-                                                   groups, (weights, offset)), _merge_labels,
+    first = source.map_reduce(used, _labels_part, (rules, [fixed] + [t.expr for t in random]), _merge_labels,
                               stage=f"pass 1/3 (labels), {unit}", progress=progress)
     if first is None:
-        raise SpecificationError("the data are empty: no rows to fit")
+        check_rows(0)
     values, plain = first
     if not plain:
         raise SpecificationError(
             "for data in chunks the fixed effects and the random terms must be plain numeric "
             "columns (their design may not depend on the chunk): compute categorical dummies or "
             "transforms beforehand")
-    labels = {g: pd.Index(values[g]).sort_values() for g in groups}
-    rules = _Passes(response, fixed, random, used, missing, labels, weights, offset)
+    rules.labels = {g: pd.Index(values[g]).sort_values() for g in rules.factors}
     passes = source.shared(rules)
     keys = source.map_reduce(used, _pairs_part, (passes,), _merge_keys,
                              stage=f"pass 2/3 (level pairs), {unit}", progress=progress)
     result = source.map_reduce(used, _sums_part, (passes, source.shared(keys)), _merge_sums,
                                stage=f"pass 3/3 (cross-products), {unit}", progress=progress)
     if result is None:
-        raise SpecificationError("the data are empty: no rows to fit")
+        check_rows(0, missing == "drop" or weights is not None)
     maps = design_maps(result[0].XtX, result[0].n, result[2], result[3], result[6])
     if maps is not None:
         # columns far from zero or of extreme spread: the pass again on centred and scaled
@@ -312,11 +264,3 @@ def multi_model_from_chunks(response: str, fixed: str, random: list[RandomTerm],
                                               tuple(maps[1]))
     return MixedLM.from_engine(engine, api="lme4", endog_name=response, exog_names=xnames,
                                dropped_exog=dropped)
-
-
-def used_columns(response: str, fixed: str, random: Iterable[RandomTerm]) -> list[str]:
-    used = {response} | {str(v) for v in _parse(_rhs(fixed)).required_variables}
-    for t in random:
-        used |= {str(v) for v in _parse(_rhs(t.expr)).required_variables}
-        used |= set(t.group.split(":"))
-    return sorted(used)

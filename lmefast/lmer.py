@@ -4,6 +4,10 @@ The formula is split into its fixed part and its random-effects terms; each term
 per-level design (formulaic evaluates the part left of the bar) and a grouping factor.
 Terms on the same grouping factor are merged into one term whose T is block-diagonal: an
 uncorrelated term ``(1 + x || g)`` is ``(1 | g) + (0 + x | g)``, as in lme4.
+
+``LmerPlan`` turns one chunk of rows into the designs (y, X, the terms, weights, offset), with
+the rules of lmefast.formula; a DataFrame in memory is its one chunk (``api.lmer_model``), data
+in chunks call it per chunk with each factor's labels fixed (lmefast.chunked_multi).
 """
 from __future__ import annotations
 
@@ -15,9 +19,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmefast.checks import check_missing_policy, check_unique_columns
+from lmefast.checks import check_missing_policy, check_rows
 from lmefast.errors import SpecificationError
-from lmefast.formula import _not_finite, _parse, _rhs, as_dataframe, design_matrix, in_environment
+from lmefast.formula import (
+    Columns,
+    RowRules,
+    _parse,
+    _rhs,
+    _variables,
+    check_has_columns,
+    check_rowwise_columns,
+    check_schema,
+    design_matrix,
+)
 from lmefast.structure import Term, factorize_groups
 
 
@@ -244,34 +258,124 @@ def build_terms(random: list[RandomTerm], df: pd.DataFrame,
     return terms
 
 
-def lmer_frame(formula: str, data: Any, missing: str, extra: tuple[str, ...] = ()
-               ) -> tuple[pd.DataFrame, str, str, list[RandomTerm]]:
-    """Parse, check used columns (and the ``extra`` ones: weights, offset), handle missing
-    values; returns the data to evaluate on."""
-    df = as_dataframe(data)
-    check_missing_policy(missing)
-    response, fixed, random = parse_lmer(formula)
-    plain, offsets = split_offsets(fixed)
-    used = {response} | {str(v) for v in _parse(_rhs(plain)).required_variables} | set(extra)
-    for e in offsets:
-        used |= {e} if e in df.columns else {str(v) for v in _parse(_rhs(f"0 + {e}")).required_variables}
-    for t in random:
-        used |= {str(v) for v in _parse(_rhs(t.expr)).required_variables}
-        used |= set(t.group.split(":"))
-    check_unique_columns(df.columns, used)
-    unknown = sorted(c for c in used if c not in df.columns and not in_environment(c))
-    if unknown:
-        raise SpecificationError(f"column(s) {unknown} not found in data")
-    used = {c for c in used if c in df.columns}
-    if not pd.api.types.is_numeric_dtype(df[response]) or pd.api.types.is_bool_dtype(df[response]):
-        raise SpecificationError(f"response '{response}' is not numeric (dtype {df[response].dtype})")
-    na = {c: _not_finite(df[c]) for c in sorted(used)}
-    bad = {c: int(v.sum()) for c, v in na.items() if v.any()}
-    if bad:
-        if missing != "drop":
-            raise SpecificationError(f"missing or infinite values in column(s) {bad}; "
-                                     "pass missing='drop' to drop incomplete rows")
-        df = df.loc[~np.logical_or.reduce([na[c] for c in bad])]
-    if len(df) == 0:
-        raise SpecificationError("the data are empty: no rows to fit")
-    return df.reset_index(drop=True), response, fixed, random
+@dataclass
+class LmerDesigns:
+    """One chunk's arrays, for the rows kept (``keep``: which rows of the chunk those are): the
+    response, the fixed-effects design and its column names, the random-effects terms, the
+    prior weights and the offset (the offset column plus the formula's offset() terms; None
+    when there is neither)."""
+
+    y: np.ndarray | None
+    X: np.ndarray
+    xnames: list[str]
+    terms: list[Term]
+    keep: np.ndarray
+    weights: np.ndarray | None = None
+    offset: np.ndarray | None = None
+
+
+@dataclass
+class LmerPlan(RowRules):
+    """lme4's spelling (a formula with random-effects terms, weights, offset) resolved into the
+    rules that turn one chunk of rows into designs (``evaluate``). Every source calls it: a
+    DataFrame in memory once, with all its rows (``labels`` None: each grouping factor's levels
+    from the data), data in chunks once per chunk, with each factor's levels fixed by a first
+    pass over all chunks (``labels``: factor → sorted labels; lmefast.chunked_multi)."""
+
+    response: str
+    fixed: str
+    random: list[RandomTerm]
+    offset_terms: list[str]
+    missing: str
+    used: list[str]
+    weights: str | None = None         # columns of prior weights and of an offset
+    offset: str | None = None
+    labels: dict[str, pd.Index] | None = None
+
+    @classmethod
+    def from_formula(cls, formula: str, missing: str, weights: str | None = None,
+                     offset: str | None = None) -> LmerPlan:
+        """The plan; ``weights`` and ``offset`` name columns (lmefast.formula.as_column adds
+        arrays as columns first)."""
+        check_missing_policy(missing)
+        response, fixed, random = parse_lmer(formula)
+        fixed, offset_terms = split_offsets(fixed)
+        return cls.from_parts(response, fixed, random, offset_terms, missing, weights, offset)
+
+    @classmethod
+    def from_parts(cls, response: str, fixed: str, random: list[RandomTerm], offset_terms: list[str],
+                   missing: str, weights: str | None = None, offset: str | None = None) -> LmerPlan:
+        check_missing_policy(missing)
+        used = {response} | _variables(_rhs(fixed))
+        used |= set(check_rowwise_columns(weights, offset))
+        for t in random:
+            used |= _variables(_rhs(t.expr))
+            used |= set(t.group.split(":"))
+        return cls(response, fixed, random, offset_terms, missing, sorted(used), weights, offset)
+
+    @property
+    def fit_only_columns(self) -> list[str]:
+        """Columns a fit reads that predictions for new data do not: the response, weights, offset."""
+        return [c for c in (self.response, self.weights, self.offset) if c is not None]
+
+    @property
+    def factors(self) -> list[str]:
+        """The grouping factors (a column, or a:b), in formula order."""
+        return list(dict.fromkeys(t.group for t in self.random))
+
+    @property
+    def group_columns(self) -> list[str]:
+        return sorted({c for t in self.random for c in t.group.split(":")})
+
+    def check_schema(self, dtypes: Any, where: str) -> None:
+        """The used columns against a schema (lmefast.formula.check_schema: present, the response
+        and the weights and offset numeric); the offset() terms' columns join the used ones."""
+        for e in self.offset_terms:
+            extra = {e} if e in dtypes else _variables(_rhs(f"0 + {e}"))
+            self.used = sorted(set(self.used) | extra)
+        self.used, _ = check_schema(dtypes, self.used, self.response, where,
+                                    {"weights": self.weights, "offset": self.offset},
+                                    keep=tuple(self.group_columns))
+
+    def factor(self, df: pd.DataFrame, group: str) -> tuple[np.ndarray, np.ndarray]:
+        """A grouping factor's codes among the plan's labels (−1 for a label not among them)."""
+        codes = self.labels[group].get_indexer(factor_key(df, group))
+        return codes.astype(np.int64), np.asarray(self.labels[group])
+
+    def evaluate(self, df: pd.DataFrame, where: str, *, need_y: bool = True, need_groups: bool = True,
+                 need_x: bool = True, missing: str | None = None, columns: Columns | None = None
+                 ) -> LmerDesigns | None:
+        """One chunk's designs, for its rows kept: complete rows (or an error, by the missing
+        policy: the plan's, or ``missing``) and, with ``need_y`` (the rows of the fit), of
+        positive weight. In memory (``labels`` None) the chunk is all the rows: no rows left is
+        an error; in chunks a chunk without rows kept gives None. Without ``need_y`` (new data)
+        the response, weights and offset are not read; without ``need_groups`` neither are the
+        grouping factors (no terms); without ``need_x`` X has no columns."""
+        fit_only = self.fit_only_columns
+        groups = self.group_columns
+        cols = [c for c in self.used if (need_y or c not in fit_only) and (need_groups or c not in groups)]
+        check_has_columns(df.columns, cols, where)
+        columns = Columns(df) if columns is None else columns
+        keep = self.rows_kept(df, where, cols, missing, weighted=need_y, columns=columns)
+        if not keep.any():
+            if self.labels is None and need_y:
+                check_rows(0, dropped=len(df) > 0)
+            return None
+        if not keep.all():
+            df = df.loc[keep]
+            columns = Columns(df)
+        X, xnames = design_matrix(self.fixed, df, columns=columns) if need_x else (np.zeros((len(df), 0)), [])
+        xnames = ["(Intercept)" if c == "Intercept" else c for c in xnames]
+        terms = (build_terms(self.random, df, factor=None if self.labels is None else self.factor)
+                 if need_groups else [])
+        out = LmerDesigns(None, X, xnames, terms, keep)
+        if need_y:
+            out.y = columns[self.response].to_numpy(dtype=float)
+            if self.weights is not None:
+                out.weights = columns[self.weights].to_numpy(dtype=float)
+            off = offset_values(self.offset_terms, df)
+            if self.offset is not None:
+                column = columns[self.offset].to_numpy(dtype=float)
+                off = column if off is None else column + off
+            out.offset = off
+        return out

@@ -34,6 +34,7 @@ from lmefast.chunked import (
     predict_pandas,
 )
 from lmefast.errors import RowsUnavailableError, SpecificationError
+from lmefast.formula import check_has_columns, column_kind
 from lmefast.model import MixedLM
 from lmefast.progress import ProgressFn, progress_function
 from lmefast.results import MixedLMResults
@@ -109,14 +110,9 @@ class ParquetSource(ChunkSource):
         plan.set_kinds(self.dtypes(0), f"file {first!r}")
         for i, f in enumerate(self.files[1:], start=1):
             dt = self.dtypes(i)
-            absent = sorted(c for c in plan.used if c not in dt.index)
-            if absent:
-                raise SpecificationError(f"file {f.name!r} has no column(s) {absent} (its columns are "
-                                         f"{[str(c) for c in dt.index][:20]})")
+            check_has_columns(dt.index, plan.used, f"file {f.name!r}")
             for c in plan.used:
-                kind = "numeric" if pd.api.types.is_numeric_dtype(dt[c]) and \
-                    not pd.api.types.is_bool_dtype(dt[c]) else "categorical"
-                if kind != plan.kinds[c]:
+                if column_kind(dt[c]) != plan.kinds[c]:
                     what = "group column" if c == plan.group else "column"
                     raise SpecificationError(
                         f"{what} {c!r} has type {self.meta[i][1].field(c).type} in file {f.name!r} but "
