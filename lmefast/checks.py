@@ -20,6 +20,25 @@ def check_missing_policy(missing: str) -> None:
         raise SpecificationError(f"missing must be 'raise', 'none' or 'drop', not {missing!r}")
 
 
+def check_nonnegative_weights(w: np.ndarray, where: str, rows: np.ndarray | None = None) -> None:
+    """The one rule on prior weights' signs, for every source: none negative (among ``rows``);
+    zero weights drop their rows where the rows are kept."""
+    neg = w < 0 if rows is None else (w < 0) & rows
+    if neg.any():
+        raise SpecificationError(f"weights must be non-negative ({int(neg.sum())} are negative "
+                                 f"in {where})")
+
+
+def check_rowwise(a: np.ndarray, what: str, where: str = "data") -> None:
+    """Weights or an offset given as numbers (not as a column, whose missing values the
+    missing-value policy judges): finite, and weights non-negative."""
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise SpecificationError(f"{what} have {int(bad.sum())} NaN or infinite values")
+    if what == "weights":
+        check_nonnegative_weights(a, where)
+
+
 def check_rows(n: int, dropped: bool = False) -> None:
     """Rows to fit: none is an error (``dropped``: the data had rows, but none was complete or
     of positive weight)."""

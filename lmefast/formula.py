@@ -34,7 +34,12 @@ from formulaic import Formula, model_matrix
 from formulaic.parser.types.factor import Factor
 
 from lmefast._crossprods import rows_from_columns
-from lmefast.checks import check_missing_policy, check_rows, check_unique_columns
+from lmefast.checks import (
+    check_missing_policy,
+    check_nonnegative_weights,
+    check_rows,
+    check_unique_columns,
+)
 from lmefast.errors import SpecificationError
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -570,9 +575,7 @@ def positive_weights(w: pd.Series, where: str, rows: np.ndarray | None = None) -
     """Rows of positive weight (zero weights drop their rows); negative weights (among ``rows``)
     raise. Missing weights are not positive (the missing-value policy decides about them)."""
     v = w.to_numpy(dtype=float, na_value=np.nan)
-    neg = v < 0 if rows is None else (v < 0) & rows
-    if neg.any():
-        raise SpecificationError(f"weights must be non-negative ({int(neg.sum())} are negative in {where})")
+    check_nonnegative_weights(v, where, rows)
     return v > 0
 
 

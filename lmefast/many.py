@@ -39,6 +39,7 @@ import pandas as pd
 from scipy import stats
 
 from lmefast.api import lmer_model
+from lmefast.checks import check_rowwise
 from lmefast.dask import _default_client, _shared, is_dask_dataframe
 from lmefast.errors import InferenceError, ObjectiveError, SpecificationError
 from lmefast.formula import as_dataframe
@@ -106,10 +107,7 @@ def per_response_weights(weights: Any, n: int, names: list[str]) -> np.ndarray |
     if W.shape != (n, len(names)):
         raise SpecificationError(f"per-response weights must be n × m = {n} × {len(names)} "
                                  f"(rows of data × responses), got {W.shape}")
-    if not np.all(np.isfinite(W)):
-        raise SpecificationError(f"weights have {int(np.sum(~np.isfinite(W)))} NaN or infinite values")
-    if np.any(W < 0):
-        raise SpecificationError(f"weights must be non-negative ({int(np.sum(W < 0))} are negative)")
+    check_rowwise(W, "weights")
     return np.asfortranarray(W)
 
 

@@ -26,6 +26,7 @@ from lmefast.checks import (
     check_missing_policy,
     check_not_constant,
     check_random_design,
+    check_rowwise,
     full_rank_columns,
     warn_dropped,
 )
@@ -192,10 +193,7 @@ def prior_weights_and_offset(weights: Any, offset: Any, n: int
             raise SpecificationError(f"{what} are not numeric: {exc}") from None
         if a.shape[0] != n:
             raise SpecificationError(f"{what} have {a.shape[0]} entries but the data have {n} rows")
-        if not np.all(np.isfinite(a)):
-            raise SpecificationError(f"{what} have {int(np.sum(~np.isfinite(a)))} NaN or infinite values")
-        if what == "weights" and np.any(a < 0):
-            raise SpecificationError(f"weights must be non-negative ({int(np.sum(a < 0))} are negative)")
+        check_rowwise(a, what)
         out.append(a)
     return out[0], out[1]
 

@@ -221,3 +221,24 @@ def test_lmer_offset_terms_and_weight_arrays_in_memory() -> None:
     assert a.nobs == b.nobs == len(df) - 1
     _close(a.fe_params.to_numpy(), b.fe_params.to_numpy())
     _close(a.theta, b.theta)
+
+
+def test_one_weights_rule_for_columns_arrays_and_many_responses() -> None:
+    """Negative weights raise with the same message whether they come as a column of the data,
+    as an array (statsmodels' arrays, lmer), or as per-response weights of fit_many."""
+    df = _data()
+    w = df["w"].to_numpy().copy()
+    w[[3, 7]] = -1.0
+    bad = df.assign(w=w)
+    want = r"weights must be non-negative \(2 are negative in data\)"
+    with pytest.raises(SpecificationError, match=want):
+        lmefast.lmer("Reaction ~ Days + (Days | Subject)", bad, weights="w")
+    with pytest.raises(SpecificationError, match=want):
+        lmefast.lmer("Reaction ~ Days + (Days | Subject)", df, weights=w)
+    X = np.column_stack([np.ones(len(df)), df["Days"].to_numpy(float)])
+    with pytest.raises(SpecificationError, match=want):
+        lmefast.MixedLM(df["Reaction"].to_numpy(), X, df["Subject"].to_numpy(), weights=w)
+    W = np.column_stack([w, df["w"].to_numpy()])
+    Y = np.column_stack([df["Reaction"].to_numpy()] * 2)
+    with pytest.raises(SpecificationError, match=want):
+        lmefast.fit_many("~ Days + (Days | Subject)", df, Y, weights=W)
