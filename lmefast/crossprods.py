@@ -138,15 +138,22 @@ class CrossProducts:
             return None
         rec = self.S.reshape(m, qq + q * p + q)
         A = rec[:, :qq]
-        B = np.ascontiguousarray(rec[:, qq:qq + q * p]).reshape(m * q, p)
-        u = (zty - B @ beta).reshape(m, q, R)
+        # u_i = c_i − B_i β̂, one coordinate a of every group at a time (B's rows a are strided
+        # views of the records: no copy of B)
+        u = np.array(zty, dtype=float).reshape(m, q, R)
+        for a in range(q):
+            u[:, a, :] -= rec[:, qq + a * p:qq + (a + 1) * p] @ beta
         rr = yty - 2.0 * np.einsum("lr,lr->r", beta, xty) + np.einsum("lr,lr->r", beta, self.XtX @ beta)
         K = (A.T @ A).reshape(q, q, q, q).transpose(0, 2, 1, 3).reshape(qq, qq)   # Σ A_i ⊗ A_i
         M = np.empty((nb + 1, nb + 1))
         M[:nb, :nb] = basis @ K @ basis.T
         M[:nb, nb] = M[nb, :nb] = basis @ (column_sums(A) if qq > 1 else A.sum(axis=0))
         M[nb, nb] = self.n
-        uu = np.einsum("iar,ibr->abr", u, u).reshape(qq, R)
+        if R == 1:
+            u1 = u.reshape(m, q)
+            uu = (u1.T @ u1).reshape(qq, 1)
+        else:
+            uu = np.einsum("iar,ibr->abr", u, u).reshape(qq, R)
         try:
             sol = np.linalg.solve(M, np.vstack([basis @ uu, rr[None, :]]))
         except np.linalg.LinAlgError:
