@@ -12,7 +12,7 @@ GIL once, and Python-visible functions that allocate the work arrays first.
 """
 import numpy as np
 
-from libc.math cimport log
+from libc.math cimport log, sqrt
 from libc.stdlib cimport free, malloc
 
 from lmefast._dense cimport (
@@ -24,6 +24,11 @@ from lmefast._theta cimport FactorMap, factor_grad_to_theta, theta_to_factors
 from lmefast._threads cimport run_chunks
 
 from lmefast.parallel import check_threads
+
+# Whether kernels built from now on take the small-block path where it applies (see "Small
+# blocks" below; a constructor argument overrides it); the tests turn it off to compare with
+# the general path.
+SMALL_BLOCK_PATH = True
 
 
 cdef struct Blocks:
@@ -209,6 +214,258 @@ cdef i64 gradient_loop(Blocks* bl, Work* w, i64 g0, i64 g1, double* F, const dou
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# Small blocks: the fast path
+# --------------------------------------------------------------------------------------------
+# When every group's block is a random intercept (q = k = 1) or a random intercept and slope
+# (q = k = 2) with no variance components, and p ≤ SMALL_P, the group loops below replace
+# objective_loop and gradient_loop. They do the same arithmetic as factor_group, obj_group and
+# grad_group with q written out: the entries of AΛ, L, rzy, u and s are scalars held in
+# registers, Rzx_i and H_i two rows of p in arrays on the stack. With T = [t00 0; t10 t11],
+#     AΛ = [a00t00 + a01t10  a01t11; a10t00 + a11t10  a11t11],
+#     M = Λ'AΛ + I:  m00 = t00(AΛ)00 + t10(AΛ)10 + 1,  m10 = t11(AΛ)10,  m11 = t11(AΛ)11 + 1,
+#     L00 = √m00,  L10 = m10/L00,  L11 = √(m11 − L10²),  |L_i|² = m00 L11².
+# Three differences from the general loops, all in rounding only: divisions by L00 become
+# multiplications by 1/L00; log|L|² is summed as the log of running products of the |L_i|²
+# (each ≥ 1, a log whenever the product passes LOGDET_BATCH, a log per group for an
+# |L_i|² outside [1/LOGDET_BATCH, LOGDET_BATCH]); the sums over the two coordinates of a group
+# are added to the accumulators in one step. There is no factor cache: the gradient pass
+# factors again from the records (cheaper than writing and reading the cache).
+
+cdef enum:
+    SMALL_P = 16        # fixed-effects columns the stack arrays hold
+
+cdef double LOGDET_BATCH = 1e100
+
+
+cdef struct Small2:
+    double al00, al01, al10, al11   # AΛ
+    double d0, l10, d1              # 1/L00, L10, 1/L11
+    double det                      # |L_i|² = m00 L11²
+    double m00, s                   # m00 and L11²
+    double r0, r1                   # rzy
+
+
+cdef inline int factor2(int p, const double* Ag, const double* T, Small2* f, double* R0,
+                        double* R1) noexcept nogil:
+    """factor_group for q = k = 2: f and the rows R0, R1 of Rzx_i. Returns 0, 1 or 2 (the
+    Cholesky fails at that column)."""
+    cdef const double* B = Ag + 4
+    cdef const double* c = B + 2 * p
+    cdef double t00 = T[0], t10 = T[2], t11 = T[3], m10, x0
+    cdef int l
+    f.al00 = Ag[0] * t00 + Ag[1] * t10
+    f.al01 = Ag[1] * t11
+    f.al10 = Ag[2] * t00 + Ag[3] * t10
+    f.al11 = Ag[3] * t11
+    f.m00 = t00 * f.al00 + t10 * f.al10 + 1.0
+    if not f.m00 > 0.0:
+        return 1
+    f.d0 = 1.0 / sqrt(f.m00)
+    m10 = t11 * f.al10
+    f.l10 = m10 * f.d0
+    f.s = t11 * f.al11 + 1.0 - f.l10 * f.l10
+    if not f.s > 0.0:
+        return 2
+    f.d1 = 1.0 / sqrt(f.s)
+    f.det = f.m00 * f.s
+    x0 = (t00 * c[0] + t10 * c[1]) * f.d0
+    f.r0 = x0
+    f.r1 = (t11 * c[1] - f.l10 * x0) * f.d1
+    for l in range(p):
+        x0 = (t00 * B[l] + t10 * B[p + l]) * f.d0
+        R0[l] = x0
+        R1[l] = (t11 * B[p + l] - f.l10 * x0) * f.d1
+    return 0
+
+
+cdef inline double add_logdet(double det, double m, double s, double* prod) noexcept nogil:
+    """log|L_i|² = log(det) with det = m·s, to be added now (0.0 while it goes into the running
+    product *prod; the product's log once it passes LOGDET_BATCH)."""
+    cdef double out
+    if det > LOGDET_BATCH or det < 1.0 / LOGDET_BATCH:
+        return log(m) + log(s)
+    prod[0] = prod[0] * det
+    if prod[0] > LOGDET_BATCH:
+        out = log(prod[0])
+        prod[0] = 1.0
+        return out
+    return 0.0
+
+
+cdef i64 small2_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcept nogil:
+    """objective_loop for q = k = 2 into acc = [log|L|², rr, RzxRzx (p × p, lower), Rzxrzy]."""
+    cdef i64 g
+    cdef int l, l2, p = bl.p
+    cdef Small2 f
+    cdef double R0[SMALL_P]
+    cdef double R1[SMALL_P]
+    cdef double logdet = 0.0, prod = 1.0, rr = 0.0, x0, x1
+    cdef double* RzxRzx = acc + 2
+    cdef double* Rzxrzy = acc + 2 + p * p
+    for g in range(g0, g1):
+        if factor2(p, bl.S + bl.s_off[g], bl.T, &f, R0, R1) != 0:
+            return g + 1
+        logdet += add_logdet(f.det, f.m00, f.s, &prod)
+        rr += f.r0 * f.r0 + f.r1 * f.r1
+        for l in range(p):
+            x0 = R0[l]
+            x1 = R1[l]
+            Rzxrzy[l] += x0 * f.r0 + x1 * f.r1
+            for l2 in range(l + 1):
+                RzxRzx[l * p + l2] += x0 * R0[l2] + x1 * R1[l2]
+    acc[0] += logdet + log(prod)
+    acc[1] += rr
+    return 0
+
+
+cdef i64 small2_gradient(const Blocks* bl, i64 g0, i64 g1, const double* beta,
+                         const double* Cinv, double kappa, bint reml, double* gT) noexcept nogil:
+    """gradient_loop for q = k = 2: adds ∂/∂T (k × k, lower) to gT. Per group, as in grad_group,
+    u = L⁻ᵀ(rzy − Rzx β), H = L⁻ᵀRzx, s = c − Bβ − AΛu, M⁻¹ = L⁻ᵀL⁻¹ with
+    L⁻¹ = [1/L00 0; −L10/(L00L11) 1/L11], E = B − AΛH, F = E C⁻¹ and
+        ∂/∂T_ij += 2 (AΛM⁻¹)_ij − 2κ s_i u_j − [REML] 2 F_i·H_j."""
+    cdef i64 g
+    cdef int l, l2, p = bl.p
+    cdef Small2 f
+    cdef const double* Ag
+    cdef const double* B
+    cdef double R0[SMALL_P]
+    cdef double R1[SMALL_P]
+    cdef double F0[SMALL_P]
+    cdef double F1[SMALL_P]
+    cdef double u0, u1, s0, s1, h0, h1, e0, e1, v10, mi00, mi10, mi11, b
+    cdef double fh00, fh10, fh11, g00 = 0.0, g10 = 0.0, g11 = 0.0
+    for g in range(g0, g1):
+        Ag = bl.S + bl.s_off[g]
+        B = Ag + 4
+        if factor2(p, Ag, bl.T, &f, R0, R1) != 0:
+            return g + 1
+        u0 = f.r0
+        u1 = f.r1
+        s0 = Ag[4 + 2 * p]
+        s1 = Ag[5 + 2 * p]
+        for l in range(p):
+            b = beta[l]
+            u0 = u0 - R0[l] * b
+            u1 = u1 - R1[l] * b
+            s0 = s0 - B[l] * b
+            s1 = s1 - B[p + l] * b
+        u1 = u1 * f.d1
+        u0 = (u0 - f.l10 * u1) * f.d0
+        s0 = s0 - f.al00 * u0 - f.al01 * u1
+        s1 = s1 - f.al10 * u0 - f.al11 * u1
+        v10 = -(f.l10 * f.d0) * f.d1
+        mi00 = f.d0 * f.d0 + v10 * v10
+        mi10 = f.d1 * v10
+        mi11 = f.d1 * f.d1
+        g00 += 2.0 * (f.al00 * mi00 + f.al01 * mi10) - 2.0 * kappa * s0 * u0
+        g10 += 2.0 * (f.al10 * mi00 + f.al11 * mi10) - 2.0 * kappa * s1 * u0
+        g11 += 2.0 * (f.al10 * mi10 + f.al11 * mi11) - 2.0 * kappa * s1 * u1
+        if reml and p > 0:
+            for l in range(p):
+                h1 = R1[l] * f.d1
+                h0 = (R0[l] - f.l10 * h1) * f.d0
+                R0[l] = h0
+                R1[l] = h1
+                F0[l] = 0.0
+                F1[l] = 0.0
+            for l2 in range(p):
+                e0 = B[l2] - f.al00 * R0[l2] - f.al01 * R1[l2]
+                e1 = B[p + l2] - f.al10 * R0[l2] - f.al11 * R1[l2]
+                for l in range(p):
+                    F0[l] += e0 * Cinv[l2 * p + l]
+                    F1[l] += e1 * Cinv[l2 * p + l]
+            fh00 = 0.0
+            fh10 = 0.0
+            fh11 = 0.0
+            for l in range(p):
+                fh00 += F0[l] * R0[l]
+                fh10 += F1[l] * R0[l]
+                fh11 += F1[l] * R1[l]
+            g00 -= 2.0 * fh00
+            g10 -= 2.0 * fh10
+            g11 -= 2.0 * fh11
+    gT[0] += g00
+    gT[2] += g10
+    gT[3] += g11
+    return 0
+
+
+cdef i64 small1_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcept nogil:
+    """objective_loop for q = k = 1 (a random intercept): L_i = √(t²a_i + 1),
+    Rzx_i = tB_i/L_i, rzy_i = tc_i/L_i."""
+    cdef i64 g
+    cdef int l, l2, p = bl.p
+    cdef const double* Ag
+    cdef double R0[SMALL_P]
+    cdef double t = bl.T[0], m, d, r, x0
+    cdef double logdet = 0.0, prod = 1.0, rr = 0.0
+    cdef double* RzxRzx = acc + 2
+    cdef double* Rzxrzy = acc + 2 + p * p
+    for g in range(g0, g1):
+        Ag = bl.S + bl.s_off[g]
+        m = t * (Ag[0] * t) + 1.0
+        if not m > 0.0:
+            return g + 1
+        d = 1.0 / sqrt(m)
+        logdet += add_logdet(m, m, 1.0, &prod)
+        r = t * Ag[1 + p] * d
+        rr += r * r
+        for l in range(p):
+            x0 = t * Ag[1 + l] * d
+            R0[l] = x0
+            Rzxrzy[l] += x0 * r
+            for l2 in range(l + 1):
+                RzxRzx[l * p + l2] += x0 * R0[l2]
+    acc[0] += logdet + log(prod)
+    acc[1] += rr
+    return 0
+
+
+cdef i64 small1_gradient(const Blocks* bl, i64 g0, i64 g1, const double* beta,
+                         const double* Cinv, double kappa, bint reml, double* gT) noexcept nogil:
+    """gradient_loop for q = k = 1: with d = 1/L_i, u = d(rzy − Rzx β), H = dRzx,
+    s = c − Bβ − aΛu, E = B − aΛH, ∂/∂t += 2aΛd² − 2κsu − [REML] 2 E C⁻¹ H'."""
+    cdef i64 g
+    cdef int l, l2, p = bl.p
+    cdef const double* Ag
+    cdef double H[SMALL_P]
+    cdef double F[SMALL_P]
+    cdef double t = bl.T[0], al, m, d, u, s, e, b, x0, fh, g00 = 0.0
+    for g in range(g0, g1):
+        Ag = bl.S + bl.s_off[g]
+        al = Ag[0] * t
+        m = t * al + 1.0
+        if not m > 0.0:
+            return g + 1
+        d = 1.0 / sqrt(m)
+        u = t * Ag[1 + p] * d
+        s = Ag[1 + p]
+        for l in range(p):
+            b = beta[l]
+            x0 = t * Ag[1 + l] * d
+            H[l] = x0 * d
+            u = u - x0 * b
+            s = s - Ag[1 + l] * b
+        u = u * d
+        s = s - al * u
+        g00 += 2.0 * al * (d * d) - 2.0 * kappa * s * u
+        if reml and p > 0:
+            for l in range(p):
+                F[l] = 0.0
+            for l2 in range(p):
+                e = Ag[1 + l2] - al * H[l2]
+                for l in range(p):
+                    F[l] += e * Cinv[l2 * p + l]
+            fh = 0.0
+            for l in range(p):
+                fh += F[l] * H[l]
+            g00 -= 2.0 * fh
+    gT[0] += g00
+    return 0
+
+
 cdef struct EvalCtx:
     KernelState st
     Blocks bl
@@ -238,6 +495,8 @@ cdef struct EvalCtx:
     int acc_stride
     i64* stats
     double kappa
+    int small           # 1 or 2: every group's block is q = k = small, no variance
+                        # components (the small-block path); 0: the general loops
 
 
 cdef void obj_chunk(void* vc, int t) noexcept nogil:
@@ -246,8 +505,13 @@ cdef void obj_chunk(void* vc, int t) noexcept nogil:
     cdef int l, p = c.p
     for l in range(2 + p * p + p):
         a[l] = 0.0
-    c.stats[t] = objective_loop(&c.bl, &c.ws[t], c.bounds[t], c.bounds[t + 1], a, a + 1,
-                                a + 2, a + 2 + p * p)
+    if c.small == 2:
+        c.stats[t] = small2_objective(&c.bl, c.bounds[t], c.bounds[t + 1], a)
+    elif c.small == 1:
+        c.stats[t] = small1_objective(&c.bl, c.bounds[t], c.bounds[t + 1], a)
+    else:
+        c.stats[t] = objective_loop(&c.bl, &c.ws[t], c.bounds[t], c.bounds[t + 1], a, a + 1,
+                                    a + 2, a + 2 + p * p)
 
 
 cdef void grad_chunk(void* vc, int t) noexcept nogil:
@@ -256,6 +520,14 @@ cdef void grad_chunk(void* vc, int t) noexcept nogil:
     cdef double* a = c.accs + t * c.acc_stride + 2 + p * p + p
     for l in range(k * k + c.nvc):
         a[l] = 0.0
+    if c.small == 2:
+        c.stats[t] = small2_gradient(&c.bl, c.bounds[t], c.bounds[t + 1], c.st.beta, c.Cinv,
+                                     c.kappa, c.reml, a)
+        return
+    if c.small == 1:
+        c.stats[t] = small1_gradient(&c.bl, c.bounds[t], c.bounds[t + 1], c.st.beta, c.Cinv,
+                                     c.kappa, c.reml, a)
+        return
     c.stats[t] = gradient_loop(&c.bl, &c.ws[t], c.bounds[t], c.bounds[t + 1],
                                c.Fs + t * c.f_stride, c.st.beta, c.Cinv, c.kappa, c.reml,
                                a, a + k * k)
@@ -327,7 +599,9 @@ cdef class OneFactorKernel(Kernel):
 
     Owns the work buffers; `evaluate` for one θ, `minimize` runs the projected BFGS of
     lmefast._bfgs entirely in C (both from lmefast._kernel.Kernel). With n_threads > 1 the
-    groups are split into that many contiguous ranges of about equal work (OpenMP)."""
+    groups are split into that many contiguous ranges of about equal work (OpenMP).
+    `small_block_path` (default: the module's SMALL_BLOCK_PATH) False keeps a design of small
+    blocks on the general loops."""
 
     cdef EvalCtx c
     cdef object keep
@@ -337,7 +611,8 @@ cdef class OneFactorKernel(Kernel):
     def __cinit__(self, const double[::1] S, const i64[::1] s_off, const i64[::1] q_off,
                   const i64[::1] comp, int k, int p, int qmax, const double[::1] XtX,
                   const double[::1] Xty, double yty, double n, bint reml,
-                  const i64[::1] tril_r, const i64[::1] tril_c, int nvc, n_threads=1):
+                  const i64[::1] tril_r, const i64[::1] tril_c, int nvc, n_threads=1,
+                  small_block_path=None):
         cdef int pp = p if p > 0 else 1, kk = k if k > 0 else 1
         cdef int qq = qmax if qmax > pp else pp
         cdef int t, nth = check_threads(n_threads)
@@ -366,16 +641,25 @@ cdef class OneFactorKernel(Kernel):
         t_off = np.concatenate([[0], k * k + np.arange(nvc + 1)]).astype(np.int64)
         fill_factor_map(&self.c.fm, th_term, th_row, th_col, t_off, t_k)
         self.keep += [th_term, th_row, th_col, t_off, t_k]
-        # factor cache: the objective pass leaves each group's AΛ, L, Rzx, rzy for the
-        # gradient pass, which then does not factor again
         qs = np.diff(np.asarray(q_off))
-        f_off = np.zeros(m + 1, dtype=np.int64)
-        np.cumsum(2 * qs * qs + qs * (p + 1), out=f_off[1:])
-        cdef double[::1] fac = np.empty(max(int(f_off[-1]), 1))
-        cdef i64[::1] f_off_v = f_off
-        self.c.bl.fac = &fac[0]
-        self.c.bl.f_off = &f_off_v[0]
-        self.keep += [fac, f_off]
+        if small_block_path is None:
+            small_block_path = SMALL_BLOCK_PATH
+        self.c.small = 0
+        if (small_block_path and nvc == 0 and k in (1, 2) and p <= SMALL_P and m > 0
+                and bool(np.all(qs == k))):
+            self.c.small = k
+        # factor cache (general path): the objective pass leaves each group's AΛ, L, Rzx, rzy
+        # for the gradient pass, which then does not factor again
+        cdef double[::1] fac
+        cdef i64[::1] f_off_v
+        if self.c.small == 0:
+            f_off = np.zeros(m + 1, dtype=np.int64)
+            np.cumsum(2 * qs * qs + qs * (p + 1), out=f_off[1:])
+            fac = np.empty(max(int(f_off[-1]), 1))
+            f_off_v = f_off
+            self.c.bl.fac = &fac[0]
+            self.c.bl.f_off = &f_off_v[0]
+            self.keep += [fac, f_off]
         self.c.ws = <Work*>malloc(nth * sizeof(Work))
         self.c.bounds = <i64*>malloc((nth + 1) * sizeof(i64))
         self.c.stats = <i64*>malloc(nth * sizeof(i64))
@@ -427,6 +711,12 @@ cdef class OneFactorKernel(Kernel):
         self.c.st.p = p
         self.c.st.nt = ntri + nvc
         self.c.st.n_evals = 0
+
+    @property
+    def small_block_path(self):
+        """Whether evaluations take the small-block path (every block a random intercept, or a
+        random intercept and slope; no variance components)."""
+        return self.c.small != 0
 
     def set_response(self, const double[::1] S, const double[::1] Xty, double yty):
         """Another response on the same design, in place (no new buffers): the records S
