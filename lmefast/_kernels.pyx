@@ -12,7 +12,7 @@ GIL once, and Python-visible functions that allocate the work arrays first.
 """
 import numpy as np
 
-from libc.math cimport log, sqrt
+from libc.math cimport log
 from libc.stdlib cimport free, malloc
 
 from lmefast._dense cimport (
@@ -219,18 +219,21 @@ cdef i64 gradient_loop(Blocks* bl, Work* w, i64 g0, i64 g1, double* F, const dou
 # --------------------------------------------------------------------------------------------
 # When every group's block is a random intercept (q = k = 1) or a random intercept and slope
 # (q = k = 2) with no variance components, and p ≤ SMALL_P, the group loops below replace
-# objective_loop and gradient_loop. They do the same arithmetic as factor_group, obj_group and
-# grad_group with q written out: the entries of AΛ, L, rzy, u and s are scalars held in
-# registers, Rzx_i and H_i two rows of p in arrays on the stack. With T = [t00 0; t10 t11],
+# objective_loop and gradient_loop. They need no Cholesky factor of M_i = Λ'A_iΛ + I: every
+# quantity of obj_group and grad_group is a product with M_i⁻¹, which for q ≤ 2 is the
+# adjugate over the determinant:
+#     Rzx_i'Rzx_i = V_i'M_i⁻¹V_i,  Rzx_i'rzy_i = V_i'M_i⁻¹w_i,  rzy_i'rzy_i = w_i'M_i⁻¹w_i,
+#     log|L_i|² = log det M_i,  u_i = M_i⁻¹(w_i − V_iβ),  H_i = M_i⁻¹V_i,
+# with V_i = Λ'B_i and w_i = Λ'c_i; for T = [t00 0; t10 t11],
 #     AΛ = [a00t00 + a01t10  a01t11; a10t00 + a11t10  a11t11],
-#     M = Λ'AΛ + I:  m00 = t00(AΛ)00 + t10(AΛ)10 + 1,  m10 = t11(AΛ)10,  m11 = t11(AΛ)11 + 1,
-#     L00 = √m00,  L10 = m10/L00,  L11 = √(m11 − L10²),  |L_i|² = m00 L11².
-# Three differences from the general loops, all in rounding only: divisions by L00 become
-# multiplications by 1/L00; log|L|² is summed as the log of running products of the |L_i|²
-# (each ≥ 1, a log whenever the product passes LOGDET_BATCH, a log per group for an
-# |L_i|² outside [1/LOGDET_BATCH, LOGDET_BATCH]); the sums over the two coordinates of a group
-# are added to the accumulators in one step. There is no factor cache: the gradient pass
-# factors again from the records (cheaper than writing and reading the cache).
+#     m00 = t00(AΛ)00 + t10(AΛ)10 + 1,  m10 = t11(AΛ)10,  m11 = t11(AΛ)11 + 1,
+#     det M_i = m00m11 − m10²,  M_i⁻¹ = [m11 −m10; −m10 m00] / det M_i.
+# One division per group and no square root; the entries are scalars in registers, the p-long
+# rows of V_i and M_i⁻¹V_i in arrays on the stack. log|L|² is summed as the log of running
+# products of the det M_i (each ≥ 1: a log whenever the product passes LOGDET_BATCH, a log per
+# group for a det M_i outside [1/LOGDET_BATCH, LOGDET_BATCH]). There is no factor cache: the
+# gradient pass forms M_i again from the records (cheaper than writing and reading a cache).
+# The numbers equal the general loops' to rounding (tests/test_onefactor_small.py).
 
 cdef enum:
     SMALL_P = 16        # fixed-effects columns the stack arrays hold
@@ -240,51 +243,51 @@ cdef double LOGDET_BATCH = 1e100
 
 cdef struct Small2:
     double al00, al01, al10, al11   # AΛ
-    double d0, l10, d1              # 1/L00, L10, 1/L11
-    double det                      # |L_i|² = m00 L11²
-    double m00, s                   # m00 and L11²
-    double r0, r1                   # rzy
+    double m00, m10, m11            # M = Λ'AΛ + I (lower)
+    double det, inv                 # det M and 1/det M
+    double w0, w1                   # Λ'c
+    double z0, z1                   # M⁻¹Λ'c
 
 
-cdef inline int factor2(int p, const double* Ag, const double* T, Small2* f, double* R0,
-                        double* R1) noexcept nogil:
-    """factor_group for q = k = 2: f and the rows R0, R1 of Rzx_i. Returns 0, 1 or 2 (the
-    Cholesky fails at that column)."""
+cdef inline int form2(int p, const double* Ag, const double* T, Small2* f, double* V0,
+                      double* V1, double* Y0, double* Y1) noexcept nogil:
+    """M_i and its products for q = k = 2: f, the rows V0, V1 of Λ'B_i and Y0, Y1 of
+    M_i⁻¹Λ'B_i. Returns 0, or 1 when M_i is not positive definite (θ not finite)."""
     cdef const double* B = Ag + 4
     cdef const double* c = B + 2 * p
-    cdef double t00 = T[0], t10 = T[2], t11 = T[3], m10, x0
+    cdef double t00 = T[0], t10 = T[2], t11 = T[3], v0, v1
     cdef int l
     f.al00 = Ag[0] * t00 + Ag[1] * t10
     f.al01 = Ag[1] * t11
     f.al10 = Ag[2] * t00 + Ag[3] * t10
     f.al11 = Ag[3] * t11
     f.m00 = t00 * f.al00 + t10 * f.al10 + 1.0
-    if not f.m00 > 0.0:
+    f.m10 = t11 * f.al10
+    f.m11 = t11 * f.al11 + 1.0
+    f.det = f.m00 * f.m11 - f.m10 * f.m10
+    if not (f.det > 0.0 and f.m00 > 0.0):
         return 1
-    f.d0 = 1.0 / sqrt(f.m00)
-    m10 = t11 * f.al10
-    f.l10 = m10 * f.d0
-    f.s = t11 * f.al11 + 1.0 - f.l10 * f.l10
-    if not f.s > 0.0:
-        return 2
-    f.d1 = 1.0 / sqrt(f.s)
-    f.det = f.m00 * f.s
-    x0 = (t00 * c[0] + t10 * c[1]) * f.d0
-    f.r0 = x0
-    f.r1 = (t11 * c[1] - f.l10 * x0) * f.d1
+    f.inv = 1.0 / f.det
+    f.w0 = t00 * c[0] + t10 * c[1]
+    f.w1 = t11 * c[1]
+    f.z0 = (f.m11 * f.w0 - f.m10 * f.w1) * f.inv
+    f.z1 = (f.m00 * f.w1 - f.m10 * f.w0) * f.inv
     for l in range(p):
-        x0 = (t00 * B[l] + t10 * B[p + l]) * f.d0
-        R0[l] = x0
-        R1[l] = (t11 * B[p + l] - f.l10 * x0) * f.d1
+        v0 = t00 * B[l] + t10 * B[p + l]
+        v1 = t11 * B[p + l]
+        V0[l] = v0
+        V1[l] = v1
+        Y0[l] = (f.m11 * v0 - f.m10 * v1) * f.inv
+        Y1[l] = (f.m00 * v1 - f.m10 * v0) * f.inv
     return 0
 
 
-cdef inline double add_logdet(double det, double m, double s, double* prod) noexcept nogil:
-    """log|L_i|² = log(det) with det = m·s, to be added now (0.0 while it goes into the running
-    product *prod; the product's log once it passes LOGDET_BATCH)."""
+cdef inline double add_logdet(double det, double* prod) noexcept nogil:
+    """log det to be added now: 0.0 while det goes into the running product *prod, the
+    product's log once it passes LOGDET_BATCH, log det itself when det is out of range."""
     cdef double out
     if det > LOGDET_BATCH or det < 1.0 / LOGDET_BATCH:
-        return log(m) + log(s)
+        return log(det)
     prod[0] = prod[0] * det
     if prod[0] > LOGDET_BATCH:
         out = log(prod[0])
@@ -298,22 +301,24 @@ cdef i64 small2_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcep
     cdef i64 g
     cdef int l, l2, p = bl.p
     cdef Small2 f
-    cdef double R0[SMALL_P]
-    cdef double R1[SMALL_P]
-    cdef double logdet = 0.0, prod = 1.0, rr = 0.0, x0, x1
+    cdef double V0[SMALL_P]
+    cdef double V1[SMALL_P]
+    cdef double Y0[SMALL_P]
+    cdef double Y1[SMALL_P]
+    cdef double logdet = 0.0, prod = 1.0, rr = 0.0, v0, v1
     cdef double* RzxRzx = acc + 2
     cdef double* Rzxrzy = acc + 2 + p * p
     for g in range(g0, g1):
-        if factor2(p, bl.S + bl.s_off[g], bl.T, &f, R0, R1) != 0:
+        if form2(p, bl.S + bl.s_off[g], bl.T, &f, V0, V1, Y0, Y1) != 0:
             return g + 1
-        logdet += add_logdet(f.det, f.m00, f.s, &prod)
-        rr += f.r0 * f.r0 + f.r1 * f.r1
+        logdet += add_logdet(f.det, &prod)
+        rr += f.w0 * f.z0 + f.w1 * f.z1
         for l in range(p):
-            x0 = R0[l]
-            x1 = R1[l]
-            Rzxrzy[l] += x0 * f.r0 + x1 * f.r1
+            v0 = V0[l]
+            v1 = V1[l]
+            Rzxrzy[l] += v0 * f.z0 + v1 * f.z1
             for l2 in range(l + 1):
-                RzxRzx[l * p + l2] += x0 * R0[l2] + x1 * R1[l2]
+                RzxRzx[l * p + l2] += v0 * Y0[l2] + v1 * Y1[l2]
     acc[0] += logdet + log(prod)
     acc[1] += rr
     return 0
@@ -322,67 +327,62 @@ cdef i64 small2_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcep
 cdef i64 small2_gradient(const Blocks* bl, i64 g0, i64 g1, const double* beta,
                          const double* Cinv, double kappa, bint reml, double* gT) noexcept nogil:
     """gradient_loop for q = k = 2: adds ∂/∂T (k × k, lower) to gT. Per group, as in grad_group,
-    u = L⁻ᵀ(rzy − Rzx β), H = L⁻ᵀRzx, s = c − Bβ − AΛu, M⁻¹ = L⁻ᵀL⁻¹ with
-    L⁻¹ = [1/L00 0; −L10/(L00L11) 1/L11], E = B − AΛH, F = E C⁻¹ and
+    u = M⁻¹Λ'(c − Bβ), H = M⁻¹Λ'B, s = c − Bβ − AΛu, E = B − AΛH, F = E C⁻¹ and
         ∂/∂T_ij += 2 (AΛM⁻¹)_ij − 2κ s_i u_j − [REML] 2 F_i·H_j."""
     cdef i64 g
     cdef int l, l2, p = bl.p
     cdef Small2 f
     cdef const double* Ag
     cdef const double* B
-    cdef double R0[SMALL_P]
-    cdef double R1[SMALL_P]
-    cdef double F0[SMALL_P]
-    cdef double F1[SMALL_P]
-    cdef double u0, u1, s0, s1, h0, h1, e0, e1, v10, mi00, mi10, mi11, b
+    cdef double V0[SMALL_P]
+    cdef double V1[SMALL_P]
+    cdef double H0[SMALL_P]
+    cdef double H1[SMALL_P]
+    cdef double E0[SMALL_P]
+    cdef double E1[SMALL_P]
+    cdef double u0, u1, s0, s1, f0, f1, mi00, mi10, mi11, b, ci
     cdef double fh00, fh10, fh11, g00 = 0.0, g10 = 0.0, g11 = 0.0
     for g in range(g0, g1):
         Ag = bl.S + bl.s_off[g]
         B = Ag + 4
-        if factor2(p, Ag, bl.T, &f, R0, R1) != 0:
+        if form2(p, Ag, bl.T, &f, V0, V1, H0, H1) != 0:
             return g + 1
-        u0 = f.r0
-        u1 = f.r1
+        u0 = f.z0
+        u1 = f.z1
         s0 = Ag[4 + 2 * p]
         s1 = Ag[5 + 2 * p]
         for l in range(p):
             b = beta[l]
-            u0 = u0 - R0[l] * b
-            u1 = u1 - R1[l] * b
+            u0 = u0 - H0[l] * b
+            u1 = u1 - H1[l] * b
             s0 = s0 - B[l] * b
             s1 = s1 - B[p + l] * b
-        u1 = u1 * f.d1
-        u0 = (u0 - f.l10 * u1) * f.d0
         s0 = s0 - f.al00 * u0 - f.al01 * u1
         s1 = s1 - f.al10 * u0 - f.al11 * u1
-        v10 = -(f.l10 * f.d0) * f.d1
-        mi00 = f.d0 * f.d0 + v10 * v10
-        mi10 = f.d1 * v10
-        mi11 = f.d1 * f.d1
+        mi00 = f.m11 * f.inv
+        mi10 = -f.m10 * f.inv
+        mi11 = f.m00 * f.inv
         g00 += 2.0 * (f.al00 * mi00 + f.al01 * mi10) - 2.0 * kappa * s0 * u0
         g10 += 2.0 * (f.al10 * mi00 + f.al11 * mi10) - 2.0 * kappa * s1 * u0
         g11 += 2.0 * (f.al10 * mi10 + f.al11 * mi11) - 2.0 * kappa * s1 * u1
         if reml and p > 0:
-            for l in range(p):
-                h1 = R1[l] * f.d1
-                h0 = (R0[l] - f.l10 * h1) * f.d0
-                R0[l] = h0
-                R1[l] = h1
-                F0[l] = 0.0
-                F1[l] = 0.0
+            # F_il = Σ_l2 E_il2 C⁻¹_l2l (C⁻¹ symmetric: its row l), summed into F_i·H_j at once
             for l2 in range(p):
-                e0 = B[l2] - f.al00 * R0[l2] - f.al01 * R1[l2]
-                e1 = B[p + l2] - f.al10 * R0[l2] - f.al11 * R1[l2]
-                for l in range(p):
-                    F0[l] += e0 * Cinv[l2 * p + l]
-                    F1[l] += e1 * Cinv[l2 * p + l]
+                E0[l2] = B[l2] - f.al00 * H0[l2] - f.al01 * H1[l2]
+                E1[l2] = B[p + l2] - f.al10 * H0[l2] - f.al11 * H1[l2]
             fh00 = 0.0
             fh10 = 0.0
             fh11 = 0.0
             for l in range(p):
-                fh00 += F0[l] * R0[l]
-                fh10 += F1[l] * R0[l]
-                fh11 += F1[l] * R1[l]
+                f0 = 0.0
+                f1 = 0.0
+                for l2 in range(p):
+                    ci = Cinv[l * p + l2]
+                    f0 = f0 + E0[l2] * ci
+                    f1 = f1 + E1[l2] * ci
+                fh00 += f0 * H0[l]
+                fh10 += f1 * H0[l]
+                fh11 += f1 * H1[l]
             g00 -= 2.0 * fh00
             g10 -= 2.0 * fh10
             g11 -= 2.0 * fh11
@@ -393,13 +393,13 @@ cdef i64 small2_gradient(const Blocks* bl, i64 g0, i64 g1, const double* beta,
 
 
 cdef i64 small1_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcept nogil:
-    """objective_loop for q = k = 1 (a random intercept): L_i = √(t²a_i + 1),
-    Rzx_i = tB_i/L_i, rzy_i = tc_i/L_i."""
+    """objective_loop for q = k = 1 (a random intercept): with m_i = t²a_i + 1,
+    Rzx_i'Rzx_i = t²B_i'B_i/m_i, Rzx_i'rzy_i = t²B_i'c_i/m_i, rzy_i² = t²c_i²/m_i."""
     cdef i64 g
     cdef int l, l2, p = bl.p
     cdef const double* Ag
-    cdef double R0[SMALL_P]
-    cdef double t = bl.T[0], m, d, r, x0
+    cdef double V[SMALL_P]
+    cdef double t = bl.T[0], m, inv, w, z, v, y
     cdef double logdet = 0.0, prod = 1.0, rr = 0.0
     cdef double* RzxRzx = acc + 2
     cdef double* Rzxrzy = acc + 2 + p * p
@@ -408,16 +408,18 @@ cdef i64 small1_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcep
         m = t * (Ag[0] * t) + 1.0
         if not m > 0.0:
             return g + 1
-        d = 1.0 / sqrt(m)
-        logdet += add_logdet(m, m, 1.0, &prod)
-        r = t * Ag[1 + p] * d
-        rr += r * r
+        inv = 1.0 / m
+        logdet += add_logdet(m, &prod)
+        w = t * Ag[1 + p]
+        z = w * inv
+        rr += w * z
         for l in range(p):
-            x0 = t * Ag[1 + l] * d
-            R0[l] = x0
-            Rzxrzy[l] += x0 * r
+            v = t * Ag[1 + l]
+            V[l] = v
+            Rzxrzy[l] += v * z
+            y = v * inv
             for l2 in range(l + 1):
-                RzxRzx[l * p + l2] += x0 * R0[l2]
+                RzxRzx[l * p + l2] += y * V[l2]
     acc[0] += logdet + log(prod)
     acc[1] += rr
     return 0
@@ -425,42 +427,38 @@ cdef i64 small1_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcep
 
 cdef i64 small1_gradient(const Blocks* bl, i64 g0, i64 g1, const double* beta,
                          const double* Cinv, double kappa, bint reml, double* gT) noexcept nogil:
-    """gradient_loop for q = k = 1: with d = 1/L_i, u = d(rzy − Rzx β), H = dRzx,
-    s = c − Bβ − aΛu, E = B − aΛH, ∂/∂t += 2aΛd² − 2κsu − [REML] 2 E C⁻¹ H'."""
+    """gradient_loop for q = k = 1: with m = t²a + 1, u = t(c − Bβ)/m, H = tB/m,
+    s = c − Bβ − atu, E = B − atH, ∂/∂t += 2at/m − 2κsu − [REML] 2 E C⁻¹ H'."""
     cdef i64 g
     cdef int l, l2, p = bl.p
     cdef const double* Ag
     cdef double H[SMALL_P]
-    cdef double F[SMALL_P]
-    cdef double t = bl.T[0], al, m, d, u, s, e, b, x0, fh, g00 = 0.0
+    cdef double E[SMALL_P]
+    cdef double t = bl.T[0], al, m, inv, u, s, b, f0, fh, g00 = 0.0
     for g in range(g0, g1):
         Ag = bl.S + bl.s_off[g]
         al = Ag[0] * t
         m = t * al + 1.0
         if not m > 0.0:
             return g + 1
-        d = 1.0 / sqrt(m)
-        u = t * Ag[1 + p] * d
+        inv = 1.0 / m
         s = Ag[1 + p]
         for l in range(p):
             b = beta[l]
-            x0 = t * Ag[1 + l] * d
-            H[l] = x0 * d
-            u = u - x0 * b
+            H[l] = t * Ag[1 + l] * inv
             s = s - Ag[1 + l] * b
-        u = u * d
+        u = t * s * inv
         s = s - al * u
-        g00 += 2.0 * al * (d * d) - 2.0 * kappa * s * u
+        g00 += 2.0 * al * inv - 2.0 * kappa * s * u
         if reml and p > 0:
-            for l in range(p):
-                F[l] = 0.0
             for l2 in range(p):
-                e = Ag[1 + l2] - al * H[l2]
-                for l in range(p):
-                    F[l] += e * Cinv[l2 * p + l]
+                E[l2] = Ag[1 + l2] - al * H[l2]
             fh = 0.0
             for l in range(p):
-                fh += F[l] * H[l]
+                f0 = 0.0
+                for l2 in range(p):
+                    f0 = f0 + E[l2] * Cinv[l * p + l2]
+                fh += f0 * H[l]
             g00 -= 2.0 * fh
     gT[0] += g00
     return 0
