@@ -220,19 +220,21 @@ cdef i64 gradient_loop(Blocks* bl, Work* w, i64 g0, i64 g1, double* F, const dou
 # When every group's block is a random intercept (q = k = 1) or a random intercept and slope
 # (q = k = 2) with no variance components, and p ≤ SMALL_P, the group loops below replace
 # objective_loop and gradient_loop. They need no Cholesky factor of M_i = Λ'A_iΛ + I: every
-# quantity of obj_group and grad_group is a product with M_i⁻¹, which for q ≤ 2 is the
-# adjugate over the determinant:
+# quantity of obj_group and grad_group is a product with M_i⁻¹, written out for q ≤ 2:
 #     Rzx_i'Rzx_i = V_i'M_i⁻¹V_i,  Rzx_i'rzy_i = V_i'M_i⁻¹w_i,  rzy_i'rzy_i = w_i'M_i⁻¹w_i,
 #     log|L_i|² = log det M_i,  u_i = M_i⁻¹(w_i − V_iβ),  H_i = M_i⁻¹V_i,
 # with V_i = Λ'B_i and w_i = Λ'c_i; for T = [t00 0; t10 t11],
 #     AΛ = [a00t00 + a01t10  a01t11; a10t00 + a11t10  a11t11],
 #     m00 = t00(AΛ)00 + t10(AΛ)10 + 1,  m10 = t11(AΛ)10,  m11 = t11(AΛ)11 + 1,
-#     det M_i = m00m11 − m10²,  M_i⁻¹ = [m11 −m10; −m10 m00] / det M_i.
-# One division per group and no square root; the entries are scalars in registers, the p-long
-# rows of V_i and M_i⁻¹V_i in arrays on the stack. log|L|² is summed as the log of running
-# products of the det M_i (each ≥ 1: a log whenever the product passes LOGDET_BATCH, a log per
-# group for a det M_i outside [1/LOGDET_BATCH, LOGDET_BATCH]). There is no factor cache: the
-# gradient pass forms M_i again from the records (cheaper than writing and reading a cache).
+# and with ρ = m10/m00 and the Schur complement s = m11 − m10ρ (= L11², Cholesky's pivot):
+#     det M_i = m00 s,  M_i⁻¹ = [1/m00 + ρ²/s  −ρ/s; −ρ/s  1/s].
+# Two divisions per group and no square root; M_i fails where its Cholesky factor would
+# (m00 or s not > 0) and an infinite m00 gives what the factor gives. The entries are scalars
+# in registers, the p-long rows of V_i and M_i⁻¹V_i in arrays on the stack. log|L|² is
+# summed as the log of running products of the det M_i (each ≥ 1: a log whenever the product
+# passes LOGDET_BATCH, log m00 + log s for a det M_i outside [1/LOGDET_BATCH, LOGDET_BATCH]).
+# There is no factor cache: the gradient pass forms M_i again from the records (cheaper than
+# writing and reading a cache).
 # The numbers equal the general loops' to rounding (tests/test_onefactor_small.py).
 
 cdef enum:
@@ -243,8 +245,8 @@ cdef double LOGDET_BATCH = 1e100
 
 cdef struct Small2:
     double al00, al01, al10, al11   # AΛ
-    double m00, m10, m11            # M = Λ'AΛ + I (lower)
-    double det, inv                 # det M and 1/det M
+    double m00, s                   # m00 and the Schur complement m11 − m10²/m00 (= L11²)
+    double mi00, mi10, mi11         # M⁻¹ (lower)
     double w0, w1                   # Λ'c
     double z0, z1                   # M⁻¹Λ'c
 
@@ -252,42 +254,49 @@ cdef struct Small2:
 cdef inline int form2(int p, const double* Ag, const double* T, Small2* f, double* V0,
                       double* V1, double* Y0, double* Y1) noexcept nogil:
     """M_i and its products for q = k = 2: f, the rows V0, V1 of Λ'B_i and Y0, Y1 of
-    M_i⁻¹Λ'B_i. Returns 0, or 1 when M_i is not positive definite (θ not finite)."""
+    M_i⁻¹Λ'B_i. Returns 0, or 1 or 2 when M_i is not positive definite (the column at which
+    its Cholesky factor would fail: θ not finite)."""
     cdef const double* B = Ag + 4
     cdef const double* c = B + 2 * p
-    cdef double t00 = T[0], t10 = T[2], t11 = T[3], v0, v1
+    cdef double t00 = T[0], t10 = T[2], t11 = T[3], m10, a, r, si, v0, v1
     cdef int l
     f.al00 = Ag[0] * t00 + Ag[1] * t10
     f.al01 = Ag[1] * t11
     f.al10 = Ag[2] * t00 + Ag[3] * t10
     f.al11 = Ag[3] * t11
     f.m00 = t00 * f.al00 + t10 * f.al10 + 1.0
-    f.m10 = t11 * f.al10
-    f.m11 = t11 * f.al11 + 1.0
-    f.det = f.m00 * f.m11 - f.m10 * f.m10
-    if not (f.det > 0.0 and f.m00 > 0.0):
+    if not f.m00 > 0.0:
         return 1
-    f.inv = 1.0 / f.det
+    m10 = t11 * f.al10
+    a = 1.0 / f.m00
+    r = m10 * a
+    f.s = t11 * f.al11 + 1.0 - m10 * r
+    if not f.s > 0.0:
+        return 2
+    si = 1.0 / f.s
+    f.mi00 = a + r * r * si
+    f.mi10 = -r * si
+    f.mi11 = si
     f.w0 = t00 * c[0] + t10 * c[1]
     f.w1 = t11 * c[1]
-    f.z0 = (f.m11 * f.w0 - f.m10 * f.w1) * f.inv
-    f.z1 = (f.m00 * f.w1 - f.m10 * f.w0) * f.inv
+    f.z0 = f.mi00 * f.w0 + f.mi10 * f.w1
+    f.z1 = f.mi10 * f.w0 + f.mi11 * f.w1
     for l in range(p):
         v0 = t00 * B[l] + t10 * B[p + l]
         v1 = t11 * B[p + l]
         V0[l] = v0
         V1[l] = v1
-        Y0[l] = (f.m11 * v0 - f.m10 * v1) * f.inv
-        Y1[l] = (f.m00 * v1 - f.m10 * v0) * f.inv
+        Y0[l] = f.mi00 * v0 + f.mi10 * v1
+        Y1[l] = f.mi10 * v0 + f.mi11 * v1
     return 0
 
 
-cdef inline double add_logdet(double det, double* prod) noexcept nogil:
-    """log det to be added now: 0.0 while det goes into the running product *prod, the
-    product's log once it passes LOGDET_BATCH, log det itself when det is out of range."""
-    cdef double out
+cdef inline double add_logdet(double m, double s, double* prod) noexcept nogil:
+    """log(m s) to be added now: 0.0 while m s goes into the running product *prod, the
+    product's log once it passes LOGDET_BATCH, log m + log s when m s is out of range."""
+    cdef double out, det = m * s
     if det > LOGDET_BATCH or det < 1.0 / LOGDET_BATCH:
-        return log(det)
+        return log(m) + log(s)
     prod[0] = prod[0] * det
     if prod[0] > LOGDET_BATCH:
         out = log(prod[0])
@@ -311,7 +320,7 @@ cdef i64 small2_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcep
     for g in range(g0, g1):
         if form2(p, bl.S + bl.s_off[g], bl.T, &f, V0, V1, Y0, Y1) != 0:
             return g + 1
-        logdet += add_logdet(f.det, &prod)
+        logdet += add_logdet(f.m00, f.s, &prod)
         rr += f.w0 * f.z0 + f.w1 * f.z1
         for l in range(p):
             v0 = V0[l]
@@ -340,7 +349,7 @@ cdef i64 small2_gradient(const Blocks* bl, i64 g0, i64 g1, const double* beta,
     cdef double H1[SMALL_P]
     cdef double E0[SMALL_P]
     cdef double E1[SMALL_P]
-    cdef double u0, u1, s0, s1, f0, f1, mi00, mi10, mi11, b, ci
+    cdef double u0, u1, s0, s1, f0, f1, b, ci
     cdef double fh00, fh10, fh11, g00 = 0.0, g10 = 0.0, g11 = 0.0
     for g in range(g0, g1):
         Ag = bl.S + bl.s_off[g]
@@ -359,12 +368,9 @@ cdef i64 small2_gradient(const Blocks* bl, i64 g0, i64 g1, const double* beta,
             s1 = s1 - B[p + l] * b
         s0 = s0 - f.al00 * u0 - f.al01 * u1
         s1 = s1 - f.al10 * u0 - f.al11 * u1
-        mi00 = f.m11 * f.inv
-        mi10 = -f.m10 * f.inv
-        mi11 = f.m00 * f.inv
-        g00 += 2.0 * (f.al00 * mi00 + f.al01 * mi10) - 2.0 * kappa * s0 * u0
-        g10 += 2.0 * (f.al10 * mi00 + f.al11 * mi10) - 2.0 * kappa * s1 * u0
-        g11 += 2.0 * (f.al10 * mi10 + f.al11 * mi11) - 2.0 * kappa * s1 * u1
+        g00 += 2.0 * (f.al00 * f.mi00 + f.al01 * f.mi10) - 2.0 * kappa * s0 * u0
+        g10 += 2.0 * (f.al10 * f.mi00 + f.al11 * f.mi10) - 2.0 * kappa * s1 * u0
+        g11 += 2.0 * (f.al10 * f.mi10 + f.al11 * f.mi11) - 2.0 * kappa * s1 * u1
         if reml and p > 0:
             # F_il = Σ_l2 E_il2 C⁻¹_l2l (C⁻¹ symmetric: its row l), summed into F_i·H_j at once
             for l2 in range(p):
@@ -409,7 +415,7 @@ cdef i64 small1_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcep
         if not m > 0.0:
             return g + 1
         inv = 1.0 / m
-        logdet += add_logdet(m, &prod)
+        logdet += add_logdet(m, 1.0, &prod)
         w = t * Ag[1 + p]
         z = w * inv
         rr += w * z

@@ -128,13 +128,25 @@ def test_small_block_path_log_determinant_at_large_theta(case: str,
         np.testing.assert_allclose(ld1, ld2, rtol=RTOL)
 
 
-def test_small_block_path_failure_is_reported_alike(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A θ that is not a number fails the first group's factor on both paths."""
-    for case in ("sleepstudy", "dyestuff"):
-        fast, general = kernels(case, True, 1, monkeypatch)
-        theta = np.full(3 if case == "sleepstudy" else 1, np.nan)
-        s1, s2 = fast.evaluate(theta)[3], general.evaluate(theta)[3]
-        assert s1 == s2 != 0
+@pytest.mark.parametrize(("case", "theta", "failed"), [
+    ("sleepstudy", [np.nan, 0.0, 1.0], True),
+    ("sleepstudy", [1.0, 0.0, 1e300], True),     # m11 overflows: m11 − m10²/m00 is NaN
+    ("sleepstudy", [1e300, 0.0, 1.0], False),    # m00 overflows: log|L|² is infinite
+    ("dyestuff", [np.nan], True),
+    ("dyestuff", [1e300], False),
+])
+def test_small_block_path_failure_and_overflow_alike(case: str, theta: list, failed: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A θ that is not a number, or so large that M_i overflows: the same status on both
+    paths (the first group's factor fails), or no failure and an infinite log|L|²."""
+    fast, general = kernels(case, False, 1, monkeypatch)
+    f1, _, ld1, s1 = fast.evaluate(np.array(theta))[:4]
+    f2, _, ld2, s2 = general.evaluate(np.array(theta))[:4]
+    assert s1 == s2
+    assert (s1 != 0) == failed
+    if not failed:
+        assert ld1 == ld2 == np.inf
+        assert f1 == f2 == np.inf
 
 
 @pytest.mark.parametrize("case", ["unbalanced_weighted", "unbalanced_intercept_weighted",
