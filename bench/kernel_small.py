@@ -3,6 +3,7 @@
     OPENBLAS_NUM_THREADS=1 python bench/kernel_small.py eval [--threads 1 2] [--blocks 7]
         [--per-block 10]
     OPENBLAS_NUM_THREADS=1 python bench/kernel_small.py fit [--case big|sleepstudy] [--reps N]
+        [--general]
 
 eval  y ~ x1 + x2 + (1 + x1 | g), 1,000,000 rows, 100,000 groups (q = k = 2, p = 3): CPU
       time (time.process_time) of one ``kernel.evaluate(θ, want_grad)`` at θ near the REML
@@ -11,9 +12,11 @@ eval  y ~ x1 + x2 + (1 + x1 | g), 1,000,000 rows, 100,000 groups (q = k = 2, p =
       alternating between the two kernels; each figure is the minimum over blocks of a
       block's mean. With more than one thread CPU time sums the threads: wall time
       (time.perf_counter) is printed beside it. Prints one JSON line per thread count.
-fit   median wall and CPU seconds of N whole fits (``mixedlm(...).fit()``) of the big design
+fit   median wall and CPU seconds of N whole fits (``mixedlm(...).fit()``: the model, its
+      cross-products and the fit, at the default threads) of the big design
       or of sleepstudy's Reaction ~ Days + (Days | Subject), after one fit not timed; one JSON
-      line. Run it under two builds in turn to compare them.
+      line. --general: on the general loops (SMALL_BLOCK_PATH off). Run it under two builds,
+      or with and without --general, in turn to compare them.
 """
 from __future__ import annotations
 
@@ -36,16 +39,24 @@ from peers import synthetic_random_slopes  # noqa: E402
 THETA_BIG = np.array([0.9993, -0.000418, 0.4986])
 
 
-def big_model():
-    df = synthetic_random_slopes(1_000_000, 100_000, 1, string_keys=False)
+def big_data():
+    return synthetic_random_slopes(1_000_000, 100_000, 1, string_keys=False)
+
+
+def big_model(df=None):
+    df = big_data() if df is None else df
     return lmefast.mixedlm("y ~ x1 + x2", df, groups="g", re_formula="~x1")
 
 
-def sleepstudy_model():
+def sleepstudy_data():
     from lmefast.datasets import load_sleepstudy
 
-    return lmefast.mixedlm("Reaction ~ Days", load_sleepstudy(), groups="Subject",
-                           re_formula="~Days")
+    return load_sleepstudy()
+
+
+def sleepstudy_model(df=None):
+    df = sleepstudy_data() if df is None else df
+    return lmefast.mixedlm("Reaction ~ Days", df, groups="Subject", re_formula="~Days")
 
 
 def block_time(kernel, want_grad: bool, n: int) -> tuple[float, float]:
@@ -83,13 +94,15 @@ def case_eval(threads: list[int], blocks: int, per_block: int) -> None:
         print(json.dumps(row), flush=True)
 
 
-def case_fit(case: str, reps: int) -> None:
-    model = big_model() if case == "big" else sleepstudy_model()
-    model.fit()
+def case_fit(case: str, reps: int, general: bool) -> None:
+    if general:
+        _kernels.SMALL_BLOCK_PATH = False
+    df, make = (big_data(), big_model) if case == "big" else (sleepstudy_data(), sleepstudy_model)
+    make(df).fit()
     wall, cpu = [], []
     for _ in range(reps):
         c0, w0 = time.process_time(), time.perf_counter()
-        res = model.fit()
+        res = make(df).fit()
         cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - w0)
     print(json.dumps({"case": f"fit_{case}", "reps": reps, "llf": res.llf,
@@ -107,11 +120,12 @@ def main() -> None:
     ap.add_argument("--per-block", type=int, default=10)
     ap.add_argument("--case", default="big", choices=["big", "sleepstudy"])
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--general", action="store_true")
     args = ap.parse_args()
     if args.what == "eval":
         case_eval(args.threads, args.blocks, args.per_block)
     else:
-        case_fit(args.case, args.reps)
+        case_fit(args.case, args.reps, args.general)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,15 @@ def unbalanced(seed: int = 2, slope: bool = True) -> pd.DataFrame:
     b0 = rng.normal(0.0, 1.0, sizes.size)
     b1 = (0.4 * b0 + rng.normal(0.0, 0.5, sizes.size)) if slope else np.zeros(sizes.size)
     y = 1.0 + b0[g] + (0.5 + b1[g]) * x1 - 0.3 * x2 + rng.standard_normal(n)
-    return pd.DataFrame({"y": y, "x1": x1, "x2": x2, "g": g.astype(str),
-                         "w": rng.uniform(0.2, 3.0, n)})
+    df = pd.DataFrame({"y": y, "x1": x1, "x2": x2, "g": g.astype(str),
+                       "w": rng.uniform(0.2, 3.0, n)})
+    for j in range(3, 18):                 # further covariates (wider X), unrelated to y
+        df[f"x{j}"] = rng.standard_normal(n) + 0.3 * x1
+    return df
+
+
+def covariates(n: int) -> str:
+    return " + ".join(f"x{j}" for j in range(1, n + 1))
 
 
 def dietox() -> pd.DataFrame:
@@ -45,6 +52,11 @@ CASES = {
     "unbalanced_intercept_weighted": (lambda: unbalanced(5, slope=False),
                                       "y ~ x1 + x2 + (1 | g)", "w"),
     "no_fixed_effects": (lambda: unbalanced(7), "y ~ 0 + (1 + x1 | g)", None),
+    # p = 4 (the largest p of a copy with p a constant) and p = 6 (p a variable)
+    "four_columns": (lambda: unbalanced(8), f"y ~ {covariates(3)} + (1 + x1 | g)", "w"),
+    "four_columns_intercept": (lambda: unbalanced(9), f"y ~ {covariates(3)} + (1 | g)", "w"),
+    "six_columns": (lambda: unbalanced(10), f"y ~ {covariates(5)} + (1 + x1 | g)", "w"),
+    "six_columns_intercept": (lambda: unbalanced(11), f"y ~ {covariates(5)} + (1 | g)", None),
 }
 
 
@@ -178,6 +190,13 @@ def test_small_block_path_not_taken_beyond_small_blocks(formula: str, kwargs: di
     """Three random coefficients, or a variance component: the general loops."""
     model = lmefast.mixedlm(formula, load_sleepstudy(), groups="Subject", **kwargs)
     assert not model.engine.objective(True, 1).kernel.small_block_path
+
+
+@pytest.mark.parametrize(("n_cov", "taken"), [(15, True), (16, False)])
+def test_small_block_path_holds_up_to_sixteen_fixed_effects(n_cov: int, taken: bool) -> None:
+    """p = 16 (the stack arrays' size) takes the path, p = 17 the general loops."""
+    model = lmefast.lmer_model(f"y ~ {covariates(n_cov)} + (1 + x1 | g)", unbalanced())
+    assert model.engine.objective(True, 1).kernel.small_block_path == taken
 
 
 def test_small_block_path_argument_overrides_module_switch(
