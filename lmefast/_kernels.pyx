@@ -305,11 +305,10 @@ cdef inline double add_logdet(double m, double s, double* prod) noexcept nogil:
     return 0.0
 
 
-cdef inline i64 small2_objective_p(const Blocks* bl, i64 g0, i64 g1, double* acc,
-                                   int p) noexcept nogil:
+cdef i64 small2_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcept nogil:
     """objective_loop for q = k = 2 into acc = [log|L|², rr, RzxRzx (p × p, lower), Rzxrzy]."""
     cdef i64 g
-    cdef int l, l2
+    cdef int l, l2, p = bl.p
     cdef Small2 f
     cdef double V0[SMALL_P]
     cdef double V1[SMALL_P]
@@ -334,27 +333,13 @@ cdef inline i64 small2_objective_p(const Blocks* bl, i64 g0, i64 g1, double* acc
     return 0
 
 
-cdef i64 small2_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcept nogil:
-    """small2_objective_p with p of 1 to 4 a constant (the compiler unrolls its loops over p)."""
-    if bl.p == 1:
-        return small2_objective_p(bl, g0, g1, acc, 1)
-    if bl.p == 2:
-        return small2_objective_p(bl, g0, g1, acc, 2)
-    if bl.p == 3:
-        return small2_objective_p(bl, g0, g1, acc, 3)
-    if bl.p == 4:
-        return small2_objective_p(bl, g0, g1, acc, 4)
-    return small2_objective_p(bl, g0, g1, acc, bl.p)
-
-
-cdef inline i64 small2_gradient_p(const Blocks* bl, i64 g0, i64 g1, const double* beta,
-                                  const double* Cinv, double kappa, bint reml, double* gT,
-                                  int p) noexcept nogil:
+cdef i64 small2_gradient(const Blocks* bl, i64 g0, i64 g1, const double* beta,
+                         const double* Cinv, double kappa, bint reml, double* gT) noexcept nogil:
     """gradient_loop for q = k = 2: adds ∂/∂T (k × k, lower) to gT. Per group, as in grad_group,
     u = M⁻¹Λ'(c − Bβ), H = M⁻¹Λ'B, s = c − Bβ − AΛu, E = B − AΛH, F = E C⁻¹ and
         ∂/∂T_ij += 2 (AΛM⁻¹)_ij − 2κ s_i u_j − [REML] 2 F_i·H_j."""
     cdef i64 g
-    cdef int l, l2
+    cdef int l, l2, p = bl.p
     cdef Small2 f
     cdef const double* Ag
     cdef const double* B
@@ -413,26 +398,11 @@ cdef inline i64 small2_gradient_p(const Blocks* bl, i64 g0, i64 g1, const double
     return 0
 
 
-cdef i64 small2_gradient(const Blocks* bl, i64 g0, i64 g1, const double* beta,
-                         const double* Cinv, double kappa, bint reml, double* gT) noexcept nogil:
-    """small2_gradient_p with p of 1 to 4 a constant (the compiler unrolls its loops over p)."""
-    if bl.p == 1:
-        return small2_gradient_p(bl, g0, g1, beta, Cinv, kappa, reml, gT, 1)
-    if bl.p == 2:
-        return small2_gradient_p(bl, g0, g1, beta, Cinv, kappa, reml, gT, 2)
-    if bl.p == 3:
-        return small2_gradient_p(bl, g0, g1, beta, Cinv, kappa, reml, gT, 3)
-    if bl.p == 4:
-        return small2_gradient_p(bl, g0, g1, beta, Cinv, kappa, reml, gT, 4)
-    return small2_gradient_p(bl, g0, g1, beta, Cinv, kappa, reml, gT, bl.p)
-
-
-cdef inline i64 small1_objective_p(const Blocks* bl, i64 g0, i64 g1, double* acc,
-                                   int p) noexcept nogil:
+cdef i64 small1_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcept nogil:
     """objective_loop for q = k = 1 (a random intercept): with m_i = t²a_i + 1,
     Rzx_i'Rzx_i = t²B_i'B_i/m_i, Rzx_i'rzy_i = t²B_i'c_i/m_i, rzy_i² = t²c_i²/m_i."""
     cdef i64 g
-    cdef int l, l2
+    cdef int l, l2, p = bl.p
     cdef const double* Ag
     cdef double V[SMALL_P]
     cdef double t = bl.T[0], m, inv, w, z, v, y
@@ -461,26 +431,12 @@ cdef inline i64 small1_objective_p(const Blocks* bl, i64 g0, i64 g1, double* acc
     return 0
 
 
-cdef i64 small1_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcept nogil:
-    """small1_objective_p with p of 1 to 4 a constant (the compiler unrolls its loops over p)."""
-    if bl.p == 1:
-        return small1_objective_p(bl, g0, g1, acc, 1)
-    if bl.p == 2:
-        return small1_objective_p(bl, g0, g1, acc, 2)
-    if bl.p == 3:
-        return small1_objective_p(bl, g0, g1, acc, 3)
-    if bl.p == 4:
-        return small1_objective_p(bl, g0, g1, acc, 4)
-    return small1_objective_p(bl, g0, g1, acc, bl.p)
-
-
-cdef inline i64 small1_gradient_p(const Blocks* bl, i64 g0, i64 g1, const double* beta,
-                                  const double* Cinv, double kappa, bint reml, double* gT,
-                                  int p) noexcept nogil:
+cdef i64 small1_gradient(const Blocks* bl, i64 g0, i64 g1, const double* beta,
+                         const double* Cinv, double kappa, bint reml, double* gT) noexcept nogil:
     """gradient_loop for q = k = 1: with m = t²a + 1, u = t(c − Bβ)/m, H = tB/m,
     s = c − Bβ − atu, E = B − atH, ∂/∂t += 2at/m − 2κsu − [REML] 2 E C⁻¹ H'."""
     cdef i64 g
-    cdef int l, l2
+    cdef int l, l2, p = bl.p
     cdef const double* Ag
     cdef double H[SMALL_P]
     cdef double E[SMALL_P]
@@ -512,20 +468,6 @@ cdef inline i64 small1_gradient_p(const Blocks* bl, i64 g0, i64 g1, const double
             g00 -= 2.0 * fh
     gT[0] += g00
     return 0
-
-
-cdef i64 small1_gradient(const Blocks* bl, i64 g0, i64 g1, const double* beta,
-                         const double* Cinv, double kappa, bint reml, double* gT) noexcept nogil:
-    """small1_gradient_p with p of 1 to 4 a constant (the compiler unrolls its loops over p)."""
-    if bl.p == 1:
-        return small1_gradient_p(bl, g0, g1, beta, Cinv, kappa, reml, gT, 1)
-    if bl.p == 2:
-        return small1_gradient_p(bl, g0, g1, beta, Cinv, kappa, reml, gT, 2)
-    if bl.p == 3:
-        return small1_gradient_p(bl, g0, g1, beta, Cinv, kappa, reml, gT, 3)
-    if bl.p == 4:
-        return small1_gradient_p(bl, g0, g1, beta, Cinv, kappa, reml, gT, 4)
-    return small1_gradient_p(bl, g0, g1, beta, Cinv, kappa, reml, gT, bl.p)
 
 
 cdef struct EvalCtx:
