@@ -234,7 +234,12 @@ cdef i64 gradient_loop(Blocks* bl, Work* w, i64 g0, i64 g1, double* F, const dou
 # summed as the log of running products of the det M_i (each ≥ 1: a log whenever the product
 # passes LOGDET_BATCH, log m00 + log s for a det M_i outside [1/LOGDET_BATCH, LOGDET_BATCH]).
 # There is no factor cache: the gradient pass forms M_i again from the records (cheaper than
-# writing and reading a cache).
+# writing and reading a cache). For q = 2 the group routines also run as a copy with p = 3 a
+# constant (y ~ x1 + x2 + (1 + x1 | g)), whose loops over p the compiler unrolls (~1.4× on
+# that design). Copies for p = 1…4 of the whole loops cost the general loops their own
+# specialised copies (the compiler's constant-propagation clones of factor_group, which it
+# makes within a budget per module) and slowed them 1.3–1.6×: after adding any, check that
+# `nm` on the module still lists factor_group's .constprop clones.
 # The numbers equal the general loops' to rounding (tests/test_onefactor_small.py).
 
 cdef enum:
@@ -305,31 +310,104 @@ cdef inline double add_logdet(double m, double s, double* prod) noexcept nogil:
     return 0.0
 
 
-cdef i64 small2_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcept nogil:
-    """objective_loop for q = k = 2 into acc = [log|L|², rr, RzxRzx (p × p, lower), Rzxrzy]."""
-    cdef i64 g
-    cdef int l, l2, p = bl.p
+cdef inline int small2_value_group(int p, const double* Ag, const double* T, double* logdet,
+                                   double* prod, double* rr, double* RzxRzx,
+                                   double* Rzxrzy) noexcept nogil:
+    """One group's share of small2_objective."""
+    cdef int l, l2
     cdef Small2 f
     cdef double V0[SMALL_P]
     cdef double V1[SMALL_P]
     cdef double Y0[SMALL_P]
     cdef double Y1[SMALL_P]
-    cdef double logdet = 0.0, prod = 1.0, rr = 0.0, v0, v1
+    cdef double v0, v1
+    if form2(p, Ag, T, &f, V0, V1, Y0, Y1) != 0:
+        return 1
+    logdet[0] += add_logdet(f.m00, f.s, prod)
+    rr[0] += f.w0 * f.z0 + f.w1 * f.z1
+    for l in range(p):
+        v0 = V0[l]
+        v1 = V1[l]
+        Rzxrzy[l] += v0 * f.z0 + v1 * f.z1
+        for l2 in range(l + 1):
+            RzxRzx[l * p + l2] += v0 * Y0[l2] + v1 * Y1[l2]
+    return 0
+
+
+cdef i64 small2_objective(const Blocks* bl, i64 g0, i64 g1, double* acc) noexcept nogil:
+    """objective_loop for q = k = 2 into acc = [log|L|², rr, RzxRzx (p × p, lower), Rzxrzy].
+    p = 3 goes through a copy of the group routine with p a constant (as small2_gradient)."""
+    cdef i64 g
+    cdef int p = bl.p, st
+    cdef double logdet = 0.0, prod = 1.0, rr = 0.0
     cdef double* RzxRzx = acc + 2
     cdef double* Rzxrzy = acc + 2 + p * p
     for g in range(g0, g1):
-        if form2(p, bl.S + bl.s_off[g], bl.T, &f, V0, V1, Y0, Y1) != 0:
+        if p == 3:
+            st = small2_value_group(3, bl.S + bl.s_off[g], bl.T, &logdet, &prod, &rr, RzxRzx,
+                                    Rzxrzy)
+        else:
+            st = small2_value_group(p, bl.S + bl.s_off[g], bl.T, &logdet, &prod, &rr, RzxRzx,
+                                    Rzxrzy)
+        if st != 0:
             return g + 1
-        logdet += add_logdet(f.m00, f.s, &prod)
-        rr += f.w0 * f.z0 + f.w1 * f.z1
-        for l in range(p):
-            v0 = V0[l]
-            v1 = V1[l]
-            Rzxrzy[l] += v0 * f.z0 + v1 * f.z1
-            for l2 in range(l + 1):
-                RzxRzx[l * p + l2] += v0 * Y0[l2] + v1 * Y1[l2]
     acc[0] += logdet + log(prod)
     acc[1] += rr
+    return 0
+
+
+cdef inline int small2_grad_group(int p, const double* Ag, const double* T, const double* beta,
+                                  const double* Cinv, double kappa, bint reml,
+                                  double* g3) noexcept nogil:
+    """One group's share of small2_gradient, added to g3 = [∂/∂T00, ∂/∂T10, ∂/∂T11]."""
+    cdef int l, l2
+    cdef Small2 f
+    cdef const double* B = Ag + 4
+    cdef double V0[SMALL_P]
+    cdef double V1[SMALL_P]
+    cdef double H0[SMALL_P]
+    cdef double H1[SMALL_P]
+    cdef double E0[SMALL_P]
+    cdef double E1[SMALL_P]
+    cdef double u0, u1, s0, s1, f0, f1, b, ci, fh00, fh10, fh11
+    if form2(p, Ag, T, &f, V0, V1, H0, H1) != 0:
+        return 1
+    u0 = f.z0
+    u1 = f.z1
+    s0 = Ag[4 + 2 * p]
+    s1 = Ag[5 + 2 * p]
+    for l in range(p):
+        b = beta[l]
+        u0 = u0 - H0[l] * b
+        u1 = u1 - H1[l] * b
+        s0 = s0 - B[l] * b
+        s1 = s1 - B[p + l] * b
+    s0 = s0 - f.al00 * u0 - f.al01 * u1
+    s1 = s1 - f.al10 * u0 - f.al11 * u1
+    g3[0] += 2.0 * (f.al00 * f.mi00 + f.al01 * f.mi10) - 2.0 * kappa * s0 * u0
+    g3[1] += 2.0 * (f.al10 * f.mi00 + f.al11 * f.mi10) - 2.0 * kappa * s1 * u0
+    g3[2] += 2.0 * (f.al10 * f.mi10 + f.al11 * f.mi11) - 2.0 * kappa * s1 * u1
+    if reml and p > 0:
+        # F_il = Σ_l2 E_il2 C⁻¹_l2l (C⁻¹ symmetric: its row l), summed into F_i·H_j at once
+        for l2 in range(p):
+            E0[l2] = B[l2] - f.al00 * H0[l2] - f.al01 * H1[l2]
+            E1[l2] = B[p + l2] - f.al10 * H0[l2] - f.al11 * H1[l2]
+        fh00 = 0.0
+        fh10 = 0.0
+        fh11 = 0.0
+        for l in range(p):
+            f0 = 0.0
+            f1 = 0.0
+            for l2 in range(p):
+                ci = Cinv[l * p + l2]
+                f0 = f0 + E0[l2] * ci
+                f1 = f1 + E1[l2] * ci
+            fh00 += f0 * H0[l]
+            fh10 += f1 * H0[l]
+            fh11 += f1 * H1[l]
+        g3[0] -= 2.0 * fh00
+        g3[1] -= 2.0 * fh10
+        g3[2] -= 2.0 * fh11
     return 0
 
 
@@ -337,64 +415,25 @@ cdef i64 small2_gradient(const Blocks* bl, i64 g0, i64 g1, const double* beta,
                          const double* Cinv, double kappa, bint reml, double* gT) noexcept nogil:
     """gradient_loop for q = k = 2: adds ∂/∂T (k × k, lower) to gT. Per group, as in grad_group,
     u = M⁻¹Λ'(c − Bβ), H = M⁻¹Λ'B, s = c − Bβ − AΛu, E = B − AΛH, F = E C⁻¹ and
-        ∂/∂T_ij += 2 (AΛM⁻¹)_ij − 2κ s_i u_j − [REML] 2 F_i·H_j."""
+        ∂/∂T_ij += 2 (AΛM⁻¹)_ij − 2κ s_i u_j − [REML] 2 F_i·H_j.
+    p = 3 (y ~ x1 + x2 + (1 + x1 | g)) goes through a copy of the group routine with p a
+    constant: the compiler unrolls its loops over p."""
     cdef i64 g
-    cdef int l, l2, p = bl.p
-    cdef Small2 f
-    cdef const double* Ag
-    cdef const double* B
-    cdef double V0[SMALL_P]
-    cdef double V1[SMALL_P]
-    cdef double H0[SMALL_P]
-    cdef double H1[SMALL_P]
-    cdef double E0[SMALL_P]
-    cdef double E1[SMALL_P]
-    cdef double u0, u1, s0, s1, f0, f1, b, ci
-    cdef double fh00, fh10, fh11, g00 = 0.0, g10 = 0.0, g11 = 0.0
+    cdef int p = bl.p, st
+    cdef double g3[3]
+    g3[0] = 0.0
+    g3[1] = 0.0
+    g3[2] = 0.0
     for g in range(g0, g1):
-        Ag = bl.S + bl.s_off[g]
-        B = Ag + 4
-        if form2(p, Ag, bl.T, &f, V0, V1, H0, H1) != 0:
+        if p == 3:
+            st = small2_grad_group(3, bl.S + bl.s_off[g], bl.T, beta, Cinv, kappa, reml, g3)
+        else:
+            st = small2_grad_group(p, bl.S + bl.s_off[g], bl.T, beta, Cinv, kappa, reml, g3)
+        if st != 0:
             return g + 1
-        u0 = f.z0
-        u1 = f.z1
-        s0 = Ag[4 + 2 * p]
-        s1 = Ag[5 + 2 * p]
-        for l in range(p):
-            b = beta[l]
-            u0 = u0 - H0[l] * b
-            u1 = u1 - H1[l] * b
-            s0 = s0 - B[l] * b
-            s1 = s1 - B[p + l] * b
-        s0 = s0 - f.al00 * u0 - f.al01 * u1
-        s1 = s1 - f.al10 * u0 - f.al11 * u1
-        g00 += 2.0 * (f.al00 * f.mi00 + f.al01 * f.mi10) - 2.0 * kappa * s0 * u0
-        g10 += 2.0 * (f.al10 * f.mi00 + f.al11 * f.mi10) - 2.0 * kappa * s1 * u0
-        g11 += 2.0 * (f.al10 * f.mi10 + f.al11 * f.mi11) - 2.0 * kappa * s1 * u1
-        if reml and p > 0:
-            # F_il = Σ_l2 E_il2 C⁻¹_l2l (C⁻¹ symmetric: its row l), summed into F_i·H_j at once
-            for l2 in range(p):
-                E0[l2] = B[l2] - f.al00 * H0[l2] - f.al01 * H1[l2]
-                E1[l2] = B[p + l2] - f.al10 * H0[l2] - f.al11 * H1[l2]
-            fh00 = 0.0
-            fh10 = 0.0
-            fh11 = 0.0
-            for l in range(p):
-                f0 = 0.0
-                f1 = 0.0
-                for l2 in range(p):
-                    ci = Cinv[l * p + l2]
-                    f0 = f0 + E0[l2] * ci
-                    f1 = f1 + E1[l2] * ci
-                fh00 += f0 * H0[l]
-                fh10 += f1 * H0[l]
-                fh11 += f1 * H1[l]
-            g00 -= 2.0 * fh00
-            g10 -= 2.0 * fh10
-            g11 -= 2.0 * fh11
-    gT[0] += g00
-    gT[2] += g10
-    gT[3] += g11
+    gT[0] += g3[0]
+    gT[2] += g3[1]
+    gT[3] += g3[2]
     return 0
 
 
