@@ -66,15 +66,15 @@ def load_baseline(directory: str) -> dict[str, object]:
 def baseline_kernel(model, nth: int, mods: dict[str, object]):
     """model's kernel built by the baseline's classes (same arguments)."""
     import lmefast.multi
-    import lmefast.objective
+    import lmefast.onefactor
 
-    saved = lmefast.objective.OneFactorKernel, lmefast.multi.MultiKernel
-    lmefast.objective.OneFactorKernel = mods["_kernels"].OneFactorKernel
+    saved = lmefast.onefactor.OneFactorKernel, lmefast.multi.MultiKernel
+    lmefast.onefactor.OneFactorKernel = mods["_kernels"].OneFactorKernel
     lmefast.multi.MultiKernel = mods["_multi"].MultiKernel
     try:
         return model.objective(True, nth).kernel
     finally:
-        lmefast.objective.OneFactorKernel, lmefast.multi.MultiKernel = saved
+        lmefast.onefactor.OneFactorKernel, lmefast.multi.MultiKernel = saved
 
 
 def paired(kernel, base, theta: np.ndarray, reps: int) -> dict[str, float]:
